@@ -4,7 +4,9 @@ Example:
     >>> from lightning_lora import LoRAConfig, inject_lora, merge_lora, lora_state_dict
 """
 
+from lightning_lora.callback import LoRA
 from lightning_lora.config import LoRAConfig
+from lightning_lora.mixin import LoRAMixin
 from lightning_lora.surgery import (
     LoRAError,
     count_parameters,
@@ -23,6 +25,8 @@ from lightning_lora.surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRA",
+    "LoRAMixin",
     "LoRAConfig",
     "LoRAError",
     "count_parameters",

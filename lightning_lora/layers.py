@@ -71,10 +71,11 @@ class LoRALayer(nn.Module):
             self.register_parameter(key, param)
         for key, buf in base._buffers.items():
             self.register_buffer(key, buf, persistent=key not in base._non_persistent_buffers_set)
-        self.training = base.training
 
         weight = base.weight
         dtype = adapter_dtype if adapter_dtype is not None else weight.dtype
+        #: with an explicit adapter dtype, module-wide dtype casts leave A and B alone (see `_apply`)
+        self.keep_adapter_dtype = adapter_dtype is not None
         self.r = int(r)
         self.lora_alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
@@ -85,6 +86,27 @@ class LoRALayer(nn.Module):
         self.merged = False
         self.lora_enabled = True
         self.reset_lora_parameters(init)
+        # Take the base layer's mode for the new submodules too (lora_dropout!): an adapter injected
+        # into a model in eval mode must not apply dropout.
+        self.train(base.training)
+
+    # ------------------------------------------------------------------ dtype policy
+    def _apply(self, fn: Any, recurse: bool = True) -> LoRALayer:
+        """Module-wide conversions (`model.to(torch.bfloat16)`, `.half()`, Lightning's `bf16-true`)
+        reach the base parameters but leave A and B in their dtype when `adapter_dtype` is set;
+        device moves reach everything. So fp32 adapters stay fp32 on a bf16 base, and adapter
+        weights restored from a checkpoint are never rounded through bf16."""
+        if not self.keep_adapter_dtype or not recurse:
+            return super()._apply(fn, recurse)
+
+        def device_only(t: torch.Tensor) -> torch.Tensor:
+            probe = fn(t.new_zeros(()))
+            return fn(t) if probe.dtype == t.dtype else t.to(device=probe.device)
+
+        for name, module in self._modules.items():
+            if module is not None:
+                module._apply(device_only if name in ("lora_A", "lora_B") else fn)
+        return super()._apply(fn, recurse=False)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()

@@ -301,9 +301,37 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             params[key].copy_(value)
 
 
+def _parameter_owners(model: nn.Module) -> dict[int, int]:
+    """`id(parameter) -> number of modules that register it` (more than one: tied weights)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners[id(param)] = owners.get(id(param), 0) + 1
+    return owners
+
+
+def _untie_word_embeddings_flag(model: nn.Module) -> None:
+    """Set `tie_word_embeddings=False` on every transformers config in `model`, so that
+    `save_pretrained` / `from_pretrained` keep weights that merging has untied apart."""
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        text_cfg = None
+        with contextlib.suppress(Exception):
+            text_cfg = cfg.get_text_config()  # type: ignore[union-attr]
+        for c in (cfg, text_cfg):
+            if getattr(c, "tie_word_embeddings", False) is True:
+                c.tie_word_embeddings = False
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and remove it; the result is a plain model again
     (exactly the base model's module types and state-dict keys). In place; returns `model`.
+
+    An adapted weight that is tied to another module (e.g. `embed_tokens` and `lm_head` with
+    `tie_word_embeddings=True`) is untied first: the adapted module gets its own merged copy, the
+    other module keeps the base weight, and transformers configs get `tie_word_embeddings=False`.
+    So the merged model computes what the adapted model computed.
 
     Example:
         >>> from torch import nn
@@ -315,9 +343,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if isinstance(model, LoRALayer):
         raise LoRAError("merge_lora expects the model that holds the adapters, not an adapter layer; "
                         "call layer.merge() or pass the parent model.")
+    owners = _parameter_owners(model)
+    untied = False
     for name, layer in list(lora_layers(model)):
+        if owners.get(id(layer.weight), 0) > 1:
+            # Tied weight: merging in place would change the other module too.
+            layer.unmerge()
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+            untied = True
         layer.merge()
         _set_submodule(model, name, layer.to_base_module())
+    if untied:
+        _untie_word_embeddings_flag(model)
     for module in model.modules():
         if isinstance(getattr(module, CONFIG_ATTR, None), LoRAConfig):
             delattr(module, CONFIG_ATTR)
@@ -441,3 +478,43 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         row.lora += lora
     trainable, total = count_parameters(model)
     return ParameterSummary(trainable, total, list(groups.values()))
+
+
+def find_network(model: nn.Module) -> tuple[str, nn.Module]:
+    """`(path, module)` of the network inside `model`: the outermost transformers `PreTrainedModel`
+    (e.g. `("model", pl_module.model)`), else `("", model)`.
+
+    Example:
+        >>> from torch import nn
+        >>> find_network(nn.Linear(2, 2))[0]
+        ''
+    """
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # pragma: no cover
+        return "", model
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            return name, module
+    return "", model
+
+
+def check_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Check an adapter-only state dict (e.g. a checkpoint's) against `model` before loading it:
+    base keys may be absent, but every adapter key must be present with the right shape.
+
+    Raises:
+        LoRAError: listing missing and mis-shaped adapter keys.
+    """
+    expected = lora_state_dict(model)
+    missing = sorted(k for k in expected if k not in state_dict)
+    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape))
+    if missing or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing adapter keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}{' ...' if len(shapes) > 10 else ''}")
+        raise LoRAError("The checkpoint does not hold the adapters this model expects: " + " | ".join(parts) +
+                        ". Was it written by a run with the same LoRA config (r, target_modules, rank_pattern)?")

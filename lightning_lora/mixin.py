@@ -1,0 +1,123 @@
+"""`LoRAMixin`: LoRA helpers on a LightningModule, and adapter-only `load_from_checkpoint`.
+
+Example:
+    >>> import lightning as L
+    >>> from lightning_lora import LoRAConfig, LoRAMixin
+    >>> class MyModule(LoRAMixin, L.LightningModule):          # the mixin first
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.model = build_model()                       # doctest: +SKIP
+    ...         self.apply_lora(LoRAConfig(r=8))                 # or use the LoRA callback
+    >>> model = MyModule.load_from_checkpoint("adapter-only.ckpt")  # doctest: +SKIP
+
+`load_from_checkpoint` of an adapter-only checkpoint (from the `LoRA` callback or from a module
+that used `apply_lora`) builds the module with its constructor (so the base weights come from
+there), re-injects the adapters from the config stored in the checkpoint, and loads them strictly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from lightning_lora.callback import CHECKPOINT_KEY, check_checkpoint_config, checkpoint_metadata
+from lightning_lora.config import LoRAConfig
+from lightning_lora.surgery import (
+    LoRAError,
+    check_adapter_state_dict,
+    find_network,
+    get_lora_config,
+    has_lora,
+    inject_lora,
+    is_lora_key,
+)
+from lightning_lora.surgery import lora_parameters as _lora_parameters
+from lightning_lora.surgery import lora_state_dict as _lora_state_dict
+from lightning_lora.surgery import merge_lora as _merge_lora
+
+
+class LoRAMixin:
+    """Mix into a `LightningModule` (before it in the bases) for LoRA helpers and adapter-only
+    checkpoint loading. Works with or without the `LoRA` callback.
+
+    Example:
+        >>> class Module(LoRAMixin, L.LightningModule): ...   # doctest: +SKIP
+        >>> module.apply_lora(LoRAConfig(r=8)); module.lora_parameters()   # doctest: +SKIP
+    """
+
+    def apply_lora(self, config: LoRAConfig | None = None) -> list[str]:
+        """Inject adapters into this module (call in `__init__` or `configure_model`).
+
+        Returns:
+            The names of the adapted modules.
+        """
+        return inject_lora(self, config)  # type: ignore[arg-type]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The trainable LoRA parameters: pass these to your optimizer."""
+        return _lora_parameters(self)  # type: ignore[arg-type]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the adapter tensors (plus trainable biases / `modules_to_save`)."""
+        return _lora_state_dict(self)  # type: ignore[arg-type]
+
+    def merge_lora(self) -> None:
+        """Merge the adapters into the base weights; the module holds a plain model afterwards."""
+        _merge_lora(self)  # type: ignore[arg-type]
+
+    def save_adapter(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write the adapter of the module's network in PEFT format."""
+        from lightning_lora.peft_format import save_adapter
+
+        _, network = find_network(self)  # type: ignore[arg-type]
+        save_adapter(network, directory, config=get_lora_config(self), overwrite=overwrite)  # type: ignore[arg-type]
+
+    def load_adapter(self, directory: str | os.PathLike, trainable: bool = False) -> None:
+        """Inject and load a PEFT-format adapter into the module's network."""
+        from lightning_lora.peft_format import load_adapter
+
+        _, network = find_network(self)  # type: ignore[arg-type]
+        load_adapter(network, directory, trainable=trainable)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the adapters in the checkpoint, with the LoRA config next to them."""
+        if has_lora(self):  # type: ignore[arg-type]
+            keys = _lora_state_dict(self).keys()  # type: ignore[arg-type]
+            state = checkpoint.get("state_dict", {})
+            checkpoint["state_dict"] = {k: state[k] for k in keys if k in state}
+            checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(self, get_lora_config(self))  # type: ignore[arg-type]
+        parent = getattr(super(), "on_save_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-inject the adapters from the checkpoint's config (if not injected yet) and check them."""
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if isinstance(meta, dict) and "config" in meta:
+            if has_lora(self):  # type: ignore[arg-type]
+                check_checkpoint_config(checkpoint, get_lora_config(self))  # type: ignore[arg-type]
+            else:
+                inject_lora(self, LoRAConfig.from_dict(meta["config"]))  # type: ignore[arg-type]
+            check_adapter_state_dict(self, checkpoint["state_dict"])  # type: ignore[arg-type]
+        parent = getattr(super(), "on_load_checkpoint", None)
+        if parent is not None:
+            parent(checkpoint)
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Like `nn.Module.load_state_dict`, but an adapter-only state dict loads into an injected
+        module even with `strict=True`: base keys may be absent, adapter keys may not."""
+        if has_lora(self) and any(is_lora_key(k) for k in state_dict):  # type: ignore[arg-type]
+            own = set(nn.Module.state_dict(self))  # type: ignore[arg-type]
+            unexpected = sorted(set(state_dict) - own)
+            if strict and unexpected:
+                raise LoRAError(f"Unexpected keys in the adapter state dict ({len(unexpected)}): "
+                                f"{', '.join(unexpected[:10])}. Was it written for another model?")
+            check_adapter_state_dict(self, state_dict)  # type: ignore[arg-type]
+            super().load_state_dict(state_dict, strict=False, assign=assign)  # type: ignore[misc]
+            return _IncompatibleKeys([], unexpected)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
