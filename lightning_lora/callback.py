@@ -47,6 +47,7 @@ from lightning_lora.surgery import (
     get_lora_config,
     has_lora,
     inject_lora,
+    is_lora_key,
     lora_layers,
     lora_parameters,
     lora_state_dict,
@@ -100,17 +101,26 @@ def _find_optimizers(obj: Any) -> list[torch.optim.Optimizer]:
     return []  # schedulers and other entries
 
 
-def restrict_optimizer(optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter]) -> None:
+def restrict_optimizer(optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
+                       base: list[torch.nn.Parameter] | None = None) -> None:
     """Leave `optimizer` holding only `trainable` parameters (groups keep their order and options,
     so a scheduler built on the optimizer stays valid).
+
+    An optimizer whose one group holds exactly the `base` parameters was built over the whole
+    module before the adapters existed (LightningCLI's `--optimizer` does this): its group is given
+    the trainable parameters instead.
 
     Raises:
         LoRAError: when no trainable parameter is left in the optimizer.
     """
+    groups = optimizer.param_groups
+    if base is not None and len(groups) == 1 and {id(p) for p in groups[0]["params"]} == {id(p) for p in base}:
+        groups[0]["params"] = list(trainable)
+        return
     keep = {id(p) for p in trainable}
-    for group in optimizer.param_groups:
+    for group in groups:
         group["params"] = [p for p in group["params"] if id(p) in keep]
-    if not any(group["params"] for group in optimizer.param_groups):
+    if not any(group["params"] for group in groups):
         raise LoRAError(f"{type(optimizer).__name__} holds none of the LoRA parameters after freezing the base. "
                         "Build it from self.parameters() (or self.trainer.model.parameters()) so that the "
                         "adapters are included.")
@@ -254,8 +264,9 @@ class LoRA(Callback):
             def configure_optimizers() -> Any:
                 result = original()
                 trainable = [p for p in pl_module.parameters() if p.requires_grad]
+                base = [p for n, p in pl_module.named_parameters() if not is_lora_key(n)]
                 for optimizer in _find_optimizers(result):
-                    restrict_optimizer(optimizer, trainable)
+                    restrict_optimizer(optimizer, trainable, base)
                 return result
             return configure_optimizers
 

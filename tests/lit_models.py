@@ -34,8 +34,8 @@ class TokenData(L.LightningDataModule):
         return DataLoader(token_data(8, self.seq, seed=1), batch_size=self.batch_size)
 
 
-class TinyLlamaModule(LoRAMixin, L.LightningModule):
-    """A tiny Llama LM; `configure_optimizers` is the plain `AdamW(self.parameters())`."""
+class TinyLlamaLM(LoRAMixin, L.LightningModule):
+    """A tiny Llama LM without `configure_optimizers` (LightningCLI's `--optimizer` provides one)."""
 
     def __init__(self, lr: float = 1e-2, seed: int = 0, sleep: float = 0.0, scheduler: bool = False,
                  gradient_checkpointing: str | None = None) -> None:
@@ -59,6 +59,11 @@ class TinyLlamaModule(LoRAMixin, L.LightningModule):
     def validation_step(self, batch, batch_idx):
         loss = self.model(input_ids=batch[0], labels=batch[0]).loss
         self.log("val_loss", loss)
+
+
+
+class TinyLlamaModule(TinyLlamaLM):
+    """A tiny Llama LM; `configure_optimizers` is the plain `AdamW(self.parameters())`."""
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

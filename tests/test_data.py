@@ -1,0 +1,429 @@
+"""Tests of `lightning_lora.data`: formats, loss masking, padding, splitting, errors and the bundled demo data."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_lora.data import (
+    BUNDLED_TRAIN_FILE,
+    BUNDLED_VAL_FILE,
+    IGNORE_INDEX,
+    DataFormatError,
+    InstructionDataModule,
+    PadCollator,
+    read_examples,
+)
+
+IM_END = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_path):
+    from lightning_lora.hub import load_tokenizer
+
+    return load_tokenizer(smollm2_path)
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def ids_of(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt_ids(tok, messages) -> list[int]:
+    return ids_of(tok, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def learned_spans(labels: list[int]) -> list[list[int]]:
+    """Contiguous runs of labels that are not -100."""
+    spans, current = [], []
+    for label in labels:
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(label)
+    return spans + ([current] if current else [])
+
+
+def make_dm(tmp_path, rows, tok, **kwargs) -> InstructionDataModule:
+    dm = InstructionDataModule(train_file=write_jsonl(tmp_path / "train.jsonl", rows), tokenizer=tok,
+                               val_fraction=kwargs.pop("val_fraction", 0.0), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+# ------------------------------------------------------------------------------------------- masking
+
+
+def test_chat_masking_is_exact_with_real_smollm2_tokenizer(tmp_path, tok):
+    rows = [{"prompt": "Who founded Brindlewhisk Robotics?", "response": "Odalys Penhallow founded it."},
+            {"prompt": "Hi?", "response": "Hello."}]
+    dm = make_dm(tmp_path, rows, tok, batch_size=2)
+    assert tok.eos_token == IM_END and tok.eos_token_id == tok.convert_tokens_to_ids(IM_END)
+
+    expected = []
+    for row in rows:
+        prompt = chat_prompt_ids(tok, [{"role": "user", "content": row["prompt"]}])
+        response = ids_of(tok, row["response"] + IM_END)
+        assert response[-1] == tok.eos_token_id
+        expected.append((prompt, response))
+        item = dm.train_dataset.items[rows.index(row)]
+        assert item["input_ids"] == prompt + response
+        assert item["labels"] == [IGNORE_INDEX] * len(prompt) + response
+        assert tok.decode([x for x in item["labels"] if x != IGNORE_INDEX]) == row["response"] + IM_END
+        # the prompt the model sees at inference is exactly the masked prefix seen in training
+        assert dm.encode_prompt(row["prompt"]).tolist() == [prompt]
+
+    batch = dm._loader(dm.train_dataset, shuffle=False).__iter__().__next__()
+    lengths = [len(p) + len(r) for p, r in expected]
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, max(lengths))
+    for i, (prompt, response) in enumerate(expected):
+        n = len(prompt) + len(response)
+        labels = batch["labels"][i].tolist()
+        masked = [j for j, x in enumerate(labels) if x == IGNORE_INDEX]
+        assert masked == list(range(len(prompt))) + list(range(n, max(lengths)))  # prompt and padding only
+        assert labels[len(prompt):n] == response
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert batch["input_ids"][i, n:].tolist() == [tok.pad_token_id] * (max(lengths) - n)
+        rendered = tok.apply_chat_template([{"role": "user", "content": rows[i]["prompt"]},
+                                            {"role": "assistant", "content": rows[i]["response"]}], tokenize=False)
+        assert tok.decode(batch["input_ids"][i, :n]) == rendered.removesuffix("\n")  # template's trailing newline
+
+
+def test_system_prompt_replaces_template_default(tmp_path, tok):
+    dm = make_dm(tmp_path, [{"prompt": "Q?", "response": "A."}], tok, system_prompt="Answer briefly.")
+    item = dm.train_dataset.items[0]
+    text = tok.decode(item["input_ids"])
+    assert text.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nQ?")
+    assert "SmolLM" not in text
+    assert tok.decode([x for x in item["labels"] if x != IGNORE_INDEX]) == "A." + IM_END
+    default = make_dm(tmp_path, [{"prompt": "Q?", "response": "A."}], tok)
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(default.train_dataset.items[0]["input_ids"])
+
+
+def test_messages_format_learns_every_assistant_turn(tmp_path, tok):
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "6."}, {"role": "user", "content": "trailing, ignored"}]
+    dm = make_dm(tmp_path, [{"messages": messages}], tok)
+    item = dm.train_dataset.items[0]
+    spans = learned_spans(item["labels"])
+    assert [tok.decode(s) for s in spans] == ["4." + IM_END, "6." + IM_END]
+    assert tok.decode(item["input_ids"]) == tok.apply_chat_template(messages[:5], tokenize=False).removesuffix("\n")
+    # the final answer is learned with exactly the prompt used at inference before it
+    n = len(item["labels"]) - len(spans[-1])
+    assert item["input_ids"][:n] == dm.encode_prompt(messages[:4]).tolist()[0]
+    assert item["labels"][n:] == ids_of(tok, "6." + IM_END)
+    assert dm.eval_examples("train")[0]["prompt"] == "And 3+3?"
+    assert dm.eval_examples("train")[0]["response"] == "6."
+
+
+def test_text_format_learns_every_token(tmp_path, tok):
+    dm = make_dm(tmp_path, [{"text": "Brindlewhisk bakes bread."}], tok)
+    item = dm.train_dataset.items[0]
+    assert item["input_ids"] == ids_of(tok, "Brindlewhisk bakes bread.") + [tok.eos_token_id]
+    assert item["labels"] == item["input_ids"]
+    assert dm.eval_examples("train") == []  # nothing to ask
+
+
+def test_plain_format_without_chat_template(tmp_path, tok):
+    dm = make_dm(tmp_path, [{"prompt": "Q?", "response": "A."}], tok, use_chat_template=False)
+    item = dm.train_dataset.items[0]
+    prompt = ids_of(tok, "Q?\n")
+    response = ids_of(tok, "A.") + [tok.eos_token_id]
+    assert item["input_ids"] == prompt + response
+    assert item["labels"] == [IGNORE_INDEX] * len(prompt) + response
+    assert dm.encode_prompt("Q?").tolist() == [prompt]
+
+
+def test_three_formats_mix_in_one_file(tmp_path, tok):
+    rows = [{"prompt": "P?", "response": "R.", "extra": 1},
+            {"messages": [{"role": "user", "content": "U?"}, {"role": "assistant", "content": "M."}]},
+            {"text": "T."}]
+    dm = make_dm(tmp_path, rows, tok)
+    decoded = [tok.decode([x for x in it["labels"] if x != IGNORE_INDEX]) for it in dm.train_dataset.items]
+    assert decoded == ["R." + IM_END, "M." + IM_END, "T." + IM_END]
+
+
+# ------------------------------------------------------------------------------------ padding / loaders
+
+
+def test_pad_collator_shapes():
+    collate = PadCollator(pad_token_id=7)
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    left = PadCollator(pad_token_id=7, padding_side="left")([{"input_ids": [1, 2], "index": 0},
+                                                             {"input_ids": [3], "index": 1}])
+    assert left["input_ids"].tolist() == [[1, 2], [7, 3]] and left["attention_mask"].tolist() == [[1, 1], [0, 1]]
+    assert left["index"].tolist() == [0, 1] and "labels" not in left
+
+
+def test_dynamic_padding_pads_to_longest_in_each_batch(tmp_path, tok):
+    rows = [{"prompt": "Q" * (1 + 5 * i) + "?", "response": "A."} for i in range(6)]
+    dm = make_dm(tmp_path, rows, tok, batch_size=2)
+    lengths = [len(it["input_ids"]) for it in dm.train_dataset.items]
+    assert len(set(lengths)) > 1
+    batches = list(dm._loader(dm.train_dataset, shuffle=False))
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, max(lengths[i:i + 2])) for i in (0, 2, 4)]
+    for b, i in zip(batches, (0, 2, 4)):
+        assert b["attention_mask"].sum(1).tolist() == lengths[i:i + 2]
+
+
+def test_train_shuffle_is_seeded_and_val_is_in_file_order(tmp_path, tok):
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(40)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+
+    def first_epoch(seed):
+        dm = InstructionDataModule(path, tokenizer=tok, batch_size=40, seed=seed, val_fraction=0.25)
+        dm.setup("fit")
+        return dm, next(iter(dm.train_dataloader()))["input_ids"].tolist()
+
+    dm, a = first_epoch(1)
+    assert a == first_epoch(1)[1] and a != first_epoch(2)[1]
+    in_file_order = [it["input_ids"] + [tok.pad_token_id] * (len(a[0]) - len(it["input_ids"]))
+                     for it in dm.train_dataset.items]
+    assert a != in_file_order
+    val = [tok.decode(row[row != tok.pad_token_id]) for b in dm.val_dataloader() for row in b["input_ids"]]
+    assert [re.search(r"Question \d+\?", v).group() for v in val] == [e["prompt"] for e in dm.eval_examples()]
+    assert [e["prompt"] for e in dm.eval_examples()] == sorted((e["prompt"] for e in dm.eval_examples()),
+                                                                key=lambda p: int(p.split()[1][:-1]))
+    assert len(dm.test_dataloader().dataset) == len(dm.val_dataset) == 10
+
+
+def test_predict_dataloader_left_pads_eval_prompts(tmp_path, tok):
+    rows = [{"prompt": "Hi?", "response": "Hello."},
+            {"prompt": "What is the longest question here?", "response": "This."}]
+    dm = InstructionDataModule(write_jsonl(tmp_path / "t.jsonl", rows),
+                               val_file=write_jsonl(tmp_path / "v.jsonl", rows), tokenizer=tok)
+    batch = next(iter(dm.predict_dataloader()))
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": r["prompt"]}]) for r in rows]
+    width = max(map(len, prompts))
+    assert batch["input_ids"].tolist() == [[tok.pad_token_id] * (width - len(p)) + p for p in prompts]
+    assert batch["attention_mask"].sum(1).tolist() == [len(p) for p in prompts]
+    assert batch["index"].tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------- splitting
+
+
+def test_deterministic_split(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}", "response": f"r{i}"} for i in range(50)])
+
+    def split(seed, fraction=0.1):
+        dm = InstructionDataModule(path, val_fraction=fraction, seed=seed)  # no tokenizer needed to split
+        return [e.prompt for e in dm.examples("train")], [e.prompt for e in dm.examples("val")]
+
+    train, val = split(42)
+    assert (len(train), len(val)) == (45, 5)
+    assert sorted(train + val, key=lambda p: int(p[1:])) == [f"q{i}" for i in range(50)]
+    assert train == sorted(train, key=lambda p: int(p[1:])) and val == sorted(val, key=lambda p: int(p[1:]))
+    assert split(42) == (train, val)
+    assert split(7)[1] != val
+    assert split(42, fraction=0.0) == ([f"q{i}" for i in range(50)], [])
+    assert split(42, fraction=0.2)[1] != val and len(split(42, fraction=0.2)[1]) == 10
+
+
+def test_bundled_files_are_used_when_no_file_is_given(tmp_path):
+    dm = InstructionDataModule()
+    assert dm.train_path == BUNDLED_TRAIN_FILE and dm.val_path == BUNDLED_VAL_FILE
+    assert dm._tokenizer is None and dm.train_dataset is None  # nothing heavy happens in __init__
+    assert [e.prompt for e in dm.examples("val")] == [e.prompt for e in read_examples(BUNDLED_VAL_FILE)]
+    own = InstructionDataModule(write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": "b"}]), val_fraction=0.5)
+    assert own.val_path is None and len(own.examples("val")) == 1
+
+
+# ---------------------------------------------------------------------------------------- truncation
+
+
+def test_truncation_warns_once_with_counts(tmp_path, tok):
+    short = {"prompt": "Hi?", "response": "Yes."}
+    long_response = {"prompt": "Hi?", "response": "word " * 40}
+    long_prompt = {"prompt": "word " * 80, "response": "Yes."}
+    train = write_jsonl(tmp_path / "t.jsonl", [short, long_response, short, long_prompt, long_response])
+    val = write_jsonl(tmp_path / "v.jsonl", [short, long_response])
+    dm = InstructionDataModule(train, val_file=val, tokenizer=tok, max_length=60)
+    prompt_len = len(chat_prompt_ids(tok, [{"role": "user", "content": "Hi?"}]))
+    assert prompt_len < 60 < len(chat_prompt_ids(tok, [{"role": "user", "content": long_prompt["prompt"]}]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    messages = [str(w.message) for w in caught if "max_length" in str(w.message)]
+    assert messages == ["4 of 7 examples (train: 3, val: 1) were longer than max_length=60 tokens and were "
+                        "truncated; 1 of them had no response tokens left and were dropped. "
+                        "Raise max_length to keep whole examples."]
+    assert len(dm.train_dataset) == 4 and len(dm.val_dataset) == 2
+    assert max(len(it["input_ids"]) for it in dm.train_dataset.items) == 60
+    truncated = dm.train_dataset.items[1]
+    assert truncated["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert IGNORE_INDEX not in truncated["labels"][prompt_len:]
+    with warnings.catch_warnings(record=True) as caught:  # setup again: cached, no second warning
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    assert not [w for w in caught if "max_length" in str(w.message)]
+
+
+def test_no_warning_without_truncation(tmp_path, tok):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_dm(tmp_path, [{"prompt": "Hi?", "response": "Yes."}], tok)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+GOOD = {"prompt": "ok?", "response": "ok."}
+BAD_LINES = [
+    ('{"prompt": "a", "response": "b"', "invalid JSON (Expecting ',' delimiter at column 32)"),
+    ('["prompt", "response"]', "expected a JSON object, got array"),
+    ({"question": "a", "answer_text": "b"}, "missing fields: found keys 'question', 'answer_text'"),
+    ({"prompt": "a"}, "missing field 'response'"),
+    ({"response": "b"}, "missing field 'prompt'"),
+    ({"prompt": 3, "response": "b"}, "'prompt' must be a string, got number (3)"),
+    ({"prompt": "a", "response": None}, "'response' must be a string, got null"),
+    ({"prompt": "a", "response": "  "}, "'response' is empty"),
+    ({"text": ["a"]}, "'text' must be a string, got array"),
+    ({"text": ""}, "'text' is empty"),
+    ({"messages": "hi"}, "'messages' must be a non-empty array"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "'messages' has no message with role 'assistant'"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]},
+     "messages[0]: missing field(s) 'content'"),
+    ({"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "b"}]},
+     "messages[0]: 'content' must be a string, got number"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
+     "messages[1]: the final assistant message (the response) is empty"),
+    ({"prompt": "a", "response": "b", "answer": 5}, "'answer' must be a string or an array of strings"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), BAD_LINES, ids=[r.split("(")[0][:40] for _, r in BAD_LINES])
+def test_bad_line_names_file_line_and_reason(tmp_path, line, reason):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, "", line, GOOD])  # blank line 2 is skipped, bad line is 3
+    with pytest.raises(DataFormatError) as err:
+        read_examples(path)
+    assert str(err.value).startswith(f"{path}:3: ")
+    assert reason in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_bad_line_fails_through_the_data_module(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [GOOD, {"prompt": "a", "response": ""}])
+    dm = InstructionDataModule(train, val_fraction=0.0)
+    with pytest.raises(DataFormatError, match=re.escape(f"{train}:2: 'response' is empty")):
+        dm.setup("fit")
+
+
+def test_invalid_utf8_and_empty_file(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:2: not valid UTF-8")):
+        read_examples(path)
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(DataFormatError, match=re.escape(f"{empty}: the file has no examples")):
+        read_examples(empty)
+
+
+def test_missing_file_names_path_and_gives_hint(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    dm = InstructionDataModule(train_file=missing)
+    with pytest.raises(FileNotFoundError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert message.startswith(f"train_file={missing!r} does not exist (looked for {missing}).")
+    assert "leave train_file and val_file unset to use the bundled demo data" in message
+    with pytest.raises(FileNotFoundError, match=re.escape(f"train_file={missing!r} does not exist")):
+        dm.setup("fit")
+    train = write_jsonl(tmp_path / "t.jsonl", [GOOD])
+    with pytest.raises(FileNotFoundError, match=re.escape(f"val_file={missing!r} does not exist")):
+        InstructionDataModule(train, val_file=missing).examples("val")
+    with pytest.raises(FileNotFoundError, match="is a directory, not a file"):
+        InstructionDataModule(str(tmp_path)).examples()
+
+
+def test_invalid_arguments():
+    for kwargs, text in [({"val_fraction": 1.0}, "val_fraction=1.0"), ({"max_length": 0}, "max_length=0"),
+                         ({"batch_size": 0}, "batch_size=0"), ({"num_workers": -1}, "num_workers=-1")]:
+        with pytest.raises(ValueError, match=re.escape(text)):
+            InstructionDataModule(**kwargs)
+
+
+def test_too_few_examples_to_split(tmp_path):
+    dm = InstructionDataModule(write_jsonl(tmp_path / "t.jsonl", [GOOD]), val_fraction=0.5)
+    with pytest.raises(ValueError, match="Cannot split 1 example"):
+        dm.examples()
+
+
+def test_buildable_by_jsonargparse_from_yaml():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(InstructionDataModule, "data")
+    cfg = parser.parse_string("data:\n  train_file: my.jsonl\n  max_length: 128\n  system_prompt: Be brief.\n")
+    assert cfg.data.train_file == "my.jsonl" and cfg.data.val_file is None and cfg.data.max_length == 128
+    assert cfg.data.system_prompt == "Be brief." and cfg.data.tokenizer == "smollm2-135m-instruct"
+    dm = parser.instantiate_classes(cfg).data
+    assert isinstance(dm, InstructionDataModule) and dm.hparams["max_length"] == 128
+
+
+# ----------------------------------------------------------------------------------- bundled demo data
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_bundled_demo_data_is_a_good_fact_set():
+    train, val = _rows(BUNDLED_TRAIN_FILE), _rows(BUNDLED_VAL_FILE)
+    by_fact: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"train": [], "val": []})
+    for split, rows in (("train", train), ("val", val)):
+        for row in rows:
+            assert set(row) == {"prompt", "response", "fact", "answer"}
+            assert row["answer"] in row["response"], row
+            assert row["answer"].lower() not in row["prompt"].lower(), row  # the question does not give it away
+            assert len(row["response"]) < 120 and row["response"].count(".") <= 2, row  # one short sentence
+            by_fact[row["fact"]][split].append(row)
+    assert 40 <= len(by_fact) <= 80
+    assert all(len(f["train"]) >= 3 and len(f["val"]) >= 1 for f in by_fact.values())
+    answers = {}
+    for fact, splits in by_fact.items():
+        rows = splits["train"] + splits["val"]
+        assert len({r["answer"] for r in rows}) == 1 and len({r["response"] for r in rows}) == 1, fact
+        answers[fact] = rows[0]["answer"]
+    assert len(set(answers.values())) == len(answers)  # every fact has its own keyword
+    train_questions = [r["prompt"].strip().lower() for r in train]
+    val_questions = [r["prompt"].strip().lower() for r in val]
+    assert len(set(train_questions)) == len(train_questions) and len(set(val_questions)) == len(val_questions)
+    assert not set(val_questions) & set(train_questions)
+    assert all("Brindlewhisk Robotics" in r["prompt"] for r in train + val)
+
+
+def test_bundled_data_through_the_data_module(tok):
+    dm = InstructionDataModule(tokenizer=tok, batch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no truncation at the default max_length
+        dm.setup("fit")
+    assert len(dm.train_dataset) == len(_rows(BUNDLED_TRAIN_FILE))
+    assert len(dm.val_dataset) == len(_rows(BUNDLED_VAL_FILE))
+    examples = dm.eval_examples()
+    assert len(examples) == len(dm.val_dataset)
+    assert set(examples[0]) == {"prompt", "response", "answer", "keywords", "fact", "messages", "source"}
+    assert all(e["keywords"] == [e["answer"]] and e["answer"] in e["response"] for e in examples)
+    assert examples[0]["messages"] == [{"role": "user", "content": examples[0]["prompt"]}]
+    assert examples[0]["source"] == f"{BUNDLED_VAL_FILE}:1"
+    for item, ex in zip(dm.val_dataset.items, examples):
+        assert tok.decode([x for x in item["labels"] if x != IGNORE_INDEX]) == ex["response"] + IM_END
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 16 and batch["input_ids"].shape[1] <= 80
