@@ -34,13 +34,14 @@ def _dtype_name(value: Any) -> str | None:
     """Accept `torch.float32`, `"float32"`, `"fp32"`, `"bf16"`, ... and return the canonical name."""
     if value is None:
         return None
+    given = value
     if isinstance(value, torch.dtype):
         value = str(value).removeprefix("torch.")
     aliases = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
     name = aliases.get(str(value), str(value))
     if name not in ADAPTER_DTYPES:
         raise ValueError(
-            f"adapter_dtype={value!r} is not supported; expected one of {sorted(ADAPTER_DTYPES)} "
+            f"adapter_dtype={given!r} is not supported; expected one of {sorted(ADAPTER_DTYPES)} "
             "(or None to keep the base layer's dtype)."
         )
     return name
@@ -120,8 +121,9 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r} is invalid; expected an integer > 0, e.g. r=8.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"alpha={self.alpha!r} is invalid; expected a number > 0, e.g. alpha=16.")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0
+                or not math.isfinite(self.alpha)):
+            raise ValueError(f"alpha={self.alpha!r} is invalid; expected a finite number > 0, e.g. alpha=16.")
         self.alpha = float(self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r} is invalid; expected 0 <= dropout < 1, e.g. 0.05.")
@@ -179,11 +181,11 @@ class LoRAConfig:
                 re.compile(key)
             except re.error as err:
                 raise ValueError(f"{name} key {key!r} is not a valid regular expression ({err}).") from None
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
             if kind is int:
                 ok = ok and float(v).is_integer()
             if not ok:
-                raise ValueError(f"{name}[{key!r}]={v!r} is invalid; expected a {'positive integer' if kind is int else 'number > 0'}.")
+                raise ValueError(f"{name}[{key!r}]={v!r} is invalid; expected a {'positive integer' if kind is int else 'finite number > 0'}.")
             out[key] = kind(v)
         return out
 

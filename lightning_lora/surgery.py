@@ -11,8 +11,8 @@ Example:
     >>> names = inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
     >>> names[0]
     'model.layers.0.self_attn.q_proj'
-    >>> count_parameters(model)[0]
-    2048
+    >>> count_parameters(model)[0]   # per layer: q 4*(64+64) + v 4*(64+32)
+    1792
     >>> model = merge_lora(model)   # a plain LlamaForCausalLM again
 """
 
@@ -86,7 +86,7 @@ def find_target_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
                         "Call merge_lora(model) first, or load the adapters into a fresh base model.")
     targets = config.target_modules
     heads = _output_head_names(model) if targets == ALL_LINEAR else set()
-    saved = config.modules_to_save
+    saved_names = _match_modules_to_save(model, config)
     chosen: list[str] = []
     for name, module in named:
         if targets == ALL_LINEAR:
@@ -95,8 +95,8 @@ def find_target_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
             hit = name_matches(name, targets)
         if not hit or name_matches(name, config.exclude_modules):
             continue
-        if saved is not None and any(name == s or name.endswith("." + s) for s in saved):
-            continue  # trained fully and saved instead
+        if any(name == s or name.startswith(s + ".") for s in saved_names):
+            continue  # trained fully and saved instead (the module or a layer inside it)
         if any(name.startswith(c + ".") for c in chosen):
             continue  # inside a module that is already adapted
         if adapter_class_for(module) is None:
