@@ -7,6 +7,7 @@ Example:
 from lightning_lora.callback import LoRA
 from lightning_lora.config import LoRAConfig
 from lightning_lora.mixin import LoRAMixin
+from lightning_lora.peft_format import load_adapter, save_adapter
 from lightning_lora.surgery import (
     LoRAError,
     count_parameters,
@@ -35,9 +36,11 @@ __all__ = [
     "inject_lora",
     "load_lora_state_dict",
     "lora_parameters",
+    "load_adapter",
     "lora_state_dict",
     "merge_adapters",
     "merge_lora",
     "parameter_summary",
+    "save_adapter",
     "unmerge_adapters",
 ]

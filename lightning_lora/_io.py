@@ -1,29 +1,86 @@
-"""Small file-system helpers shared by the package (atomic writes)."""
+"""Small file-system helpers shared by the package: atomic directory writes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_dir)` on a fresh directory next to `target`, then move it to `target` in one
-    rename (an existing `target` is replaced only once the new one is complete)."""
-    target = Path(target)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_dir(target: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise unless `target` can be written: it does not exist, is an empty directory, or `overwrite`.
+
+    Raises:
+        FileExistsError: `target` is a file, or a non-empty directory and `overwrite` is False.
+
+    Example:
+        >>> import tempfile
+        >>> check_output_dir(tempfile.mkdtemp())   # an empty directory is fine
+    """
+    target = Path(target).expanduser().absolute()
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a directory; choose another output directory.")
+        if any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True (--overwrite on the "
+                                  "command line) to replace it, or choose another output directory.")
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Write a directory atomically: yields a temporary directory next to `directory`, and renames it
+    into place when the block succeeds (the temporary directory is removed when it fails).
+
+    An existing non-empty `directory` is an error unless `overwrite=True`; then the old one is
+    renamed aside, the new one renamed into place, and the old one deleted, so `directory` never
+    holds a half-written result.
+
+    Raises:
+        FileExistsError: `directory` is a file, or a non-empty directory and `overwrite` is False
+            (checked before the block runs and again before the rename).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "adapter"
+        >>> with atomic_directory(out) as tmp:
+        ...     _ = (tmp / "a.txt").write_text("hi")
+        >>> sorted(p.name for p in out.iterdir())
+        ['a.txt']
+    """
+    target = Path(directory).expanduser().absolute()
+    check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        check_output_dir(target, overwrite)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "dir")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            backup.rmdir()
+            os.rename(target, backup)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(backup, target)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
         else:
             os.rename(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ====================================================================== ours -> PEFT

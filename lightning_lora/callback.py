@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_lora._io import atomic_write_dir
+from lightning_lora._io import atomic_directory
 from lightning_lora.config import LoRAConfig
 from lightning_lora.surgery import (
     LoRAError,
@@ -376,10 +376,9 @@ def save_pretrained_atomic(module: torch.nn.Module, directory: str | os.PathLike
     make_serializable(network)
     tokenizer = getattr(module, "tokenizer", None)
 
-    def write(tmp: Path) -> None:
+    with atomic_directory(directory, overwrite=True) as tmp:
         network.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
-
-    return atomic_write_dir(directory, write)
+    return Path(directory)
 

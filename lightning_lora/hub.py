@@ -129,6 +129,8 @@ def load_causal_lm(name_or_path: str | os.PathLike, dtype: str | torch.dtype | N
     path = resolve_model(name_or_path)
     if not os.path.isdir(path):
         kwargs.setdefault("local_files_only", True)
+        # transformers also looks for an adapter_config.json on the Hub; never let it try the network
+        kwargs.setdefault("adapter_kwargs", {"local_files_only": True})
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype) or torch.float32, **kwargs)
     except (OSError, ValueError) as err:

@@ -22,8 +22,7 @@ from lightning_lora.callback import CHECKPOINT_KEY, restrict_optimizer
 from lightning_lora.layers import LoRALayer
 from lightning_lora.surgery import lora_layers
 
-from conftest import make_tiny_llama
-from lit_models import BuiltInConfigureModel, TinyLlamaModule, TokenData, fit
+from lit_models import BuiltInConfigureModel, TinyLlamaModule, fit
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

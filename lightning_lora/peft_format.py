@@ -1,0 +1,1065 @@
+"""Read and write adapters in the Hugging Face PEFT on-disk format, and convert adapter-only checkpoints.
+
+A PEFT LoRA adapter is a directory with two files:
+
+* `adapter_model.safetensors` (metadata `{"format": "pt"}`): the adapter tensors under the prefix
+  `base_model.model.`, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+  Embedding adapters are `<module>.lora_embedding_A` / `<module>.lora_embedding_B` (no `.weight`),
+  the bias of an adapted layer is `<module>.base_layer.bias`, and a module in `modules_to_save` is
+  stored under its own name (`base_model.model.score.weight`).
+* `adapter_config.json`: `peft_type: "LORA"`, `r`, `lora_alpha`, `target_modules`, ... .
+
+`save_adapter` writes that format from a model with lightning-lora adapters, so
+`peft.PeftModel.from_pretrained(base, directory)` loads it with no missing or unexpected keys;
+`load_adapter` reads it (written by PEFT or by us) into a base model. `checkpoint_to_peft` turns an
+adapter-only Lightning checkpoint into such a directory. Nothing here imports Lightning or PEFT.
+
+Example:
+    >>> from lightning_lora import LoRAConfig, inject_lora
+    >>> from lightning_lora.peft_format import save_adapter, load_adapter
+    >>> _ = inject_lora(model, LoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))   # doctest: +SKIP
+    >>> save_adapter(model, "out/adapter")                                              # doctest: +SKIP
+    >>> names = load_adapter(fresh_base_model, "out/adapter")                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lora._io import atomic_directory, check_output_dir
+from lightning_lora.config import ALL_LINEAR, LoRAConfig, name_matches, pattern_key
+from lightning_lora.layers import HFConv1D, LoRAConv1D, LoRAEmbedding, LoRALayer
+from lightning_lora.surgery import (
+    CONFIG_ATTR,
+    LoRAError,
+    find_network,
+    find_target_modules,
+    get_lora_config,
+    inject_lora,
+    is_lora_key,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+)
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_NAME_BIN = "adapter_model.bin"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: prefix of every key in a PEFT adapter file (PeftModel.base_model.model)
+PEFT_PREFIX = "base_model.model."
+#: key of our metadata in an adapter-only Lightning checkpoint, and its format version
+CHECKPOINT_KEY = "lightning_lora"
+CHECKPOINT_VERSION = 1
+
+#: PEFT task types and the transformers auto-mapping that tells them from a model class
+_TASK_MAPPINGS = (
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("ForCausalLM", "LMHeadModel")),
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", ("ForSequenceClassification",)),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", ("ForSeq2SeqLM",)),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", ("ForTokenClassification",)),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", ("ForQuestionAnswering",)),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES", ()),
+)
+_TASK_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+#: adapter_config.json keys we translate (everything else is checked by `_check_supported`)
+_TRANSLATED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
+                    "use_rslora", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights",
+                    "layers_to_transform", "layers_pattern"}
+#: keys that never change what a loaded adapter computes (bookkeeping, or handled by the layer type)
+_HARMLESS_KEYS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
+                  "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
+                  # VeLoRA only swaps the backward pass of lora_A; the forward is plain LoRA
+                  "velora_config",
+                  # ignored by PEFT unless init_lora_weights asks for them (checked separately)
+                  "loftq_config", "eva_config", "corda_config"}
+#: features we do not implement, with what they do (any non-default value is an error)
+_UNSUPPORTED_FEATURES = {
+    "use_dora": "DoRA (weight-decomposed LoRA, a learned magnitude vector per layer)",
+    "layer_replication": "layer replication (a deeper model built from repeated base layers)",
+    "lora_bias": "a trainable bias on lora_B",
+    "trainable_token_indices": "trainable token indices (TrainableTokens on the embedding)",
+    "use_qalora": "QA-LoRA (pooled adapter input)",
+    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA, adapter active only after invocation tokens)",
+    "megatron_config": "Megatron parallel layers",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing between adapters",
+    "kasa_config": "KaSA (singular-value adaptation of the base weight)",
+    "monteclora_config": "MonteCLoRA (Monte Carlo sampled adapters)",
+    "lora_ga_config": "LoRA-GA initialisation (changes the base weights)",
+}
+#: init_lora_weights values whose adapters only work on a modified base model
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_SAFE_INITS = ("gaussian", "eva", "orthogonal", "mica")
+#: name components that may be an embedding (only used when the base architecture is unknown)
+_EMBEDDING_HINTS = ("emb", "wte", "wpe", "shared")
+
+
+class AdapterFormatError(LoRAError):
+    """An adapter file or checkpoint that is missing, corrupt, or does not fit the model.
+
+    A `ValueError` (through `LoRAError`); the message names the path and what is wrong.
+
+    Example:
+        >>> try:
+        ...     load_adapter(model, "no/such/dir")   # doctest: +SKIP
+        ... except AdapterFormatError as err:
+        ...     print(err)                           # doctest: +SKIP
+        no/such/dir does not exist; expected a PEFT adapter directory ...
+    """
+
+
+class UnsupportedAdapterError(AdapterFormatError):
+    """A valid PEFT adapter that uses a feature lightning-lora does not implement (DoRA, ...).
+
+    Example:
+        >>> issubclass(UnsupportedAdapterError, AdapterFormatError)
+        True
+    """
+
+
+# ====================================================================== helpers: model structure
+def _pretrained_model_class() -> type | None:
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # pragma: no cover
+        return None
+    return PreTrainedModel
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type (`"CAUSAL_LM"`, `"SEQ_CLS"`, ...) for a transformers model class, else None.
+
+    Example:
+        >>> from torch import nn
+        >>> infer_task_type(nn.Linear(2, 2)) is None
+        True
+    """
+    cls_name = type(model).__name__
+    try:
+        from transformers.models.auto import modeling_auto
+    except Exception:  # pragma: no cover
+        modeling_auto = None
+    for task, mapping_name, suffixes in _TASK_MAPPINGS:
+        mapping = getattr(modeling_auto, mapping_name, {}) if modeling_auto is not None else {}
+        for value in mapping.values():
+            names = value if isinstance(value, (tuple, list)) else (value,)
+            if cls_name in names:
+                return task
+        if any(cls_name.endswith(s) for s in suffixes):
+            return task
+    return None
+
+
+def _base_module_names(network: nn.Module) -> list[str]:
+    """Module names of the network as the base model has them (the insides of adapter layers left out)."""
+    names: list[str] = []
+    inside: list[str] = []
+    for name, module in network.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        names.append(name)
+        if isinstance(module, LoRALayer):
+            inside.append(name)
+    return names
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+# ====================================================================== helpers: PEFT's matching rules
+def _peft_selects(name: str, targets: list[str] | str, exclude: list[str] | str | None,
+                  modules_to_save: list[str] | None, layers_to_transform: Any = None,
+                  layers_pattern: Any = None) -> bool:
+    """PEFT's `check_target_module_exists` (peft 0.21): whether LoRA would be put on module `name`."""
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, name):
+                return False
+        elif name in exclude or any(name.endswith(f".{e}") for e in exclude):
+            return False
+    if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save):
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    found = any(name.endswith(f".{t}") for t in targets)
+    using_indexes = layers_to_transform is not None and (
+        len(layers_to_transform) != 0 if isinstance(layers_to_transform, list) else True)
+    if using_indexes and found:
+        match = None
+        if not layers_pattern:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        else:
+            for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+                if match is not None:
+                    break
+        if match is None:
+            return False
+        idx = int(match.group("idx"))
+        return idx == layers_to_transform if isinstance(layers_to_transform, int) else idx in layers_to_transform
+    return found
+
+
+def _peft_targets(names: list[str], targets: list[str] | str, exclude: list[str] | str | None,
+                  modules_to_save: list[str] | None, layers_to_transform: Any = None,
+                  layers_pattern: Any = None) -> list[str]:
+    return [n for n in names
+            if _peft_selects(n, targets, exclude, modules_to_save, layers_to_transform, layers_pattern)]
+
+
+def _peft_all_linear(network: nn.Module, task_type: str | None) -> list[str]:
+    """PEFT's expansion of `target_modules="all-linear"`: every Linear/Conv1D except the output layer."""
+    linear = (nn.Linear,) + ((HFConv1D,) if HFConv1D is not None else ())
+    names = [n for n, m in network.named_modules() if n and isinstance(m, linear)]
+    exclude: set[str] = set()
+    cls = _pretrained_model_class()
+    if cls is not None and isinstance(network, cls):
+        out = network.get_output_embeddings()
+        if out is not None:
+            exclude.update(n for n, m in network.named_modules() if m is out)
+        elif task_type == "SEQ_CLS":
+            for head in ("score", "classifier"):
+                if getattr(network, head, None) is not None:
+                    exclude.add(head)
+                    break
+    return [n for n in names if n not in exclude]
+
+
+def _peft_modules_to_save(names: list[str], modules_to_save: list[str] | None) -> list[str]:
+    """The modules PEFT wraps for `modules_to_save` (its rule: the module name ends with the entry)."""
+    if not modules_to_save:
+        return []
+    hits = [n for n in names if any(n.endswith(m) for m in modules_to_save)]
+    return [n for n in hits if not any(n.startswith(o + ".") for o in hits)]
+
+
+def _our_modules_to_save(names: list[str], modules_to_save: list[str] | None) -> list[str]:
+    if not modules_to_save:
+        return []
+    hits = [n for n in names if name_matches(n, modules_to_save)]
+    return [n for n in hits if not any(n.startswith(o + ".") for o in hits)]
+
+
+def _peft_pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    key = pattern_key(name, patterns) if patterns else None
+    return patterns[key] if key is not None else default
+
+
+def _json_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+# ====================================================================== atomic directories
+@dataclass
+class _LayerInfo:
+    kind: str  # "linear", "conv1d" or "embedding"
+    r: int
+    alpha: float
+
+
+def _layer_infos(network: nn.Module) -> dict[str, _LayerInfo]:
+    infos = {}
+    for name, layer in lora_layers(network):
+        kind = ("embedding" if isinstance(layer, LoRAEmbedding)
+                else "conv1d" if isinstance(layer, LoRAConv1D) else "linear")
+        infos[name] = _LayerInfo(kind, layer.r, layer.lora_alpha)
+    return infos
+
+
+def _to_peft_key(key: str, layers: dict[str, _LayerInfo]) -> str:
+    """Our key (relative to the network) -> PEFT's key in adapter_model.safetensors."""
+    owner, _, param = key.rpartition(".")
+    for ab in ("A", "B"):
+        suffix = f".lora_{ab}.weight"
+        if key.endswith(suffix) and key[: -len(suffix)] in layers:
+            name = key[: -len(suffix)]
+            if layers[name].kind == "embedding":
+                return f"{PEFT_PREFIX}{name}.lora_embedding_{ab}"
+            return PEFT_PREFIX + key
+    if owner in layers:  # a base parameter of an adapted layer (a trained bias): PEFT's layer wraps it as base_layer
+        return f"{PEFT_PREFIX}{owner}.base_layer.{param}"
+    return PEFT_PREFIX + key
+
+
+def _choose_targets(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: list[str] | None,
+                    modules_to_save: list[str] | None) -> tuple[list[str] | str, list[str] | str | None]:
+    """`(target_modules, exclude_modules)` for the JSON such that PEFT adapts exactly `layers`.
+
+    With the module tree known, each candidate is checked with PEFT's own matching rule: the config's
+    own targets, then the deduplicated last name components (`q_proj`, `v_proj`), then full names.
+    """
+    adapted = list(layers)
+    suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in adapted))
+    candidates: list[tuple[list[str] | str, list[str] | str | None]] = []
+    if config.target_modules != ALL_LINEAR:
+        candidates.append((config.target_modules, config.exclude_modules))
+    candidates += [(suffixes, config.exclude_modules), (suffixes, None), (adapted, None)]
+    for targets, exclude in candidates:
+        if tree is not None:
+            if set(_peft_targets(tree, targets, exclude, modules_to_save)) == set(adapted):
+                return targets, exclude
+        elif targets is config.target_modules or targets is adapted:
+            # no module tree (architecture unknown): PEFT and we match a list / regex the same way
+            if all(_peft_selects(n, targets, exclude, modules_to_save) for n in adapted):
+                return targets, exclude
+    raise AdapterFormatError(
+        f"Cannot describe the adapted modules {adapted[:6]}{' ...' if len(adapted) > 6 else ''} with PEFT's "
+        "target_modules: a module in modules_to_save contains an adapted layer, which PEFT does not allow. "
+        "Remove it from modules_to_save or from target_modules.")
+
+
+def _choose_patterns(config: LoRAConfig, layers: dict[str, _LayerInfo]) -> tuple[dict, dict]:
+    """rank_pattern / alpha_pattern that give every layer its actual rank and alpha under PEFT's rule."""
+    def fits(rp: dict, ap: dict) -> bool:
+        return all(_peft_pattern_value(rp, n, config.r) == info.r
+                   and math.isclose(_peft_pattern_value(ap, n, config.alpha), info.alpha, rel_tol=1e-9)
+                   for n, info in layers.items())
+
+    rank_pattern = dict(config.rank_pattern)
+    alpha_pattern = {k: _json_number(v) for k, v in config.alpha_pattern.items()}
+    if fits(rank_pattern, alpha_pattern):
+        return rank_pattern, alpha_pattern
+    rank_pattern = {re.escape(n): i.r for n, i in layers.items() if i.r != config.r}
+    alpha_pattern = {re.escape(n): _json_number(i.alpha) for n, i in layers.items() if i.alpha != config.alpha}
+    if fits(rank_pattern, alpha_pattern):
+        return rank_pattern, alpha_pattern
+    raise AdapterFormatError("Cannot describe the per-layer ranks/alphas with PEFT's rank_pattern/alpha_pattern "
+                             f"(layers: { {n: (i.r, i.alpha) for n, i in list(layers.items())[:6]} }).")
+
+
+def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: list[str] | None,
+                      task_type: str | None, base_model_name_or_path: str | None) -> dict[str, Any]:
+    modules_to_save: list[str] | None = list(dict.fromkeys(config.modules_to_save)) if config.modules_to_save else None
+    if modules_to_save and tree is not None:
+        ours = _our_modules_to_save(tree, modules_to_save)
+        if set(_peft_modules_to_save(tree, modules_to_save)) != set(ours):
+            modules_to_save = ours
+            if set(_peft_modules_to_save(tree, modules_to_save)) != set(ours):
+                raise AdapterFormatError(f"Cannot describe modules_to_save={config.modules_to_save!r} "
+                                         f"(modules {ours}) in PEFT's format.")
+    targets, exclude = _choose_targets(config, layers, tree, modules_to_save)
+    rank_pattern, alpha_pattern = _choose_patterns(config, layers)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": _json_number(config.alpha),
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "exclude_modules": exclude,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "modules_to_save": modules_to_save,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": any(i.kind == "conv1d" for i in layers.values()),
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "layer_replication": None,
+    }
+
+
+def _write_peft_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
+                    overwrite: bool) -> Path:
+    from safetensors.torch import save_file
+
+    prepared = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        save_file(prepared, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return Path(directory)
+
+
+def to_peft(model: nn.Module, config: LoRAConfig | None = None,
+            base_model_name_or_path: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The PEFT tensors (keys `base_model.model.*`) and `adapter_config.json` dict for `model`, in memory.
+
+    `save_adapter` writes exactly these; see it for the arguments.
+
+    Example:
+        >>> tensors, cfg = to_peft(model)   # doctest: +SKIP
+        >>> cfg["peft_type"], next(iter(tensors)).startswith("base_model.model.")   # doctest: +SKIP
+        ('LORA', True)
+    """
+    prefix, network = find_network(model)
+    layers = _layer_infos(network)
+    if not layers:
+        raise LoRAError("This model has no LoRA adapters; call inject_lora(model, LoRAConfig(...)) first.")
+    outside = [n for n, _ in lora_layers(model) if prefix and not n.startswith(prefix + ".")]
+    if outside:
+        raise AdapterFormatError(f"Adapter layers {outside[:4]} are outside the transformers model at {prefix!r}; "
+                                 "the PEFT format can only describe adapters inside one model.")
+    try:
+        stored = get_lora_config(model)
+    except LoRAError:
+        if config is None:
+            raise
+        stored = None
+    if config is None:
+        config = stored
+    assert config is not None
+    if stored is None:  # adapters without a stored config: use the given one to pick the saved keys
+        setattr(network, CONFIG_ATTR, config)
+        try:
+            state = lora_state_dict(model)
+        finally:
+            delattr(network, CONFIG_ATTR)
+    else:
+        state = lora_state_dict(model)
+    rslora = {layer.use_rslora for _, layer in lora_layers(network)}
+    if rslora != {config.use_rslora}:
+        raise AdapterFormatError(f"config.use_rslora={config.use_rslora} does not match the adapter layers "
+                                 f"(use_rslora per layer: {sorted(rslora)}); pass the config used for injection.")
+    rel: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if prefix and not key.startswith(prefix + "."):
+            raise AdapterFormatError(f"Trainable key {key!r} is outside the transformers model at {prefix!r}; the "
+                                     "PEFT format can only hold what is inside that model.")
+        rel[key[len(prefix) + 1:] if prefix else key] = value
+    base = base_model_name_or_path or getattr(network, "name_or_path", None) or None
+    cfg = _peft_config_dict(config, layers, _base_module_names(network), infer_task_type(network), base)
+    tensors = {_to_peft_key(k, layers): v for k, v in rel.items()}
+    return tensors, cfg
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None,
+                 base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+    """Write the adapters of `model` as a PEFT LoRA adapter directory.
+
+    Writes `adapter_model.safetensors` (metadata `{"format": "pt"}`) and `adapter_config.json`,
+    which `peft.PeftModel.from_pretrained(base_model, directory)` loads with no missing or unexpected
+    keys. The directory is written atomically (a temporary directory next to it, then a rename).
+
+    Args:
+        model: the network the adapters were injected into (a transformers model), or any module
+            that contains one (e.g. a LightningModule with the model at `self.model`); keys are then
+            relative to that inner model, as PEFT expects.
+        directory: output directory.
+        config: the `LoRAConfig` used for injection; default: the one `inject_lora` stored on `model`.
+        base_model_name_or_path: written to the JSON; default `model.name_or_path` (None when empty).
+        overwrite: replace an existing non-empty `directory` (atomically).
+
+    Returns:
+        The output directory.
+
+    Raises:
+        FileExistsError: `directory` exists and is not empty, and `overwrite` is False.
+        LoRAError: `model` has no adapters.
+
+    Example:
+        >>> from lightning_lora import LoRAConfig, inject_lora
+        >>> _ = inject_lora(model, LoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))   # doctest: +SKIP
+        >>> save_adapter(model, "out/adapter")                                              # doctest: +SKIP
+        PosixPath('out/adapter')
+    """
+    tensors, cfg = to_peft(model, config=config, base_model_name_or_path=base_model_name_or_path)
+    return _write_peft_dir(directory, tensors, cfg, overwrite)
+
+
+# ====================================================================== PEFT -> ours
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `adapter_config.json` of a PEFT adapter directory, checked to be a LoRA adapter we can load.
+
+    Raises:
+        AdapterFormatError: the file is missing or not valid JSON.
+        UnsupportedAdapterError: another `peft_type`, or a LoRA feature lightning-lora does not
+            implement (DoRA, layer replication, ...); the message names it.
+
+    Example:
+        >>> read_adapter_config("out/adapter")["r"]   # doctest: +SKIP
+        8
+    """
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG_NAME
+    if not directory.is_dir():
+        raise AdapterFormatError(f"{directory} is not a directory; expected a PEFT adapter directory holding "
+                                 f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}.")
+    if not path.is_file():
+        raise AdapterFormatError(f"{path} is missing; a PEFT adapter directory needs {ADAPTER_CONFIG_NAME} next to "
+                                 f"{ADAPTER_WEIGHTS_NAME} (write both with save_adapter or PEFT's save_pretrained).")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFormatError(f"{path} is not valid JSON ({err}); re-export the adapter.") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{path} holds a {type(cfg).__name__}, expected a JSON object.")
+    _check_supported(cfg, path)
+    return cfg
+
+
+def _is_default(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and len(value) == 0)
+
+
+def _check_supported(cfg: dict[str, Any], path: Path) -> None:
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(f"{path}: peft_type={peft_type!r} is not supported; lightning-lora reads LoRA "
+                                      "adapters only (peft_type 'LORA').")
+    for key, what in _UNSUPPORTED_FEATURES.items():
+        if not _is_default(cfg.get(key)):
+            raise UnsupportedAdapterError(f"{path}: {key}={cfg[key]!r} ({what}) is not supported by lightning-lora; "
+                                          "load this adapter with PEFT, or train one without it.")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str):
+        low = init.lower()
+        if low.startswith(_BASE_MUTATING_INITS):
+            raise UnsupportedAdapterError(
+                f"{path}: init_lora_weights={init!r} is not supported: that initialisation changes the base "
+                "weights, so the adapter is only correct on the modified base. Convert it with PEFT's "
+                "path_initial_model_for_weight_conversion, or merge it with PEFT.")
+        if low not in _SAFE_INITS:
+            raise UnsupportedAdapterError(f"{path}: init_lora_weights={init!r} is not supported; expected true, false "
+                                          f"or one of {', '.join(_SAFE_INITS)}.")
+    elif not isinstance(init, bool):
+        raise AdapterFormatError(f"{path}: init_lora_weights={init!r} is invalid; expected true, false or a name.")
+    unknown = sorted(k for k in cfg if k not in _TRANSLATED_KEYS | _HARMLESS_KEYS | set(_UNSUPPORTED_FEATURES)
+                     and not _is_default(cfg[k]))
+    if unknown:
+        listed = ", ".join(f"{k}={cfg[k]!r}" for k in unknown)
+        raise UnsupportedAdapterError(f"{path}: unknown LoRA option(s) {listed}; lightning-lora does not implement "
+                                      "them, so it cannot load this adapter faithfully.")
+    if cfg.get("target_modules") is None:
+        raise UnsupportedAdapterError(f"{path}: target_modules is null (PEFT's per-architecture default); write the "
+                                      "module names into adapter_config.json, e.g. [\"q_proj\", \"v_proj\"].")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    st_path = directory / ADAPTER_WEIGHTS_NAME
+    bin_path = directory / ADAPTER_WEIGHTS_NAME_BIN
+    if st_path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st_path), device="cpu"), st_path
+        except Exception as err:  # SafetensorError, OSError, ...
+            raise AdapterFormatError(f"{st_path} is corrupt or truncated ({type(err).__name__}: "
+                                     f"{_first_line(err)}); re-export the adapter.") from None
+    if bin_path.is_file():
+        try:
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise AdapterFormatError(f"{bin_path} is not a readable PyTorch state dict ({type(err).__name__}: "
+                                     f"{_first_line(err)}); re-export the adapter.") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise AdapterFormatError(f"{bin_path} does not hold a dict of tensors.")
+        return state, bin_path
+    raise AdapterFormatError(f"{st_path} is missing; a PEFT adapter directory needs {ADAPTER_WEIGHTS_NAME} next to "
+                             f"{ADAPTER_CONFIG_NAME}.")
+
+
+_LORA_KEY = re.compile(r"^(?P<owner>.*)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_LORA_EMBEDDING_KEY = re.compile(r"^(?P<owner>.*)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+
+
+def from_peft_key(key: str) -> str:
+    """A PEFT adapter key -> our key relative to the network.
+
+    Accepts `base_model.model.` or no prefix, `lora_A.weight` or `lora_A.<adapter>.weight`,
+    `lora_embedding_A` (-> `lora_A.weight`), and `<module>.base_layer.<param>` (-> `<module>.<param>`).
+
+    Example:
+        >>> from_peft_key("base_model.model.model.embed_tokens.lora_embedding_A")
+        'model.embed_tokens.lora_A.weight'
+        >>> from_peft_key("model.layers.0.self_attn.q_proj.lora_B.default.weight")
+        'model.layers.0.self_attn.q_proj.lora_B.weight'
+    """
+    key = key.removeprefix(PEFT_PREFIX)
+    for pattern in (_LORA_KEY, _LORA_EMBEDDING_KEY):
+        m = pattern.match(key)
+        if m:
+            return f"{m.group('owner')}.lora_{m.group('ab')}.weight"
+    return re.sub(r"\.base_layer\.([^.]+)$", r".\1", key)
+
+
+def _check_tensor_keys(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    dora = [k for k in tensors if "lora_magnitude_vector" in k]
+    if dora:
+        raise UnsupportedAdapterError(f"{path} holds DoRA magnitude vectors ({dora[0]}, ...); DoRA (use_dora) is not "
+                                      "supported by lightning-lora. Load this adapter with PEFT.")
+
+
+def peft_to_state_dict(directory: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a PEFT adapter directory under our keys (relative to the network), with `prefix`.
+
+    With `prefix="model"` the keys are those an adapter-only checkpoint of a LightningModule holding
+    the model at `self.model` has (`model.model.layers.0.self_attn.q_proj.lora_A.weight`). Full
+    embedding matrices that PEFT saves next to embedding adapters are included as `<module>.weight`.
+
+    Example:
+        >>> sd = peft_to_state_dict("out/adapter", prefix="model")   # doctest: +SKIP
+        >>> next(iter(sd))                                            # doctest: +SKIP
+        'model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    """
+    directory = Path(directory)
+    read_adapter_config(directory)
+    tensors, path = _read_tensors(directory)
+    _check_tensor_keys(tensors, path)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        new = from_peft_key(key)
+        out[f"{prefix}.{new}" if prefix else new] = value
+    return out
+
+
+def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None) -> LoRAConfig:
+    """Our `LoRAConfig` for a PEFT `adapter_config.json` dict.
+
+    With `network` (the base transformers model), the modules PEFT would adapt are computed with
+    PEFT's own rules (`all-linear`, `layers_to_transform`, its `modules_to_save` matching); when our
+    matching of the JSON's `target_modules` would pick other modules, the config names the modules
+    explicitly (full paths), so both pick exactly the same layers.
+
+    Raises:
+        UnsupportedAdapterError: options that cannot be expressed without `network`
+            (`layers_to_transform`), or PEFT would adapt nothing.
+
+    Example:
+        >>> lora_config_from_peft({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).alpha
+        8.0
+    """
+    targets = cfg.get("target_modules")
+    exclude = cfg.get("exclude_modules")
+    if isinstance(targets, (set, tuple)):
+        targets = sorted(targets)
+    if isinstance(exclude, (set, tuple)):
+        exclude = sorted(exclude)
+    task_type = cfg.get("task_type")
+    modules_to_save = list(dict.fromkeys(cfg.get("modules_to_save") or [])) or None
+    init = cfg.get("init_lora_weights", True)
+    layers_to_transform, layers_pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    kwargs: dict[str, Any] = dict(
+        r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+        bias=cfg.get("bias", "none"), use_rslora=bool(cfg.get("use_rslora", False)),
+        init="gaussian" if isinstance(init, str) and init.lower() == "gaussian" else "kaiming",
+        rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
+    )
+    if network is None:
+        if not _is_default(layers_to_transform):
+            raise UnsupportedAdapterError("layers_to_transform can only be translated with the base model at hand; "
+                                          "use load_adapter(model, directory).")
+        return LoRAConfig(target_modules=targets, exclude_modules=exclude or None,
+                          modules_to_save=modules_to_save, **kwargs)
+
+    names = _base_module_names(network)
+    if modules_to_save:
+        # PEFT adds "classifier"/"score" for SEQ_CLS and silently skips names that match nothing
+        modules_to_save = [m for m in modules_to_save if _peft_modules_to_save(names, [m])] or None
+    peft_saved = _peft_modules_to_save(names, modules_to_save)
+    if set(_our_modules_to_save(names, modules_to_save)) != set(peft_saved):
+        modules_to_save = peft_saved or None
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        selected = _peft_all_linear(network, task_type)
+        selected = _peft_targets(selected, selected, exclude, modules_to_save)
+    else:
+        selected = _peft_targets(names, targets, exclude, modules_to_save, layers_to_transform, layers_pattern)
+    if not selected:
+        raise AdapterFormatError(f"target_modules={targets!r} (exclude_modules={exclude!r}) matches no module of "
+                                 f"this {type(network).__name__}; the adapter was made for another architecture.")
+    candidate = None
+    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR) and _is_default(layers_to_transform):
+        candidate = LoRAConfig(target_modules=targets, exclude_modules=exclude or None,
+                               modules_to_save=modules_to_save, **kwargs)
+        try:
+            if find_target_modules(network, candidate) != selected:
+                candidate = None
+        except LoRAError:
+            candidate = None
+    if candidate is None:
+        candidate = LoRAConfig(target_modules=selected, modules_to_save=modules_to_save, **kwargs)
+    return candidate
+
+
+@dataclass
+class _Snapshot:
+    requires_grad: dict[int, bool]
+
+
+def _snapshot(network: nn.Module) -> _Snapshot:
+    return _Snapshot({id(p): p.requires_grad for p in network.parameters()})
+
+
+def _undo_injection(network: nn.Module, snap: _Snapshot) -> None:
+    """Remove freshly injected adapters without merging (the base weights are untouched)."""
+    for name, layer in list(lora_layers(network)):
+        layer.merged = False
+        _set_submodule(network, name, layer.to_base_module())
+    for module in network.modules():
+        if isinstance(getattr(module, CONFIG_ATTR, None), LoRAConfig):
+            delattr(module, CONFIG_ATTR)
+    for p in network.parameters():
+        if id(p) in snap.requires_grad:
+            p.requires_grad_(snap.requires_grad[id(p)])
+
+
+def _inject_at(network: nn.Module, config: LoRAConfig, config_prefix: str = "") -> list[str]:
+    """`inject_lora(network, config)`, with module names matched as if `network` sat at `config_prefix`
+    inside a larger module (where a checkpoint's config was applied: the LightningModule, whose
+    network is at `model_prefix`). The config is kept on `network`; returns network-relative names."""
+    if not config_prefix:
+        return inject_lora(network, config)
+    shim = nn.Module()
+    node = shim
+    parts = config_prefix.split(".")
+    for part in parts[:-1]:
+        child = nn.Module()
+        setattr(node, part, child)
+        node = child
+    setattr(node, parts[-1], network)
+    names = inject_lora(shim, config)
+    with contextlib.suppress(AttributeError):
+        delattr(shim, CONFIG_ATTR)
+    setattr(network, CONFIG_ATTR, config)
+    return [n[len(config_prefix) + 1:] for n in names]
+
+
+def _embedding_weight_keys(network: nn.Module) -> set[str]:
+    """`<module>.weight` of every embedding and of the output embedding (PEFT's save_embedding_layers)."""
+    keys = {f"{n}.weight" for n, m in network.named_modules() if isinstance(m, (nn.Embedding, LoRAEmbedding))}
+    get_out = getattr(network, "get_output_embeddings", None)
+    if callable(get_out):
+        with contextlib.suppress(Exception):
+            out = get_out()
+            keys.update(f"{n}.weight" for n, m in network.named_modules() if out is not None and m is out)
+    return keys
+
+
+def _inject_and_load(model: nn.Module, network: nn.Module, prefix: str, config: LoRAConfig,
+                     state: dict[str, torch.Tensor], source: Path, trainable: bool,
+                     extra_embeddings: dict[str, torch.Tensor] | None = None, config_prefix: str = "") -> list[str]:
+    if any(True for _ in lora_layers(network)):
+        raise LoRAError(f"This {type(network).__name__} already has LoRA adapters; load {source} into a fresh base "
+                        "model, or call merge_lora(model) first.")
+    snap = _snapshot(network)
+    try:
+        try:
+            names = _inject_at(network, config, config_prefix)
+            load_lora_state_dict(network, state)
+        except AdapterFormatError:
+            raise
+        except LoRAError as err:
+            raise AdapterFormatError(f"{source}: {err}") from None
+        if extra_embeddings:
+            params = dict(network.state_dict(keep_vars=True))
+            bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+                   for k, v in extra_embeddings.items() if tuple(params[k].shape) != tuple(v.shape)]
+            if bad:
+                raise AdapterFormatError(f"{source} holds full embedding matrices that do not fit this model "
+                                         f"({'; '.join(bad)}): the adapter was trained with a resized vocabulary; call "
+                                         "model.resize_token_embeddings(...) to that size before loading.")
+            with torch.no_grad():
+                for k, v in extra_embeddings.items():
+                    params[k].copy_(v)
+    except BaseException:
+        _undo_injection(network, snap)
+        raise
+    for _, layer in lora_layers(network):
+        for p in (layer.lora_A.weight, layer.lora_B.weight):
+            p.requires_grad_(trainable)
+    if not trainable:
+        for p in network.parameters():
+            p.requires_grad_(False)
+    return [f"{prefix}.{n}" if prefix else n for n in names]
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False) -> list[str]:
+    """Inject adapters into a base model and load their weights from a PEFT directory or a checkpoint.
+
+    `path` is either a PEFT LoRA adapter directory (written by `save_adapter` or by PEFT's
+    `save_pretrained`) or an adapter-only Lightning checkpoint (`.ckpt` file written with the
+    `LoRA` callback). The config is translated (`lora_alpha`, `lora_dropout`, `use_rslora`,
+    `rank_pattern`/`alpha_pattern`, `modules_to_save`, `target_modules` list or regex, `bias`),
+    adapters are injected with `inject_lora`, and the tensors are loaded strictly (every key must fit;
+    PEFT spellings such as `lora_A.default.weight` and `lora_embedding_A` are understood). On any
+    error the model is left as it was.
+
+    Args:
+        model: the base transformers model, or a module holding one (keys relative to that model).
+        path: PEFT adapter directory or adapter-only `.ckpt` file.
+        trainable: leave the adapters (and biases / modules_to_save per the config) trainable;
+            by default every parameter of the model gets `requires_grad=False`. The train/eval
+            mode of the model is not changed.
+
+    Returns:
+        The names of the adapted modules, relative to `model`.
+
+    Raises:
+        AdapterFormatError: missing or corrupt files, keys or shapes that do not fit the model.
+        UnsupportedAdapterError: DoRA, another peft_type, layer replication, ... (named in the message).
+
+    Example:
+        >>> from lightning_lora.hub import load_causal_lm
+        >>> base = load_causal_lm("smollm2-135m-instruct")   # doctest: +SKIP
+        >>> load_adapter(base, "out/adapter")[:1]            # doctest: +SKIP
+        ['model.layers.0.self_attn.q_proj']
+    """
+    path = Path(path)
+    if path.is_file():
+        return _load_checkpoint_adapter(model, path, trainable)
+    if not path.exists():
+        raise AdapterFormatError(f"{path} does not exist; expected a PEFT adapter directory ({ADAPTER_CONFIG_NAME} + "
+                                 f"{ADAPTER_WEIGHTS_NAME}) or an adapter-only .ckpt file.")
+    cfg = read_adapter_config(path)
+    tensors, weights_path = _read_tensors(path)
+    _check_tensor_keys(tensors, weights_path)
+    prefix, network = find_network(model)
+    try:
+        config = lora_config_from_peft(cfg, network)
+    except AdapterFormatError as err:
+        raise AdapterFormatError(f"{path / ADAPTER_CONFIG_NAME}: {err}") from None
+    except ValueError as err:  # a value LoRAConfig rejects (r=0, bias='x', ...)
+        raise AdapterFormatError(f"{path / ADAPTER_CONFIG_NAME}: {err}") from None
+    state = {from_peft_key(k): v for k, v in tensors.items()}
+    if len(state) != len(tensors):
+        raise AdapterFormatError(f"{weights_path} holds the same tensor under two spellings; re-export the adapter.")
+    embedding_keys = _embedding_weight_keys(network)
+    extra = {k: state.pop(k) for k in list(state) if k in embedding_keys and not is_lora_key(k)
+             and not _saved_by_config(k, config, network)}
+    return _inject_and_load(model, network, prefix, config, state, weights_path, trainable, extra)
+
+
+def _saved_by_config(key: str, config: LoRAConfig, network: nn.Module) -> bool:
+    """Whether `key` is one of the keys our config saves itself (a modules_to_save module or a bias)."""
+    names = _base_module_names(network)
+    saved = _our_modules_to_save(names, config.modules_to_save)
+    return any(key.startswith(s + ".") for s in saved)
+
+
+# ====================================================================== Lightning checkpoints
+@dataclass
+class AdapterCheckpoint:
+    """The content of an adapter-only Lightning checkpoint written with the `LoRA` callback.
+
+    Attributes:
+        config: the `LoRAConfig` of the run.
+        state_dict: adapter tensors keyed relative to the network (the `model_prefix` removed).
+        model_prefix: dotted path of the network inside the LightningModule (`""`: the module itself).
+        base_model_name_or_path: the base model recorded by the callback, or None.
+        task_type: PEFT task type recorded by the callback, or None.
+
+    Example:
+        >>> ckpt = read_checkpoint("last.ckpt")              # doctest: +SKIP
+        >>> sorted(ckpt.state_dict)[0]                       # doctest: +SKIP
+        'model.layers.0.self_attn.q_proj.lora_A.weight'
+    """
+
+    config: LoRAConfig
+    state_dict: dict[str, torch.Tensor]
+    model_prefix: str
+    base_model_name_or_path: str | None
+    task_type: str | None
+
+
+def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
+    """Read an adapter-only Lightning checkpoint (`torch.load(..., weights_only=True)`).
+
+    The checkpoint holds `state_dict` (adapter keys only, keyed as the LightningModule's state dict)
+    and `lightning_lora = {"version": 1, "config": LoRAConfig.to_dict(), "model_prefix": "model",
+    "base_model_name_or_path": ..., "task_type": ...}`.
+
+    Raises:
+        AdapterFormatError: missing, unreadable, or not written by the `LoRA` callback (the message
+            names the path and what is wrong).
+
+    Example:
+        >>> ckpt = read_checkpoint("checkpoints/last.ckpt")   # doctest: +SKIP
+        >>> ckpt.config.r, ckpt.model_prefix                  # doctest: +SKIP
+        (8, 'model')
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFormatError(f"{path} does not exist or is not a file; expected an adapter-only Lightning "
+                                 "checkpoint (.ckpt) written with the LoRA callback.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise AdapterFormatError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                                 f"{_first_line(err)}); "
+                                 "it may be truncated, or hold objects other than tensors and plain Python values."
+                                 ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise AdapterFormatError(f"{path} is not a Lightning checkpoint (no 'state_dict' dict).")
+    meta = ckpt.get(CHECKPOINT_KEY)
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"{path} was not written with lightning-lora's LoRA callback (no {CHECKPOINT_KEY!r} "
+                                 "entry); export a checkpoint of a run that used the LoRA callback.")
+    version = meta.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise AdapterFormatError(f"{path}: {CHECKPOINT_KEY} version {version!r} is not supported (expected "
+                                 f"{CHECKPOINT_VERSION}); upgrade lightning-lora.")
+    try:
+        config = LoRAConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as err:
+        raise AdapterFormatError(f"{path}: the stored LoRA config is invalid ({err}).") from None
+    prefix = meta.get("model_prefix") or ""
+    if not isinstance(prefix, str):
+        raise AdapterFormatError(f"{path}: model_prefix={prefix!r} is invalid; expected a dotted module path.")
+    state: dict[str, torch.Tensor] = {}
+    outside = []
+    for key, value in ckpt["state_dict"].items():
+        if prefix and not key.startswith(prefix + "."):
+            outside.append(key)
+            continue
+        state[key[len(prefix) + 1:] if prefix else key] = value
+    if outside:
+        raise AdapterFormatError(f"{path}: state_dict keys {outside[:4]} are outside the model at {prefix!r}; "
+                                 "expected only adapter keys of that model.")
+    if not any(is_lora_key(k) for k in state):
+        raise AdapterFormatError(f"{path} holds no LoRA adapter weights (no '*.lora_A.weight' keys).")
+    base = meta.get("base_model_name_or_path")
+    task = meta.get("task_type")
+    return AdapterCheckpoint(config, state, prefix, base if isinstance(base, str) and base else None,
+                             task if isinstance(task, str) and task else None)
+
+
+def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool) -> list[str]:
+    ckpt = read_checkpoint(path)
+    prefix, network = find_network(model)
+    return _inject_and_load(model, network, prefix, ckpt.config, ckpt.state_dict, path, trainable,
+                            config_prefix=ckpt.model_prefix)
+
+
+def _meta_network(base: str, task_type: str | None) -> nn.Module:
+    """The base architecture on the meta device (no weights read), from its config.json."""
+    import transformers
+
+    from lightning_lora.hub import resolve_model
+
+    resolved = resolve_model(base)
+    kwargs = {} if os.path.isdir(resolved) else {"local_files_only": True}
+    cfg = transformers.AutoConfig.from_pretrained(resolved, **kwargs)
+    auto = getattr(transformers, _TASK_AUTO_CLASSES.get(task_type or "CAUSAL_LM", "AutoModelForCausalLM"))
+    with torch.device("meta"):
+        return auto.from_config(cfg)
+
+
+def _checkpoint_layers(ckpt: AdapterCheckpoint,
+                       base: str | None) -> tuple[dict[str, _LayerInfo], list[str] | None, str]:
+    """Layer kinds/ranks/alphas of the checkpoint, from the base architecture when it is available offline.
+
+    Returns `(layers, module_tree_or_None, how)`.
+    """
+    state = ckpt.state_dict
+    adapted = [k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")]
+    if base is not None:
+        try:
+            network = _meta_network(base, ckpt.task_type)
+            _inject_at(network, ckpt.config, ckpt.model_prefix)
+            expected = {k: tuple(v.shape) for k, v in lora_state_dict(network).items()}
+            fits = (set(expected) == set(state)
+                    and all(expected[k] == tuple(state[k].shape) for k in expected if is_lora_key(k)))
+        except Exception:
+            fits = False
+        if fits:
+            return _layer_infos(network), _base_module_names(network), f"architecture of {base}"
+        warnings.warn(f"The checkpoint's adapters do not fit the architecture of {base!r} (or it is not available "
+                      "offline); converting from the adapter keys alone.", stacklevel=3)
+    layers = {}
+    for name in adapted:
+        parts = name.lower().split(".")
+        if any(h in p for p in parts for h in _EMBEDDING_HINTS):
+            raise AdapterFormatError(
+                f"Cannot tell whether the adapted module {name!r} is an embedding (PEFT stores those differently) "
+                "without the base model's architecture; pass base_model_name_or_path (--base-model) naming a local "
+                "model directory or the bundled model.")
+        if f"{name}.lora_B.weight" not in state:
+            raise AdapterFormatError(f"The checkpoint has {name}.lora_A.weight but no {name}.lora_B.weight.")
+        full = f"{ckpt.model_prefix}.{name}" if ckpt.model_prefix else name  # the config saw LightningModule paths
+        layers[name] = _LayerInfo("linear", int(state[f"{name}.lora_A.weight"].shape[0]), ckpt.config.alpha_for(full))
+    return layers, None, "adapter keys"
+
+
+def checkpoint_to_peft(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
+                       base_model_name_or_path: str | None = None) -> Path:
+    """Convert an adapter-only Lightning checkpoint into a PEFT LoRA adapter directory.
+
+    When the base model (argument, else the one recorded in the checkpoint) is available offline
+    (a local directory, the local HF cache, or the bundled `smollm2-135m-instruct`), its
+    architecture is built on the meta device (no weights are read) to tell embeddings and GPT-2
+    `Conv1D` layers apart and to check every adapter shape. Without it, every adapted layer is taken
+    to be a Linear layer, and a module whose name suggests an embedding is an error that asks for
+    the base model.
+
+    Args:
+        ckpt_path: the `.ckpt` file.
+        out_dir: output directory (written atomically).
+        overwrite: replace an existing non-empty `out_dir`.
+        base_model_name_or_path: written to `adapter_config.json` (default: the checkpoint's).
+
+    Returns:
+        `out_dir`.
+
+    Example:
+        >>> checkpoint_to_peft("checkpoints/last.ckpt", "out/adapter")   # doctest: +SKIP
+        PosixPath('out/adapter')
+    """
+    out = Path(out_dir)
+    check_output_dir(out.expanduser().absolute(), overwrite)
+    ckpt = read_checkpoint(ckpt_path)
+    base = base_model_name_or_path or ckpt.base_model_name_or_path
+    layers, tree, _ = _checkpoint_layers(ckpt, base)
+    cfg = _peft_config_dict(ckpt.config, layers, tree, ckpt.task_type, base)
+    tensors = {_to_peft_key(k, layers): v for k, v in ckpt.state_dict.items()}
+    return _write_peft_dir(out, tensors, cfg, overwrite)
+
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "AdapterCheckpoint",
+    "AdapterFormatError",
+    "CHECKPOINT_KEY",
+    "CHECKPOINT_VERSION",
+    "PEFT_PREFIX",
+    "UnsupportedAdapterError",
+    "atomic_directory",
+    "check_output_dir",
+    "checkpoint_to_peft",
+    "find_network",
+    "from_peft_key",
+    "infer_task_type",
+    "load_adapter",
+    "lora_config_from_peft",
+    "peft_to_state_dict",
+    "read_adapter_config",
+    "read_checkpoint",
+    "save_adapter",
+    "to_peft",
+]

@@ -1,0 +1,311 @@
+"""`lightning-lora export` / `lightning-lora merge`: outputs load in plain transformers / PEFT, user errors exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama, randomize_lora_B
+from safetensors import safe_open
+from torch import nn
+
+from lightning_lora import LoRAConfig, inject_lora, lora_state_dict
+from lightning_lora.cli import main
+from lightning_lora.peft_format import save_adapter
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
+
+
+def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(code: int, err: str, prog: str, *needles: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"lightning-lora {prog}: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(directory.rglob("*"))}
+
+
+def make_checkpoint(path: Path, config: LoRAConfig, base: str | None = None, seed: int = 0) -> nn.Module:
+    """An adapter-only checkpoint as the LoRA callback writes it (network at `self.model`); returns the module."""
+    module = nn.Module()
+    module.model = make_tiny_llama(seed)
+    inject_lora(module, config)  # the callback injects into the LightningModule
+    randomize_lora_B(module)
+    torch.save({"epoch": 0, "global_step": 2, "state_dict": lora_state_dict(module),
+                "lightning_lora": {"version": 1, "config": config.to_dict(), "model_prefix": "model",
+                                   "base_model_name_or_path": base, "task_type": "CAUSAL_LM"}}, path)
+    return module
+
+
+@pytest.fixture
+def tiny_base_dir(tmp_path) -> Path:
+    directory = tmp_path / "tiny-base"
+    make_tiny_llama().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_adapter(tmp_path) -> tuple[Path, torch.Tensor]:
+    """A PEFT directory for the tiny Llama written by save_adapter, and the unmerged logits."""
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_lora_B(model)
+    return save_adapter(model, tmp_path / "tiny-adapter"), logits(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------------------------------
+def test_merge_smollm2_loads_in_plain_transformers(tmp_path, capsys, smollm2, smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    inject_lora(smollm2, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    randomize_lora_B(smollm2, std=0.05)
+    adapter = save_adapter(smollm2, tmp_path / "adapter")
+    ids = torch.tensor([[1, 42, 314, 2718, 9, 77]])
+    unmerged = logits(smollm2, ids)
+
+    code, _, err = run(capsys, "merge", "--base", "smollm2-135m-instruct", "--adapter", adapter, "--out",
+                       tmp_path / "merged")
+    assert code == 0, err
+    assert "Loading base model" in err and "Merging 90 adapter layers" in err and "Writing merged model" in err
+    out = tmp_path / "merged"
+    names = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any("lora" in k for k in f.keys())
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no LoRA code
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
+    # fp32 noise floor of this 30-layer model (logits up to ~35): unmerged fp32 vs fp64 differ by ~3e-5, so merged vs
+    # unmerged is checked at 1e-4 here; the tiny Llama merge below is held to 1e-5.
+    torch.testing.assert_close(logits(merged, ids), unmerged, atol=1e-4, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no temporary directories left
+
+
+def test_merge_checkpoint_fp32_and_bf16(tmp_path, capsys, tiny_base_dir):
+    module = make_checkpoint(tmp_path / "a.ckpt", LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    unmerged = logits(module.model)
+    from transformers import AutoModelForCausalLM
+
+    code, _, err = run(capsys, "merge", "--base", tiny_base_dir, "--adapter", tmp_path / "a.ckpt",
+                       "--out", tmp_path / "m32")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "m32")) == ["config.json", "generation_config.json", "model.safetensors"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m32").eval()
+    torch.testing.assert_close(logits(merged), unmerged, atol=1e-5, rtol=0)
+
+    code, _, err = run(capsys, "merge", "--base", tiny_base_dir, "--adapter", tmp_path / "a.ckpt",
+                       "--out", tmp_path / "m16", "--dtype", "bf16")
+    assert code == 0, err
+    with safe_open(str(tmp_path / "m16" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+    assert json.loads((tmp_path / "m16" / "config.json").read_text())["dtype"] == "bfloat16"
+    merged16 = AutoModelForCausalLM.from_pretrained(tmp_path / "m16", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(merged16), unmerged, atol=0.05, rtol=0.05)
+
+
+def test_merge_tied_embedding_adapter(tmp_path, capsys):
+    """An adapter on embed_tokens of a model whose lm_head shares that weight: the merge must not change lm_head."""
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path / "tied-base")
+    model = make_tiny_llama(tie_word_embeddings=True)
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["embed_tokens", "q_proj"]))
+    randomize_lora_B(model, std=0.3)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    code, _, err = run(capsys, "merge", "--base", tmp_path / "tied-base", "--adapter", adapter, "--out", tmp_path / "m")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=0)
+
+
+def test_merge_overwrite(tmp_path, capsys, tiny_base_dir, tiny_adapter):
+    adapter, unmerged = tiny_adapter
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    before = snapshot(out)
+    code, _, err = run(capsys, "merge", "--base", tiny_base_dir, "--adapter", adapter, "--out", out)
+    assert_user_error(code, err, "merge", str(out), "already exists", "--overwrite")
+    assert snapshot(out) == before
+
+    code, _, err = run(capsys, "merge", "--base", tiny_base_dir, "--adapter", adapter, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert "old.txt" not in os.listdir(out) and (out / "model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out).eval()), unmerged, atol=1e-5, rtol=0)
+
+
+def _edit(directory: Path, **changes) -> None:
+    cfg = json.loads((directory / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (directory / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("problem, needles", [
+    ("peft_type", ["peft_type='PREFIX_TUNING' is not supported"]),
+    ("dora", ["use_dora=True", "DoRA"]),
+    ("truncated", ["adapter_model.safetensors is corrupt or truncated"]),
+    ("no_config", ["adapter_config.json is missing"]),
+    ("shape", ["shape mismatches", "lora_A.weight"]),
+    ("missing_adapter", ["does not exist"]),
+    ("missing_base", ["was not found", "never downloads"]),
+])
+def test_merge_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, tiny_base_dir, tiny_adapter, problem, needles):
+    adapter, _ = tiny_adapter
+    base = tiny_base_dir
+    if problem == "peft_type":
+        _edit(adapter, peft_type="PREFIX_TUNING")
+    elif problem == "dora":
+        _edit(adapter, use_dora=True)
+    elif problem == "truncated":
+        weights = adapter / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif problem == "no_config":
+        (adapter / "adapter_config.json").unlink()
+    elif problem == "shape":  # adapter made for hidden size 64, base has 32
+        base = tmp_path / "small-base"
+        make_tiny_llama(hidden_size=32, intermediate_size=64).save_pretrained(base)
+    elif problem == "missing_adapter":
+        adapter = tmp_path / "no-such-adapter"
+    else:
+        base = "some-org/not-a-cached-model"
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "merged")
+    assert_user_error(code, err, "merge", *needles)
+    assert not (tmp_path / "merged").exists()
+    assert snapshot(tmp_path) == before
+
+
+def test_help_and_usage_errors(capsys):
+    for sub in ("merge", "export"):
+        code, out, _ = run(capsys, sub, "--help")
+        assert code == 0 and f"usage: lightning-lora {sub}" in out and "--overwrite" in out
+    code, _, err = run(capsys, "merge", "--base", "x")
+    assert code == 2 and "the following arguments are required: --adapter, --out" in err
+    code, _, err = run(capsys, "merge", "--base", "x", "--adapter", "a", "--out", "o", "--dtype", "int8")
+    assert code == 2 and "invalid choice: 'int8'" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------------------------------
+def test_export_loads_in_peft_and_console_script(tmp_path, capsys, tiny_base_dir):
+    from peft import PeftModel
+
+    module = make_checkpoint(tmp_path / "a.ckpt", LoRAConfig(r=4, alpha=16, target_modules=["q_proj", "k_proj"]),
+                             base=str(tiny_base_dir))
+    code, _, err = run(capsys, "export", tmp_path / "a.ckpt", tmp_path / "peft")
+    assert code == 0, err
+    assert "Converting" in err and "Wrote PEFT adapter" in err
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_base_dir) and cfg["target_modules"] == ["q_proj", "k_proj"]
+    pm = PeftModel.from_pretrained(make_tiny_llama(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(pm), logits(module.model), atol=1e-5, rtol=0)
+
+    # the installed console script, once, end to end
+    script = Path(sys.executable).with_name("lightning-lora")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([str(script), "export", str(tmp_path / "a.ckpt"), str(tmp_path / "peft2"),
+                           "--base-model", "my-org/tiny"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    written = json.loads((tmp_path / "peft2" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == "my-org/tiny"
+    assert (tmp_path / "peft2" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "peft" / "adapter_model.safetensors").read_bytes()
+
+
+def test_export_errors(tmp_path, capsys):
+    make_checkpoint(tmp_path / "a.ckpt", LoRAConfig(r=2, target_modules=["q_proj"]))
+    out = tmp_path / "peft"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "export", tmp_path / "a.ckpt", out)
+    assert_user_error(code, err, "export", "already exists", "--overwrite")
+    assert snapshot(tmp_path) == before
+
+    truncated = tmp_path / "t.ckpt"
+    truncated.write_bytes((tmp_path / "a.ckpt").read_bytes()[:200])
+    code, _, err = run(capsys, "export", truncated, tmp_path / "peft-t")
+    assert_user_error(code, err, "export", "t.ckpt is not a readable PyTorch checkpoint")
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "plain.ckpt")
+    code, _, err = run(capsys, "export", tmp_path / "plain.ckpt", tmp_path / "peft-p")
+    assert_user_error(code, err, "export", "was not written with lightning-lora's LoRA callback")
+    code, _, err = run(capsys, "export", tmp_path / "missing.ckpt", tmp_path / "peft-m")
+    assert_user_error(code, err, "export", "missing.ckpt does not exist")
+    assert not any((tmp_path / n).exists() for n in ("peft-t", "peft-p", "peft-m"))
+
+    code, _, err = run(capsys, "export", tmp_path / "a.ckpt", out, "--overwrite")
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a checkpoint written by the real LoRA callback during Trainer.fit
+# ---------------------------------------------------------------------------------------------------------------------
+def test_export_and_merge_a_real_callback_checkpoint(tmp_path, capsys, tiny_base_dir):
+    import lightning as L
+    from peft import PeftModel
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import AutoModelForCausalLM
+
+    from lightning_lora import LoRA
+
+    class LM(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.save_hyperparameters({"lr": 0.05})
+            self.model = make_tiny_llama().train()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+    data = DataLoader(TensorDataset(torch.randint(1, 128, (8, 10), generator=torch.Generator().manual_seed(0))),
+                      batch_size=4)
+    module = LM()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                        merge_on_fit_end=False, log_every_n_steps=1)])
+    trainer.fit(module, data)
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    module.model.eval()
+    trained = logits(module.model)
+    assert not torch.allclose(trained, logits(make_tiny_llama()), atol=1e-4)  # training changed the adapters
+
+    code, _, err = run(capsys, "export", ckpt, tmp_path / "peft")
+    assert code == 0, err
+    pm = PeftModel.from_pretrained(make_tiny_llama(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(pm), trained, atol=1e-5, rtol=0)
+    code, _, err = run(capsys, "merge", "--base", tiny_base_dir, "--adapter", ckpt, "--out", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged), trained, atol=1e-5, rtol=0)
