@@ -83,10 +83,13 @@ class MemoryBreakdown:
         gradients: one gradient per trainable parameter, in its dtype.
         optimizer: optimizer state (AdamW: two moments per trainable parameter).
         activations: peak of what the forward saves for backward plus backward's largest transient.
-        optimizer_step_temp: temporaries of `optimizer.step()` (foreach AdamW: one moment-sized list).
+        optimizer_step_temp: temporaries on top of all the gradients: `optimizer.step()`'s (foreach
+            AdamW: one moment-sized list) or, with tied embeddings, autograd summing the shared
+            weight's two gradients.
         total: the peak: weights + optimizer state + the most that activations and gradients hold at
             once (at the loss's backward, in the last and first layer's backward, or in the optimizer
-            step); at most `sum_of_parts`, since backward frees activations while gradients appear.
+            step). Compare `sum_of_parts`, the usual rule of thumb, which ignores that backward
+            frees activations while gradients appear, and ignores the temporaries.
 
     Example:
         >>> b = MemoryBreakdown(10, 10, 40, 40, 80, 100, 0, 220)
@@ -105,7 +108,7 @@ class MemoryBreakdown:
 
     @property
     def sum_of_parts(self) -> int:
-        """`weights + gradients + optimizer + activations` (an upper bound of the peak)."""
+        """`weights + gradients + optimizer + activations`, the naive sum (not the peak)."""
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
@@ -175,7 +178,7 @@ class Estimate:
         console = Console(file=buf, width=width, force_terminal=False, color_system=None, soft_wrap=False)
         for table in self.tables(per_layer):
             console.print(table)
-        return buf.getvalue()
+        return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()) + "\n"
 
     def tables(self, per_layer: bool = False) -> list[Any]:
         """`rich.table.Table` objects: the memory table, then the per-module one if asked."""
@@ -183,9 +186,8 @@ class Estimate:
 
         s = self.settings
         targets = s["target_modules"] if isinstance(s["target_modules"], str) else ", ".join(s["target_modules"])
-        title = (f"{self.model}: {s['precision']}, batch {s['batch_size']} x seq {s['seq_len']}, "
-                 f"{'gradient checkpointing, ' if s['gradient_checkpointing'] else ''}"
-                 f"{s['optimizer']} ({s['optimizer_impl']})")
+        title = (f"{self.model}, {s['precision']}, batch {s['batch_size']} x {s['seq_len']} tokens, "
+                 f"{'checkpointing, ' if s['gradient_checkpointing'] else ''}{s['optimizer']} ({s['optimizer_impl']})")
         table = Table(title=title, title_justify="left",
                       caption="peak total = weights + optimizer state + the most that activations and gradients "
                               "hold at once (backward frees activations as gradients appear); 1 GiB = 2^30 bytes")
@@ -201,7 +203,7 @@ class Estimate:
                            ("activations", "activations")):
             table.add_row(label, format_bytes(getattr(f, key)), format_bytes(getattr(lo, key)))
         if f.optimizer_step_temp or lo.optimizer_step_temp:
-            table.add_row("  optimizer-step temporaries", format_bytes(f.optimizer_step_temp),
+            table.add_row("  temporaries with all gradients", format_bytes(f.optimizer_step_temp),
                           format_bytes(lo.optimizer_step_temp))
         table.add_row("peak total", format_bytes(f.total), format_bytes(lo.total), style="bold")
         tables = [table]
@@ -428,7 +430,8 @@ def _layer_cost(sh: _Shape, pr: _Precision, mods: dict[str, _Mod], in_grad: bool
             tok += resid * h  # normalised input, kept for the weight's gradient
         return x_grad or norms_trainable
 
-    def consumers(names: Sequence[str], src_bytes: int, dim: int, src_grad: bool, already_saved: bool) -> tuple[bool, int]:
+    def consumers(names: Sequence[str], src_bytes: int, dim: int, src_grad: bool,
+                  already_saved: bool) -> tuple[bool, int]:
         """The linears reading one tensor: (whether an output needs grad, bytes per token they save)."""
         nonlocal tok, fixed
         before = tok
@@ -706,9 +709,9 @@ def estimate_memory(
         timeline = _timeline(sh, pr, layers, head, embed_grad, is_full, batch_size, seq_len, gradient_checkpointing,
                              grads)
         step_temp = _step_temp(optimizer, optimizer_impl, params)
-        if sh.tied and is_full:  # the embedding's gradient is computed, then added to lm_head's
+        if sh.tied and is_full:  # autograd adds the embedding's gradient to lm_head's: both, then their sum
             emb = model.get_input_embeddings().weight
-            step_temp = max(step_temp, emb.numel() * emb.element_size())
+            step_temp = max(step_temp, 2 * emb.numel() * emb.element_size())
         part = MemoryBreakdown(
             trainable_params=trainable, total_params=total, weights=_weights_bytes(model), gradients=grads.total,
             optimizer=_optimizer_bytes(optimizer, params), activations=timeline.activations,
@@ -764,7 +767,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (does not change memory)")
     p.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
                    help="module names, or all-linear (default: q_proj v_proj)")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16-true", help="Lightning precision (default bf16-true)")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16-true",
+                   help="Lightning precision (default bf16-true)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")

@@ -1,0 +1,388 @@
+"""Tests of `lightning-lora estimate` / `lightning_lora.estimate`.
+
+Parameter counts are checked to the digit; memory estimates are checked against the measured peak of
+real training steps on CPU (tiny Llamas built in code and the real SmolLM2-135M).
+
+How a peak is measured (each group of settings in its own fresh subprocess): build the model,
+inject LoRA, make the optimizer; then run 2 steps (forward, backward, `optimizer.step()`,
+`zero_grad()`) under `torch.profiler` with `profile_memory=True`, which reports every CPU tensor
+allocation and free made by PyTorch's allocator. The running sum of those events is the live tensor
+memory allocated during the steps; its maximum plus the bytes of the weights (and buffers) that
+exist before the steps is the peak, the CPU counterpart of `torch.cuda.max_memory_allocated()`.
+Process RSS is not used: it also holds the Python/torch runtime, the allocator's cached pages and
+the profiler's own buffers. See `benchmarks/estimate_accuracy.md`.
+
+Run as a script to print the measured-vs-estimated markdown table for every setting (minutes):
+
+    python tests/test_estimate.py --markdown
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+MIB = 1024**2
+
+#: a vocabulary-heavy tiny Llama (the loss dominates, as in real LLMs)
+TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+            vocab_size=8000, max_position_embeddings=1024, tie_word_embeddings=False)
+#: an MLP-heavy tiny Llama with tied embeddings (the layers dominate: exercises recompute and gradients)
+TINY_MLP = dict(hidden_size=256, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True)
+#: the same vocabulary-heavy model with eager attention (s x s attention probabilities)
+TINY_EAGER = {**TINY, "vocab_size": 2000, "attn_implementation": "eager"}
+MODELS = {"tiny": TINY, "tiny-mlp": TINY_MLP, "tiny-eager": TINY_EAGER, "smollm2": "smollm2-135m-instruct"}
+
+
+def _setting(model: str, mode: str, precision: str, batch: int, seq: int, r: int = 8,
+             targets: list[str] | str = ("q_proj", "v_proj"), gc: bool = False, optimizer: str = "adamw",
+             impl: str = "for-loop", in_tests: bool = True) -> dict[str, Any]:
+    targets = targets if isinstance(targets, str) else list(targets)
+    tname = "all-linear" if targets == "all-linear" else "+".join(t.removesuffix("_proj") for t in targets)
+    sid = (f"{model}-{mode}-{precision}-b{batch}s{seq}" + (f"-r{r}-{tname}" if mode == "lora" else "")
+           + ("-gc" if gc else "") + (f"-{optimizer}" if optimizer != "adamw" else "") + f"-{impl}")
+    return dict(id=sid, model=model, mode=mode, precision=precision, batch=batch, seq=seq, r=r, targets=targets,
+                gc=gc, optimizer=optimizer, impl=impl, in_tests=in_tests)
+
+
+#: every measured setting; `in_tests` ones run in the test suite (the others with --markdown)
+SETTINGS = [
+    _setting("tiny", "lora", "32-true", 2, 512),
+    _setting("tiny", "full", "32-true", 2, 512),
+    _setting("tiny", "lora", "bf16-true", 2, 256, r=16, targets="all-linear"),
+    _setting("tiny", "full", "bf16-true", 2, 256),
+    _setting("tiny", "lora", "bf16-mixed", 2, 256),
+    _setting("tiny", "full", "bf16-mixed", 2, 256, in_tests=False),
+    _setting("tiny", "lora", "32-true", 4, 256, r=32, targets="all-linear", in_tests=False),
+    _setting("tiny", "full", "32-true", 2, 512, impl="foreach", in_tests=False),
+    _setting("tiny", "full", "32-true", 2, 512, impl="fused", in_tests=False),
+    _setting("tiny", "full", "32-true", 2, 512, optimizer="sgd", in_tests=False),
+    _setting("tiny", "lora", "32-true", 2, 512, gc=True, in_tests=False),
+    _setting("tiny-mlp", "lora", "32-true", 2, 512, r=32, gc=True),
+    _setting("tiny-mlp", "full", "32-true", 2, 256, gc=True),
+    _setting("tiny-mlp", "full", "32-true", 1, 512, optimizer="sgd-momentum"),
+    _setting("tiny-mlp", "full", "32-true", 1, 64, impl="foreach"),
+    _setting("tiny-mlp", "full", "32-true", 1, 64, in_tests=False),
+    _setting("tiny-mlp", "lora", "bf16-true", 2, 512, r=16, targets="all-linear", gc=True, in_tests=False),
+    _setting("tiny-mlp", "lora", "bf16-mixed", 2, 256, gc=True, in_tests=False),
+    _setting("tiny-mlp", "full", "32-true", 2, 256, in_tests=False),
+    _setting("tiny-eager", "lora", "32-true", 2, 256, in_tests=False),
+    _setting("tiny-eager", "full", "bf16-true", 2, 256, in_tests=False),
+    _setting("tiny-eager", "lora", "bf16-mixed", 2, 256, in_tests=False),
+    _setting("smollm2", "lora", "32-true", 1, 128),
+    _setting("smollm2", "full", "32-true", 1, 64, impl="fused"),
+    _setting("smollm2", "lora", "bf16-true", 1, 64),
+    _setting("smollm2", "lora", "32-true", 1, 256, in_tests=False),
+    _setting("smollm2", "lora", "bf16-true", 2, 128, r=16, targets="all-linear", in_tests=False),
+    _setting("smollm2", "lora", "bf16-true", 2, 256, gc=True, in_tests=False),
+    _setting("smollm2", "lora", "bf16-mixed", 1, 128, in_tests=False),
+    _setting("smollm2", "full", "bf16-true", 1, 128, impl="fused", in_tests=False),
+    _setting("smollm2", "full", "32-true", 1, 128, in_tests=False),
+]
+TEST_SETTINGS = [s for s in SETTINGS if s["in_tests"]]
+
+
+# ------------------------------------------------------------------------------------ measurement
+def measure_peak(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak tensor memory (bytes) of 2 real training steps on CPU for one setting."""
+    import gc
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lightning_lora import LoRAConfig, inject_lora
+
+    torch.manual_seed(0)
+    precision = spec["precision"]
+    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+    source = MODELS[spec["model"]]
+    if isinstance(source, str):
+        from lightning_lora.hub import resolve_model
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(source), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**source), dtype=dtype)
+    if spec["mode"] == "lora":
+        inject_lora(model, LoRAConfig(r=spec["r"], target_modules=spec["targets"]))
+    model.train()
+    if spec["gc"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    impl = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[spec["impl"]]
+    if spec["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-4, **impl)
+    else:
+        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9 if spec["optimizer"] == "sgd-momentum" else 0.0)
+    ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]))
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    weights = sum(tensors.values())
+    gc.collect()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.endswith("-mixed")):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
+    seconds = time.perf_counter() - start
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return {"id": spec["id"], "peak": weights + peak, "weights": weights, "after": live, "seconds": round(seconds, 1)}
+
+
+def run_measurements(specs: list[dict[str, Any]], timeout: float = 900) -> dict[str, dict[str, Any]]:
+    """Measure `specs` in fresh subprocesses, one per model (run side by side); id -> result."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        groups.setdefault("smollm2" if spec["model"] == "smollm2" else "tiny", []).append(spec)
+    # one thread each: two OpenMP pools on shared cores spin against each other (20x slower); memory is the same
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, __file__, "--measure", json.dumps(group)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for group in groups.values()]
+    results: dict[str, dict[str, Any]] = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode:
+            raise RuntimeError(f"measurement subprocess failed ({proc.returncode}):\n{err[-3000:]}")
+        for line in out.splitlines():
+            if line.startswith("{"):
+                result = json.loads(line)
+                results[result["id"]] = result
+    return results
+
+
+def estimate_for(spec: dict[str, Any], smollm2_dir: str | None = None) -> Any:
+    """The `MemoryBreakdown` that `estimate_memory` gives for a measured setting."""
+    from transformers import LlamaConfig
+
+    from lightning_lora.estimate import estimate_memory
+
+    source = MODELS[spec["model"]]
+    model: Any = (smollm2_dir or source) if isinstance(source, str) else LlamaConfig(**source)
+    est = estimate_memory(model, r=spec["r"], target_modules=spec["targets"], precision=spec["precision"],
+                          batch_size=spec["batch"], seq_len=spec["seq"], gradient_checkpointing=spec["gc"],
+                          optimizer=spec["optimizer"], optimizer_impl=spec["impl"])
+    return getattr(est, spec["mode"])
+
+
+# ----------------------------------------------------------------------------------- parameters
+def test_llama3_8b_parameter_counts_exact():
+    from lightning_lora.estimate import estimate_memory
+
+    est = estimate_memory("llama-3-8b", r=8, target_modules=["q_proj", "v_proj"])
+    per_layer = 8 * (4096 + 4096) + 8 * (4096 + 1024)  # q: 4096 -> 4096, v: 4096 -> 1024
+    assert per_layer == 65_536 + 40_960
+    assert est.lora.trainable_params == 32 * per_layer == 3_407_872
+    assert est.full.trainable_params == est.full.total_params == 8_030_261_248
+    assert est.lora.total_params == 8_030_261_248 + 3_407_872
+    all_linear = estimate_memory("llama-3-8b", r=8, target_modules="all-linear").lora.trainable_params
+    # q, o: 4096 -> 4096; k, v: 4096 -> 1024; gate, up: 4096 -> 14336; down: 14336 -> 4096
+    assert all_linear == 32 * 8 * (2 * 8192 + 2 * 5120 + 3 * 18432) == 20_971_520
+
+
+@pytest.mark.parametrize("name, total", [("llama-3.2-1b", 1_235_814_400), ("mistral-7b", 7_248_023_552),
+                                         ("qwen2.5-7b", 7_615_616_512), ("smollm2-135m", 134_515_008)])
+def test_shipped_configs_match_public_parameter_counts(name, total):
+    from lightning_lora.estimate import estimate_memory
+
+    est = estimate_memory(name.upper(), seq_len=128)  # names are case-insensitive
+    assert est.full.total_params == total
+    assert est.lora.trainable_params > 0 and est.lora.total_params == total + est.lora.trainable_params
+
+
+def test_model_dir_config_json_and_bundled_smollm2(tmp_path, smollm2_path):
+    from lightning_lora.estimate import CONFIG_DIR, estimate_memory, known_models, load_model_config
+
+    assert {"llama-3-8b", "llama-3.2-1b", "mistral-7b", "qwen2.5-7b", "smollm2-135m",
+            "smollm2-135m-instruct"} <= set(known_models())
+    (tmp_path / "config.json").write_text((CONFIG_DIR / "llama-3.2-1b.json").read_text())
+    by_file = estimate_memory(str(tmp_path / "config.json"), seq_len=64)
+    by_dir = estimate_memory(str(tmp_path), seq_len=64)
+    assert by_file.full.total_params == by_dir.full.total_params == 1_235_814_400
+    name, cfg = load_model_config("smollm2-135m-instruct")  # hub.resolve_model's directory, config only
+    assert name == "smollm2-135m-instruct" and cfg.hidden_size == 576 and cfg.num_hidden_layers == 30
+    assert (estimate_memory(smollm2_path, seq_len=64).full.total_params
+            == estimate_memory("smollm2-135m", seq_len=64).full.total_params == 134_515_008)
+
+
+# ------------------------------------------------------------------------------ memory, measured
+@pytest.fixture(scope="module")
+def measured() -> dict[str, dict[str, Any]]:
+    return run_measurements(TEST_SETTINGS)
+
+
+@pytest.mark.parametrize("spec", TEST_SETTINGS, ids=[s["id"] for s in TEST_SETTINGS])
+def test_estimate_within_25_percent_of_measured_peak(spec, measured, smollm2_path):
+    result = measured[spec["id"]]
+    part = estimate_for(spec, smollm2_path)
+    error = (part.total - result["peak"]) / result["peak"]
+    print(f"{spec['id']}: measured {result['peak'] / MIB:.1f} MiB, estimated {part.total / MIB:.1f} MiB, "
+          f"error {100 * error:+.2f}%")
+    assert result["peak"] > 50 * MIB  # large enough to be measured well
+    assert part.weights == result["weights"]  # real dtypes: bf16 base, fp32 adapters
+    # after the steps only the optimizer state is left (plus AdamW's 4-byte step counters): nothing leaked
+    assert 0 <= result["after"] - part.optimizer < MIB
+    assert abs(error) < 0.25
+
+
+# ------------------------------------------------------------------------------ the big picture
+def test_llama3_8b_lora_fits_24gb_full_does_not():
+    from lightning_lora.estimate import estimate_memory
+
+    kw = dict(r=8, target_modules=["q_proj", "v_proj"], batch_size=1, seq_len=2048, gradient_checkpointing=True,
+              optimizer="adamw")
+    est = estimate_memory("llama-3-8b", precision="bf16-true", **kw)
+    assert est.lora.total < 24e9 and est.lora.total < 24 * GIB
+    # bf16-true full fine-tune: bf16 weights, gradients and (torch.optim) bf16 moments, plus the
+    # foreach temporaries: well over 64 GiB
+    assert est.full.total > 70 * GIB and est.full.total > 3 * est.lora.total
+    assert est.full.gradients == 2 * 8_030_261_248 and est.full.optimizer == 2 * 2 * 8_030_261_248
+    # mixed precision full fine-tune (fp32 weights, gradients and moments): over 100 GB
+    assert estimate_memory("llama-3-8b", precision="bf16-mixed", **kw).full.total > 100e9
+    # the loss's fp32 logits dominate the LoRA activations at 128k vocabulary x 2048 tokens
+    assert est.lora.activations > 12 * 128_256 * 2048
+    assert est.lora.optimizer == 2 * 4 * est.lora.trainable_params  # two fp32 moments per adapter parameter
+
+
+def test_settings_move_the_estimate_the_right_way():
+    from lightning_lora.estimate import estimate_memory
+
+    base = estimate_memory("smollm2-135m", seq_len=1024)
+    checkpointed = estimate_memory("smollm2-135m", seq_len=1024, gradient_checkpointing=True)
+    assert checkpointed.lora.activations < base.lora.activations
+    assert estimate_memory("smollm2-135m", seq_len=1024, batch_size=2).lora.activations > base.lora.activations
+    sgd = estimate_memory("smollm2-135m", seq_len=1024, optimizer="sgd")
+    assert sgd.full.optimizer == sgd.lora.optimizer == 0
+    assert 0 < estimate_memory("smollm2-135m", seq_len=1024, optimizer="adamw8bit").full.optimizer < base.full.optimizer
+    fp32 = estimate_memory("smollm2-135m", seq_len=1024, precision="32-true")
+    assert fp32.full.gradients == 2 * base.full.gradients  # bf16 -> fp32 base weights
+    assert fp32.lora.trainable_params == base.lora.trainable_params
+    with pytest.raises(ValueError, match="precision"):
+        estimate_memory("smollm2-135m", precision="fp8")
+
+
+def test_estimate_to_dict_is_json_with_every_number():
+    from lightning_lora.estimate import estimate_memory
+
+    data = json.loads(json.dumps(estimate_memory("smollm2-135m", seq_len=256).to_dict()))
+    for key in ("full", "lora"):
+        assert {"trainable_params", "total_params", "weights_bytes", "gradients_bytes", "optimizer_bytes",
+                "activations_bytes", "total_bytes"} <= set(data[key])
+    assert data["settings"]["seq_len"] == 256 and data["config"]["vocab_size"] == 49152
+
+
+def test_docstring_examples():
+    import doctest
+
+    import lightning_lora.estimate as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 5
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_table(capsys):
+    from lightning_lora.cli import main
+
+    code = main(["estimate", "--model", "llama-3-8b", "--r", "8", "--target-modules", "q_proj", "v_proj",
+                 "--precision", "bf16-true", "--batch-size", "1", "--seq-len", "2048", "--gradient-checkpointing"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for text in ("full fine-tune", "LoRA r=8", "3,407,872", "8,030,261,248", "weights", "gradients",
+                 "optimizer state", "activations", "peak total", "GiB"):
+        assert text in out
+    from lightning_lora.estimate import estimate_memory, format_bytes
+
+    est = estimate_memory("llama-3-8b", gradient_checkpointing=True)
+    peak_row = next(line for line in out.splitlines() if "peak total" in line)
+    assert format_bytes(est.full.total) in peak_row and format_bytes(est.lora.total) in peak_row
+
+
+def test_cli_json(capsys):
+    from lightning_lora.cli import main
+
+    code = main(["estimate", "--model", "smollm2-135m", "--seq-len", "512", "--optimizer", "sgd", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert data["model"] == "smollm2-135m" and data["settings"]["optimizer"] == "sgd"
+    assert data["full"]["trainable_params"] == 134_515_008 and data["lora"]["optimizer_bytes"] == 0
+    assert all(isinstance(v, int) for v in data["lora"].values())
+
+
+def test_cli_per_layer(capsys):
+    from lightning_lora.cli import main
+
+    assert main(["estimate", "--model", "llama-3-8b", "--per-layer"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "q_proj" in line and "4096 x 4096" in line)
+    assert "16,777,216" in row and "65,536" in row and "99.6%" in row
+
+
+def test_cli_unknown_model_exits_2_with_known_names(capsys):
+    from lightning_lora.cli import main
+    from lightning_lora.estimate import known_models
+
+    assert main(["estimate", "--model", "gpt-9000"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "gpt-9000" in lines[0] and "Traceback" not in captured.err
+    assert all(name in lines[0] for name in known_models())
+
+
+@pytest.mark.parametrize("argv", [["--model", "llama-3-8b", "--precision", "fp8"],
+                                  ["--model", "llama-3-8b", "--target-modules", "qproj"],
+                                  ["--model", "llama-3-8b", "--seq-len", "0"],
+                                  ["--model", "/nonexistent/config.json"], []])
+def test_cli_user_errors_are_one_line(argv, capsys):
+    from lightning_lora.cli import main
+
+    assert main(["estimate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------ as a script
+def _markdown(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| setting | model | strategy | precision | batch x seq | LoRA | grad. ckpt | optimizer | measured MiB "
+             "| estimated MiB | error |", "|---|---|---|---|---|---|---|---|---:|---:|---:|"]
+    for spec in SETTINGS:
+        if spec["id"] not in results:
+            continue
+        measured_peak = results[spec["id"]]["peak"]
+        estimated = estimate_for(spec).total
+        lora = f"r={spec['r']} {spec['targets'] if isinstance(spec['targets'], str) else ','.join(spec['targets'])}"
+        lines.append(f"| {spec['id']}{' (test)' if spec['in_tests'] else ''} | {spec['model']} | {spec['mode']} | "
+                     f"{spec['precision']} | {spec['batch']} x {spec['seq']} | {lora if spec['mode'] == 'lora' else '-'} | "
+                     f"{'yes' if spec['gc'] else 'no'} | {spec['optimizer']} ({spec['impl']}) | "
+                     f"{measured_peak / MIB:.1f} | {estimated / MIB:.1f} | "
+                     f"{100 * (estimated - measured_peak) / measured_peak:+.2f}% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--measure"]:
+        for spec in json.loads(sys.argv[2]):
+            print(json.dumps(measure_peak(spec)), flush=True)
+    elif sys.argv[1:2] == ["--markdown"]:
+        sys.path.insert(0, str(REPO))
+        print(_markdown(run_measurements(SETTINGS, timeout=3600)))
+    else:
+        print(__doc__)
