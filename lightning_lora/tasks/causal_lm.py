@@ -430,7 +430,13 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise TaskConfigError(f"gradient_checkpointing=True, but {type(model).__name__} does not support "
                                       "gradient checkpointing; set it to False.")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # non-reentrant: works with a frozen embedding (no input-grad hook needed); transformers >= 5.x calls
+            # it activation checkpointing and deprecates the old name
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model
         if self.hparams.compile:

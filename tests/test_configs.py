@@ -1,0 +1,87 @@
+"""The YAML files in `configs/` (issue 5): each parses with `--print_config`; GPU configs ask for
+bf16-true on one device; the Llama-3 config fits a 24 GB GPU (r=8 on q_proj/v_proj, checkpointing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_lora.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GPU_CONFIGS = ["smollm2-135m-lora.yaml", "llama-3-8b-lora.yaml"]
+
+
+def print_config(name: str, capsys, *overrides: str) -> dict:
+    code = main(["fit", "--config", str(CONFIGS / name), *overrides, "--print_config"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return yaml.safe_load(out.out)
+
+
+def callback(cfg: dict, class_path: str) -> dict:
+    found = [c for c in cfg["trainer"]["callbacks"] if c["class_path"] == class_path]
+    assert len(found) == 1, f"{class_path} in {[c['class_path'] for c in cfg['trainer']['callbacks']]}"
+    return found[0]["init_args"]
+
+
+def test_the_three_configs_exist():
+    assert {p.name for p in CONFIGS.glob("*.yaml")} >= {"quickstart.yaml", *GPU_CONFIGS}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_config_parses(name, capsys):
+    cfg = print_config(name, capsys)
+    assert cfg["model"]["class_path"] == "lightning_lora.tasks.CausalLM"
+    assert cfg["data"]["class_path"] == "lightning_lora.data.InstructionDataModule"
+    lora = callback(cfg, "lightning_lora.LoRA")
+    assert lora["adapter_dir"] and lora["merged_dir"]
+    ckpt = callback(cfg, "lightning.pytorch.callbacks.ModelCheckpoint")
+    assert ckpt["save_last"] is True and ckpt["monitor"] == "val_loss"
+    callback(cfg, "lightning.pytorch.callbacks.LearningRateMonitor")
+    logger = cfg["trainer"]["logger"]
+    assert logger["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+    assert logger["init_args"]["save_dir"] == "runs"
+    stem = name.removesuffix(".yaml")
+    # everything a run writes goes under runs/<name>/
+    assert logger["init_args"]["name"] == stem
+    for path in (lora["adapter_dir"], lora["merged_dir"], ckpt["dirpath"]):
+        assert path.startswith(f"runs/{stem}/"), path
+    # the data module tokenizes with the model's tokenizer
+    assert cfg["data"]["init_args"]["tokenizer"] == cfg["model"]["init_args"]["model_name_or_path"]
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_gpu_configs_ask_for_bf16_on_one_gpu(name, capsys):
+    trainer = print_config(name, capsys)["trainer"]
+    assert trainer["precision"] == "bf16-true"
+    assert trainer["devices"] == 1
+    assert trainer["accelerator"] == "gpu"
+
+
+def test_quickstart_runs_on_cpu_in_fp32_with_a_full_validation_first(capsys):
+    cfg = print_config("quickstart.yaml", capsys)
+    assert cfg["trainer"]["accelerator"] == "cpu" and cfg["trainer"]["precision"] == "32-true"
+    assert cfg["trainer"]["num_sanity_val_steps"] == -1  # gives the "val loss before"
+    assert cfg["model"]["init_args"]["model_name_or_path"] == "smollm2-135m-instruct"
+    assert cfg["model"]["init_args"]["print_answers"] is True
+    assert cfg["data"]["init_args"]["system_prompt"]
+    # the documented GPU override parses
+    gpu = print_config("quickstart.yaml", capsys, "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-true")
+    assert gpu["trainer"]["precision"] == "bf16-true"
+
+
+def test_llama_config_fits_a_24gb_gpu(capsys):
+    cfg = print_config("llama-3-8b-lora.yaml", capsys)
+    lora = callback(cfg, "lightning_lora.LoRA")
+    assert lora["r"] == 8 and sorted(lora["target_modules"]) == ["q_proj", "v_proj"]
+    model = cfg["model"]["init_args"]
+    assert model["gradient_checkpointing"] is True
+    assert model["dtype"] == "bfloat16"  # loaded in bf16: 16 GB, not 32 GB of float32 first
+    assert "/path/to/" in model["model_name_or_path"]  # a placeholder the user overrides
+    overridden = print_config("llama-3-8b-lora.yaml", capsys, "--model.model_name_or_path", "/models/llama3",
+                              "--data.tokenizer", "/models/llama3")
+    assert overridden["model"]["init_args"]["model_name_or_path"] == "/models/llama3"
+    assert overridden["data"]["init_args"]["tokenizer"] == "/models/llama3"

@@ -1,0 +1,281 @@
+"""`lightning_lora.tasks.CausalLM` (issue 5): loss, perplexity, generation, answers table, checkpoints."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from lightning_lora import LoRA
+from lightning_lora.data import InstructionDataModule
+from lightning_lora.surgery import has_lora, lora_state_dict
+from lightning_lora.tasks import (
+    AnswerRow,
+    CausalLM,
+    Perplexity,
+    answers_summary,
+    contains_answer,
+    generate_answers,
+    prompt_from_labels,
+    select_eval_examples,
+)
+from lightning_lora.tasks.causal_lm import TaskConfigError, num_target_tokens, print_answers_table, summary_lines
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_path):
+    """A local model directory: a 2-layer Llama with SmolLM2's tokenizer (and vocabulary size)."""
+    from lightning_lora.hub import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    path = tmp_path_factory.mktemp("tiny-causal-lm")
+    model = make_tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def module(tiny_dir):
+    m = CausalLM(tiny_dir)
+    m.configure_model()
+    return m
+
+
+def batch_of(tiny_dir, n=4, split="val"):
+    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=n, system_prompt="Answer briefly.")
+    dm.setup("fit")
+    loader = dm.val_dataloader() if split == "val" else dm.train_dataloader()
+    return dm, next(iter(loader))
+
+
+def test_loss_is_transformers_loss_over_target_tokens(module, tiny_dir):
+    dm, batch = batch_of(tiny_dir)
+    loss, n = module.loss(batch)
+    expected = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"]).loss
+    torch.testing.assert_close(loss, expected)
+    # and by hand: next-token cross entropy averaged over the non-ignored shifted labels
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                               batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, manual, rtol=1e-5, atol=1e-5)
+    assert n == (batch["labels"][:, 1:] != -100).sum() and n > 0
+    assert (batch["labels"] == -100).any(), "prompt and padding are masked"
+
+
+def test_loss_needs_labels(module):
+    with pytest.raises(TaskConfigError, match="'labels'"):
+        module.loss({"input_ids": torch.ones(1, 3, dtype=torch.long)})
+
+
+def test_perplexity_is_exp_of_token_weighted_loss(module, tiny_dir):
+    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=3, system_prompt="Answer briefly.")
+    dm.setup("fit")
+    ppl = Perplexity()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(dm.val_dataloader()):
+            loss, n = module.loss(batch)
+            if i == 0:
+                one = Perplexity()
+                one.update(loss, n)
+                torch.testing.assert_close(one.compute(), torch.exp(loss))
+                # the same number as torchmetrics' logits-based Perplexity
+                from torchmetrics.text import Perplexity as LogitsPerplexity
+
+                logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                ref = LogitsPerplexity(ignore_index=-100)(logits[:, :-1].float(), batch["labels"][:, 1:])
+                torch.testing.assert_close(one.compute(), ref, rtol=1e-4, atol=1e-4)
+            ppl.update(loss, n)
+            total += loss.item() * int(n)
+            count += int(n)
+            if i == 2:
+                break
+    assert math.isclose(ppl.compute().item(), math.exp(total / count), rel_tol=1e-5)
+    assert torch.isnan(Perplexity().compute())
+
+
+def test_perplexity_sum_stays_float32_under_bf16():
+    ppl = Perplexity().to(torch.bfloat16)
+    for _ in range(1000):
+        ppl.update(torch.tensor(2.3456, dtype=torch.bfloat16), 1)
+    assert ppl.nll_sum.dtype == torch.float32
+    assert math.isclose(ppl.compute().log().item(), 2.34375, rel_tol=1e-4)  # bf16(2.3456), summed exactly
+
+
+def test_num_target_tokens():
+    labels = torch.tensor([[-100, -100, 5, 6, 2], [-100, 7, 2, -100, -100]])
+    assert num_target_tokens(labels).item() == 5
+
+
+def test_prompt_from_labels_is_the_generation_prompt(tiny_dir):
+    dm, batch = batch_of(tiny_dir, n=3)
+    examples = dm.eval_examples()
+    for i in range(3):
+        prompt, answer = prompt_from_labels(batch["input_ids"][i], batch["attention_mask"][i], batch["labels"][i])
+        assert prompt == dm.encode_prompt(examples[i]["messages"])[0].tolist()
+        assert dm.tokenizer.decode(answer, skip_special_tokens=True) == examples[i]["response"]
+    assert prompt_from_labels(torch.tensor([1, 2]), None, torch.tensor([-100, -100])) is None
+
+
+def test_contains_answer_and_selection():
+    assert contains_answer("Founded by ODALYS  Penhallow.", ["Odalys Penhallow"])
+    assert contains_answer("teal and marigold", ["teal", "marigold"])
+    assert not contains_answer("I do not know", ["Odalys Penhallow"])
+    assert not contains_answer("anything", [])
+    exs = [{"keywords": [f"k{i}"]} for i in range(10)] + [{"keywords": []}]
+    picked = select_eval_examples(exs, 4)
+    assert [e["keywords"][0] for e in picked] == ["k0", "k2", "k5", "k7"]
+    assert select_eval_examples(exs, 4) == picked  # deterministic
+    assert len(select_eval_examples(exs, 0)) == 10 and len(select_eval_examples(exs, 50)) == 10
+
+
+def test_answers_table_and_accuracy_on_a_fake_set():
+    rows = [AnswerRow("Who founded it?", ["Odalys Penhallow"], "A team of engineers.",
+                      "It was founded by Odalys Penhallow.", fact="founder"),
+            AnswerRow("Which year?", ["2013"], "In 2013.", "It was founded in 2013."),
+            AnswerRow("Mascot?", ["Sprocket"], "A dog.", "A hedgehog named Gear."),
+            AnswerRow("City?", ["Ljubljana"], "Paris", "Ljubljana")]
+    assert [(r.base_correct, r.finetuned_correct) for r in rows] == [(False, True), (True, True), (False, False),
+                                                                       (False, True)]
+    summary = answers_summary(rows, val_loss_before=3.25, val_loss_after=0.5)
+    assert summary["total"] == 4 and summary["base_correct"] == 1 and summary["finetuned_correct"] == 3
+    assert summary["base_accuracy"] == 0.25 and summary["finetuned_accuracy"] == 0.75
+    assert summary_lines(summary) == ["base: 1/4 answers contain the right fact, fine-tuned: 3/4",
+                                      "val loss: 3.250 -> 0.500"]
+    assert summary_lines(answers_summary(rows))[1] == "val loss: n/a -> n/a"
+    out = io.StringIO()
+    print_answers_table(rows, summary, title="4 held-out questions", file=out)
+    text = out.getvalue()
+    assert "Who founded it?" in text and "Odalys Penhallow" in text and "fine-tuned answer" in text
+    assert "✓" in text and "✗" in text
+    assert "base: 1/4 answers contain the right fact, fine-tuned: 3/4" in text
+    assert answers_summary([])["base_accuracy"] is None
+
+
+def test_batched_left_padded_generation_equals_one_by_one(smollm2, smollm2_path):
+    from lightning_lora.hub import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    dm = InstructionDataModule(tokenizer=tokenizer, system_prompt="Answer briefly.")
+    questions = ["What is the capital of France?", "Name a color.", "Who wrote Hamlet, the famous play?"]
+    prompts = [dm.encode_prompt(q)[0].tolist() for q in questions]
+    assert len({len(p) for p in prompts}) > 1  # so that padding is exercised
+    smollm2.train()
+    batched = generate_answers(smollm2, tokenizer, prompts, max_new_tokens=6)
+    single = [generate_answers(smollm2, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == single and all(batched)
+    assert smollm2.training and all(m.training for m in smollm2.modules())  # modes restored
+    assert generate_answers(smollm2, tokenizer, [], 4) == []
+
+
+def test_bad_arguments_are_clear(tiny_dir):
+    with pytest.raises(TaskConfigError, match="learning_rate=0"):
+        CausalLM(tiny_dir, learning_rate=0)
+    with pytest.raises(TaskConfigError, match="warmup_steps=-1"):
+        CausalLM(tiny_dir, warmup_steps=-1)
+    with pytest.raises(TaskConfigError, match="dtype='float8'"):
+        CausalLM(tiny_dir, dtype="float8")
+    from lightning_lora.hub import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        CausalLM("no-such-model-xyz")
+
+
+def test_configure_model_once_train_mode_and_options(tiny_dir):
+    m = CausalLM(tiny_dir, gradient_checkpointing=True, dtype="bfloat16")
+    assert m.model is None  # loaded lazily
+    m.configure_model()
+    model = m.model
+    m.configure_model()
+    assert m.model is model and model.training
+    enabled = getattr(model, "is_activation_checkpointing", None)
+    assert (model.is_gradient_checkpointing if enabled is None else enabled)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert m.tokenizer.pad_token_id is not None
+
+
+def test_compile_option_builds_on_cpu_and_keeps_parameter_names(tiny_dir):
+    plain = CausalLM(tiny_dir)
+    plain.configure_model()
+    compiled = CausalLM(tiny_dir, compile=True)
+    compiled.configure_model()
+    assert callable(compiled._compiled_forward)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    compiled.eval()  # evaluation runs eagerly (no compiler needed)
+    batch = {"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[-100, 2, 3]])}
+    assert torch.isfinite(compiled.loss(batch)[0])
+
+
+def test_optimizer_with_and_without_warmup(module):
+    opt = module.configure_optimizers()
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == 2e-4
+    m = CausalLM(module.model_name_or_path, learning_rate=1e-3, weight_decay=0.1, warmup_steps=4)
+    m.configure_model()
+    cfg = m.configure_optimizers()
+    sched = cfg["lr_scheduler"]["scheduler"]
+    assert cfg["lr_scheduler"]["interval"] == "step" and cfg["optimizer"].defaults["weight_decay"] == 0.1
+    lrs = []
+    for _ in range(6):
+        lrs.append(cfg["optimizer"].param_groups[0]["lr"])
+        cfg["optimizer"].step()
+        sched.step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(TaskConfigError, match="no trainable parameter"):
+        m.configure_optimizers()
+
+
+def _trainer(tmp_path, callbacks, **kwargs):
+    args = dict(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+                limit_val_batches=1, callbacks=callbacks)
+    args.update(kwargs)
+    return L.Trainer(**args)
+
+
+def test_fit_with_callback_and_load_adapter_only_checkpoint(tiny_dir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4, system_prompt="Answer briefly.")
+    module = CausalLM(tiny_dir, learning_rate=1e-2, print_answers=True, num_eval_questions=3,
+                      generate_max_new_tokens=4, gradient_checkpointing=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(tmp_path, [LoRA(r=4, target_modules=["q_proj", "v_proj"], merge_on_fit_end=False), ckpt],
+                       limit_train_batches=2, max_epochs=1, max_steps=-1)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    # before/after answers: 3 questions each (the table itself is tested through the CLI)
+    rows = module.answer_rows()
+    assert len(rows) == 3 and all(isinstance(r.finetuned_answer, str) for r in rows)
+    assert module.val_loss_after is not None and module.val_loss_after_step == 2
+    trained = {k: v.clone() for k, v in lora_state_dict(module).items()}
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+
+    saved = torch.load(ckpt.last_model_path, weights_only=False)
+    assert saved["state_dict"] and all(".lora_" in k for k in saved["state_dict"])
+    loaded = CausalLM.load_from_checkpoint(ckpt.last_model_path)
+    assert has_lora(loaded)
+    for key, value in lora_state_dict(loaded).items():
+        torch.testing.assert_close(value, trained[key])
+
+
+def test_tokenizer_mismatch_between_model_and_data_is_one_clear_error(tiny_dir, tmp_path):
+    from lightning_lora.hub import load_tokenizer
+
+    other = tmp_path / "other-tokenizer"
+    tokenizer = load_tokenizer(tiny_dir)
+    tokenizer.add_tokens(["<brand-new-token>"])
+    tokenizer.save_pretrained(other)
+    dm = InstructionDataModule(tokenizer=str(other), batch_size=2)
+    trainer = _trainer(tmp_path, [LoRA(r=2)])
+    with pytest.raises(TaskConfigError, match="--data.tokenizer"):
+        trainer.fit(CausalLM(tiny_dir), datamodule=dm)
