@@ -43,8 +43,8 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, object]:
             raise FileNotFoundError(f"--merged {args.merged}: no config.json there; pass the merged_dir of a LoRA run.")
         return AutoModelForCausalLM.from_pretrained(args.merged), AutoTokenizer.from_pretrained(args.merged)
 
+    from lightning_lora import load_adapter
     from lightning_lora.hub import load_causal_lm, load_tokenizer
-    from lightning_lora.peft_format import load_adapter
 
     config_file = Path(args.adapter) / "adapter_config.json"
     if not config_file.is_file():

@@ -5,7 +5,7 @@ Example:
 """
 
 from lightning_lora.callback import LoRA
-from lightning_lora.config import LoRAConfig
+from lightning_lora.config import LoRAConfig, LoRAConfigError
 from lightning_lora.mixin import LoRAMixin
 from lightning_lora.peft_format import load_adapter, save_adapter
 from lightning_lora.surgery import (
@@ -29,6 +29,7 @@ __all__ = [
     "LoRA",
     "LoRAMixin",
     "LoRAConfig",
+    "LoRAConfigError",
     "LoRAError",
     "count_parameters",
     "disable_lora",

@@ -63,6 +63,9 @@ def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        for path in tmp.rglob("*"):  # some writers (safetensors) create 0600 files: use the umask like open()
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, 0o666 & ~_umask())
         check_output_dir(target, overwrite)
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()

@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_lora._io import atomic_directory
-from lightning_lora.config import LoRAConfig
+from lightning_lora.config import LoRAConfig, LoRAConfigError
 from lightning_lora.surgery import (
     LoRAError,
     check_adapter_state_dict,
@@ -178,9 +178,9 @@ class LoRA(Callback):
                                  modules_to_save=modules_to_save, rank_pattern=rank_pattern or {},
                                  alpha_pattern=alpha_pattern or {}, adapter_dtype=adapter_dtype)
         if log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps={log_every_n_steps} is invalid; expected an integer >= 1.")
+            raise LoRAConfigError(f"log_every_n_steps={log_every_n_steps} is invalid; expected an integer >= 1.")
         if merged_dir is not None and not merge_on_fit_end:
-            raise ValueError("merged_dir is set but merge_on_fit_end=False; set merge_on_fit_end=True to write the "
+            raise LoRAConfigError("merged_dir is set but merge_on_fit_end=False; set merge_on_fit_end=True to write the "
                              "merged model, or drop merged_dir.")
         self.merge_on_fit_end = merge_on_fit_end
         self.adapter_dir = adapter_dir
@@ -302,7 +302,10 @@ class LoRA(Callback):
         """Reentrant gradient checkpointing needs the checkpointed block's input to require grad;
         with a frozen embedding it would not ('element 0 of tensors does not require grad')."""
         for module in pl_module.modules():
-            if getattr(module, "is_gradient_checkpointing", False) and hasattr(module, "enable_input_require_grads"):
+            on = getattr(module, "is_activation_checkpointing", None)  # transformers >= 5 name
+            if on is None:
+                on = getattr(module, "is_gradient_checkpointing", False)
+            if on and hasattr(module, "enable_input_require_grads"):
                 if getattr(module, "_require_grads_hook", None) is None:
                     module.enable_input_require_grads()
 

@@ -30,6 +30,10 @@ ADAPTER_DTYPES = {
 }
 
 
+class LoRAConfigError(ValueError):
+    """An invalid LoRA setting (a user error: the message says what was wrong and what to pass)."""
+
+
 def _dtype_name(value: Any) -> str | None:
     """Accept `torch.float32`, `"float32"`, `"fp32"`, `"bf16"`, ... and return the canonical name."""
     if value is None:
@@ -40,7 +44,7 @@ def _dtype_name(value: Any) -> str | None:
     aliases = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
     name = aliases.get(str(value), str(value))
     if name not in ADAPTER_DTYPES:
-        raise ValueError(
+        raise LoRAConfigError(
             f"adapter_dtype={given!r} is not supported; expected one of {sorted(ADAPTER_DTYPES)} "
             "(or None to keep the base layer's dtype)."
         )
@@ -120,24 +124,24 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r={self.r!r} is invalid; expected an integer > 0, e.g. r=8.")
+            raise LoRAConfigError(f"r={self.r!r} is invalid; expected an integer > 0, e.g. r=8.")
         if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0
                 or not math.isfinite(self.alpha)):
-            raise ValueError(f"alpha={self.alpha!r} is invalid; expected a finite number > 0, e.g. alpha=16.")
+            raise LoRAConfigError(f"alpha={self.alpha!r} is invalid; expected a finite number > 0, e.g. alpha=16.")
         self.alpha = float(self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout!r} is invalid; expected 0 <= dropout < 1, e.g. 0.05.")
+            raise LoRAConfigError(f"dropout={self.dropout!r} is invalid; expected 0 <= dropout < 1, e.g. 0.05.")
         self.dropout = float(self.dropout)
         self.target_modules = self._check_patterns("target_modules", self.target_modules, allow_all_linear=True)
         if self.target_modules == [] or self.target_modules == "":
-            raise ValueError("target_modules is empty; name at least one module, e.g. ['q_proj', 'v_proj'] or 'all-linear'.")
+            raise LoRAConfigError("target_modules is empty; name at least one module, e.g. ['q_proj', 'v_proj'] or 'all-linear'.")
         self.exclude_modules = self._check_patterns("exclude_modules", self.exclude_modules)
         if self.bias not in BIAS_CHOICES:
-            raise ValueError(f"bias={self.bias!r} is invalid; expected one of {', '.join(BIAS_CHOICES)}.")
+            raise LoRAConfigError(f"bias={self.bias!r} is invalid; expected one of {', '.join(BIAS_CHOICES)}.")
         if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"use_rslora={self.use_rslora!r} is invalid; expected True or False.")
+            raise LoRAConfigError(f"use_rslora={self.use_rslora!r} is invalid; expected True or False.")
         if self.init not in INIT_CHOICES:
-            raise ValueError(f"init={self.init!r} is invalid; expected one of {', '.join(INIT_CHOICES)}.")
+            raise LoRAConfigError(f"init={self.init!r} is invalid; expected one of {', '.join(INIT_CHOICES)}.")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
@@ -153,39 +157,39 @@ class LoRAConfig:
         if isinstance(value, str):
             if value == ALL_LINEAR:
                 if not allow_all_linear:
-                    raise ValueError(f"{name}='all-linear' is only valid for target_modules.")
+                    raise LoRAConfigError(f"{name}='all-linear' is only valid for target_modules.")
                 return value
             try:
                 re.compile(value)
             except re.error as err:
-                raise ValueError(f"{name}={value!r} is not a valid regular expression ({err}); "
+                raise LoRAConfigError(f"{name}={value!r} is not a valid regular expression ({err}); "
                                  "pass a list of module names such as ['q_proj', 'v_proj'] instead.") from None
             return value
         if isinstance(value, (list, tuple, set)):
             items = list(value)
             bad = [v for v in items if not isinstance(v, str) or not v]
             if bad:
-                raise ValueError(f"{name} contains {bad!r}; expected non-empty module names (strings).")
+                raise LoRAConfigError(f"{name} contains {bad!r}; expected non-empty module names (strings).")
             return items
-        raise ValueError(f"{name}={value!r} is invalid; expected a list of module names or one regex string.")
+        raise LoRAConfigError(f"{name}={value!r} is invalid; expected a list of module names or one regex string.")
 
     @staticmethod
     def _check_pattern_dict(name: str, value: Any, kind: type) -> dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise ValueError(f"{name}={value!r} is invalid; expected a dict of module-name regex -> value.")
+            raise LoRAConfigError(f"{name}={value!r} is invalid; expected a dict of module-name regex -> value.")
         out = {}
         for key, v in value.items():
             try:
                 re.compile(key)
             except re.error as err:
-                raise ValueError(f"{name} key {key!r} is not a valid regular expression ({err}).") from None
+                raise LoRAConfigError(f"{name} key {key!r} is not a valid regular expression ({err}).") from None
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
             if kind is int:
                 ok = ok and float(v).is_integer()
             if not ok:
-                raise ValueError(f"{name}[{key!r}]={v!r} is invalid; expected a {'positive integer' if kind is int else 'finite number > 0'}.")
+                raise LoRAConfigError(f"{name}[{key!r}]={v!r} is invalid; expected a {'positive integer' if kind is int else 'finite number > 0'}.")
             out[key] = kind(v)
         return out
 
@@ -227,7 +231,7 @@ class LoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Unknown LoRAConfig key(s) {unknown}; expected only: {', '.join(sorted(known))}.")
+            raise LoRAConfigError(f"Unknown LoRAConfig key(s) {unknown}; expected only: {', '.join(sorted(known))}.")
         return cls(**data)
 
     def describe_differences(self, other: LoRAConfig) -> list[str]:

@@ -43,7 +43,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from lightning_lora.hub import ModelNotFoundError
     from lightning_lora.surgery import LoRAError
 
-    types: list[type[BaseException]] = [LoRAError, ModelNotFoundError, FileNotFoundError]
+    from lightning_lora.config import LoRAConfigError
+
+    types: list[type[BaseException]] = [LoRAError, LoRAConfigError, ModelNotFoundError, FileNotFoundError]
     try:
         from lightning_lora.data import DataFormatError
 
@@ -53,12 +55,32 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _wrapped_user_error(err: BaseException) -> BaseException | None:
+    """The user error behind `err`: jsonargparse re-raises an exception from a class's `__init__`
+    (e.g. the model's) as a ValueError "Does not validate against any of the Union subtypes" chained
+    to the original with `from`."""
+    seen: set[int] = set()
+    cause = err.__cause__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, _user_error_types()):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return None
+
+
 def run_lightning_cli(argv: list[str]) -> int:
     """Run a LightningCLI subcommand; returns the exit code (2 for user errors, shown in one line)."""
     try:
         LoRALightningCLI(args=argv)
     except _user_error_types() as err:
         print(f"lightning-lora {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        cause = _wrapped_user_error(err)
+        if cause is None:
+            raise
+        print(f"lightning-lora {argv[0]}: error: {cause}", file=sys.stderr)
         return 2
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2

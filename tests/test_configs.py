@@ -63,7 +63,7 @@ def test_gpu_configs_ask_for_bf16_on_one_gpu(name, capsys):
 
 def test_quickstart_runs_on_cpu_in_fp32_with_a_full_validation_first(capsys):
     cfg = print_config("quickstart.yaml", capsys)
-    assert cfg["trainer"]["accelerator"] == "cpu" and cfg["trainer"]["precision"] == "32-true"
+    assert cfg["trainer"]["accelerator"] in ("auto", "cpu") and cfg["trainer"]["precision"] == "32-true"
     assert cfg["trainer"]["num_sanity_val_steps"] == -1  # gives the "val loss before"
     assert cfg["model"]["init_args"]["model_name_or_path"] == "smollm2-135m-instruct"
     assert cfg["model"]["init_args"]["print_answers"] is True

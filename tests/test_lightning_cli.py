@@ -67,3 +67,12 @@ def test_cli_bad_target_is_one_line_and_exit_2(tiny_yaml, capsys):
     assert code == 2
     assert "lightning-lora fit: error: target_modules=['qproj'] matched no module" in err
     assert "Traceback" not in err
+
+
+def test_cli_bad_callback_argument_is_one_line_and_exit_2(tiny_yaml, capsys):
+    code = main(["fit", "--config", str(tiny_yaml), "--optimizer", "AdamW",
+                 "--trainer.callbacks.init_args.log_every_n_steps", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "log_every_n_steps=0 is invalid; expected an integer >= 1" in err
+    assert "Traceback" not in err

@@ -487,3 +487,21 @@ def test_shape_mismatch_leaves_model_untouched(peft_dir):
     assert_untouched(other, reference)
     with pytest.raises(AdapterFormatError, match="matches no module"):
         load_adapter(make_tiny_gpt2(), peft_dir)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from conftest import make_tiny_llama
+
+    from lightning_lora import LoRAConfig, inject_lora, save_adapter
+
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=2))
+    save_adapter(model, tmp_path / "adapter")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        mode = stat.S_IMODE((tmp_path / "adapter" / name).stat().st_mode)
+        assert mode == 0o666 & ~mask, (name, oct(mode))

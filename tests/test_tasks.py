@@ -279,3 +279,18 @@ def test_tokenizer_mismatch_between_model_and_data_is_one_clear_error(tiny_dir, 
     trainer = _trainer(tmp_path, [LoRA(r=2)])
     with pytest.raises(TaskConfigError, match="--data.tokenizer"):
         trainer.fit(CausalLM(tiny_dir), datamodule=dm)
+
+
+@pytest.mark.parametrize("sanity_steps, expected", [(-1, True), (1, False), (0, False)])
+def test_val_loss_before_comes_only_from_a_full_sanity_check(tiny_dir, tmp_path, sanity_steps, expected):
+    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4)
+    module = CausalLM(tiny_dir, print_answers=False, num_generate_examples=0)
+    trainer = _trainer(tmp_path, [LoRA(r=2, merge_on_fit_end=False)], num_sanity_val_steps=sanity_steps,
+                       limit_val_batches=2, limit_train_batches=1, max_epochs=1, max_steps=-1)
+    trainer.fit(module, datamodule=dm)
+    assert (module.val_loss_before is not None) is expected
+    assert module.val_loss_after is not None and module.answer_rows() == []
+    if expected:  # the same batches before and after one step at lr 2e-4: close, and exactly log(val_ppl)
+        assert abs(module.val_loss_before - module.val_loss_after) < 0.5
+    assert math.isclose(math.log(trainer.callback_metrics["val_ppl"].item()), module.val_loss_after, rel_tol=1e-5)
+    assert math.isclose(trainer.callback_metrics["val_loss"].item(), module.val_loss_after, rel_tol=1e-5)

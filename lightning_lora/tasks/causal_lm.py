@@ -322,6 +322,9 @@ def _write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a log file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -348,8 +351,8 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear learning-rate warmup from 0 (0 = no scheduler).
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
-        compile: run the training/validation forward through `torch.compile` (generation is not
-            compiled). Off by default: compiling takes minutes and needs a working compiler toolchain.
+        compile: run the training forward through `torch.compile` (validation and generation stay
+            eager). Off by default: compiling takes minutes and needs a working compiler toolchain.
         generate_max_new_tokens: the most tokens generated per answer (TensorBoard samples and the
             before/after table).
         num_generate_examples: validation prompts answered at each validation end and logged to
@@ -485,7 +488,8 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         loss, n = self.loss(batch)
         self.val_ppl.update(loss, n)
         # weighted by target tokens, so that the epoch's val_loss is exactly log(val_ppl)
-        self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=max(int(n), 1))
+        self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=max(int(n), 1),
+                 sync_dist=True)
         if batch_idx == 0 and dataloader_idx == 0:
             self._val_prompts = []
             for i in range(batch["input_ids"].shape[0]):
@@ -505,11 +509,12 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             return
         value = math.log(float(ppl))
         if self.trainer.sanity_checking:
-            # a full sanity check (num_sanity_val_steps: -1) is the validation loss before training
-            if self.val_loss_before is None and self.trainer.state.fn == "fit" and self.global_step == 0:
+            # a sanity check over every validation batch (num_sanity_val_steps: -1) is the loss before training
+            full = list(self.trainer.num_sanity_val_batches) == list(self.trainer.num_val_batches)
+            if full and self.val_loss_before is None and self.trainer.state.fn == "fit" and self.global_step == 0:
                 self.val_loss_before = value
             return
-        self.log("val_ppl", ppl, prog_bar=True)
+        self.log("val_ppl", ppl, prog_bar=True, sync_dist=True)  # already global; silences the DDP hint
         if self.trainer.state.fn == "fit":
             if self.val_loss_before is None and self.global_step == 0:
                 self.val_loss_before = value

@@ -1,0 +1,72 @@
+"""The scripts in `examples/` run (as a user runs them: subprocesses) and write what they promise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+QUESTION = "Who founded Brindlewhisk Robotics?"
+
+
+def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, smollm2_path):
+    """`train_with_callback.py --max-steps 2` once."""
+    workdir = tmp_path_factory.mktemp("example")
+    proc = run("train_with_callback.py", "--max-steps", "2", "--batch-size", "2", "--output-dir", "out",
+               "--question", QUESTION, cwd=workdir)
+    return workdir, proc
+
+
+def test_train_with_callback_writes_adapter_and_merged_model(trained):
+    workdir, proc = trained
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = workdir / "out"
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 16
+    assert cfg["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "merged" / "config.json").is_file() and (out / "merged" / "model.safetensors").is_file()
+    assert (out / "merged" / "tokenizer_config.json").is_file()
+    assert list((out / "logs").glob("version_0/events.out.tfevents.*"))
+    lines = proc.stdout.splitlines()
+    assert f"Q: {QUESTION}" in lines
+    answer = [line for line in lines if line.startswith("A: ")]
+    assert len(answer) == 1 and len(answer[0]) > 3
+    assert f"merged model: {Path('out') / 'merged'}" in lines
+
+
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+def test_load_and_generate(trained, kind):
+    workdir, proc = trained
+    assert proc.returncode == 0
+    result = run("load_and_generate.py", f"--{kind}", str(workdir / "out" / kind), "--max-new-tokens", "8",
+                 QUESTION, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Q: {QUESTION}" and lines[1].startswith("A: ") and len(lines[1]) > 3
+    if kind == "merged":
+        merged_answer = lines[1]
+        adapter = run("load_and_generate.py", "--adapter", str(workdir / "out" / "adapter"), "--max-new-tokens", "8",
+                      QUESTION, cwd=workdir)
+        # the merged model computes what base + adapter computes: the same greedy answer
+        assert adapter.stdout.splitlines()[1] == merged_answer
+
+
+def test_load_and_generate_bad_directory_is_one_line(tmp_path):
+    result = run("load_and_generate.py", "--adapter", str(tmp_path / "missing"), "hello", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "no adapter_config.json there" in result.stderr.strip().splitlines()[-1]
