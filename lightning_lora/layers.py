@@ -126,11 +126,27 @@ class LoRALayer(nn.Module):
         return self.base_cls.forward(self, x)  # type: ignore[arg-type]
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`scaling * B(A(dropout(x)))` in the adapter dtype."""
+        """`scaling * B(A(dropout(x)))` in the adapter dtype.
+
+        With dropout active in training, this runs `_DropoutLoRA`, which saves the layer input and the
+        RNG state for backward instead of the dropped-out copy and the dropout mask (see there).
+        """
         a = self.lora_A.weight
+        if self._can_use_fused_dropout(x):
+            return _DropoutLoRA.apply(x, a, self.lora_B.weight, self.lora_dropout.p, self.scaling)
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def _can_use_fused_dropout(self, x: torch.Tensor) -> bool:
+        drop = self.lora_dropout
+        return (isinstance(drop, nn.Dropout) and drop.training and 0.0 < drop.p < 1.0
+                and type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks
+                and not self.lora_A._forward_hooks and not self.lora_A._forward_pre_hooks
+                and not self.lora_B._forward_hooks and not self.lora_B._forward_pre_hooks
+                and x.device.type in ("cpu", "cuda") and x.is_floating_point()
+                and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
@@ -177,6 +193,47 @@ class LoRALayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"base={self.base_cls.__name__}, r={self.r}, alpha={self.lora_alpha:g}, "
                 f"scaling={self.scaling:g}, merged={self.merged}")
+
+
+class _DropoutLoRA(torch.autograd.Function):
+    """`scaling * (dropout(x) @ A^T) @ B^T` with a memory-lean backward.
+
+    Autograd around `lora_B(lora_A(nn.Dropout(x)))` keeps, per adapted layer, the dropout mask and the
+    dropped-out input (the size of `x`, in the adapter dtype; plus a cast copy of `x` when the adapter
+    dtype differs). This function keeps `x` itself (usually alive anyway: q/k/v, or gate/up, share it),
+    the keep-mask as bool (1 byte per element) and the small `h = A dropout(x)` (r columns); backward
+    rebuilds `dropout(x)` from them. The noise is drawn from the default generator exactly as
+    `F.dropout` draws it on CPU, so results equal the plain path there.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, scaling: float) -> torch.Tensor:
+        xa = x.to(a.dtype)
+        noise = torch.empty_like(xa).bernoulli_(1 - p)
+        keep = noise.bool()
+        noise.div_(1 - p)
+        h = F.linear(xa.mul_(noise) if xa is not x else xa * noise, a)
+        del noise, xa
+        out = F.linear(h, b).mul_(scaling)
+        ctx.save_for_backward(x, keep, a, b, h)
+        ctx.p, ctx.scaling = p, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, keep, a, b, h = ctx.saved_tensors
+        g = grad_out.to(b.dtype) * ctx.scaling
+        gh = g @ b                                                    # (..., r)
+        grad_b = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[2] else None
+        grad_x = grad_a = None
+        inv_keep = 1.0 / (1.0 - ctx.p)
+        if ctx.needs_input_grad[1]:
+            xd = (x.to(a.dtype) * inv_keep).mul_(keep)
+            grad_a = gh.reshape(-1, gh.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])
+            del xd
+        if ctx.needs_input_grad[0]:
+            grad_x = (gh @ a).mul_(inv_keep).mul_(keep).to(x.dtype)
+        return grad_x, grad_a, grad_b, None, None
 
 
 class LoRALinear(LoRALayer):

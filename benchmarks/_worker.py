@@ -1,0 +1,318 @@
+"""One benchmark measurement in its own process (so that its memory peak is its own).
+
+Run by `benchmarks/run.py`; not meant to be called by hand:
+
+    python benchmarks/_worker.py '<json spec>' OUT.json
+
+The spec names the contender (floor, ours, ours-trainer, peft, full, latency), the LoRA config,
+the model, the device and the sizes. The result (per-step times, memory, parameter counts,
+checkpoint bytes, or inference latencies) is written as JSON to OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------------- memory
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - not Linux
+        return _peak_rss_bytes()
+
+
+class Memory:
+    """Peak memory of the measured phase, relative to a baseline taken before the model is built."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+        else:
+            self.baseline = _peak_rss_bytes()
+
+    def after_setup(self) -> None:
+        """Mark the end of model building (for the training-only share of the peak)."""
+        if self.device == "cuda":
+            self.setup = torch.cuda.memory_allocated()
+        else:
+            self.setup = _current_rss_bytes()
+
+    def result(self) -> dict[str, int]:
+        if self.device == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _peak_rss_bytes()
+        return {"peak_bytes": peak - self.baseline, "train_peak_bytes": peak - self.setup}
+
+
+# ---------------------------------------------------------------------- model and data
+def build_model(name: str, device: str) -> torch.nn.Module:
+    if name == "tiny-llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+    else:
+        from lightning_lora.hub import load_causal_lm
+
+        model = load_causal_lm(name)
+    return model.to(device).train()
+
+
+def make_batch(vocab: int, batch: int, seq: int, seed: int, device: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, seq), generator=gen).to(device)
+
+
+def lora_config(spec: dict[str, Any]):
+    from lightning_lora import LoRAConfig
+
+    c = spec["config"]
+    return LoRAConfig(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], target_modules=c["target_modules"])
+
+
+def peft_config(spec: dict[str, Any]):
+    from peft import LoraConfig
+
+    c = spec["config"]
+    return LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=c["dropout"], target_modules=c["target_modules"],
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _raw_bytes(params: list[torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+# ---------------------------------------------------------------------- training contenders
+def plain_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any], floor: bool = False) -> list[float]:
+    """`warmup + steps` optimizer steps (or, for the floor, forward + backward to the input embeddings)."""
+    device = spec["device"]
+    opt = None if floor else torch.optim.AdamW(_trainable(model), lr=1e-4)
+    times: list[float] = []
+    for step in range(spec["warmup"] + spec["steps"]):
+        _sync(device)
+        t0 = time.perf_counter()
+        if floor:
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=emb, labels=ids).loss
+            loss.backward()
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if step >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+        del loss
+    return times
+
+
+def trainer_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any]) -> tuple[list[float], torch.nn.Module]:
+    """The same optimisation through `lightning.Trainer` + the `LoRA` callback."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_lora import LoRA
+
+    device = spec["device"]
+
+    class Module(L.LightningModule):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = net
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            (x,) = batch
+            return self.model(input_ids=x, labels=x).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t0 = 0.0
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            _sync(device)
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            _sync(device)
+            self.times.append(time.perf_counter() - self._t0)
+
+    c = spec["config"]
+    n = spec["warmup"] + spec["steps"]
+    data = DataLoader(TensorDataset(ids.cpu().repeat(n, 1)), batch_size=ids.shape[0])
+    timer = StepTimer()
+    lora = LoRA(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], target_modules=c["target_modules"],
+                merge_on_fit_end=False, log_every_n_steps=10**9)
+    module = Module(model)
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=n, max_epochs=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[lora, timer])
+    trainer.fit(module, train_dataloaders=data)
+    return timer.times[spec["warmup"]:], module
+
+
+def run_training(spec: dict[str, Any]) -> dict[str, Any]:
+    kind, device = spec["contender"], spec["device"]
+    mem = Memory(device)
+    model = build_model(spec["model"], device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = make_batch(vocab, spec["batch"], spec["seq"], spec["seed"], device)
+    if kind == "floor":
+        model.requires_grad_(False)
+    elif kind in ("ours", "ours-unfused"):
+        from lightning_lora import inject_lora
+
+        if kind == "ours-unfused":  # ablation: plain autograd through nn.Dropout (no _DropoutLoRA)
+            from lightning_lora.layers import LoRALayer
+
+            LoRALayer._can_use_fused_dropout = lambda self, x: False  # type: ignore[method-assign]
+        inject_lora(model, lora_config(spec))
+    elif kind == "peft":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config(spec))
+    elif kind == "full":
+        model.requires_grad_(True)
+    mem.after_setup()
+
+    saved_from: torch.nn.Module = model
+    if kind == "ours-trainer":
+        times, saved_from = trainer_loop(model, ids, spec)
+    else:
+        times = plain_loop(model, ids, spec, floor=kind == "floor")
+    out: dict[str, Any] = {"times": times, **mem.result()}
+
+    trainable = _trainable(model)
+    out["trainable_params"] = sum(p.numel() for p in trainable)
+    out["raw_trainable_bytes"] = _raw_bytes(trainable)
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind in ("ours", "ours-unfused", "ours-trainer"):
+            from lightning_lora import save_adapter
+
+            save_adapter(saved_from, Path(tmp) / "adapter")
+            out["checkpoint_bytes"] = (Path(tmp) / "adapter" / "adapter_model.safetensors").stat().st_size
+        elif kind == "peft":
+            model.save_pretrained(Path(tmp) / "adapter")
+            out["checkpoint_bytes"] = (Path(tmp) / "adapter" / "adapter_model.safetensors").stat().st_size
+        elif kind == "full":
+            from safetensors.torch import save_model
+
+            save_model(model, str(Path(tmp) / "model.safetensors"))
+            out["checkpoint_bytes"] = (Path(tmp) / "model.safetensors").stat().st_size
+    return out
+
+
+# ---------------------------------------------------------------------- inference latency
+def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
+    """Forward latency (no grad, eval) of the base, the injected-unmerged and the merged model."""
+    from lightning_lora import inject_lora, merge_lora
+    from lightning_lora.surgery import lora_layers
+
+    device = spec["device"]
+    base = build_model(spec["model"], device).eval()
+    model = build_model(spec["model"], device).eval()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = make_batch(vocab, spec["batch"], spec["seq"], spec["seed"], device)
+    reps = spec["latency_reps"]
+
+    def timed(net: torch.nn.Module) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        net(input_ids=ids)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    def interleaved(other: torch.nn.Module) -> tuple[list[float], list[float]]:
+        """Alternate base and `other` forward by forward, so that drift hits both alike."""
+        a: list[float] = []
+        b: list[float] = []
+        with torch.inference_mode():
+            timed(base), timed(other)  # warm-up
+            for _ in range(reps):
+                a.append(timed(base))
+                b.append(timed(other))
+        return a, b
+
+    inject_lora(model, lora_config(spec))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.02)
+    model.eval()
+    base1, unmerged = interleaved(model)
+    model = merge_lora(model).eval()
+    base2, merged = interleaved(model)
+    return {"base": base1 + base2, "unmerged": unmerged, "merged": merged,
+            "unmerged_over_base": _median(unmerged) / _median(base1),
+            "merged_over_base": _median(merged) / _median(base2)}
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    out_path = Path(sys.argv[2])
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    # Import every library any contender uses *before* the memory baseline, so that the baseline is
+    # the same for all contenders and library code is not counted as training memory.
+    import lightning  # noqa: F401
+    import peft  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import lightning_lora  # noqa: F401
+    import lightning_lora.hub  # noqa: F401
+    result = run_latency(spec) if spec["contender"] == "latency" else run_training(spec)
+    result["spec"] = spec
+    out_path.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
