@@ -75,6 +75,14 @@ def checkpoint_metadata(module: torch.nn.Module, config: LoRAConfig) -> dict[str
             "base_model_name_or_path": name, "task_type": task_type}
 
 
+def make_adapter_only(checkpoint: dict[str, Any], module: torch.nn.Module, config: LoRAConfig) -> None:
+    """Keep only the adapter keys in `checkpoint["state_dict"]` and add the LoRA section."""
+    keys = lora_state_dict(module).keys()
+    state = checkpoint.get("state_dict", {})
+    checkpoint["state_dict"] = {k: state[k] for k in keys if k in state}
+    checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(module, config)
+
+
 def check_checkpoint_config(checkpoint: dict[str, Any], config: LoRAConfig, source: str = "the checkpoint") -> None:
     """Raise a `LoRAError` that shows both configs when the checkpoint's LoRA config differs."""
     meta = checkpoint.get(CHECKPOINT_KEY)
@@ -335,12 +343,8 @@ class LoRA(Callback):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if not has_lora(pl_module):
-            return  # already merged: a plain model is saved whole
-        keys = lora_state_dict(pl_module).keys()
-        state = checkpoint.get("state_dict", {})
-        checkpoint["state_dict"] = {k: state[k] for k in keys if k in state}
-        checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(pl_module, self.config)
+        if has_lora(pl_module):  # once merged, a plain model is saved whole
+            make_adapter_only(checkpoint, pl_module, self.config)
 
     # ------------------------------------------------------------------ fit end
     @override

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from lightning_lora.callback import CHECKPOINT_KEY, check_checkpoint_config, checkpoint_metadata
+from lightning_lora.callback import CHECKPOINT_KEY, check_checkpoint_config, make_adapter_only
 from lightning_lora.config import LoRAConfig
 from lightning_lora.surgery import (
     LoRAError,
@@ -87,10 +87,7 @@ class LoRAMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapters in the checkpoint, with the LoRA config next to them."""
         if has_lora(self):  # type: ignore[arg-type]
-            keys = _lora_state_dict(self).keys()  # type: ignore[arg-type]
-            state = checkpoint.get("state_dict", {})
-            checkpoint["state_dict"] = {k: state[k] for k in keys if k in state}
-            checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(self, get_lora_config(self))  # type: ignore[arg-type]
+            make_adapter_only(checkpoint, self, get_lora_config(self))  # type: ignore[arg-type]
         parent = getattr(super(), "on_save_checkpoint", None)
         if parent is not None:
             parent(checkpoint)

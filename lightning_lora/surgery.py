@@ -271,6 +271,27 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: full[k] for k in _saved_keys(model)}
 
 
+def _key_problems(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor],
+                  unexpected: bool) -> list[str]:
+    """Missing, (optionally) unexpected and mis-shaped keys of `state_dict` against `expected`,
+    one summary line per kind (at most 10 keys shown each)."""
+    def listed(kind: str, items: list[str], sep: str = ", ") -> str:
+        return f"{kind} ({len(items)}): {sep.join(items[:10])}{' ...' if len(items) > 10 else ''}"
+
+    missing = sorted(k for k in expected if k not in state_dict)
+    extra = sorted(k for k in state_dict if k not in expected) if unexpected else []
+    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape))
+    parts = []
+    if missing:
+        parts.append(listed("missing adapter keys" if not unexpected else "missing keys", missing))
+    if extra:
+        parts.append(listed("unexpected keys", extra))
+    if shapes:
+        parts.append(listed("shape mismatches", shapes, "; "))
+    return parts
+
+
 def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load adapter weights strictly: missing, unexpected and wrongly shaped keys are one error.
 
@@ -280,19 +301,9 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         LoRAError: listing every missing, unexpected and mis-shaped key.
     """
     expected = lora_state_dict(model)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                    for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}{' ...' if len(shapes) > 10 else ''}")
-        raise LoRAError("The adapter state dict does not fit this model: " + " | ".join(parts) +
+    problems = _key_problems(expected, state_dict, unexpected=True)
+    if problems:
+        raise LoRAError("The adapter state dict does not fit this model: " + " | ".join(problems) +
                         ". Check that the adapter was trained for this model with the same LoRA config "
                         "(r, target_modules, rank_pattern).")
     with torch.no_grad():
@@ -506,15 +517,7 @@ def check_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tenso
     Raises:
         LoRAError: listing missing and mis-shaped adapter keys.
     """
-    expected = lora_state_dict(model)
-    missing = sorted(k for k in expected if k not in state_dict)
-    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                    for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape))
-    if missing or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing adapter keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}{' ...' if len(shapes) > 10 else ''}")
-        raise LoRAError("The checkpoint does not hold the adapters this model expects: " + " | ".join(parts) +
+    problems = _key_problems(lora_state_dict(model), state_dict, unexpected=False)
+    if problems:
+        raise LoRAError("The checkpoint does not hold the adapters this model expects: " + " | ".join(problems) +
                         ". Was it written by a run with the same LoRA config (r, target_modules, rank_pattern)?")
