@@ -204,10 +204,10 @@ def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind in ("ours", "ours-unfused"):
         from lightning_lora import inject_lora
 
-        if kind == "ours-unfused":  # ablation: plain autograd through nn.Dropout (no _DropoutLoRA)
+        if kind == "ours-unfused":  # ablation: plain autograd through nn.Dropout and the modules (no fused paths)
             from lightning_lora.layers import LoRALayer
 
-            LoRALayer._can_use_fused_dropout = lambda self, x: False  # type: ignore[method-assign]
+            LoRALayer._fused_path = lambda self, x: None  # type: ignore[method-assign]
         inject_lora(model, lora_config(spec))
     elif kind == "peft":
         from peft import get_peft_model

@@ -126,32 +126,50 @@ class LoRALayer(nn.Module):
         return self.base_cls.forward(self, x)  # type: ignore[arg-type]
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`scaling * B(A(dropout(x)))` in the adapter dtype.
-
-        With dropout active in training, this runs `_DropoutLoRA`, which saves the layer input and the
-        RNG state for backward instead of the dropped-out copy and the dropout mask (see there).
-        """
+        """`scaling * B(A(dropout(x)))` in the adapter dtype, through the `lora_A`/`lora_B` modules."""
         a = self.lora_A.weight
-        if self._can_use_fused_dropout(x):
-            return _DropoutLoRA.apply(x, a, self.lora_B.weight, self.lora_dropout.p, self.scaling)
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
-    def _can_use_fused_dropout(self, x: torch.Tensor) -> bool:
+    #: whether `forward` may compute the adapter with the fused paths below (A: (r, in), B: (out, r))
+    _fusable = False
+
+    def _fused_path(self, x: torch.Tensor) -> str | None:
+        """Which fused adapter path `forward` takes: "dropout", "addmm", or None (plain modules).
+
+        The fused paths compute what `adapter_forward` computes (the dropout path with its own masks),
+        and are skipped where they could change behaviour: hooks on the adapter modules, autocast,
+        a subclassed dropout, devices other than CPU/CUDA, and inside `torch.compile` (which fuses the
+        plain path itself).
+        """
+        if not self._fusable or not x.is_floating_point() or x.device.type not in ("cpu", "cuda"):
+            return None
         drop = self.lora_dropout
-        return (isinstance(drop, nn.Dropout) and drop.training and 0.0 < drop.p < 1.0
-                and type(drop) is nn.Dropout and not drop._forward_hooks and not drop._forward_pre_hooks
-                and not self.lora_A._forward_hooks and not self.lora_A._forward_pre_hooks
-                and not self.lora_B._forward_hooks and not self.lora_B._forward_pre_hooks
-                and x.device.type in ("cpu", "cuda") and x.is_floating_point()
-                and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-                and not torch.compiler.is_compiling())
+        if (self.lora_A._forward_hooks or self.lora_A._forward_pre_hooks or self.lora_B._forward_hooks
+                or self.lora_B._forward_pre_hooks or drop._forward_hooks or drop._forward_pre_hooks
+                or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):
+            return None
+        if isinstance(drop, nn.Identity) or not drop.training:
+            return "addmm" if x.dtype == self.lora_A.weight.dtype else None
+        if type(drop) is nn.Dropout and 0 < dropout_threshold(drop.p) < _MASK_LEVELS:
+            return "dropout"
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
         if self.merged or not self.lora_enabled:
             return result
+        path = self._fused_path(x)
+        if path == "dropout":
+            return _DropoutLoRA.apply(result, x, self.lora_A.weight, self.lora_B.weight,
+                                      dropout_threshold(self.lora_dropout.p), self.scaling)
+        if path == "addmm" and result.dtype == x.dtype:
+            # result + scaling * (x A^T) B^T in one kernel; its backward scales only the small tensors
+            h = F.linear(x, self.lora_A.weight)
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, self.r), self.lora_B.weight.t(),
+                              alpha=self.scaling)
+            return out.view(result.shape)
         return result + self.adapter_forward(x).to(result.dtype)
 
     # ------------------------------------------------------------------ merge
@@ -195,45 +213,93 @@ class LoRALayer(nn.Module):
                 f"scaling={self.scaling:g}, merged={self.merged}")
 
 
+#: dropout masks are drawn as 16-bit uniform integers: p is used rounded to a multiple of 1/65536
+_MASK_LEVELS = 1 << 16
+
+
+def dropout_threshold(p: float) -> int:
+    """How many of the 65536 values of a 16-bit lane mean "drop" for dropout probability `p`.
+
+    The adapter path draws its dropout masks from 16-bit random lanes (four per 64-bit draw; with the
+    compare about three times cheaper on CPU than `bernoulli_`), so the drop probability it applies is
+    `dropout_threshold(p) / 65536`, which is `p` to within 2**-17 (0.05 -> 0.0500031), and the
+    kept values are scaled by the exact inverse of the keep probability, so the expectation is kept.
+    """
+    return int(round(p * _MASK_LEVELS))
+
+
+def draw_dropout_seed() -> int:
+    """A seed for one dropout mask, drawn from the default CPU generator (`torch.manual_seed` repeats it)."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
+def dropout_drop_mask(shape: torch.Size, threshold: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The bool mask (True = dropped) that seed `seed` gives: `threshold / 65536` of it True on average.
+
+    The same (shape, threshold, seed, device) give the same mask, so a backward pass can rebuild the
+    mask of its forward instead of keeping it.
+    """
+    n = math.prod(shape)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1, generator=gen)
+    lanes = words.view(torch.int16)[:n].view(shape)
+    return lanes < threshold - _MASK_LEVELS // 2
+
+
 class _DropoutLoRA(torch.autograd.Function):
-    """`scaling * (dropout(x) @ A^T) @ B^T` with a memory-lean backward.
+    """`result + scaling * (dropout(x) @ A^T) @ B^T` with a memory-lean backward.
 
     Autograd around `lora_B(lora_A(nn.Dropout(x)))` keeps, per adapted layer, the dropout mask and the
     dropped-out input (the size of `x`, in the adapter dtype; plus a cast copy of `x` when the adapter
-    dtype differs). This function keeps `x` itself (usually alive anyway: q/k/v, or gate/up, share it),
-    the keep-mask as bool (1 byte per element) and the small `h = A dropout(x)` (r columns); backward
-    rebuilds `dropout(x)` from them. The noise is drawn from the default generator exactly as
-    `F.dropout` draws it on CPU, so results equal the plain path there.
+    dtype differs). This function keeps only `x` itself (shared by the adapters that read the same
+    input: q/k/v, gate/up), the small `h = A dropout(x)` (r columns) and the integer seed of its mask;
+    backward draws the mask again from the seed. The seed comes from the default CPU generator, so
+    `torch.manual_seed` / `seed_everything` make runs repeatable, and activation checkpointing (which
+    restores the generator's state before recomputing) recomputes the same mask.
+
+    `result` (the base layer's output) is added in the same step (`addmm` when dtypes agree); its
+    gradient is the incoming gradient unchanged.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, scaling: float) -> torch.Tensor:
-        xa = x.to(a.dtype)
-        noise = torch.empty_like(xa).bernoulli_(1 - p)
-        keep = noise.bool()
-        noise.div_(1 - p)
-        h = F.linear(xa.mul_(noise) if xa is not x else xa * noise, a)
-        del noise, xa
-        out = F.linear(h, b).mul_(scaling)
-        ctx.save_for_backward(x, keep, a, b, h)
-        ctx.p, ctx.scaling = p, scaling
-        return out
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                threshold: int, scaling: float) -> torch.Tensor:
+        seed = draw_dropout_seed()
+        drop = dropout_drop_mask(x.shape, threshold, seed, x.device)
+        xd = x.to(a.dtype).masked_fill_(drop, 0) if x.dtype != a.dtype else torch.where(drop, 0.0, x)
+        del drop
+        keep_scale = _MASK_LEVELS / (_MASK_LEVELS - threshold)
+        h = F.linear(xd, a).mul_(keep_scale)                          # (..., r)
+        del xd
+        ctx.save_for_backward(x, a, b, h)
+        ctx.seed, ctx.threshold, ctx.keep_scale, ctx.scaling = seed, threshold, keep_scale, scaling
+        h2 = h.reshape(-1, h.shape[-1])
+        if result.dtype == b.dtype:
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h2, b.t(), alpha=scaling)
+            return out.view(result.shape)
+        return result + F.linear(h, b).mul_(scaling).to(result.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, keep, a, b, h = ctx.saved_tensors
-        g = grad_out.to(b.dtype) * ctx.scaling
-        gh = g @ b                                                    # (..., r)
-        grad_b = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[2] else None
+        x, a, b, h = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(b.dtype)      # (tokens, out)
+        grad_b = (g.T @ h.reshape(-1, h.shape[-1])).mul_(s) if ctx.needs_input_grad[3] else None
         grad_x = grad_a = None
-        inv_keep = 1.0 / (1.0 - ctx.p)
-        if ctx.needs_input_grad[1]:
-            xd = (x.to(a.dtype) * inv_keep).mul_(keep)
-            grad_a = gh.reshape(-1, gh.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])
-            del xd
-        if ctx.needs_input_grad[0]:
-            grad_x = (gh @ a).mul_(inv_keep).mul_(keep).to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gh = (g @ b).mul_(s * ctx.keep_scale)                      # (tokens, r)
+            drop = dropout_drop_mask(x.shape, ctx.threshold, ctx.seed, x.device).view(-1, x.shape[-1])
+            if ctx.needs_input_grad[2]:
+                x2 = x.reshape(-1, x.shape[-1])
+                xd = x2.to(a.dtype).masked_fill_(drop, 0) if x.dtype != a.dtype else torch.where(drop, 0.0, x2)
+                grad_a = gh.T @ xd
+                del xd
+            if ctx.needs_input_grad[1]:
+                # computed in x's shape, not as a view: autograd then sums it with the base path's
+                # gradient in place instead of allocating a third tensor of x's size
+                grad_x = (gh.view(*x.shape[:-1], gh.shape[-1]) @ a).masked_fill_(drop.view(x.shape), 0).to(x.dtype)
+        return grad_out if ctx.needs_input_grad[0] else None, grad_x, grad_a, grad_b, None, None
 
 
 class LoRALinear(LoRALayer):
@@ -246,6 +312,7 @@ class LoRALinear(LoRALayer):
     """
 
     _base_attrs = ("in_features", "out_features")
+    _fusable = True
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, **kwargs: Any) -> None:
         super().__init__(base, base.in_features, base.out_features, r, alpha, **kwargs)
@@ -265,6 +332,7 @@ class LoRAConv1D(LoRALayer):
     """
 
     _base_attrs = ("nf", "nx")
+    _fusable = True
 
     def __init__(self, base: nn.Module, r: int, alpha: float, **kwargs: Any) -> None:
         in_features, out_features = base.weight.shape

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, adapter_class_for
+from lightning_lora.layers import (LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, adapter_class_for,
+                                   draw_dropout_seed, dropout_drop_mask, dropout_threshold)
 
 IN, OUT, R, ALPHA = 12, 10, 4, 8.0
 
@@ -179,7 +180,9 @@ def test_dropout_applies_only_to_the_adapter_input():
     torch.manual_seed(3)
     out = layer(x)
     torch.manual_seed(3)
-    dropped = nn.functional.dropout(x, 0.5, training=True)
+    drop = dropout_drop_mask(x.shape, dropout_threshold(0.5), draw_dropout_seed(), x.device)
+    assert 0.4 < drop.float().mean().item() < 0.6
+    dropped = x.masked_fill(drop, 0) * 2   # kept values scaled by 1 / (1 - p)
     expected = base(x) + layer.scaling * (dropped @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
     assert torch.allclose(out, expected, atol=1e-6)
     layer.eval()

@@ -1,12 +1,16 @@
-"""The custom backward of the adapter path with dropout (`layers._DropoutLoRA`)."""
+"""The fused adapter paths of `LoRALinear`/`LoRAConv1D`: `_DropoutLoRA` (dropout > 0, training) with its
+custom backward and regenerated masks, and the `addmm` path (no dropout, or eval)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.layers import LoRAConv1D, LoRALinear, _DropoutLoRA
+from lightning_lora.layers import (LoRAConv1D, LoRALinear, _DropoutLoRA, draw_dropout_seed, dropout_drop_mask,
+                                   dropout_threshold)
 
 
 def _seeded(fn, seed: int = 0):
@@ -17,53 +21,94 @@ def _seeded(fn, seed: int = 0):
     return wrapped
 
 
+# ------------------------------------------------------------------------------------------- masks
+def test_threshold_rounds_p_to_multiples_of_2_to_the_minus_16():
+    assert dropout_threshold(0.05) == 3277 and dropout_threshold(0.1) == 6554 and dropout_threshold(0.5) == 32768
+    assert abs(dropout_threshold(0.05) / 65536 - 0.05) < 2 ** -17
+    assert dropout_threshold(1e-6) == 0            # too small to draw: the plain nn.Dropout path takes it
+    x = torch.randn(3, 8)
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=1e-6).train()
+    assert layer._fused_path(x) is None
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_drop_mask_rate_is_p_in_every_lane(p):
+    """The mask comes from 16-bit lanes of 64-bit draws: each of the four lane positions must drop at rate p."""
+    thr = dropout_threshold(p)
+    drop = dropout_drop_mask(torch.Size([1000, 1024]), thr, seed=123, device=torch.device("cpu"))
+    assert drop.dtype is torch.bool and drop.shape == (1000, 1024)
+    n = drop.numel() // 4
+    sigma = (p * (1 - p) / n) ** 0.5
+    for lane in range(4):
+        rate = drop.reshape(-1)[lane::4].float().mean().item()
+        assert abs(rate - thr / 65536) < 5 * sigma, (lane, rate)
+
+
+def test_drop_mask_is_a_function_of_the_seed():
+    shape, dev = torch.Size([7, 33]), torch.device("cpu")
+    assert torch.equal(dropout_drop_mask(shape, 20000, 5, dev), dropout_drop_mask(shape, 20000, 5, dev))
+    assert not torch.equal(dropout_drop_mask(shape, 20000, 5, dev), dropout_drop_mask(shape, 20000, 6, dev))
+    torch.manual_seed(0)
+    s1, s2 = draw_dropout_seed(), draw_dropout_seed()
+    torch.manual_seed(0)
+    assert (draw_dropout_seed(), draw_dropout_seed()) == (s1, s2) and s1 != s2
+
+
+# ------------------------------------------------------------------------------------------- gradcheck
 @pytest.mark.parametrize("shape", [(5, 6), (2, 3, 6)])
 def test_gradcheck_float64(shape):
     torch.manual_seed(0)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    result = torch.randn(*shape[:-1], 4, dtype=torch.float64, requires_grad=True)
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    f = _seeded(lambda x, a, b: _DropoutLoRA.apply(x, a, b, 0.3, 1.7))
-    assert torch.autograd.gradcheck(f, (x, a, b), eps=1e-6, atol=1e-5)
+    f = _seeded(lambda result, x, a, b: _DropoutLoRA.apply(result, x, a, b, dropout_threshold(0.3), 1.7))
+    assert torch.autograd.gradcheck(f, (result, x, a, b), eps=1e-6, atol=1e-5)
 
 
 def test_gradcheck_float64_only_some_inputs_need_grad():
     torch.manual_seed(0)
     x = torch.randn(4, 6, dtype=torch.float64)
+    result = torch.randn(4, 5, dtype=torch.float64)
     a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-    f = _seeded(lambda a, b: _DropoutLoRA.apply(x, a, b, 0.5, 2.0))
+    f = _seeded(lambda a, b: _DropoutLoRA.apply(result, x, a, b, dropout_threshold(0.5), 2.0))
     assert torch.autograd.gradcheck(f, (a, b), eps=1e-6, atol=1e-5)
 
 
-def _plain(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The reference: autograd through nn.Dropout and the two Linear modules."""
-    xa = x.to(layer.lora_A.weight.dtype)
-    return layer.base_forward(x) + (layer.lora_B(layer.lora_A(layer.lora_dropout(xa))) * layer.scaling).to(x.dtype)
+# ------------------------------------------------------------------------------------------- vs reference
+def _reference(layer, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Plain autograd with the mask the fused path draws for `seed`."""
+    drop = dropout_drop_mask(x.shape, dropout_threshold(layer.lora_dropout.p), seed, x.device)
+    keep_scale = 65536 / (65536 - dropout_threshold(layer.lora_dropout.p))
+    xd = x.to(layer.lora_A.weight.dtype).masked_fill(drop, 0) * keep_scale
+    return layer.base_forward(x) + (layer.lora_B(layer.lora_A(xd)) * layer.scaling).to(x.dtype)
 
 
 @pytest.mark.parametrize("cls", [LoRALinear, LoRAConv1D])
-def test_matches_the_plain_autograd_path(cls):
-    from transformers.pytorch_utils import Conv1D
-
+def test_matches_plain_autograd_with_the_same_mask(cls):
     torch.manual_seed(0)
     base = nn.Linear(12, 10) if cls is LoRALinear else Conv1D(10, 12)
     layer = cls(base, r=4, alpha=8, dropout=0.25).train()
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     x = torch.randn(3, 7, 12, requires_grad=True)
-    assert layer._can_use_fused_dropout(x)
+    assert layer._fused_path(x) == "dropout"
+    params = (x, layer.lora_A.weight, layer.lora_B.weight, layer.bias)
 
     torch.manual_seed(5)
     out = layer(x)
-    grads = torch.autograd.grad(out.square().sum(), (x, layer.lora_A.weight, layer.lora_B.weight))
+    grads = torch.autograd.grad(out.square().sum(), params)
     torch.manual_seed(5)
-    ref = _plain(layer, x) if cls is LoRALinear else layer.base_forward(x) + (
-        layer.lora_B(layer.lora_A(layer.lora_dropout(x))) * layer.scaling)
-    ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.lora_A.weight, layer.lora_B.weight))
-    torch.testing.assert_close(out, ref)
+    ref = _reference(layer, x, draw_dropout_seed())
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    assert out.grad_fn.name() == "_DropoutLoRABackward"
+    # the same products, summed and scaled in another order (1/(1-p) is applied to the r-wide h)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    # dropout really drops: the same input gives another output on the next call
+    assert not torch.allclose(layer(x), out)
 
 
 def test_bf16_base_fp32_adapter_gradients():
@@ -76,7 +121,7 @@ def test_bf16_base_fp32_adapter_gradients():
     out = layer(x)
     gx, ga = torch.autograd.grad(out.float().sum(), (x, layer.lora_A.weight))
     torch.manual_seed(1)
-    ref = _plain(layer, x)
+    ref = _reference(layer, x, draw_dropout_seed())
     rx, ra = torch.autograd.grad(ref.float().sum(), (x, layer.lora_A.weight))
     assert out.dtype is torch.bfloat16 and gx.dtype is torch.bfloat16 and ga.dtype is torch.float32
     torch.testing.assert_close(out, ref)
@@ -84,19 +129,95 @@ def test_bf16_base_fp32_adapter_gradients():
     torch.testing.assert_close(gx, rx)
 
 
-def test_not_used_when_dropout_is_off_or_in_eval():
-    x = torch.randn(2, 4)
-    assert not LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.0).train()._can_use_fused_dropout(x)
-    assert not LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).eval()._can_use_fused_dropout(x)
+def test_expectation_is_kept():
+    """Kept values are scaled by 1 / keep-probability: the mean adapter output equals the dropout-free one."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 64, bias=False), r=4, alpha=4, dropout=0.3).train()
     with torch.no_grad():
-        assert not LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()._can_use_fused_dropout(x)
+        layer.weight.zero_()
+        layer.lora_B.weight.normal_()
+    x = torch.randn(1, 64).expand(20000, 64).contiguous()
+    with torch.no_grad():
+        mean = layer(x).mean(0)
+        exact = layer.eval()(x[:1])[0]
+    assert torch.allclose(mean, exact, atol=0.03 * exact.abs().max().item())
 
 
-def test_saves_less_than_autograd_through_dropout():
-    """Beyond x and the weights (alive anyway) it saves the small h and a bool mask, not the dropped copy."""
+def test_no_grad_forward_draws_the_same_mask():
+    """Reentrant activation checkpointing runs the forward under no_grad, then again with grad: both must drop alike."""
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=4, dropout=0.5).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(5, 8)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        a = layer(x)
+    torch.manual_seed(7)
+    b = layer(x.requires_grad_())
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_recomputes_the_same_mask(use_reentrant):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=4, dropout=0.5).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(5, 8, requires_grad=True)
+    params = (x, layer.lora_A.weight, layer.lora_B.weight)
+
+    def grads(fn) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        fn(x).square().sum().backward()      # .backward(): reentrant checkpointing refuses autograd.grad
+        out = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    plain = grads(layer)
+    ckpt = grads(lambda x: checkpoint(layer, x, use_reentrant=use_reentrant))
+    for g, r in zip(ckpt, plain):
+        torch.testing.assert_close(g, r)
+
+
+def test_paths_taken():
+    x = torch.randn(2, 4)
+    assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.0).train()._fused_path(x) == "addmm"
+    assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).eval()._fused_path(x) == "addmm"
+    with torch.no_grad():
+        assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()._fused_path(x) == "dropout"
+    hooked = LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()
+    hooked.lora_A.register_forward_hook(lambda *a: None)
+    assert hooked._fused_path(x) is None
+    # a bf16 base with fp32 adapters cannot add in one addmm: plain path
+    assert LoRALinear(nn.Linear(4, 4).bfloat16(), r=2, alpha=2)._fused_path(x.bfloat16()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()._fused_path(x) is None
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, LoRAConv1D])
+def test_addmm_path_matches_the_modules(cls):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10) if cls is LoRALinear else Conv1D(10, 12)
+    layer = cls(base, r=4, alpha=8).train()
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    assert torch.equal(layer(x), layer.base_forward(x))      # B = 0: exactly the base
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    params = (x, layer.lora_A.weight, layer.lora_B.weight, layer.bias)
+    out = layer(x)
+    assert out.grad_fn.name() == "ViewBackward0" and out.grad_fn.next_functions[0][0].name() == "AddmmBackward0"
+    ref = layer.base_forward(x) + layer.adapter_forward(x)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(ref.square().sum(), params)):
+        torch.testing.assert_close(g, r)
+
+
+def test_saves_no_mask_and_no_dropped_copy():
+    """Beyond x and the weights (alive anyway) it saves only the small h; PEFT's path saves a dropped copy and a mask."""
     layer = LoRALinear(nn.Linear(256, 256, bias=False), r=4, alpha=8, dropout=0.1).train()
     layer.weight.requires_grad_(False)   # frozen base, as after inject_lora
-    x = torch.randn(64, 256, requires_grad=True)   # as inside a network: the dropout mask is saved too
+    x = torch.randn(64, 256, requires_grad=True)   # as inside a network
     alive = {t.untyped_storage().data_ptr() for t in (x, *layer.parameters())}   # saved by reference only
 
     def saved_bytes_besides_x(fn) -> int:
@@ -111,8 +232,7 @@ def test_saves_less_than_autograd_through_dropout():
             fn()
         return sum(seen.values())
 
-    small = 64 * 4 * 4 + x.numel()      # h = A dropout(x) in fp32, and the keep-mask as bool
-    ours = saved_bytes_besides_x(lambda: layer(x))
-    assert ours <= small
-    # the dropped-out copy (fp32)
-    assert saved_bytes_besides_x(lambda: _plain(layer, x)) - ours >= x.numel() * 4
+    h_bytes = 64 * 4 * 4          # h = A dropout(x), fp32
+    assert saved_bytes_besides_x(lambda: layer(x)) == h_bytes
+    plain = lambda: layer.base_forward(x) + layer.lora_B(layer.lora_A(layer.lora_dropout(x))) * layer.scaling  # noqa: E731
+    assert saved_bytes_besides_x(plain) >= h_bytes + x.numel() * (4 + 1)   # dropped fp32 copy + bool mask
