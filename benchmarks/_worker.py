@@ -4,7 +4,7 @@ Run by `benchmarks/run.py`; not meant to be called by hand:
 
     python benchmarks/_worker.py '<json spec>' OUT.json
 
-The spec names the contender (floor, ours, ours-trainer, peft, full, latency), the LoRA config,
+The spec names the contender (floor, ours, ours-trainer, peft, full, latency, casts), the LoRA config,
 the model, the device and the sizes. The result (per-step times, memory, parameter counts,
 checkpoint bytes, or inference latencies) is written as JSON to OUT.json.
 """
@@ -244,6 +244,66 @@ def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------- bf16 casts
+def run_casts(spec: dict[str, Any]) -> dict[str, Any]:
+    """Dtype casts (`aten._to_copy`) in one training step on a bf16 base, fp32 adapters (as `bf16-true`).
+
+    Counts floor (no adapters), ours and PEFT (whose `get_peft_model` also keeps adapters fp32 on a
+    bf16 base), forward and backward apart, and how many casts read a frozen base parameter (the
+    base path must run in bf16 without any).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self, frozen: set[int]) -> None:
+            super().__init__()
+            self.frozen, self.n, self.n_base, self.bytes = frozen, 0, 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype != args[0].dtype:
+                self.n += 1
+                self.bytes += out.numel() * out.element_size()
+                self.n_base += args[0].untyped_storage().data_ptr() in self.frozen
+            return out
+
+    device = spec["device"]
+    result: dict[str, Any] = {}
+    for kind in ("floor", "ours", "peft"):
+        model = build_model(spec["model"], device).to(torch.bfloat16)
+        n_layers = 0
+        if kind == "floor":
+            model.requires_grad_(False)
+        elif kind == "ours":
+            from lightning_lora import inject_lora
+            from lightning_lora.surgery import lora_layers
+
+            inject_lora(model, lora_config(spec))
+            n_layers = len(list(lora_layers(model)))
+        else:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config(spec))
+            n_layers = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        adapter_dtypes = sorted({str(p.dtype) for p in _trainable(model)})
+        frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
+        vocab = model.get_input_embeddings().weight.shape[0]
+        ids = make_batch(vocab, 1, spec["casts_seq"], spec["seed"], device)
+        with Count(frozen) as fwd:
+            if kind == "floor":
+                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=emb, labels=ids).loss
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+        with Count(frozen) as bwd:
+            loss.backward()
+        result[kind] = {"forward": fwd.n, "backward": bwd.n, "bytes": fwd.bytes + bwd.bytes,
+                        "base_param_casts": fwd.n_base + bwd.n_base, "adapted_layers": n_layers,
+                        "adapter_dtypes": adapter_dtypes}
+        del model, loss
+    return result
+
+
 # ---------------------------------------------------------------------- inference latency
 def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
     """Forward latency (no grad, eval) of the base, the injected-unmerged and the merged model."""
@@ -309,7 +369,12 @@ def main() -> None:
 
     import lightning_lora  # noqa: F401
     import lightning_lora.hub  # noqa: F401
-    result = run_latency(spec) if spec["contender"] == "latency" else run_training(spec)
+    if spec["contender"] == "latency":
+        result = run_latency(spec)
+    elif spec["contender"] == "casts":
+        result = run_casts(spec)
+    else:
+        result = run_training(spec)
     result["spec"] = spec
     out_path.write_text(json.dumps(result))
 

@@ -61,12 +61,14 @@ TARGETS: list[tuple[str, str, str | None, float, float | None]] = [
     ("peak memory ours/PEFT (dropout 0.05, all-linear)", "mem_ours_over_peft", "all-r16-do", 0.85, None),
     ("merged latency / base", "latency_merged_over_base", None, 1.03, 0.97),
     ("adapter checkpoint / (raw x1.02 + 64KB)", "ckpt_over_budget", None, 1.00, None),
+    ("bf16 base: casts reading a base parameter", "casts_on_base_path", None, 0, None),
 ]
 
 
 # ---------------------------------------------------------------------- running
-def jobs_for_round(configs: list[str], ablation: bool = False) -> list[tuple[str, str]]:
-    """(contender, config) pairs of one round, alternating the contenders."""
+def jobs_for_round(configs: list[str], ablation: bool = False, first: bool = True) -> list[tuple[str, str]]:
+    """(contender, config) pairs of one round, alternating the contenders; the bf16 cast counts
+    (deterministic, not timed) only in the first round."""
     jobs: list[tuple[str, str]] = [("floor", configs[0])]
     for cfg in configs:
         jobs += [("ours", cfg), ("peft", cfg), ("ours-trainer", cfg)]
@@ -74,6 +76,8 @@ def jobs_for_round(configs: list[str], ablation: bool = False) -> list[tuple[str
             jobs.append(("ours-unfused", cfg))
     jobs.append(("full", configs[0]))
     jobs += [("latency", cfg) for cfg in configs]
+    if first:
+        jobs += [("casts", cfg) for cfg in configs]
     return jobs
 
 
@@ -124,6 +128,8 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
                    "raw_trainable_bytes": runs[0]["raw_trainable_bytes"],
                    "checkpoint_bytes": runs[0].get("checkpoint_bytes")}
             contenders[name] = row
+        by_round = {name: [statistics.median(r["times"]) for r in raw[(name, configs[0] if name in CONFIG_FREE else cfg)]]
+                    for name in ("ours", "peft", "floor")}
         lat_runs = raw[("latency", cfg)]
         latency = {k: time_stats([t for r in lat_runs for t in r[k]]) for k in ("base", "unmerged", "merged")}
         latency["merged_over_base"] = statistics.median(r["merged_over_base"] for r in lat_runs)
@@ -144,12 +150,23 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
             "ckpt_over_budget": c["ours"]["checkpoint_bytes"] / budget,
             "ckpt_ours_over_peft": c["ours"]["checkpoint_bytes"] / c["peft"]["checkpoint_bytes"],
         }
+        # the same ratios round by round (each round's contenders ran back to back): their spread
+        # shows how much of a difference is the machine's drift
+        per_round = {"time_ours_over_peft": [o / q for o, q in zip(by_round["ours"], by_round["peft"])],
+                     "time_ours_over_floor": [o / f for o, f in zip(by_round["ours"], by_round["floor"])]}
+        casts = ({k: v for k, v in raw[("casts", cfg)][0].items() if k != "spec"}
+                 if ("casts", cfg) in raw else None)
+        if casts is not None:
+            ratios["casts_ours_over_peft"] = ((casts["ours"]["forward"] + casts["ours"]["backward"])
+                                              / (casts["peft"]["forward"] + casts["peft"]["backward"]))
+            ratios["casts_on_base_path"] = casts["ours"]["base_param_casts"]
         if "ours-unfused" in c:
             ratios["time_ours_over_unfused"] = c["ours"]["time"]["median_s"] / c["ours-unfused"]["time"]["median_s"]
             ratios["mem_ours_over_unfused"] = c["ours"]["peak_bytes"] / c["ours-unfused"]["peak_bytes"]
             ratios["train_mem_ours_over_unfused"] = c["ours"]["train_peak_bytes"] / c["ours-unfused"]["train_peak_bytes"]
         out[cfg] = {"label": CONFIGS[cfg]["label"], "config": {k: v for k, v in CONFIGS[cfg].items() if k != "label"},
-                    "contenders": contenders, "latency": latency, "ratios": ratios}
+                    "contenders": contenders, "latency": latency, "ratios": ratios, "per_round": per_round,
+                    "casts": casts}
     return out
 
 
@@ -159,10 +176,12 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         for cfg, res in results.items():
             if only is not None and cfg != only:
                 continue
+            if key not in res["ratios"]:
+                continue
             value = res["ratios"][key]
             ok = value <= hi and (lo is None or value >= lo)
-            rows.append({"target": name, "config": cfg, "value": value,
-                         "bound": f"{lo:.2f}..{hi:.2f}" if lo is not None else f"<= {hi:.2f}", "met": ok})
+            bound = f"{lo:.2f}..{hi:.2f}" if lo is not None else f"<= {hi:.2f}" if isinstance(hi, float) else f"== {hi}"
+            rows.append({"target": name, "config": cfg, "value": value, "bound": bound, "met": ok})
     return rows
 
 
@@ -206,23 +225,37 @@ def markdown(report: dict[str, Any]) -> str:
             t = lat[k]
             lines.append(f"| {k} | {t['median_s'] * 1e3:,.2f} ms | {t['q1_s'] * 1e3:,.2f}..{t['q3_s'] * 1e3:,.2f} | "
                          f"{ratio:.3f} |")
+        casts = res.get("casts")
+        if casts:
+            lines += ["", f"bf16 base, fp32 adapters, one training step of batch 1 x {s['casts_seq']}: dtype casts "
+                      "(`aten._to_copy`)", "",
+                      "| contender | adapted layers | forward | backward | cast bytes | casts reading a base parameter |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            for name, c in casts.items():
+                lines.append(f"| {name} | {c['adapted_layers']} | {c['forward']} | {c['backward']} | "
+                             f"{_size(c['bytes'])} | {c['base_param_casts']} |")
+        pr = res.get("per_round", {})
+        if pr:
+            lines += ["", "step time ratio by round (each round's runs back to back): "
+                      + "; ".join(f"{k} " + ", ".join(f"{v:.3f}" for v in vs) for k, vs in pr.items())]
         r = res["ratios"]
         lines += ["", "| ratio | value |", "| --- | ---: |"]
         for key in ("time_ours_over_peft", "time_ours_over_floor", "time_trainer_over_ours", "time_full_over_ours",
                     "mem_ours_over_peft", "mem_ours_over_floor", "train_mem_ours_over_peft",
                     "latency_unmerged_over_base", "latency_merged_over_base", "ckpt_ours_over_peft",
                     "ckpt_over_budget", "time_ours_over_unfused", "mem_ours_over_unfused",
-                    "train_mem_ours_over_unfused"):
+                    "train_mem_ours_over_unfused", "casts_ours_over_peft"):
             if key in r:
                 lines.append(f"| {key} | {r[key]:.3f} |")
         lines.append("")
     lines += ["## Targets", "", "| target | config | value | bound | met |", "| --- | --- | ---: | ---: | --- |"]
     for t in report["targets"]:
-        lines.append(f"| {t['target']} | {t['config']} | {t['value']:.3f} | {t['bound']} | "
+        value = f"{t['value']:.3f}" if isinstance(t["value"], float) else str(t["value"])
+        lines.append(f"| {t['target']} | {t['config']} | {value} | {t['bound']} | "
                      f"{'yes' if t['met'] else '**no**'} |")
     if any("ours-unfused" in res["contenders"] for res in report["results"].values()):
         lines += ["", "`ours-unfused` (ablation): ours with the adapter path through plain autograd "
-                  "(`nn.Dropout` + two `nn.Linear`), i.e. without `layers._DropoutLoRA`."]
+                  "(`nn.Dropout` + the `lora_A`/`lora_B` modules), i.e. without the fused paths of `layers.py`."]
     lines += ["", "`train_mem_*` is the peak minus the memory right after the model was built/injected "
               "(the training-only share); `peak memory` includes the model weights."]
     if report["settings"]["quick"]:
@@ -313,12 +346,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {
         "model": args.model or ("tiny-llama" if quick else "smollm2-135m-instruct"),
         "rounds": args.rounds or (1 if quick else 3),
-        "steps": args.steps or (3 if quick else 4),
-        "warmup": args.warmup if args.warmup is not None else (1 if quick else 1),
-        "batch": args.batch or (2 if quick else 2),
-        "seq": args.seq or (16 if quick else 128),
+        "steps": args.steps or 3,
+        "warmup": args.warmup if args.warmup is not None else 1,
+        "batch": args.batch or (2 if quick else 4),
+        "seq": args.seq or (16 if quick else 256),
         "threads": args.threads or min(os.cpu_count() or 1, 8),
-        "latency_reps": args.latency_reps or (3 if quick else 6),
+        "latency_reps": args.latency_reps or (3 if quick else 4),
+        "casts_seq": 8 if quick else 32,
         "seed": 0,
         "quick": quick,
         "ablation": args.ablation,
@@ -326,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs = list(CONFIGS)
     raw: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rnd in range(settings["rounds"]):
-        for contender, cfg in jobs_for_round(configs, args.ablation):
+        for contender, cfg in jobs_for_round(configs, args.ablation, first=rnd == 0):
             spec = {**settings, "contender": contender, "config_name": cfg, "config": CONFIGS[cfg],
                     "device": args.device}
             print(f"[round {rnd + 1}/{settings['rounds']}] {contender} / {cfg} ...", file=sys.stderr, flush=True)

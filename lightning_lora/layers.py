@@ -136,7 +136,8 @@ class LoRALayer(nn.Module):
     _fusable = False
 
     def _fused_path(self, x: torch.Tensor) -> str | None:
-        """Which fused adapter path `forward` takes: "dropout", "addmm", or None (plain modules).
+        """Which fused adapter path `forward` takes: "dropout" or "cast" (`_FusedLoRA` with and without
+        dropout), "addmm" (adapter dtype = input dtype, no dropout), or None (the plain modules).
 
         The fused paths compute what `adapter_forward` computes (the dropout path with its own masks),
         and are skipped where they could change behaviour: hooks on the adapter modules, autocast,
@@ -151,7 +152,10 @@ class LoRALayer(nn.Module):
                 or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):
             return None
         if isinstance(drop, nn.Identity) or not drop.training:
-            return "addmm" if x.dtype == self.lora_A.weight.dtype else None
+            if x.dtype == self.lora_A.weight.dtype:
+                return "addmm"
+            # a bf16 base with fp32 adapters: with autograd, keep x (bf16) rather than fp32 copies
+            return "cast" if torch.is_grad_enabled() else None
         if type(drop) is nn.Dropout and 0 < dropout_threshold(drop.p) < _MASK_LEVELS:
             return "dropout"
         return None
@@ -161,9 +165,9 @@ class LoRALayer(nn.Module):
         if self.merged or not self.lora_enabled:
             return result
         path = self._fused_path(x)
-        if path == "dropout":
-            return _DropoutLoRA.apply(result, x, self.lora_A.weight, self.lora_B.weight,
-                                      dropout_threshold(self.lora_dropout.p), self.scaling)
+        if path in ("dropout", "cast"):
+            threshold = dropout_threshold(self.lora_dropout.p) if path == "dropout" else 0
+            return _FusedLoRA.apply(result, x, self.lora_A.weight, self.lora_B.weight, threshold, self.scaling)
         if path == "addmm" and result.dtype == x.dtype:
             # result + scaling * (x A^T) B^T in one kernel; its backward scales only the small tensors
             h = F.linear(x, self.lora_A.weight)
@@ -247,16 +251,18 @@ def dropout_drop_mask(shape: torch.Size, threshold: int, seed: int, device: torc
     return lanes < threshold - _MASK_LEVELS // 2
 
 
-class _DropoutLoRA(torch.autograd.Function):
+class _FusedLoRA(torch.autograd.Function):
     """`result + scaling * (dropout(x) @ A^T) @ B^T` with a memory-lean backward.
 
     Autograd around `lora_B(lora_A(nn.Dropout(x)))` keeps, per adapted layer, the dropout mask and the
-    dropped-out input (the size of `x`, in the adapter dtype; plus a cast copy of `x` when the adapter
-    dtype differs). This function keeps only `x` itself (shared by the adapters that read the same
-    input: q/k/v, gate/up), the small `h = A dropout(x)` (r columns) and the integer seed of its mask;
-    backward draws the mask again from the seed. The seed comes from the default CPU generator, so
-    `torch.manual_seed` / `seed_everything` make runs repeatable, and activation checkpointing (which
-    restores the generator's state before recomputing) recomputes the same mask.
+    dropped-out input (the size of `x`, in the adapter dtype: an fp32 copy when the base runs in bf16).
+    This function keeps only `x` itself, in its own dtype (one tensor shared by the adapters that read
+    the same input: q/k/v, gate/up), the small `h = A dropout(x)` (r columns) and the integer seed of
+    its mask; backward draws the mask again from the seed and casts `x` again where the adapter dtype
+    differs. The seed comes from the default CPU generator, so `torch.manual_seed` / `seed_everything`
+    make runs repeatable, and activation checkpointing (which restores the generator's state before
+    recomputing) recomputes the same mask. `threshold=0` means no dropout (used for a bf16 base with
+    fp32 adapters, where it saves the bf16 `x` instead of an fp32 copy per adapter).
 
     `result` (the base layer's output) is added in the same step (`addmm` when dtypes agree); its
     gradient is the incoming gradient unchanged.
@@ -265,18 +271,21 @@ class _DropoutLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 threshold: int, scaling: float) -> torch.Tensor:
-        seed = draw_dropout_seed()
-        drop = dropout_drop_mask(x.shape, threshold, seed, x.device)
-        xd = x.to(a.dtype).masked_fill_(drop, 0) if x.dtype != a.dtype else torch.where(drop, 0.0, x)
-        del drop
+        seed = draw_dropout_seed() if threshold else 0
+        xd = x.to(a.dtype)                                              # no copy when dtypes agree
+        if threshold:
+            drop = dropout_drop_mask(x.shape, threshold, seed, x.device)
+            xd = xd.masked_fill_(drop, 0) if xd is not x else torch.where(drop, 0.0, x)
+            del drop
         keep_scale = _MASK_LEVELS / (_MASK_LEVELS - threshold)
-        h = F.linear(xd, a).mul_(keep_scale)                          # (..., r)
+        h = F.linear(xd, a)                                             # (..., r)
+        if threshold:
+            h.mul_(keep_scale)
         del xd
         ctx.save_for_backward(x, a, b, h)
         ctx.seed, ctx.threshold, ctx.keep_scale, ctx.scaling = seed, threshold, keep_scale, scaling
-        h2 = h.reshape(-1, h.shape[-1])
         if result.dtype == b.dtype:
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), h2, b.t(), alpha=scaling)
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
             return out.view(result.shape)
         return result + F.linear(h, b).mul_(scaling).to(result.dtype)
 
@@ -289,16 +298,23 @@ class _DropoutLoRA(torch.autograd.Function):
         grad_x = grad_a = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gh = (g @ b).mul_(s * ctx.keep_scale)                      # (tokens, r)
-            drop = dropout_drop_mask(x.shape, ctx.threshold, ctx.seed, x.device).view(-1, x.shape[-1])
+            drop = None
+            if ctx.threshold:
+                drop = dropout_drop_mask(x.shape, ctx.threshold, ctx.seed, x.device)
             if ctx.needs_input_grad[2]:
-                x2 = x.reshape(-1, x.shape[-1])
-                xd = x2.to(a.dtype).masked_fill_(drop, 0) if x.dtype != a.dtype else torch.where(drop, 0.0, x2)
+                xd = x.reshape(-1, x.shape[-1]).to(a.dtype)
+                if drop is not None:
+                    d2 = drop.view(-1, x.shape[-1])
+                    xd = xd.masked_fill_(d2, 0) if x.dtype != a.dtype else torch.where(d2, 0.0, xd)
                 grad_a = gh.T @ xd
                 del xd
             if ctx.needs_input_grad[1]:
                 # computed in x's shape, not as a view: autograd then sums it with the base path's
                 # gradient in place instead of allocating a third tensor of x's size
-                grad_x = (gh.view(*x.shape[:-1], gh.shape[-1]) @ a).masked_fill_(drop.view(x.shape), 0).to(x.dtype)
+                grad_x = gh.view(*x.shape[:-1], gh.shape[-1]) @ a
+                if drop is not None:
+                    grad_x.masked_fill_(drop, 0)
+                grad_x = grad_x.to(x.dtype)
         return grad_out if ctx.needs_input_grad[0] else None, grad_x, grad_a, grad_b, None, None
 
 

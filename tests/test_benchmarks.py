@@ -56,7 +56,19 @@ def test_quick_run_json_structure(quick_run):
         for key in ("time_ours_over_peft", "time_ours_over_floor", "mem_ours_over_peft", "mem_ours_over_floor",
                     "latency_merged_over_base", "ckpt_over_budget"):
             assert res["ratios"][key] > 0, key
-    assert {t["target"] for t in report["targets"]} >= {"step time ours/PEFT", "merged latency / base"}
+        assert len(res["per_round"]["time_ours_over_peft"]) == report["settings"]["rounds"]
+        casts = res["casts"]
+        assert list(casts) == ["floor", "ours", "peft"]
+        assert casts["ours"]["adapted_layers"] == casts["peft"]["adapted_layers"] == (4 if cfg == "qv-r8" else 14)
+        assert casts["ours"]["adapter_dtypes"] == casts["peft"]["adapter_dtypes"] == ["torch.float32"]
+        # counts, not timings: the base path of a bf16 model runs without casting a base parameter; the
+        # adapters cast as often as PEFT's forward, and backward at most once more per adapted layer
+        # (x is cast again for A's gradient instead of being kept as an fp32 copy)
+        assert casts["ours"]["base_param_casts"] == 0
+        assert casts["floor"]["forward"] < casts["ours"]["forward"] == casts["peft"]["forward"]
+        assert casts["ours"]["backward"] <= casts["peft"]["backward"] + casts["ours"]["adapted_layers"]
+    assert {t["target"] for t in report["targets"]} >= {"step time ours/PEFT", "merged latency / base",
+                                                         "bf16 base: casts reading a base parameter"}
     assert all(isinstance(t["met"], bool) for t in report["targets"])
 
 

@@ -1,5 +1,5 @@
-"""The fused adapter paths of `LoRALinear`/`LoRAConv1D`: `_DropoutLoRA` (dropout > 0, training) with its
-custom backward and regenerated masks, and the `addmm` path (no dropout, or eval)."""
+"""The fused adapter paths of `LoRALinear`/`LoRAConv1D`: `_FusedLoRA` (dropout > 0 in training, or a bf16
+base with fp32 adapters) with its custom backward and regenerated masks, and the `addmm` path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.layers import (LoRAConv1D, LoRALinear, _DropoutLoRA, draw_dropout_seed, dropout_drop_mask,
+from lightning_lora.layers import (LoRAConv1D, LoRALinear, _FusedLoRA, draw_dropout_seed, dropout_drop_mask,
                                    dropout_threshold)
 
 
@@ -62,7 +62,7 @@ def test_gradcheck_float64(shape):
     result = torch.randn(*shape[:-1], 4, dtype=torch.float64, requires_grad=True)
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    f = _seeded(lambda result, x, a, b: _DropoutLoRA.apply(result, x, a, b, dropout_threshold(0.3), 1.7))
+    f = _seeded(lambda result, x, a, b: _FusedLoRA.apply(result, x, a, b, dropout_threshold(0.3), 1.7))
     assert torch.autograd.gradcheck(f, (result, x, a, b), eps=1e-6, atol=1e-5)
 
 
@@ -72,7 +72,7 @@ def test_gradcheck_float64_only_some_inputs_need_grad():
     result = torch.randn(4, 5, dtype=torch.float64)
     a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-    f = _seeded(lambda a, b: _DropoutLoRA.apply(result, x, a, b, dropout_threshold(0.5), 2.0))
+    f = _seeded(lambda a, b: _FusedLoRA.apply(result, x, a, b, dropout_threshold(0.5), 2.0))
     assert torch.autograd.gradcheck(f, (a, b), eps=1e-6, atol=1e-5)
 
 
@@ -102,7 +102,7 @@ def test_matches_plain_autograd_with_the_same_mask(cls):
     torch.manual_seed(5)
     ref = _reference(layer, x, draw_dropout_seed())
     ref_grads = torch.autograd.grad(ref.square().sum(), params)
-    assert out.grad_fn.name() == "_DropoutLoRABackward"
+    assert out.grad_fn.name() == "_FusedLoRABackward"
     # the same products, summed and scaled in another order (1/(1-p) is applied to the r-wide h)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
@@ -189,8 +189,10 @@ def test_paths_taken():
     hooked = LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()
     hooked.lora_A.register_forward_hook(lambda *a: None)
     assert hooked._fused_path(x) is None
-    # a bf16 base with fp32 adapters cannot add in one addmm: plain path
-    assert LoRALinear(nn.Linear(4, 4).bfloat16(), r=2, alpha=2)._fused_path(x.bfloat16()) is None
+    # a bf16 base with fp32 adapters: the cast-saving function with autograd, the modules without
+    assert LoRALinear(nn.Linear(4, 4).bfloat16(), r=2, alpha=2)._fused_path(x.bfloat16()) == "cast"
+    with torch.no_grad():
+        assert LoRALinear(nn.Linear(4, 4).bfloat16(), r=2, alpha=2)._fused_path(x.bfloat16()) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()._fused_path(x) is None
 
@@ -236,3 +238,64 @@ def test_saves_no_mask_and_no_dropped_copy():
     assert saved_bytes_besides_x(lambda: layer(x)) == h_bytes
     plain = lambda: layer.base_forward(x) + layer.lora_B(layer.lora_A(layer.lora_dropout(x))) * layer.scaling  # noqa: E731
     assert saved_bytes_besides_x(plain) >= h_bytes + x.numel() * (4 + 1)   # dropped fp32 copy + bool mask
+
+
+def _bf16_layer(dropout: float) -> LoRALinear:
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(32, 24).to(torch.bfloat16), r=4, alpha=8, dropout=dropout).train()
+    layer.weight.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    return layer
+
+
+def test_cast_path_matches_the_modules_and_keeps_bf16_x():
+    layer = _bf16_layer(0.0)
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    params = (x, layer.lora_A.weight, layer.lora_B.weight, layer.bias)
+    out = layer(x)
+    assert out.grad_fn.name() == "_FusedLoRABackward" and out.dtype is torch.bfloat16
+    ref = layer.base_forward(x) + layer.adapter_forward(x).to(torch.bfloat16)
+    assert torch.equal(out, ref)
+    for g, r in zip(torch.autograd.grad(out.float().sum(), params), torch.autograd.grad(ref.float().sum(), params)):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r)
+
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    params = {p.data_ptr() for p in layer.parameters()}
+    big = [t for t in saved if t.numel() >= x.numel() and t.data_ptr() not in params]
+    assert [(t.dtype, t.data_ptr()) for t in big] == [(torch.bfloat16, x.data_ptr())]   # x itself, no fp32 copy
+
+
+class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the source tensor of every dtype cast (`aten._to_copy`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.sources.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_bf16_base_fp32_adapter_casts_are_counted_and_off_the_base_path(dropout):
+    """Per adapted layer and step: 2 casts forward (x up, adapter output down), 3 backward (incoming grad
+    up, x up for A's gradient, x's gradient down); none of them touches the base weight or bias."""
+    layer = _bf16_layer(dropout)
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    with _CountCasts() as fwd:
+        out = layer(x)
+    loss = out.float().sum()
+    with _CountCasts() as bwd:
+        loss.backward()
+    assert [(t.dtype, tuple(t.shape)) for t in fwd.sources] == [(torch.bfloat16, (3, 5, 32)), (torch.float32, (3, 5, 24))]
+    # the first backward cast belongs to the test's own `.float()` of the output
+    assert [(t.dtype, tuple(t.shape)) for t in bwd.sources] == [(torch.float32, (3, 5, 24)),
+        (torch.bfloat16, (15, 24)), (torch.bfloat16, (15, 32)), (torch.float32, (3, 5, 32))]
+    base = {layer.weight.data_ptr(), layer.bias.data_ptr()}
+    assert not any(t.data_ptr() in base for t in fwd.sources + bwd.sources)
