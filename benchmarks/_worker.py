@@ -4,9 +4,9 @@ Run by `benchmarks/run.py`; not meant to be called by hand:
 
     python benchmarks/_worker.py '<json spec>' OUT.json
 
-The spec names the contender (floor, ours, ours-trainer, peft, full, latency, casts), the LoRA config,
-the model, the device and the sizes. The result (per-step times, memory, parameter counts,
-checkpoint bytes, or inference latencies) is written as JSON to OUT.json.
+The spec names the contender (floor, ours, ours-trainer, peft, full, latency, casts, paired), the
+LoRA config, the model, the device and the sizes. The result (per-step times, memory, parameter
+counts, checkpoint bytes, inference latencies, cast counts) is written as JSON to OUT.json.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,28 +121,64 @@ def _raw_bytes(params: list[torch.Tensor]) -> int:
 
 
 # ---------------------------------------------------------------------- training contenders
-def plain_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any], floor: bool = False) -> list[float]:
-    """`warmup + steps` optimizer steps (or, for the floor, forward + backward to the input embeddings)."""
-    device = spec["device"]
+def make_step(model: torch.nn.Module, ids: torch.Tensor, device: str, floor: bool = False) -> Callable[[], float]:
+    """One timed optimizer step (or, for the floor, forward + backward to the input embeddings)."""
     opt = None if floor else torch.optim.AdamW(_trainable(model), lr=1e-4)
-    times: list[float] = []
-    for step in range(spec["warmup"] + spec["steps"]):
+
+    def step() -> float:
         _sync(device)
         t0 = time.perf_counter()
         if floor:
             emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=emb, labels=ids).loss
-            loss.backward()
+            model(inputs_embeds=emb, labels=ids).loss.backward()
         else:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
+            model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         _sync(device)
-        if step >= spec["warmup"]:
-            times.append(time.perf_counter() - t0)
-        del loss
-    return times
+        return time.perf_counter() - t0
+
+    return step
+
+
+def plain_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any], floor: bool = False) -> list[float]:
+    """`warmup + steps` steps; the times of the steps after the warm-up."""
+    step = make_step(model, ids, spec["device"], floor)
+    times = [step() for _ in range(spec["warmup"] + spec["steps"])]
+    return times[spec["warmup"]:]
+
+
+def run_paired(spec: dict[str, Any]) -> dict[str, Any]:
+    """floor, ours and PEFT in one process, step by step in turn (the order rotating every step).
+
+    Memory is not measured here (the three models share the process); time is, and more precisely
+    than across processes: neighbouring steps see the same machine, so the per-step ratios
+    ours/PEFT and ours/floor are free of the drift between processes.
+    """
+    from peft import get_peft_model
+
+    from lightning_lora import inject_lora
+
+    device = spec["device"]
+    floor = build_model(spec["model"], device).requires_grad_(False)
+    ours = build_model(spec["model"], device)
+    inject_lora(ours, lora_config(spec))
+    peft = get_peft_model(build_model(spec["model"], device), peft_config(spec))
+    vocab = floor.get_input_embeddings().weight.shape[0]
+    ids = make_batch(vocab, spec["batch"], spec["seq"], spec["seed"], device)
+    steps = {"floor": make_step(floor, ids, device, floor=True), "ours": make_step(ours, ids, device),
+             "peft": make_step(peft, ids, device)}
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(spec["warmup"] + spec["steps"]):
+        order = names[i % 3:] + names[:i % 3]
+        took = {n: steps[n]() for n in order}
+        if i >= spec["warmup"]:
+            for n in names:
+                times[n].append(took[n])
+    return {"times": times,
+            "ours_over_peft": [o / p for o, p in zip(times["ours"], times["peft"])],
+            "ours_over_floor": [o / f for o, f in zip(times["ours"], times["floor"])]}
 
 
 def trainer_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any]) -> tuple[list[float], torch.nn.Module]:
@@ -373,6 +409,8 @@ def main() -> None:
         result = run_latency(spec)
     elif spec["contender"] == "casts":
         result = run_casts(spec)
+    elif spec["contender"] == "paired":
+        result = run_paired(spec)
     else:
         result = run_training(spec)
     result["spec"] = spec

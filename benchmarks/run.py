@@ -14,6 +14,12 @@ Contenders (same model, random tokens with a fixed seed, batch, sequence length,
 - peft: `peft.get_peft_model` with the same config, the same loop.
 - full: full fine-tuning, the same loop.
 
+Besides, per config and round: `paired` runs floor, ours and PEFT in one process, one step each
+in turn (the order rotating), so that the per-step time ratios compare neighbouring steps; the
+step-time targets use these paired ratios (the separate-process ratios are reported too).
+`latency` times inference of base / unmerged / merged; `casts` (first round only) counts dtype
+casts in one step on a bf16 base with fp32 adapters.
+
 Configs: (a) r=8 on q_proj, v_proj, dropout 0; (b) r=16 on all linear layers, dropout 0.05.
 
 Every measurement runs in its own subprocess (`benchmarks/_worker.py`) so that its memory peak is
@@ -55,8 +61,10 @@ CONFIG_FREE = ("floor", "full")
 
 #: targets: (name, ratio key, config or None for all, upper bound, lower bound)
 TARGETS: list[tuple[str, str, str | None, float, float | None]] = [
-    ("step time ours/PEFT", "time_ours_over_peft", None, 1.00, None),
-    ("step time ours/floor", "time_ours_over_floor", "qv-r8", 1.10, None),
+    ("step time ours/PEFT (paired)", "time_ours_over_peft_paired", None, 1.00, None),
+    ("step time ours/floor (paired)", "time_ours_over_floor_paired", "qv-r8", 1.10, None),
+    ("step time ours/PEFT (separate processes)", "time_ours_over_peft", None, 1.00, None),
+    ("step time ours/floor (separate processes)", "time_ours_over_floor", "qv-r8", 1.10, None),
     ("peak memory ours/PEFT (dropout 0)", "mem_ours_over_peft", "qv-r8", 1.00, None),
     ("peak memory ours/PEFT (dropout 0.05, all-linear)", "mem_ours_over_peft", "all-r16-do", 0.85, None),
     ("merged latency / base", "latency_merged_over_base", None, 1.03, 0.97),
@@ -76,6 +84,7 @@ def jobs_for_round(configs: list[str], ablation: bool = False, first: bool = Tru
             jobs.append(("ours-unfused", cfg))
     jobs.append(("full", configs[0]))
     jobs += [("latency", cfg) for cfg in configs]
+    jobs += [("paired", cfg) for cfg in configs]
     if first:
         jobs += [("casts", cfg) for cfg in configs]
     return jobs
@@ -154,6 +163,11 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
         # shows how much of a difference is the machine's drift
         per_round = {"time_ours_over_peft": [o / q for o, q in zip(by_round["ours"], by_round["peft"])],
                      "time_ours_over_floor": [o / f for o, f in zip(by_round["ours"], by_round["floor"])]}
+        paired_runs = raw.get(("paired", cfg), [])
+        paired = {k: [x for r in paired_runs for x in r[k]] for k in ("ours_over_peft", "ours_over_floor")}
+        if paired["ours_over_peft"]:
+            ratios["time_ours_over_peft_paired"] = statistics.median(paired["ours_over_peft"])
+            ratios["time_ours_over_floor_paired"] = statistics.median(paired["ours_over_floor"])
         casts = ({k: v for k, v in raw[("casts", cfg)][0].items() if k != "spec"}
                  if ("casts", cfg) in raw else None)
         if casts is not None:
@@ -166,7 +180,7 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
             ratios["train_mem_ours_over_unfused"] = c["ours"]["train_peak_bytes"] / c["ours-unfused"]["train_peak_bytes"]
         out[cfg] = {"label": CONFIGS[cfg]["label"], "config": {k: v for k, v in CONFIGS[cfg].items() if k != "label"},
                     "contenders": contenders, "latency": latency, "ratios": ratios, "per_round": per_round,
-                    "casts": casts}
+                    "paired": {k: time_stats(v) if v else None for k, v in paired.items()}, "casts": casts}
     return out
 
 
@@ -204,7 +218,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"- python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"lightning {m['lightning']}",
              f"- model: {s['model']}; batch {s['batch']} x seq {s['seq']} random tokens (seed {s['seed']}); "
-             f"AdamW lr 1e-4; {s['warmup']} warm-up + {s['steps']} timed steps per run; {s['rounds']} round(s), "
+             f"AdamW lr 1e-4; {s['warmup']} warm-up + {s['steps']} timed steps per run "
+             f"({s.get('paired_steps', s['steps'])} per model in a paired run); {s['rounds']} round(s), "
              "contenders alternating round-robin, one subprocess per measurement",
              f"- memory: {m['memory_method']}",
              f"- inference latency: forward of batch {s['batch']} x seq {s['seq']} under `inference_mode`, "
@@ -236,11 +251,17 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{_size(c['bytes'])} | {c['base_param_casts']} |")
         pr = res.get("per_round", {})
         if pr:
-            lines += ["", "step time ratio by round (each round's runs back to back): "
+            lines += ["", "step time ratio by round (separate processes, each round's runs back to back): "
                       + "; ".join(f"{k} " + ", ".join(f"{v:.3f}" for v in vs) for k, vs in pr.items())]
+        if res.get("paired", {}).get("ours_over_peft"):
+            lines += ["", "paired (floor, ours, PEFT in one process, one step each in turn): per-step ratio median "
+                      "(IQR, n): " + "; ".join(
+                          f"{k} {v['median_s']:.3f} ({v['q1_s']:.3f}..{v['q3_s']:.3f}, {v['n']})"
+                          for k, v in res["paired"].items())]
         r = res["ratios"]
         lines += ["", "| ratio | value |", "| --- | ---: |"]
-        for key in ("time_ours_over_peft", "time_ours_over_floor", "time_trainer_over_ours", "time_full_over_ours",
+        for key in ("time_ours_over_peft_paired", "time_ours_over_floor_paired",
+                    "time_ours_over_peft", "time_ours_over_floor", "time_trainer_over_ours", "time_full_over_ours",
                     "mem_ours_over_peft", "mem_ours_over_floor", "train_mem_ours_over_peft",
                     "latency_unmerged_over_base", "latency_merged_over_base", "ckpt_ours_over_peft",
                     "ckpt_over_budget", "time_ours_over_unfused", "mem_ours_over_unfused",
@@ -269,7 +290,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("time_ours_over_peft", "time ours/PEFT"), ("time_ours_over_floor", "time ours/floor"),
+    keys = [("time_ours_over_peft_paired", "time ours/PEFT"), ("time_ours_over_floor_paired", "time ours/floor"),
             ("mem_ours_over_peft", "memory ours/PEFT"), ("mem_ours_over_floor", "memory ours/floor"),
             ("latency_merged_over_base", "merged latency/base"), ("ckpt_ours_over_peft", "checkpoint ours/PEFT")]
     cfgs = list(report["results"])
@@ -337,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPU count)")
     p.add_argument("--latency-reps", type=int, default=None)
+    p.add_argument("--paired-steps", type=int, default=None, help="timed steps per model in a paired run")
     p.add_argument("--ablation", action="store_true",
                    help="also run 'ours-unfused' (plain autograd through nn.Dropout) on the dropout config")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
@@ -353,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": args.threads or min(os.cpu_count() or 1, 8),
         "latency_reps": args.latency_reps or (3 if quick else 4),
         "casts_seq": 8 if quick else 32,
+        "paired_steps": args.paired_steps or (2 if quick else 6),
         "seed": 0,
         "quick": quick,
         "ablation": args.ablation,
@@ -363,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for contender, cfg in jobs_for_round(configs, args.ablation, first=rnd == 0):
             spec = {**settings, "contender": contender, "config_name": cfg, "config": CONFIGS[cfg],
                     "device": args.device}
+            if contender == "paired":
+                spec["steps"] = settings["paired_steps"]
             print(f"[round {rnd + 1}/{settings['rounds']}] {contender} / {cfg} ...", file=sys.stderr, flush=True)
             raw.setdefault((contender, cfg), []).append(run_job(spec, args.timeout))
 

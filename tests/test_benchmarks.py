@@ -53,10 +53,12 @@ def test_quick_run_json_structure(quick_run):
         assert c["ours"]["trainable_params"] == c["peft"]["trainable_params"] == c["ours-trainer"]["trainable_params"]
         assert c["full"]["trainable_params"] > c["ours"]["trainable_params"] > 0
         assert {"base", "unmerged", "merged", "merged_over_base", "unmerged_over_base"} <= set(res["latency"])
-        for key in ("time_ours_over_peft", "time_ours_over_floor", "mem_ours_over_peft", "mem_ours_over_floor",
+        for key in ("time_ours_over_peft", "time_ours_over_floor", "time_ours_over_peft_paired",
+                    "time_ours_over_floor_paired", "mem_ours_over_peft", "mem_ours_over_floor",
                     "latency_merged_over_base", "ckpt_over_budget"):
             assert res["ratios"][key] > 0, key
         assert len(res["per_round"]["time_ours_over_peft"]) == report["settings"]["rounds"]
+        assert res["paired"]["ours_over_peft"]["n"] == report["settings"]["rounds"] * report["settings"]["paired_steps"]
         casts = res["casts"]
         assert list(casts) == ["floor", "ours", "peft"]
         assert casts["ours"]["adapted_layers"] == casts["peft"]["adapted_layers"] == (4 if cfg == "qv-r8" else 14)
@@ -67,7 +69,7 @@ def test_quick_run_json_structure(quick_run):
         assert casts["ours"]["base_param_casts"] == 0
         assert casts["floor"]["forward"] < casts["ours"]["forward"] == casts["peft"]["forward"]
         assert casts["ours"]["backward"] <= casts["peft"]["backward"] + casts["ours"]["adapted_layers"]
-    assert {t["target"] for t in report["targets"]} >= {"step time ours/PEFT", "merged latency / base",
+    assert {t["target"] for t in report["targets"]} >= {"step time ours/PEFT (paired)", "merged latency / base",
                                                          "bf16 base: casts reading a base parameter"}
     assert all(isinstance(t["met"], bool) for t in report["targets"])
 
