@@ -286,7 +286,8 @@ def run_casts(spec: dict[str, Any]) -> dict[str, Any]:
 
     Counts floor (no adapters), ours and PEFT (whose `get_peft_model` also keeps adapters fp32 on a
     bf16 base), forward and backward apart, and how many casts read a frozen base parameter (the
-    base path must run in bf16 without any).
+    base path must run in bf16 without any). Also sums the bytes autograd saves for backward in
+    that step (each storage once, parameters excluded): the activation memory, exactly.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -325,7 +326,15 @@ def run_casts(spec: dict[str, Any]) -> dict[str, Any]:
         frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
         vocab = model.get_input_embeddings().weight.shape[0]
         ids = make_batch(vocab, 1, spec["casts_seq"], spec["seed"], device)
-        with Count(frozen) as fwd:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with Count(frozen) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if kind == "floor":
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 loss = model(inputs_embeds=emb, labels=ids).loss
@@ -335,6 +344,7 @@ def run_casts(spec: dict[str, Any]) -> dict[str, Any]:
             loss.backward()
         result[kind] = {"forward": fwd.n, "backward": bwd.n, "bytes": fwd.bytes + bwd.bytes,
                         "base_param_casts": fwd.n_base + bwd.n_base, "adapted_layers": n_layers,
+                        "saved_activation_bytes": sum(saved.values()),
                         "adapter_dtypes": adapter_dtypes}
         del model, loss
     return result

@@ -69,6 +69,10 @@ def test_quick_run_json_structure(quick_run):
         assert casts["ours"]["base_param_casts"] == 0
         assert casts["floor"]["forward"] < casts["ours"]["forward"] == casts["peft"]["forward"]
         assert casts["ours"]["backward"] <= casts["peft"]["backward"] + casts["ours"]["adapted_layers"]
+        # bytes saved for backward (a count, not a timing): fp32 adapters on a bf16 base keep the bf16
+        # input, not an fp32 copy (plus, with dropout, a mask) per adapter as PEFT does
+        act = {k: casts[k]["saved_activation_bytes"] for k in casts}
+        assert act["floor"] < act["ours"] < act["peft"]
     assert {t["target"] for t in report["targets"]} >= {"step time ours/PEFT (paired)", "merged latency / base",
                                                          "bf16 base: casts reading a base parameter"}
     assert all(isinstance(t["met"], bool) for t in report["targets"])
