@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -121,6 +122,32 @@ def _raw_bytes(params: list[torch.Tensor]) -> int:
 
 
 # ---------------------------------------------------------------------- training contenders
+def prepare(model: torch.nn.Module, kind: str, spec: dict[str, Any]) -> torch.nn.Module:
+    """The model as contender `kind` trains it: floor frozen, ours injected, PEFT wrapped, full trainable
+    (ours-trainer: unchanged, the callback injects)."""
+    if kind == "floor":
+        model.requires_grad_(False)
+    elif kind in ("ours", "ours-unfused"):
+        from lightning_lora import inject_lora
+
+        inject_lora(model, lora_config(spec))
+    elif kind == "peft":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config(spec))
+    elif kind == "full":
+        model.requires_grad_(True)
+    return model
+
+
+def training_loss(model: torch.nn.Module, ids: torch.Tensor, floor: bool = False) -> torch.Tensor:
+    """The causal-LM loss; for the floor, from input embeddings that need a gradient (backward reaches them)."""
+    if floor:
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        return model(inputs_embeds=emb, labels=ids).loss
+    return model(input_ids=ids, labels=ids).loss
+
+
 def make_step(model: torch.nn.Module, ids: torch.Tensor, device: str, floor: bool = False) -> Callable[[], float]:
     """One timed optimizer step (or, for the floor, forward + backward to the input embeddings)."""
     opt = None if floor else torch.optim.AdamW(_trainable(model), lr=1e-4)
@@ -128,11 +155,8 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, device: str, floor: boo
     def step() -> float:
         _sync(device)
         t0 = time.perf_counter()
-        if floor:
-            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            model(inputs_embeds=emb, labels=ids).loss.backward()
-        else:
-            model(input_ids=ids, labels=ids).loss.backward()
+        training_loss(model, ids, floor).backward()
+        if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -155,20 +179,12 @@ def run_paired(spec: dict[str, Any]) -> dict[str, Any]:
     than across processes: neighbouring steps see the same machine, so the per-step ratios
     ours/PEFT and ours/floor are free of the drift between processes.
     """
-    from peft import get_peft_model
-
-    from lightning_lora import inject_lora
-
     device = spec["device"]
-    floor = build_model(spec["model"], device).requires_grad_(False)
-    ours = build_model(spec["model"], device)
-    inject_lora(ours, lora_config(spec))
-    peft = get_peft_model(build_model(spec["model"], device), peft_config(spec))
-    vocab = floor.get_input_embeddings().weight.shape[0]
+    names = ["floor", "ours", "peft"]
+    models = {n: prepare(build_model(spec["model"], device), n, spec) for n in names}
+    vocab = models["floor"].get_input_embeddings().weight.shape[0]
     ids = make_batch(vocab, spec["batch"], spec["seq"], spec["seed"], device)
-    steps = {"floor": make_step(floor, ids, device, floor=True), "ours": make_step(ours, ids, device),
-             "peft": make_step(peft, ids, device)}
-    names = list(steps)
+    steps = {n: make_step(m, ids, device, floor=n == "floor") for n, m in models.items()}
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(spec["warmup"] + spec["steps"]):
         order = names[i % 3:] + names[:i % 3]
@@ -200,7 +216,7 @@ def trainer_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any]
             return self.model(input_ids=x, labels=x).loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+            return torch.optim.AdamW(_trainable(self), lr=1e-4)
 
     class StepTimer(L.Callback):
         def __init__(self) -> None:
@@ -235,22 +251,11 @@ def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     model = build_model(spec["model"], device)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = make_batch(vocab, spec["batch"], spec["seq"], spec["seed"], device)
-    if kind == "floor":
-        model.requires_grad_(False)
-    elif kind in ("ours", "ours-unfused"):
-        from lightning_lora import inject_lora
+    if kind == "ours-unfused":  # ablation: plain autograd through nn.Dropout and the modules (no fused paths)
+        from lightning_lora.layers import LoRALayer
 
-        if kind == "ours-unfused":  # ablation: plain autograd through nn.Dropout and the modules (no fused paths)
-            from lightning_lora.layers import LoRALayer
-
-            LoRALayer._fused_path = lambda self, x: None  # type: ignore[method-assign]
-        inject_lora(model, lora_config(spec))
-    elif kind == "peft":
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config(spec))
-    elif kind == "full":
-        model.requires_grad_(True)
+        LoRALayer._fused_path = lambda self, x: None  # type: ignore[method-assign]
+    model = prepare(model, kind, spec)
     mem.after_setup()
 
     saved_from: torch.nn.Module = model
@@ -307,21 +312,8 @@ def run_casts(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     result: dict[str, Any] = {}
     for kind in ("floor", "ours", "peft"):
-        model = build_model(spec["model"], device).to(torch.bfloat16)
-        n_layers = 0
-        if kind == "floor":
-            model.requires_grad_(False)
-        elif kind == "ours":
-            from lightning_lora import inject_lora
-            from lightning_lora.surgery import lora_layers
-
-            inject_lora(model, lora_config(spec))
-            n_layers = len(list(lora_layers(model)))
-        else:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config(spec))
-            n_layers = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        model = prepare(build_model(spec["model"], device).to(torch.bfloat16), kind, spec)
+        n_layers = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
         adapter_dtypes = sorted({str(p.dtype) for p in _trainable(model)})
         frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
         vocab = model.get_input_embeddings().weight.shape[0]
@@ -335,11 +327,7 @@ def run_casts(spec: dict[str, Any]) -> dict[str, Any]:
             return t
 
         with Count(frozen) as fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if kind == "floor":
-                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                loss = model(inputs_embeds=emb, labels=ids).loss
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
+            loss = training_loss(model, ids, floor=kind == "floor")
         with Count(frozen) as bwd:
             loss.backward()
         result[kind] = {"forward": fwd.n, "backward": bwd.n, "bytes": fwd.bytes + bwd.bytes,
@@ -391,14 +379,8 @@ def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
     model = merge_lora(model).eval()
     base2, merged = interleaved(model)
     return {"base": base1 + base2, "unmerged": unmerged, "merged": merged,
-            "unmerged_over_base": _median(unmerged) / _median(base1),
-            "merged_over_base": _median(merged) / _median(base2)}
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+            "unmerged_over_base": statistics.median(unmerged) / statistics.median(base1),
+            "merged_over_base": statistics.median(merged) / statistics.median(base2)}
 
 
 def main() -> None:

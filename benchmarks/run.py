@@ -123,11 +123,9 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
     out: dict[str, Any] = {}
     for cfg in configs:
         contenders: dict[str, Any] = {}
-        for name in (*TRAIN_CONTENDERS, "ours-unfused"):
-            key = (name, configs[0] if name in CONFIG_FREE else cfg)
-            if key not in raw:
-                continue
-            runs = raw[key]
+        keys = {name: (name, configs[0] if name in CONFIG_FREE else cfg) for name in (*TRAIN_CONTENDERS, "ours-unfused")}
+        runs_of = {name: raw[key] for name, key in keys.items() if key in raw}
+        for name, runs in runs_of.items():
             times = [t for r in runs for t in r["times"]]
             row = {"time": time_stats(times),
                    "peak_bytes": int(statistics.median(r["peak_bytes"] for r in runs)),
@@ -137,8 +135,7 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
                    "raw_trainable_bytes": runs[0]["raw_trainable_bytes"],
                    "checkpoint_bytes": runs[0].get("checkpoint_bytes")}
             contenders[name] = row
-        by_round = {name: [statistics.median(r["times"]) for r in raw[(name, configs[0] if name in CONFIG_FREE else cfg)]]
-                    for name in ("ours", "peft", "floor")}
+        by_round = {name: [statistics.median(r["times"]) for r in runs_of[name]] for name in ("ours", "peft", "floor")}
         lat_runs = raw[("latency", cfg)]
         latency = {k: time_stats([t for r in lat_runs for t in r[k]]) for k in ("base", "unmerged", "merged")}
         latency["merged_over_base"] = statistics.median(r["merged_over_base"] for r in lat_runs)

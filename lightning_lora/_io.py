@@ -61,11 +61,12 @@ def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
         yield tmp
         for path in tmp.rglob("*"):  # some writers (safetensors) create 0600 files: use the umask like open()
             if path.is_file() and not path.is_symlink():
-                os.chmod(path, 0o666 & ~_umask())
+                os.chmod(path, 0o666 & ~mask)
         check_output_dir(target, overwrite)
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()

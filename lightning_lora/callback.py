@@ -41,6 +41,7 @@ from lightning_lora._io import atomic_directory
 from lightning_lora.config import LoRAConfig, LoRAConfigError
 from lightning_lora.surgery import (
     LoRAError,
+    _saved_keys,
     check_adapter_state_dict,
     find_network,
     find_target_modules,
@@ -50,7 +51,6 @@ from lightning_lora.surgery import (
     is_lora_key,
     lora_layers,
     lora_parameters,
-    lora_state_dict,
     merge_lora,
     parameter_summary,
 )
@@ -77,7 +77,7 @@ def checkpoint_metadata(module: torch.nn.Module, config: LoRAConfig) -> dict[str
 
 def make_adapter_only(checkpoint: dict[str, Any], module: torch.nn.Module, config: LoRAConfig) -> None:
     """Keep only the adapter keys in `checkpoint["state_dict"]` and add the LoRA section."""
-    keys = lora_state_dict(module).keys()
+    keys = _saved_keys(module)
     state = checkpoint.get("state_dict", {})
     checkpoint["state_dict"] = {k: state[k] for k in keys if k in state}
     checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(module, config)

@@ -170,10 +170,7 @@ class LoRALayer(nn.Module):
             return _FusedLoRA.apply(result, x, self.lora_A.weight, self.lora_B.weight, threshold, self.scaling)
         if path == "addmm" and result.dtype == x.dtype:
             # result + scaling * (x A^T) B^T in one kernel; its backward scales only the small tensors
-            h = F.linear(x, self.lora_A.weight)
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, self.r), self.lora_B.weight.t(),
-                              alpha=self.scaling)
-            return out.view(result.shape)
+            return _add_adapter_output(result, F.linear(x, self.lora_A.weight), self.lora_B.weight, self.scaling)
         return result + self.adapter_forward(x).to(result.dtype)
 
     # ------------------------------------------------------------------ merge
@@ -251,6 +248,22 @@ def dropout_drop_mask(shape: torch.Size, threshold: int, seed: int, device: torc
     return lanes < threshold - _MASK_LEVELS // 2
 
 
+def _dropped_input(x: torch.Tensor, drop: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype` with the dropped entries zeroed (unscaled), never writing into `x` itself."""
+    xd = x.to(dtype)
+    if drop is None:
+        return xd
+    return xd.masked_fill_(drop, 0) if xd.dtype != x.dtype else torch.where(drop, 0.0, xd)
+
+
+def _add_adapter_output(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`result + scaling * h B^T`: one `addmm` when the dtypes agree, else computed in B's dtype and cast."""
+    if result.dtype != b.dtype:
+        return result + F.linear(h, b).mul_(scaling).to(result.dtype)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
+    return out.view(result.shape)
+
+
 class _FusedLoRA(torch.autograd.Function):
     """`result + scaling * (dropout(x) @ A^T) @ B^T` with a memory-lean backward.
 
@@ -272,22 +285,15 @@ class _FusedLoRA(torch.autograd.Function):
     def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 threshold: int, scaling: float) -> torch.Tensor:
         seed = draw_dropout_seed() if threshold else 0
-        xd = x.to(a.dtype)                                              # no copy when dtypes agree
-        if threshold:
-            drop = dropout_drop_mask(x.shape, threshold, seed, x.device)
-            xd = xd.masked_fill_(drop, 0) if xd is not x else torch.where(drop, 0.0, x)
-            del drop
+        drop = dropout_drop_mask(x.shape, threshold, seed, x.device) if threshold else None
         keep_scale = _MASK_LEVELS / (_MASK_LEVELS - threshold)
-        h = F.linear(xd, a)                                             # (..., r)
+        h = F.linear(_dropped_input(x, drop, a.dtype), a)              # (..., r)
         if threshold:
             h.mul_(keep_scale)
-        del xd
+        del drop
         ctx.save_for_backward(x, a, b, h)
         ctx.seed, ctx.threshold, ctx.keep_scale, ctx.scaling = seed, threshold, keep_scale, scaling
-        if result.dtype == b.dtype:
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
-            return out.view(result.shape)
-        return result + F.linear(h, b).mul_(scaling).to(result.dtype)
+        return _add_adapter_output(result, h, b, scaling)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -302,12 +308,8 @@ class _FusedLoRA(torch.autograd.Function):
             if ctx.threshold:
                 drop = dropout_drop_mask(x.shape, ctx.threshold, ctx.seed, x.device)
             if ctx.needs_input_grad[2]:
-                xd = x.reshape(-1, x.shape[-1]).to(a.dtype)
-                if drop is not None:
-                    d2 = drop.view(-1, x.shape[-1])
-                    xd = xd.masked_fill_(d2, 0) if x.dtype != a.dtype else torch.where(d2, 0.0, xd)
-                grad_a = gh.T @ xd
-                del xd
+                flat = (-1, x.shape[-1])
+                grad_a = gh.T @ _dropped_input(x.reshape(flat), None if drop is None else drop.view(flat), a.dtype)
             if ctx.needs_input_grad[1]:
                 # computed in x's shape, not as a view: autograd then sums it with the base path's
                 # gradient in place instead of allocating a third tensor of x's size

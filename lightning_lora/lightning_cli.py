@@ -55,14 +55,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def _wrapped_user_error(err: BaseException) -> BaseException | None:
-    """The user error behind `err`: jsonargparse re-raises an exception from a class's `__init__`
-    (e.g. the model's) as a ValueError "Does not validate against any of the Union subtypes" chained
-    to the original with `from`."""
+def _user_error(err: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """`err` if it is the user's to fix, else the user error behind it: jsonargparse re-raises an
+    exception from a class's `__init__` (e.g. the model's) as a ValueError "Does not validate against
+    any of the Union subtypes" chained to the original with `from`."""
     seen: set[int] = set()
-    cause = err.__cause__
+    cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, _user_error_types()):
+        if isinstance(cause, types):
             return cause
         seen.add(id(cause))
         cause = cause.__cause__
@@ -71,13 +71,11 @@ def _wrapped_user_error(err: BaseException) -> BaseException | None:
 
 def run_lightning_cli(argv: list[str]) -> int:
     """Run a LightningCLI subcommand; returns the exit code (2 for user errors, shown in one line)."""
+    types = _user_error_types()
     try:
         LoRALightningCLI(args=argv)
-    except _user_error_types() as err:
-        print(f"lightning-lora {argv[0]}: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        cause = _wrapped_user_error(err)
+    except (ValueError, *types) as err:
+        cause = _user_error(err, types)
         if cause is None:
             raise
         print(f"lightning-lora {argv[0]}: error: {cause}", file=sys.stderr)

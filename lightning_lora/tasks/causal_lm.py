@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_lora._io import _umask
 from lightning_lora.mixin import LoRAMixin
 from lightning_lora.surgery import LoRAError
 
@@ -322,9 +323,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a log file is as readable as any other
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a log file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
