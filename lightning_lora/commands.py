@@ -28,18 +28,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lightning_lora.surgery import LoRAError
+from lightning_lora.errors import CommandError, LoRAError
 
 MERGE_DTYPES = ("fp32", "bf16", "fp16")
 
 
-class CommandError(ValueError):
-    """A user error in a command (shown as one line, exit code 2).
-
-    Example:
-        >>> str(CommandError("adapter x does not exist"))
-        'adapter x does not exist'
-    """
 
 
 def _console() -> Console:

@@ -30,8 +30,7 @@ ADAPTER_DTYPES = {
 }
 
 
-class LoRAConfigError(ValueError):
-    """An invalid LoRA setting (a user error: the message says what was wrong and what to pass)."""
+from lightning_lora.errors import LoRAConfigError
 
 
 def _dtype_name(value: Any) -> str | None:

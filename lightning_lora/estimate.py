@@ -67,7 +67,7 @@ GIB = 1024**3
 MIB = 1024**2
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(LoRAError):
     """A `--model` that is neither a shipped name, a model directory nor a config.json file."""
 
 

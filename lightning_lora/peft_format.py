@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from lightning_lora._io import atomic_directory, check_output_dir
+from lightning_lora.errors import AdapterFormatError, UnsupportedAdapterError
 from lightning_lora.config import ALL_LINEAR, LoRAConfig, name_matches, pattern_key
 from lightning_lora.layers import HFConv1D, LoRAConv1D, LoRAEmbedding, LoRALayer
 from lightning_lora.surgery import (
@@ -114,29 +115,6 @@ _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _SAFE_INITS = ("gaussian", "eva", "orthogonal", "mica")
 #: name components that may be an embedding (only used when the base architecture is unknown)
 _EMBEDDING_HINTS = ("emb", "wte", "wpe", "shared")
-
-
-class AdapterFormatError(LoRAError):
-    """An adapter file or checkpoint that is missing, corrupt, or does not fit the model.
-
-    A `ValueError` (through `LoRAError`); the message names the path and what is wrong.
-
-    Example:
-        >>> try:
-        ...     load_adapter(model, "no/such/dir")   # doctest: +SKIP
-        ... except AdapterFormatError as err:
-        ...     print(err)                           # doctest: +SKIP
-        no/such/dir does not exist; expected a PEFT adapter directory ...
-    """
-
-
-class UnsupportedAdapterError(AdapterFormatError):
-    """A valid PEFT adapter that uses a feature lightning-lora does not implement (DoRA, ...).
-
-    Example:
-        >>> issubclass(UnsupportedAdapterError, AdapterFormatError)
-        True
-    """
 
 
 # ====================================================================== helpers: model structure

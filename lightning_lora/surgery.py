@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_lora.errors import LoRAError
 from lightning_lora.config import ALL_LINEAR, LoRAConfig, name_matches
 from lightning_lora.layers import SUPPORTED_TYPES, HFConv1D, LoRALayer, adapter_class_for
 
@@ -34,8 +35,6 @@ CONFIG_ATTR = "_lora_config"
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "embed_out", "output")
 
 
-class LoRAError(ValueError):
-    """A user error in LoRA surgery (bad targets, double injection, state dict mismatch)."""
 
 
 def _linear_like(module: nn.Module) -> bool:

@@ -32,6 +32,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_lora.errors import DataFormatError
+
 #: label value ignored by the loss (``torch.nn.CrossEntropyLoss(ignore_index=-100)``, transformers' default)
 IGNORE_INDEX = -100
 DATA_DIR = Path(__file__).resolve().parent
@@ -42,17 +44,6 @@ BUNDLED_VAL_FILE = DATA_DIR / "company_val.jsonl"
 _FORMATS_HINT = ('each line must be one JSON object: {"prompt": "...", "response": "..."}, '
                  '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
                  'or {"text": "..."}')
-
-
-class DataFormatError(ValueError):
-    """A data file with a line that cannot be used; the message starts with ``file:line``.
-
-    Example:
-        >>> from lightning_lora.data import read_examples
-        >>> read_examples("broken.jsonl")   # doctest: +SKIP
-        Traceback (most recent call last):
-        DataFormatError: broken.jsonl:3: 'response' is empty; ...
-    """
 
 
 @dataclass

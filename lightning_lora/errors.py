@@ -1,0 +1,93 @@
+"""The one family of user errors: everything a user can cause is a `LoRAError` (a `ValueError`).
+
+The `lightning-lora` command prints a `LoRAError` (or one chained behind another exception) as one
+line on stderr and exits with code 2; any other exception is a bug and keeps its traceback.
+
+| class | raised for |
+| --- | --- |
+| `LoRAError` | the root: bad targets, double injection, a state dict that does not fit, ... |
+| `LoRAConfigError` | an invalid `LoRAConfig` / `LoRA(...)` option |
+| `AdapterFormatError` | a missing, corrupt or mismatched adapter file or checkpoint |
+| `UnsupportedAdapterError` | a valid PEFT adapter using a feature we do not implement |
+| `DataFormatError` | a data file or data option that cannot be used (message starts with `file:line`) |
+| `ModelNotFoundError` | a model that is not available offline (also a `FileNotFoundError`) |
+| `CommandError` | a bad command-line argument of `lightning-lora export/merge/estimate` |
+
+Example:
+    >>> from lightning_lora.errors import LoRAError, DataFormatError
+    >>> issubclass(DataFormatError, LoRAError) and issubclass(LoRAError, ValueError)
+    True
+"""
+
+from __future__ import annotations
+
+
+class LoRAError(ValueError):
+    """A user error (bad option, path, data or file); the message says what was wrong, what was
+    expected and what to do.
+
+    Example:
+        >>> str(LoRAError("target_modules=['qproj'] matched no module"))
+        "target_modules=['qproj'] matched no module"
+    """
+
+
+class LoRAConfigError(LoRAError):
+    """An invalid LoRA setting (the message names the value, the expected range and an example).
+
+    Example:
+        >>> from lightning_lora import LoRAConfig
+        >>> LoRAConfig(r=0)
+        Traceback (most recent call last):
+        lightning_lora.errors.LoRAConfigError: r=0 is invalid; expected an integer > 0, e.g. r=8.
+    """
+
+
+class AdapterFormatError(LoRAError):
+    """An adapter file or checkpoint that is missing, corrupt, or does not fit the model; the
+    message names the path and what is wrong.
+
+    Example:
+        >>> issubclass(AdapterFormatError, LoRAError)
+        True
+    """
+
+
+class UnsupportedAdapterError(AdapterFormatError):
+    """A valid PEFT adapter that uses a feature lightning-lora does not implement (named in the message).
+
+    Example:
+        >>> issubclass(UnsupportedAdapterError, AdapterFormatError)
+        True
+    """
+
+
+class DataFormatError(LoRAError):
+    """A data file or data option that cannot be used; for a bad line the message starts with ``file:line``.
+
+    Example:
+        >>> issubclass(DataFormatError, ValueError)
+        True
+    """
+
+
+class ModelNotFoundError(LoRAError, FileNotFoundError):
+    """A model name that is neither a local path, a bundled model nor in the local Hugging Face cache.
+
+    Example:
+        >>> issubclass(ModelNotFoundError, FileNotFoundError)
+        True
+    """
+
+
+class CommandError(LoRAError):
+    """A bad argument of a `lightning-lora` command (shown as one line, exit code 2).
+
+    Example:
+        >>> str(CommandError("adapter x does not exist"))
+        'adapter x does not exist'
+    """
+
+
+__all__ = ["AdapterFormatError", "CommandError", "DataFormatError", "LoRAConfigError", "LoRAError",
+           "ModelNotFoundError", "UnsupportedAdapterError"]
