@@ -1,47 +1,62 @@
 """lightning-lora: LoRA fine-tuning for PyTorch Lightning.
 
 Example:
-    >>> from lightning_lora import LoRAConfig, inject_lora, merge_lora, lora_state_dict
+    >>> from lightning_lora import LoRAConfig, inject_lora, merge_and_unload, lora_state_dict
 """
 
 from lightning_lora.callback import LoRA
-from lightning_lora.config import LoRAConfig, LoRAConfigError
+from lightning_lora.config import LoRAConfig
+from lightning_lora.errors import AdapterFormatError, LoRAConfigError, LoRAError
 from lightning_lora.mixin import LoRAMixin
 from lightning_lora.peft_format import load_adapter, save_adapter
 from lightning_lora.surgery import (
-    LoRAError,
+    LoRAState,
     count_parameters,
     disable_lora,
     get_lora_config,
+    get_lora_state,
     inject_lora,
     load_lora_state_dict,
     lora_parameters,
     lora_state_dict,
+    merge_adapter,
     merge_adapters,
+    merge_and_unload,
     merge_lora,
     parameter_summary,
+    unload,
+    unmerge_adapter,
     unmerge_adapters,
+    unmerge_and_reinject,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFormatError",
     "LoRA",
-    "LoRAMixin",
     "LoRAConfig",
     "LoRAConfigError",
     "LoRAError",
+    "LoRAMixin",
+    "LoRAState",
     "count_parameters",
     "disable_lora",
     "get_lora_config",
+    "get_lora_state",
     "inject_lora",
+    "load_adapter",
     "load_lora_state_dict",
     "lora_parameters",
-    "load_adapter",
     "lora_state_dict",
+    "merge_adapter",
     "merge_adapters",
+    "merge_and_unload",
     "merge_lora",
     "parameter_summary",
     "save_adapter",
+    "unload",
+    "unmerge_adapter",
     "unmerge_adapters",
+    "unmerge_and_reinject",
 ]

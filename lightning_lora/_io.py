@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from lightning_lora.errors import OutputExistsError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -20,7 +22,7 @@ def check_output_dir(target: str | os.PathLike, overwrite: bool = False) -> None
     """Raise unless `target` can be written: it does not exist, is an empty directory, or `overwrite`.
 
     Raises:
-        FileExistsError: `target` is a file, or a non-empty directory and `overwrite` is False.
+        OutputExistsError: (a `FileExistsError`) `target` is a file, or a non-empty directory and `overwrite` is False.
 
     Example:
         >>> import tempfile
@@ -29,9 +31,9 @@ def check_output_dir(target: str | os.PathLike, overwrite: bool = False) -> None
     target = Path(target).expanduser().absolute()
     if target.exists() or target.is_symlink():
         if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a directory; choose another output directory.")
+            raise OutputExistsError(f"{target} exists and is not a directory; choose another output directory.")
         if any(target.iterdir()) and not overwrite:
-            raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True (--overwrite on the "
+            raise OutputExistsError(f"{target} already exists and is not empty; pass overwrite=True (--overwrite on the "
                                   "command line) to replace it, or choose another output directory.")
 
 

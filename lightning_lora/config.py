@@ -19,6 +19,9 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_lora.errors import LoRAConfigError
+from lightning_lora.matching import name_matches, pattern_key  # noqa: F401 (name_matches re-exported)
+
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = ("gaussian", "kaiming")
@@ -28,9 +31,6 @@ ADAPTER_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-from lightning_lora.errors import LoRAConfigError
 
 
 def _dtype_name(value: Any) -> str | None:
@@ -48,35 +48,6 @@ def _dtype_name(value: Any) -> str | None:
             "(or None to keep the base layer's dtype)."
         )
     return name
-
-
-def name_matches(name: str, patterns: str | list[str] | tuple[str, ...] | None) -> bool:
-    """Whether a module path matches `patterns`.
-
-    A list/tuple matches when one entry equals the path or is a suffix of it on a `.` boundary
-    (`"q_proj"` matches `model.layers.0.self_attn.q_proj`, not `model.xq_proj`). A single string is
-    a regular expression that must match the whole path.
-
-    Example:
-        >>> name_matches("model.layers.0.self_attn.q_proj", ["q_proj"])
-        True
-        >>> name_matches("model.layers.0.self_attn.q_proj", r".*\\.0\\..*proj")
-        True
-    """
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def pattern_key(name: str, patterns: dict[str, Any]) -> str | None:
-    """The first key of `rank_pattern`/`alpha_pattern` that matches `name` (PEFT's rule: the key is a
-    regex matched against the end of the path on a `.` boundary)."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
 
 
 @dataclass

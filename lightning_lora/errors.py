@@ -11,6 +11,7 @@ line on stderr and exits with code 2; any other exception is a bug and keeps its
 | `UnsupportedAdapterError` | a valid PEFT adapter using a feature we do not implement |
 | `DataFormatError` | a data file or data option that cannot be used (message starts with `file:line`) |
 | `ModelNotFoundError` | a model that is not available offline (also a `FileNotFoundError`) |
+| `OutputExistsError` | an output directory that exists and is not empty, without `overwrite` (also a `FileExistsError`) |
 | `CommandError` | a bad command-line argument of `lightning-lora export/merge/estimate` |
 
 Example:
@@ -80,6 +81,15 @@ class ModelNotFoundError(LoRAError, FileNotFoundError):
     """
 
 
+class OutputExistsError(LoRAError, FileExistsError):
+    """An output path that exists and would be overwritten (pass `overwrite=True` / `--overwrite`).
+
+    Example:
+        >>> issubclass(OutputExistsError, FileExistsError)
+        True
+    """
+
+
 class CommandError(LoRAError):
     """A bad argument of a `lightning-lora` command (shown as one line, exit code 2).
 
@@ -89,5 +99,17 @@ class CommandError(LoRAError):
     """
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most `limit` characters), for wrapping a library's
+    error into one of ours.
+
+    Example:
+        >>> first_line(OSError("disk full\\nmore detail"))
+        'disk full'
+    """
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 __all__ = ["AdapterFormatError", "CommandError", "DataFormatError", "LoRAConfigError", "LoRAError",
-           "ModelNotFoundError", "UnsupportedAdapterError"]
+           "ModelNotFoundError", "OutputExistsError", "UnsupportedAdapterError", "first_line"]

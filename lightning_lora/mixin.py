@@ -18,26 +18,34 @@ there), re-injects the adapters from the config stored in the checkpoint, and lo
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from lightning_lora.callback import CHECKPOINT_KEY, check_checkpoint_config, make_adapter_only
+from lightning_lora.checkpoint import (
+    CHECKPOINT_KEY,
+    check_adapter_keys,
+    check_checkpoint_config,
+    checkpoint_config,
+    make_adapter_only,
+)
 from lightning_lora.config import LoRAConfig
+from lightning_lora.errors import LoRAError
 from lightning_lora.surgery import (
-    LoRAError,
-    check_adapter_state_dict,
-    find_network,
     get_lora_config,
     has_lora,
     inject_lora,
     is_lora_key,
+    is_merged,
+    lora_parameters,
+    lora_state_dict,
+    merge_and_unload,
+    merged_config,
+    unmerge_and_reinject,
 )
-from lightning_lora.surgery import lora_parameters as _lora_parameters
-from lightning_lora.surgery import lora_state_dict as _lora_state_dict
-from lightning_lora.surgery import merge_lora as _merge_lora
 
 
 class LoRAMixin:
@@ -58,49 +66,58 @@ class LoRAMixin:
         return inject_lora(self, config)  # type: ignore[arg-type]
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        """The trainable LoRA parameters: pass these to your optimizer."""
-        return _lora_parameters(self)  # type: ignore[arg-type]
+        """The trainable LoRA parameters, each once: pass these to your optimizer."""
+        return lora_parameters(self)  # type: ignore[arg-type]
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the adapter tensors (plus trainable biases / `modules_to_save`)."""
-        return _lora_state_dict(self)  # type: ignore[arg-type]
+        return lora_state_dict(self)  # type: ignore[arg-type]
 
-    def merge_lora(self) -> None:
-        """Merge the adapters into the base weights; the module holds a plain model afterwards."""
-        _merge_lora(self)  # type: ignore[arg-type]
+    def merge_and_unload(self, keep: bool = False) -> LoRAMixin:
+        """Merge the adapters into the base weights and remove them (see `surgery.merge_and_unload`);
+        the module holds a plain model afterwards. Returns the module."""
+        merge_and_unload(self, keep=keep)  # type: ignore[arg-type]
+        return self
+
+    def merge_lora(self) -> LoRAMixin:
+        """Deprecated alias of `merge_and_unload`."""
+        warnings.warn("LoRAMixin.merge_lora is deprecated and will be removed in the next release; use "
+                      "merge_and_unload.", DeprecationWarning, stacklevel=2)
+        return self.merge_and_unload()
 
     def save_adapter(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
         """Write the adapter of the module's network in PEFT format."""
         from lightning_lora.peft_format import save_adapter
 
-        _, network = find_network(self)  # type: ignore[arg-type]
-        save_adapter(network, directory, config=get_lora_config(self), overwrite=overwrite)  # type: ignore[arg-type]
+        save_adapter(self, directory, overwrite=overwrite)  # type: ignore[arg-type]
 
     def load_adapter(self, directory: str | os.PathLike, trainable: bool = False) -> None:
-        """Inject and load a PEFT-format adapter into the module's network."""
+        """Inject and load a PEFT-format adapter (or adapter-only checkpoint) into the module's network."""
         from lightning_lora.peft_format import load_adapter
 
-        _, network = find_network(self)  # type: ignore[arg-type]
-        load_adapter(network, directory, trainable=trainable)
+        load_adapter(self, directory, trainable=trainable)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapters in the checkpoint, with the LoRA config next to them."""
         if has_lora(self):  # type: ignore[arg-type]
-            make_adapter_only(checkpoint, self, get_lora_config(self))  # type: ignore[arg-type]
+            make_adapter_only(checkpoint, self)  # type: ignore[arg-type]
         parent = getattr(super(), "on_save_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Re-inject the adapters from the checkpoint's config (if not injected yet) and check them."""
-        meta = checkpoint.get(CHECKPOINT_KEY)
-        if isinstance(meta, dict) and "config" in meta:
+        """Make the module ready for an adapter-only checkpoint: undo a merge, or inject from the
+        checkpoint's config when there are no adapters yet; then check the config and the keys."""
+        if isinstance(checkpoint.get(CHECKPOINT_KEY), dict):
+            config = checkpoint_config(checkpoint)
+            if is_merged(self) and not has_lora(self) and merged_config(self) == config:  # type: ignore[arg-type]
+                unmerge_and_reinject(self)  # type: ignore[arg-type]
             if has_lora(self):  # type: ignore[arg-type]
                 check_checkpoint_config(checkpoint, get_lora_config(self))  # type: ignore[arg-type]
             else:
-                inject_lora(self, LoRAConfig.from_dict(meta["config"]))  # type: ignore[arg-type]
-            check_adapter_state_dict(self, checkpoint["state_dict"])  # type: ignore[arg-type]
+                inject_lora(self, config)  # type: ignore[arg-type]
+            check_adapter_keys(self, checkpoint["state_dict"])  # type: ignore[arg-type]
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:
             parent(checkpoint)
@@ -114,7 +131,7 @@ class LoRAMixin:
             if strict and unexpected:
                 raise LoRAError(f"Unexpected keys in the adapter state dict ({len(unexpected)}): "
                                 f"{', '.join(unexpected[:10])}. Was it written for another model?")
-            check_adapter_state_dict(self, state_dict)  # type: ignore[arg-type]
+            check_adapter_keys(self, state_dict, "The state dict")  # type: ignore[arg-type]
             super().load_state_dict(state_dict, strict=False, assign=assign)  # type: ignore[misc]
             return _IncompatibleKeys([], unexpected)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]

@@ -28,10 +28,8 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import re
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,20 +38,22 @@ import torch
 from torch import nn
 
 from lightning_lora._io import atomic_directory, check_output_dir
-from lightning_lora.errors import AdapterFormatError, UnsupportedAdapterError
-from lightning_lora.config import ALL_LINEAR, LoRAConfig, name_matches, pattern_key
+from lightning_lora.checkpoint import CHECKPOINT_KEY, CHECKPOINT_VERSION, AdapterCheckpoint, read_checkpoint
+from lightning_lora.config import ALL_LINEAR, LoRAConfig
+from lightning_lora.errors import AdapterFormatError, LoRAError, UnsupportedAdapterError, first_line
 from lightning_lora.layers import HFConv1D, LoRAConv1D, LoRAEmbedding, LoRALayer
+from lightning_lora.matching import modules_to_save_matches, pattern_key, peft_selects, peft_targets
 from lightning_lora.surgery import (
-    CONFIG_ATTR,
-    LoRAError,
+    compute_trainable_keys,
     find_network,
     find_target_modules,
-    get_lora_config,
+    infer_task_type,
+    inject_and_load,
     inject_lora,
     is_lora_key,
-    load_lora_state_dict,
     lora_layers,
     lora_state_dict,
+    lora_states,
 )
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,19 +61,7 @@ ADAPTER_WEIGHTS_NAME_BIN = "adapter_model.bin"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: prefix of every key in a PEFT adapter file (PeftModel.base_model.model)
 PEFT_PREFIX = "base_model.model."
-#: key of our metadata in an adapter-only Lightning checkpoint, and its format version
-CHECKPOINT_KEY = "lightning_lora"
-CHECKPOINT_VERSION = 1
 
-#: PEFT task types and the transformers auto-mapping that tells them from a model class
-_TASK_MAPPINGS = (
-    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("ForCausalLM", "LMHeadModel")),
-    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", ("ForSequenceClassification",)),
-    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", ("ForSeq2SeqLM",)),
-    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", ("ForTokenClassification",)),
-    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", ("ForQuestionAnswering",)),
-    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES", ()),
-)
 _TASK_AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -126,30 +114,6 @@ def _pretrained_model_class() -> type | None:
     return PreTrainedModel
 
 
-def infer_task_type(model: nn.Module) -> str | None:
-    """PEFT's task type (`"CAUSAL_LM"`, `"SEQ_CLS"`, ...) for a transformers model class, else None.
-
-    Example:
-        >>> from torch import nn
-        >>> infer_task_type(nn.Linear(2, 2)) is None
-        True
-    """
-    cls_name = type(model).__name__
-    try:
-        from transformers.models.auto import modeling_auto
-    except Exception:  # pragma: no cover
-        modeling_auto = None
-    for task, mapping_name, suffixes in _TASK_MAPPINGS:
-        mapping = getattr(modeling_auto, mapping_name, {}) if modeling_auto is not None else {}
-        for value in mapping.values():
-            names = value if isinstance(value, (tuple, list)) else (value,)
-            if cls_name in names:
-                return task
-        if any(cls_name.endswith(s) for s in suffixes):
-            return task
-    return None
-
-
 def _base_module_names(network: nn.Module) -> list[str]:
     """Module names of the network as the base model has them (the insides of adapter layers left out)."""
     names: list[str] = []
@@ -161,54 +125,6 @@ def _base_module_names(network: nn.Module) -> list[str]:
         if isinstance(module, LoRALayer):
             inside.append(name)
     return names
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-# ====================================================================== helpers: PEFT's matching rules
-def _peft_selects(name: str, targets: list[str] | str, exclude: list[str] | str | None,
-                  modules_to_save: list[str] | None, layers_to_transform: Any = None,
-                  layers_pattern: Any = None) -> bool:
-    """PEFT's `check_target_module_exists` (peft 0.21): whether LoRA would be put on module `name`."""
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, name):
-                return False
-        elif name in exclude or any(name.endswith(f".{e}") for e in exclude):
-            return False
-    if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save):
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    if name in targets:
-        return True
-    found = any(name.endswith(f".{t}") for t in targets)
-    using_indexes = layers_to_transform is not None and (
-        len(layers_to_transform) != 0 if isinstance(layers_to_transform, list) else True)
-    if using_indexes and found:
-        match = None
-        if not layers_pattern:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-        else:
-            for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-                if match is not None:
-                    break
-        if match is None:
-            return False
-        idx = int(match.group("idx"))
-        return idx == layers_to_transform if isinstance(layers_to_transform, int) else idx in layers_to_transform
-    return found
-
-
-def _peft_targets(names: list[str], targets: list[str] | str, exclude: list[str] | str | None,
-                  modules_to_save: list[str] | None, layers_to_transform: Any = None,
-                  layers_pattern: Any = None) -> list[str]:
-    return [n for n in names
-            if _peft_selects(n, targets, exclude, modules_to_save, layers_to_transform, layers_pattern)]
 
 
 def _peft_all_linear(network: nn.Module, task_type: str | None) -> list[str]:
@@ -229,21 +145,6 @@ def _peft_all_linear(network: nn.Module, task_type: str | None) -> list[str]:
     return [n for n in names if n not in exclude]
 
 
-def _peft_modules_to_save(names: list[str], modules_to_save: list[str] | None) -> list[str]:
-    """The modules PEFT wraps for `modules_to_save` (its rule: the module name ends with the entry)."""
-    if not modules_to_save:
-        return []
-    hits = [n for n in names if any(n.endswith(m) for m in modules_to_save)]
-    return [n for n in hits if not any(n.startswith(o + ".") for o in hits)]
-
-
-def _our_modules_to_save(names: list[str], modules_to_save: list[str] | None) -> list[str]:
-    if not modules_to_save:
-        return []
-    hits = [n for n in names if name_matches(n, modules_to_save)]
-    return [n for n in hits if not any(n.startswith(o + ".") for o in hits)]
-
-
 def _peft_pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     key = pattern_key(name, patterns) if patterns else None
     return patterns[key] if key is not None else default
@@ -253,7 +154,7 @@ def _json_number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-# ====================================================================== atomic directories
+# ====================================================================== ours -> PEFT
 @dataclass
 class _LayerInfo:
     kind: str  # "linear", "conv1d" or "embedding"
@@ -300,11 +201,11 @@ def _choose_targets(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: lis
     candidates += [(suffixes, config.exclude_modules), (suffixes, None), (adapted, None)]
     for targets, exclude in candidates:
         if tree is not None:
-            if set(_peft_targets(tree, targets, exclude, modules_to_save)) == set(adapted):
+            if set(peft_targets(tree, targets, exclude, modules_to_save)) == set(adapted):
                 return targets, exclude
         elif targets is config.target_modules or targets is adapted:
             # no module tree (architecture unknown): PEFT and we match a list / regex the same way
-            if all(_peft_selects(n, targets, exclude, modules_to_save) for n in adapted):
+            if all(peft_selects(n, targets, exclude, modules_to_save) for n in adapted):
                 return targets, exclude
     raise AdapterFormatError(
         f"Cannot describe the adapted modules {adapted[:6]}{' ...' if len(adapted) > 6 else ''} with PEFT's "
@@ -335,10 +236,10 @@ def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: l
                       task_type: str | None, base_model_name_or_path: str | None) -> dict[str, Any]:
     modules_to_save: list[str] | None = list(dict.fromkeys(config.modules_to_save)) if config.modules_to_save else None
     if modules_to_save and tree is not None:
-        ours = _our_modules_to_save(tree, modules_to_save)
-        if set(_peft_modules_to_save(tree, modules_to_save)) != set(ours):
+        ours = modules_to_save_matches(tree, modules_to_save)
+        if set(modules_to_save_matches(tree, modules_to_save, rule="peft")) != set(ours):
             modules_to_save = ours
-            if set(_peft_modules_to_save(tree, modules_to_save)) != set(ours):
+            if set(modules_to_save_matches(tree, modules_to_save, rule="peft")) != set(ours):
                 raise AdapterFormatError(f"Cannot describe modules_to_save={config.modules_to_save!r} "
                                          f"(modules {ours}) in PEFT's format.")
     targets, exclude = _choose_targets(config, layers, tree, modules_to_save)
@@ -399,23 +300,16 @@ def to_peft(model: nn.Module, config: LoRAConfig | None = None,
     if outside:
         raise AdapterFormatError(f"Adapter layers {outside[:4]} are outside the transformers model at {prefix!r}; "
                                  "the PEFT format can only describe adapters inside one model.")
-    try:
-        stored = get_lora_config(model)
-    except LoRAError:
-        if config is None:
-            raise
-        stored = None
-    if config is None:
-        config = stored
-    assert config is not None
-    if stored is None:  # adapters without a stored config: use the given one to pick the saved keys
-        setattr(network, CONFIG_ATTR, config)
-        try:
-            state = lora_state_dict(model)
-        finally:
-            delattr(network, CONFIG_ATTR)
-    else:
+    states = lora_states(model)
+    if states:
+        config = config if config is not None else states[0][1].config
         state = lora_state_dict(model)
+    elif config is not None:  # adapter layers without a record: the given config picks the saved keys
+        full = network.state_dict()
+        state = {_join(prefix, k): full[k] for k in compute_trainable_keys(network, config)}
+    else:
+        raise LoRAError("This model's adapters have no LoRAConfig record; pass config= (the config used for "
+                        "injection).")
     rslora = {layer.use_rslora for _, layer in lora_layers(network)}
     if rslora != {config.use_rslora}:
         raise AdapterFormatError(f"config.use_rslora={config.use_rslora} does not match the adapter layers "
@@ -534,11 +428,6 @@ def _check_supported(cfg: dict[str, Any], path: Path) -> None:
                                       "module names into adapter_config.json, e.g. [\"q_proj\", \"v_proj\"].")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
 def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     st_path = directory / ADAPTER_WEIGHTS_NAME
     bin_path = directory / ADAPTER_WEIGHTS_NAME_BIN
@@ -549,13 +438,13 @@ def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
             return load_file(str(st_path), device="cpu"), st_path
         except Exception as err:  # SafetensorError, OSError, ...
             raise AdapterFormatError(f"{st_path} is corrupt or truncated ({type(err).__name__}: "
-                                     f"{_first_line(err)}); re-export the adapter.") from None
+                                     f"{first_line(err)}); re-export the adapter.") from None
     if bin_path.is_file():
         try:
             state = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise AdapterFormatError(f"{bin_path} is not a readable PyTorch state dict ({type(err).__name__}: "
-                                     f"{_first_line(err)}); re-export the adapter.") from None
+                                     f"{first_line(err)}); re-export the adapter.") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterFormatError(f"{bin_path} does not hold a dict of tensors.")
         return state, bin_path
@@ -659,15 +548,15 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
     names = _base_module_names(network)
     if modules_to_save:
         # PEFT adds "classifier"/"score" for SEQ_CLS and silently skips names that match nothing
-        modules_to_save = [m for m in modules_to_save if _peft_modules_to_save(names, [m])] or None
-    peft_saved = _peft_modules_to_save(names, modules_to_save)
-    if set(_our_modules_to_save(names, modules_to_save)) != set(peft_saved):
+        modules_to_save = [m for m in modules_to_save if modules_to_save_matches(names, [m], rule="peft")] or None
+    peft_saved = modules_to_save_matches(names, modules_to_save, rule="peft")
+    if set(modules_to_save_matches(names, modules_to_save)) != set(peft_saved):
         modules_to_save = peft_saved or None
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         selected = _peft_all_linear(network, task_type)
-        selected = _peft_targets(selected, selected, exclude, modules_to_save)
+        selected = peft_targets(selected, selected, exclude, modules_to_save)
     else:
-        selected = _peft_targets(names, targets, exclude, modules_to_save, layers_to_transform, layers_pattern)
+        selected = peft_targets(names, targets, exclude, modules_to_save, layers_to_transform, layers_pattern)
     if not selected:
         raise AdapterFormatError(f"target_modules={targets!r} (exclude_modules={exclude!r}) matches no module of "
                                  f"this {type(network).__name__}; the adapter was made for another architecture.")
@@ -685,47 +574,8 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
     return candidate
 
 
-@dataclass
-class _Snapshot:
-    requires_grad: dict[int, bool]
-
-
-def _snapshot(network: nn.Module) -> _Snapshot:
-    return _Snapshot({id(p): p.requires_grad for p in network.parameters()})
-
-
-def _undo_injection(network: nn.Module, snap: _Snapshot) -> None:
-    """Remove freshly injected adapters without merging (the base weights are untouched)."""
-    for name, layer in list(lora_layers(network)):
-        layer.merged = False
-        _set_submodule(network, name, layer.to_base_module())
-    for module in network.modules():
-        if isinstance(getattr(module, CONFIG_ATTR, None), LoRAConfig):
-            delattr(module, CONFIG_ATTR)
-    for p in network.parameters():
-        if id(p) in snap.requires_grad:
-            p.requires_grad_(snap.requires_grad[id(p)])
-
-
-def _inject_at(network: nn.Module, config: LoRAConfig, config_prefix: str = "") -> list[str]:
-    """`inject_lora(network, config)`, with module names matched as if `network` sat at `config_prefix`
-    inside a larger module (where a checkpoint's config was applied: the LightningModule, whose
-    network is at `model_prefix`). The config is kept on `network`; returns network-relative names."""
-    if not config_prefix:
-        return inject_lora(network, config)
-    shim = nn.Module()
-    node = shim
-    parts = config_prefix.split(".")
-    for part in parts[:-1]:
-        child = nn.Module()
-        setattr(node, part, child)
-        node = child
-    setattr(node, parts[-1], network)
-    names = inject_lora(shim, config)
-    with contextlib.suppress(AttributeError):
-        delattr(shim, CONFIG_ATTR)
-    setattr(network, CONFIG_ATTR, config)
-    return [n[len(config_prefix) + 1:] for n in names]
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
 
 
 def _embedding_weight_keys(network: nn.Module) -> set[str]:
@@ -744,37 +594,15 @@ def _inject_and_load(model: nn.Module, network: nn.Module, prefix: str, config: 
                      extra_embeddings: dict[str, torch.Tensor] | None = None, config_prefix: str = "") -> list[str]:
     if any(True for _ in lora_layers(network)):
         raise LoRAError(f"This {type(network).__name__} already has LoRA adapters; load {source} into a fresh base "
-                        "model, or call merge_lora(model) first.")
-    snap = _snapshot(network)
+                        "model, or call merge_and_unload(model) or unload(model) first.")
     try:
-        try:
-            names = _inject_at(network, config, config_prefix)
-            load_lora_state_dict(network, state)
-        except AdapterFormatError:
-            raise
-        except LoRAError as err:
-            raise AdapterFormatError(f"{source}: {err}") from None
-        if extra_embeddings:
-            params = dict(network.state_dict(keep_vars=True))
-            bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-                   for k, v in extra_embeddings.items() if tuple(params[k].shape) != tuple(v.shape)]
-            if bad:
-                raise AdapterFormatError(f"{source} holds full embedding matrices that do not fit this model "
-                                         f"({'; '.join(bad)}): the adapter was trained with a resized vocabulary; call "
-                                         "model.resize_token_embeddings(...) to that size before loading.")
-            with torch.no_grad():
-                for k, v in extra_embeddings.items():
-                    params[k].copy_(v)
-    except BaseException:
-        _undo_injection(network, snap)
+        names = inject_and_load(network, config, state, prefix=config_prefix, trainable=trainable,
+                                base_tensors=extra_embeddings)
+    except AdapterFormatError:
         raise
-    for _, layer in lora_layers(network):
-        for p in (layer.lora_A.weight, layer.lora_B.weight):
-            p.requires_grad_(trainable)
-    if not trainable:
-        for p in network.parameters():
-            p.requires_grad_(False)
-    return [f"{prefix}.{n}" if prefix else n for n in names]
+    except LoRAError as err:
+        raise AdapterFormatError(f"{source}: {err}") from None
+    return [_join(prefix, n) for n in names]
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False) -> list[str]:
@@ -836,95 +664,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
 def _saved_by_config(key: str, config: LoRAConfig, network: nn.Module) -> bool:
     """Whether `key` is one of the keys our config saves itself (a modules_to_save module or a bias)."""
     names = _base_module_names(network)
-    saved = _our_modules_to_save(names, config.modules_to_save)
+    saved = modules_to_save_matches(names, config.modules_to_save)
     return any(key.startswith(s + ".") for s in saved)
-
-
-# ====================================================================== Lightning checkpoints
-@dataclass
-class AdapterCheckpoint:
-    """The content of an adapter-only Lightning checkpoint written with the `LoRA` callback.
-
-    Attributes:
-        config: the `LoRAConfig` of the run.
-        state_dict: adapter tensors keyed relative to the network (the `model_prefix` removed).
-        model_prefix: dotted path of the network inside the LightningModule (`""`: the module itself).
-        base_model_name_or_path: the base model recorded by the callback, or None.
-        task_type: PEFT task type recorded by the callback, or None.
-
-    Example:
-        >>> ckpt = read_checkpoint("last.ckpt")              # doctest: +SKIP
-        >>> sorted(ckpt.state_dict)[0]                       # doctest: +SKIP
-        'model.layers.0.self_attn.q_proj.lora_A.weight'
-    """
-
-    config: LoRAConfig
-    state_dict: dict[str, torch.Tensor]
-    model_prefix: str
-    base_model_name_or_path: str | None
-    task_type: str | None
-
-
-def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
-    """Read an adapter-only Lightning checkpoint (`torch.load(..., weights_only=True)`).
-
-    The checkpoint holds `state_dict` (adapter keys only, keyed as the LightningModule's state dict)
-    and `lightning_lora = {"version": 1, "config": LoRAConfig.to_dict(), "model_prefix": "model",
-    "base_model_name_or_path": ..., "task_type": ...}`.
-
-    Raises:
-        AdapterFormatError: missing, unreadable, or not written by the `LoRA` callback (the message
-            names the path and what is wrong).
-
-    Example:
-        >>> ckpt = read_checkpoint("checkpoints/last.ckpt")   # doctest: +SKIP
-        >>> ckpt.config.r, ckpt.model_prefix                  # doctest: +SKIP
-        (8, 'model')
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterFormatError(f"{path} does not exist or is not a file; expected an adapter-only Lightning "
-                                 "checkpoint (.ckpt) written with the LoRA callback.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise AdapterFormatError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                                 f"{_first_line(err)}); "
-                                 "it may be truncated, or hold objects other than tensors and plain Python values."
-                                 ) from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise AdapterFormatError(f"{path} is not a Lightning checkpoint (no 'state_dict' dict).")
-    meta = ckpt.get(CHECKPOINT_KEY)
-    if not isinstance(meta, dict):
-        raise AdapterFormatError(f"{path} was not written with lightning-lora's LoRA callback (no {CHECKPOINT_KEY!r} "
-                                 "entry); export a checkpoint of a run that used the LoRA callback.")
-    version = meta.get("version")
-    if version != CHECKPOINT_VERSION:
-        raise AdapterFormatError(f"{path}: {CHECKPOINT_KEY} version {version!r} is not supported (expected "
-                                 f"{CHECKPOINT_VERSION}); upgrade lightning-lora.")
-    try:
-        config = LoRAConfig.from_dict(meta.get("config"))
-    except (TypeError, ValueError) as err:
-        raise AdapterFormatError(f"{path}: the stored LoRA config is invalid ({err}).") from None
-    prefix = meta.get("model_prefix") or ""
-    if not isinstance(prefix, str):
-        raise AdapterFormatError(f"{path}: model_prefix={prefix!r} is invalid; expected a dotted module path.")
-    state: dict[str, torch.Tensor] = {}
-    outside = []
-    for key, value in ckpt["state_dict"].items():
-        if prefix and not key.startswith(prefix + "."):
-            outside.append(key)
-            continue
-        state[key[len(prefix) + 1:] if prefix else key] = value
-    if outside:
-        raise AdapterFormatError(f"{path}: state_dict keys {outside[:4]} are outside the model at {prefix!r}; "
-                                 "expected only adapter keys of that model.")
-    if not any(is_lora_key(k) for k in state):
-        raise AdapterFormatError(f"{path} holds no LoRA adapter weights (no '*.lora_A.weight' keys).")
-    base = meta.get("base_model_name_or_path")
-    task = meta.get("task_type")
-    return AdapterCheckpoint(config, state, prefix, base if isinstance(base, str) and base else None,
-                             task if isinstance(task, str) and task else None)
 
 
 def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool) -> list[str]:
@@ -959,7 +700,7 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
     if base is not None:
         try:
             network = _meta_network(base, ckpt.task_type)
-            _inject_at(network, ckpt.config, ckpt.model_prefix)
+            inject_lora(network, ckpt.config, prefix=ckpt.model_prefix)
             expected = {k: tuple(v.shape) for k, v in lora_state_dict(network).items()}
             fits = (set(expected) == set(state)
                     and all(expected[k] == tuple(state[k].shape) for k in expected if is_lora_key(k)))

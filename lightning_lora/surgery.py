@@ -1,77 +1,140 @@
-"""Model surgery on any `nn.Module`: find targets, inject, freeze, merge, state dicts, counts.
+"""Every model operation on any `nn.Module`: find targets, inject (rolled back on error), freeze,
+trainable keys, merge / unmerge / unload, adapter state dicts, optimizer restriction, counts and
+adapter statistics. Nothing here knows about Lightning.
 
-Nothing here knows about Lightning.
+`inject_lora` records what it did in a typed `LoRAState` on the module it was called on
+(`model.lora_state`): the config, the adapted module names and the keys training changes, computed
+once. Every other function reads that record (`lora_states(model)` finds it on the model or on the
+networks inside it).
 
 Example:
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from lightning_lora import LoRAConfig, inject_lora, merge_lora, count_parameters
+    >>> from lightning_lora import LoRAConfig, inject_lora, merge_and_unload, count_parameters
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
     >>> names = inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    >>> names[0]
-    'model.layers.0.self_attn.q_proj'
+    >>> names[0], model.lora_state.adapted == names
+    ('model.layers.0.self_attn.q_proj', True)
     >>> count_parameters(model)[0]   # per layer: q 4*(64+64) + v 4*(64+32)
     1792
-    >>> model = merge_lora(model)   # a plain LlamaForCausalLM again
+    >>> model = merge_and_unload(model)   # a plain LlamaForCausalLM again
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import LoRAError
-from lightning_lora.config import ALL_LINEAR, LoRAConfig, name_matches
-from lightning_lora.layers import SUPPORTED_TYPES, HFConv1D, LoRALayer, adapter_class_for
+from lightning_lora.layers import HFConv1D, LoRALayer, adapter_class_for, unsupported_target_error
+from lightning_lora.matching import is_inside, modules_to_save_matches, name_matches, suffix_summary
 
-#: attribute under which the config is kept on the model that `inject_lora` was called on
-CONFIG_ATTR = "_lora_config"
+#: attribute of the module `inject_lora` was called on that holds its `LoRAState`
+STATE_ATTR = "lora_state"
+#: attribute that `merge_and_unload(keep=True)` sets, so that the merge can be undone
+MERGED_ATTR = "lora_merged"
 #: last path components that are output heads, never adapted by "all-linear"
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "embed_out", "output")
 
 
+@dataclass
+class LoRAState:
+    """What `inject_lora` did to a model, recorded once on the module it was called on.
+
+    Attributes:
+        config: the `LoRAConfig` used.
+        prefix: the path the module was matched at (`inject_lora(..., prefix=)`), "" normally.
+        adapted: paths of the adapter layers, relative to the module.
+        modules_to_save: paths of the modules trained and saved whole.
+        trainable_keys: state-dict keys (relative to the module) that training changes: adapter
+            weights, trained biases and the state of `modules_to_save`, in state-dict order.
+        skipped: subtrees left alone (`inject_lora(..., skip=)`: e.g. a frozen teacher).
+        requires_grad: every parameter's `requires_grad` before injection (restored by `unload`).
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> m.lora_state.trainable_keys
+        ['q_proj.lora_A.weight', 'q_proj.lora_B.weight']
+    """
+
+    config: LoRAConfig
+    prefix: str = ""
+    adapted: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    trainable_keys: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
 
 
+# ============================================================================ finding targets
 def _linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (HFConv1D is not None and isinstance(module, HFConv1D))
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    """Names of the output head(s): the module `get_output_embeddings()` returns, and known heads."""
-    heads: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = None
-    if callable(get_out):
-        with contextlib.suppress(Exception):
-            out = get_out()
-    for name, module in model.named_modules():
-        if (out is not None and module is out) or name.rsplit(".", 1)[-1] in HEAD_NAMES:
-            heads.add(name)
-    return heads
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
-def _suffix_summary(names: list[str], limit: int = 30) -> str:
-    """Module names deduplicated by their last component, in first-seen order."""
-    seen: list[str] = []
-    for n in names:
-        last = n.rsplit(".", 1)[-1] if n else n
-        if last not in seen:
-            seen.append(last)
-    more = f", ... ({len(seen) - limit} more)" if len(seen) > limit else ""
-    return ", ".join(seen[:limit]) + more
+def output_head_names(model: nn.Module) -> set[str]:
+    """Paths of the output heads in `model`: what `get_output_embeddings()` returns for every model
+    inside it (e.g. BERT's `cls.predictions.decoder`), and modules named like a head (`lm_head`,
+    `score`, `classifier`, ...). "all-linear" never adapts them (PEFT's rule).
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("lm_head", nn.Linear(2, 2))
+        >>> output_head_names(m)
+        {'lm_head'}
+    """
+    outs = []
+    for module in model.modules():
+        get_out = getattr(module, "get_output_embeddings", None)
+        if callable(get_out):
+            with contextlib.suppress(Exception):
+                out = get_out()
+                if isinstance(out, nn.Module):
+                    outs.append(out)
+    return {name for name, module in model.named_modules()
+            if any(module is o for o in outs) or name.rsplit(".", 1)[-1] in HEAD_NAMES}
 
 
-def find_target_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Names of the modules `config` adapts in `model`, in `named_modules()` order.
+def _modules_to_save(model: nn.Module, config: LoRAConfig, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n and not is_inside(n, skip)]
+    top = [n[len(prefix) + 1:] if prefix else n
+           for n in modules_to_save_matches([_join(prefix, n) for n in names], config.modules_to_save)]
+    missing = [s for s in config.modules_to_save if not any(name_matches(_join(prefix, n), [s]) for n in top)]
+    if missing:
+        raise LoRAError(f"modules_to_save={config.modules_to_save!r}: {missing!r} matched no module; modules in "
+                        f"this model end with: {suffix_summary(names)}.")
+    return top
+
+
+def find_target_modules(model: nn.Module, config: LoRAConfig, prefix: str = "",
+                        skip: Sequence[str] = ()) -> list[str]:
+    """Paths (relative to `model`) of the modules `config` adapts, in `named_modules()` order.
+
+    Args:
+        model: any module.
+        config: the `LoRAConfig`.
+        prefix: match names as if `model` sat at this path (e.g. `"model"` inside a LightningModule).
+        skip: subtrees (paths relative to `model`) never searched.
 
     Raises:
-        LoRAError: when nothing matches (the message lists the model's Linear-like modules), or
-            when a matched module's type cannot take an adapter.
+        LoRAError: when the model already has adapters, nothing matches (the message lists the
+            model's Linear-like modules), or a matched module's type cannot take an adapter.
 
     Example:
         >>> from torch import nn
@@ -79,57 +142,91 @@ def find_target_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
         >>> find_target_modules(m, LoRAConfig(target_modules=["q_proj"]))
         ['q_proj']
     """
-    named = [(n, m) for n, m in model.named_modules() if n]
-    if any(isinstance(m, LoRALayer) for _, m in named) or isinstance(model, LoRALayer):
+    named = [(n, m) for n, m in model.named_modules() if n and not is_inside(n, skip)]
+    if isinstance(model, LoRALayer) or any(isinstance(m, LoRALayer) for _, m in named):
         raise LoRAError("This model already has LoRA adapters; injecting twice is not supported. "
-                        "Call merge_lora(model) first, or load the adapters into a fresh base model.")
+                        "Call merge_and_unload(model) or unload(model) first, or load the adapters into a fresh "
+                        "base model.")
     targets = config.target_modules
-    heads = _output_head_names(model) if targets == ALL_LINEAR else set()
-    saved_names = _match_modules_to_save(model, config)
+    heads = output_head_names(model) if targets == ALL_LINEAR else set()
+    saved = _modules_to_save(model, config, prefix, skip)
     chosen: list[str] = []
     for name, module in named:
-        if targets == ALL_LINEAR:
-            hit = _linear_like(module) and name not in heads
-        else:
-            hit = name_matches(name, targets)
-        if not hit or name_matches(name, config.exclude_modules):
-            continue
-        if any(name == s or name.startswith(s + ".") for s in saved_names):
-            continue  # trained fully and saved instead (the module or a layer inside it)
+        full = _join(prefix, name)
+        hit = (_linear_like(module) and name not in heads) if targets == ALL_LINEAR else name_matches(full, targets)
+        if not hit or name_matches(full, config.exclude_modules) or is_inside(name, saved):
+            continue  # modules_to_save are trained fully and saved instead
         if any(name.startswith(c + ".") for c in chosen):
             continue  # inside a module that is already adapted
         if adapter_class_for(module) is None:
-            raise LoRAError(f"target_modules={targets!r} matched {name!r} of type {type(module).__name__}, "
-                            f"which cannot take a LoRA adapter; supported types: {SUPPORTED_TYPES}. "
-                            "Name the Linear layers inside it instead, e.g. "
-                            f"{_suffix_summary([n for n, m in named if n.startswith(name + '.') and _linear_like(m)], 6) or 'q_proj'}.")
+            inner = [n for n, m in named if n.startswith(name + ".") and _linear_like(m)]
+            raise unsupported_target_error(name, module, targets, suffix_summary(inner, 6))
         chosen.append(name)
     if not chosen:
         linear = [n for n, m in named if _linear_like(m)]
         raise LoRAError(f"target_modules={targets!r} matched no module; Linear modules in this model end with: "
-                        f"{_suffix_summary(linear) or '(none)'}. Pass some of these names, a regex matching "
+                        f"{suffix_summary(linear) or '(none)'}. Pass some of these names, a regex matching "
                         "whole module paths, or 'all-linear'.")
     return chosen
 
 
+# ============================================================================ inject / unload
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
+def _is_trainable_key(model: nn.Module, key: str, config: LoRAConfig, saved: Sequence[str]) -> bool:
+    """Whether a state-dict key is trained and saved: adapters, `modules_to_save`, biases per `config.bias`."""
+    if is_lora_key(key) or is_inside(key.rpartition(".")[0], saved):
+        return True
+    if key.endswith(".bias") or key == "bias":
+        if config.bias == "all":
+            return True
+        if config.bias == "lora_only":
+            owner = key.rpartition(".")[0]
+            with contextlib.suppress(AttributeError):
+                return isinstance(model.get_submodule(owner) if owner else model, LoRALayer)
+    return False
+
+
+def compute_trainable_keys(model: nn.Module, config: LoRAConfig, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
+    """The state-dict keys of an injected `model` that training with `config` changes (adapters,
+    `modules_to_save`, biases per `config.bias`), in state-dict order. `inject_lora` records them in
+    `LoRAState.trainable_keys`; this computes them for adapters that have no record.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"], bias="all"))
+        >>> compute_trainable_keys(m, LoRAConfig(r=2, target_modules=["q_proj"], bias="all"))
+        ['q_proj.bias', 'q_proj.lora_A.weight', 'q_proj.lora_B.weight']
+    """
+    saved = _modules_to_save(model, config, prefix, skip)
+    return [k for k in model.state_dict(keep_vars=True)
+            if not is_inside(k, skip) and _is_trainable_key(model, k, config, saved)]
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: str = "",
+                skip: Sequence[str] = ()) -> list[str]:
     """Replace the targeted modules of `model` by adapter layers, in place, and freeze the base.
 
     Every base parameter gets `requires_grad=False`, except biases per `config.bias` and the
-    parameters of `config.modules_to_save`. The config is kept on `model` (see `get_lora_config`).
+    parameters of `config.modules_to_save`; parameters inside `skip` keep their flag. What was done is
+    recorded in `model.lora_state` (a `LoRAState`). On any error the model is left as it was.
 
     Args:
         model: any `nn.Module` (a transformers model, a LightningModule, ...).
         config: the `LoRAConfig`; default `LoRAConfig()`.
+        prefix: match module names as if `model` sat at this path inside a larger module (a
+            checkpoint's config was applied to the LightningModule, with the network at `"model"`).
+        skip: subtrees (paths relative to `model`) left alone, e.g. a frozen teacher network.
 
     Returns:
-        The names of the adapted modules.
+        The paths of the adapted modules, relative to `model`.
+
+    Raises:
+        LoRAError: see `find_target_modules`; `modules_to_save` that match nothing.
 
     Example:
         >>> from torch import nn
@@ -141,118 +238,195 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}; "
                         "build one with LoRAConfig(r=..., target_modules=[...]).")
-    saved = _match_modules_to_save(model, config)
-    names = find_target_modules(model, config)
+    skip = list(skip)
+    names = find_target_modules(model, config, prefix, skip)
+    saved = _modules_to_save(model, config, prefix, skip)
+    state = LoRAState(config, prefix, names, saved, skipped=skip,
+                      requires_grad={n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)})
     dtype = config.torch_adapter_dtype
-    for name in names:
-        module = model.get_submodule(name)
-        cls = adapter_class_for(module)
-        assert cls is not None
-        layer = cls(module, r=config.rank_for(name), alpha=config.alpha_for(name), dropout=config.dropout,
-                    use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype)
-        _set_submodule(model, name, layer)
-    setattr(model, CONFIG_ATTR, config)
-    _freeze_base(model, config, saved)
+    setattr(model, STATE_ATTR, state)
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            cls = adapter_class_for(module)
+            assert cls is not None
+            full = _join(prefix, name)
+            layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
+                        use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype)
+            _set_submodule(model, name, layer)
+        state.trainable_keys = compute_trainable_keys(model, config, prefix, skip)
+        trainable = set(state.trainable_keys)
+        for key, param in model.named_parameters(remove_duplicate=False):
+            if not is_inside(key, skip):
+                param.requires_grad_(key in trainable)
+    except BaseException:
+        unload(model)
+        raise
     return names
 
 
-def _match_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
-    if not config.modules_to_save:
-        return []
-    names = [n for n, _ in model.named_modules() if n and name_matches(n, config.modules_to_save)]
-    top = [n for n in names if not any(n.startswith(o + ".") for o in names)]
-    missing = [s for s in config.modules_to_save if not any(n == s or n.endswith("." + s) for n in top)]
-    if missing:
-        raise LoRAError(f"modules_to_save={config.modules_to_save!r}: {missing!r} matched no module; modules in "
-                        f"this model end with: {_suffix_summary([n for n, _ in model.named_modules() if n])}.")
-    return top
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the adapters without merging them: the base layers come back unchanged, with the
+    `requires_grad` flags they had before `inject_lora`. In place; returns `model`.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> type(unload(m).q_proj).__name__, m.q_proj.weight.requires_grad
+        ('Linear', True)
+    """
+    states = [(path, s) for path, s in lora_states(model)]
+    for name, layer in list(lora_layers(model)):
+        if layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, layer.to_base_module())
+    for path, state in states:
+        root = model.get_submodule(path) if path else model
+        params = dict(root.named_parameters(remove_duplicate=False))
+        for key, flag in state.requires_grad.items():
+            if key in params:
+                params[key].requires_grad_(flag)
+        with contextlib.suppress(AttributeError):
+            delattr(root, STATE_ATTR)
+    return model
 
 
-def _freeze_base(model: nn.Module, config: LoRAConfig, saved: list[str]) -> None:
-    for name, param in model.named_parameters(remove_duplicate=False):
-        param.requires_grad_(is_lora_key(name))
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if _is_extra_trainable(model, name, config, saved):
-            param.requires_grad_(True)
+# ============================================================================ looking things up
+def lora_states(model: nn.Module) -> list[tuple[str, LoRAState]]:
+    """`(path, state)` for `model`'s own `LoRAState` or, if it has none, for the outermost modules
+    inside it that have one (a network inside a LightningModule).
+
+    Example:
+        >>> from torch import nn
+        >>> outer = nn.Module(); outer.net = nn.Sequential(); outer.net.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(outer.net, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> [path for path, _ in lora_states(outer)]
+        ['net']
+    """
+    own = model.__dict__.get(STATE_ATTR)
+    if isinstance(own, LoRAState):
+        return [("", own)]
+    found: list[tuple[str, LoRAState]] = []
+    for name, module in model.named_modules():  # pre-order: outer modules come first
+        if any(name.startswith(p + ".") for p, _ in found):
+            continue
+        state = module.__dict__.get(STATE_ATTR)
+        if isinstance(state, LoRAState):
+            found.append((name, state))
+    return found
 
 
-def is_lora_key(key: str) -> bool:
-    """Whether a state-dict key / parameter name belongs to an adapter (`lora_A` / `lora_B`)."""
-    return ".lora_A." in f".{key}" or ".lora_B." in f".{key}"
+def get_lora_state(model: nn.Module) -> LoRAState:
+    """The `LoRAState` of `model` (or of the network inside it that `inject_lora` was called on).
 
+    Raises:
+        LoRAError: the model has no adapters.
 
-def _is_extra_trainable(model: nn.Module, key: str, config: LoRAConfig, saved: list[str]) -> bool:
-    """Whether a non-adapter key is trained and saved: biases per `config.bias`, `modules_to_save`."""
-    if is_lora_key(key):
-        return False
-    if any(key.startswith(s + ".") for s in saved):
-        return True
-    if key.endswith(".bias") or key == "bias":
-        if config.bias == "all":
-            return True
-        if config.bias == "lora_only":
-            owner = key.rpartition(".")[0]
-            try:
-                return isinstance(model.get_submodule(owner) if owner else model, LoRALayer)
-            except AttributeError:
-                return False
-    return False
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> get_lora_state(m).config.r
+        2
+    """
+    states = lora_states(model)
+    if not states:
+        raise LoRAError("This model has no LoRA adapters; call inject_lora(model, LoRAConfig(...)) first.")
+    return states[0][1]
 
 
 def get_lora_config(model: nn.Module) -> LoRAConfig:
-    """The `LoRAConfig` that `inject_lora` used on `model` or on one of its submodules.
+    """The `LoRAConfig` that `inject_lora` used on `model` or on a network inside it.
 
     Raises:
-        LoRAError: when the model has no adapters.
+        LoRAError: the model has no adapters.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> get_lora_config(m).r
+        2
     """
-    cfg = getattr(model, CONFIG_ATTR, None)
-    if isinstance(cfg, LoRAConfig):
-        return cfg
-    for module in model.modules():
-        cfg = getattr(module, CONFIG_ATTR, None)
-        if isinstance(cfg, LoRAConfig):
-            return cfg
-    raise LoRAError("This model has no LoRA adapters; call inject_lora(model, LoRAConfig(...)) first.")
-
-
-def _config_root(model: nn.Module) -> tuple[str, nn.Module]:
-    """(prefix, module) of the module that holds the config, relative to `model`."""
-    for name, module in model.named_modules():
-        if isinstance(getattr(module, CONFIG_ATTR, None), LoRAConfig):
-            return name, module
-    raise LoRAError("This model has no LoRA adapters; call inject_lora(model, LoRAConfig(...)) first.")
+    return get_lora_state(model).config
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
-    """`(name, layer)` for every adapter layer in `model`."""
+    """`(path, layer)` for every adapter layer in `model`.
+
+    Example:
+        >>> from torch import nn
+        >>> list(lora_layers(nn.Linear(2, 2)))
+        []
+    """
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             yield name, module
 
 
 def has_lora(model: nn.Module) -> bool:
-    """Whether `model` contains adapter layers."""
+    """Whether `model` contains adapter layers.
+
+    Example:
+        >>> from torch import nn
+        >>> has_lora(nn.Linear(2, 2))
+        False
+    """
     return any(True for _ in lora_layers(model))
 
 
+def is_lora_key(key: str) -> bool:
+    """Whether a state-dict key / parameter name belongs to an adapter (`lora_A` / `lora_B`).
+
+    Example:
+        >>> is_lora_key("model.layers.0.self_attn.q_proj.lora_A.weight"), is_lora_key("lm_head.weight")
+        (True, False)
+    """
+    return ".lora_A." in f".{key}" or ".lora_B." in f".{key}"
+
+
+def trainable_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of `model` that LoRA training changes (adapters, trained biases,
+    `modules_to_save`), as recorded at injection.
+
+    Raises:
+        LoRAError: the model has no adapters.
+
+    Example:
+        >>> from torch import nn
+        >>> outer = nn.Module(); outer.net = nn.Sequential(); outer.net.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(outer.net, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> trainable_keys(outer)
+        ['net.q_proj.lora_A.weight', 'net.q_proj.lora_B.weight']
+    """
+    states = lora_states(model)
+    if not states:
+        raise LoRAError("This model has no LoRA adapters; call inject_lora(model, LoRAConfig(...)) first.")
+    return [_join(path, k) for path, state in states for k in state.trainable_keys]
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that LoRA trains: adapters, plus biases / `modules_to_save` per the config."""
-    keys = set(_saved_keys(model))
-    return [p for n, p in model.named_parameters() if n in keys]
+    """The parameters LoRA trains (adapters, plus biases / `modules_to_save` per the config), each
+    once (a parameter shared by two modules appears once). Pass these to your optimizer.
 
-
-def _saved_keys(model: nn.Module) -> list[str]:
-    prefix, root = _config_root(model)
-    config = get_lora_config(root)
-    saved = _match_modules_to_save(root, config)
-    keys = []
-    for key in model.state_dict(keep_vars=True):
-        rel = key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
-        if prefix and not key.startswith(prefix + "."):
-            continue
-        if is_lora_key(rel) or _is_extra_trainable(root, rel, config, saved):
-            keys.append(key)
-    return keys
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> [tuple(p.shape) for p in lora_parameters(m)]
+        [(2, 4), (4, 2)]
+    """
+    keys = trainable_keys(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for key in keys:
+        p = params.get(key)
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -267,13 +441,18 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         ['q_proj.lora_A.weight', 'q_proj.lora_B.weight']
     """
     full = model.state_dict()
-    return {k: full[k] for k in _saved_keys(model)}
+    return {k: full[k] for k in trainable_keys(model) if k in full}
 
 
-def _key_problems(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor],
-                  unexpected: bool) -> list[str]:
-    """Missing, (optionally) unexpected and mis-shaped keys of `state_dict` against `expected`,
-    one summary line per kind (at most 10 keys shown each)."""
+def state_dict_problems(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor],
+                        unexpected: bool) -> list[str]:
+    """Missing, (optionally) unexpected and mis-shaped keys of `state_dict` against `expected`, one
+    summary line per kind (at most 10 keys shown each); empty when it fits.
+
+    Example:
+        >>> state_dict_problems({"a": torch.zeros(2)}, {"a": torch.zeros(3), "b": torch.zeros(1)}, unexpected=True)
+        ['unexpected keys (1): b', 'shape mismatches (1): a: checkpoint (3,) vs model (2,)']
+    """
     def listed(kind: str, items: list[str], sep: str = ", ") -> str:
         return f"{kind} ({len(items)}): {sep.join(items[:10])}{' ...' if len(items) > 10 else ''}"
 
@@ -293,14 +472,21 @@ def _key_problems(expected: dict[str, torch.Tensor], state_dict: dict[str, torch
 
 def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load adapter weights strictly: missing, unexpected and wrongly shaped keys are one error.
-
     Values are copied into the existing parameters (cast to their dtype and device).
 
     Raises:
         LoRAError: listing every missing, unexpected and mis-shaped key.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> load_lora_state_dict(m, {"q_proj.lora_A.weight": torch.ones(2, 4), "q_proj.lora_B.weight": torch.ones(4, 2)})
+        >>> m.q_proj.lora_B.weight.sum().item()
+        8.0
     """
     expected = lora_state_dict(model)
-    problems = _key_problems(expected, state_dict, unexpected=True)
+    problems = state_dict_problems(expected, state_dict, unexpected=True)
     if problems:
         raise LoRAError("The adapter state dict does not fit this model: " + " | ".join(problems) +
                         ". Check that the adapter was trained for this model with the same LoRA config "
@@ -311,6 +497,61 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             params[key].copy_(value)
 
 
+def inject_and_load(model: nn.Module, config: LoRAConfig, state_dict: dict[str, torch.Tensor], *, prefix: str = "",
+                    trainable: bool = False, base_tensors: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """`inject_lora(model, config, prefix=prefix)`, then load `state_dict` strictly; on any error the
+    model is left exactly as it was (adapters removed, flags and base tensors restored).
+
+    Args:
+        model: the base network (keys of `state_dict` are relative to it).
+        config: the adapters' `LoRAConfig`.
+        state_dict: every key LoRA trains (adapters, trained biases, `modules_to_save`), nothing else.
+        prefix: see `inject_lora`.
+        trainable: leave what LoRA trains with `requires_grad=True`; by default every parameter of
+            the model is frozen (inference).
+        base_tensors: base tensors to overwrite as well (e.g. resized embedding matrices an adapter
+            file carries); each must exist with the same shape.
+
+    Returns:
+        The adapted module paths.
+
+    Raises:
+        LoRAError: the model already has adapters, or the tensors do not fit (every problem listed).
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> sd = {"q_proj.lora_A.weight": torch.ones(2, 4), "q_proj.lora_B.weight": torch.ones(4, 2)}
+        >>> inject_and_load(m, LoRAConfig(r=2, target_modules=["q_proj"]), sd)
+        ['q_proj']
+    """
+    base_tensors = dict(base_tensors or {})
+    own = dict(model.state_dict(keep_vars=True))
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape) if k in own else 'absent'}"
+           for k, v in base_tensors.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise LoRAError(f"base tensors do not fit this model ({'; '.join(bad[:6])}); a resized vocabulary? call "
+                        "model.resize_token_embeddings(...) to the adapter's size before loading.")
+    names = inject_lora(model, config, prefix=prefix)
+    saved = {k: own[k].detach().clone() for k in base_tensors}
+    try:
+        load_lora_state_dict(model, state_dict)
+        with torch.no_grad():
+            for k, v in base_tensors.items():
+                own[k].copy_(v)
+    except BaseException:
+        with torch.no_grad():
+            for k, v in saved.items():
+                own[k].copy_(v)
+        unload(model)
+        raise
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return names
+
+
+# ============================================================================ merging
 def _parameter_owners(model: nn.Module) -> dict[int, int]:
     """`id(parameter) -> number of modules that register it` (more than one: tied weights)."""
     owners: dict[int, int] = {}
@@ -334,25 +575,50 @@ def _untie_word_embeddings_flag(model: nn.Module) -> None:
                 c.tie_word_embeddings = False
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+@dataclass
+class MergedAdapters:
+    """What `merge_and_unload(model, keep=True)` folded in, kept on `model.lora_merged` so that
+    `unmerge_and_reinject` can undo the merge (the adapters, on the CPU: a few MB).
+
+    Attributes:
+        states: `(path, LoRAState)` of every injection root that was merged.
+        adapters: the adapter weights (`lora_A`/`lora_B`) under the model's state-dict keys.
+    """
+
+    states: list[tuple[str, LoRAState]]
+    adapters: dict[str, torch.Tensor]
+
+
+def merge_and_unload(model: nn.Module, keep: bool = False) -> nn.Module:
     """Fold every adapter into its base weight and remove it; the result is a plain model again
     (exactly the base model's module types and state-dict keys). In place; returns `model`.
+    PEFT's `merge_and_unload`.
 
-    An adapted weight that is tied to another module (e.g. `embed_tokens` and `lm_head` with
-    `tie_word_embeddings=True`) is untied first: the adapted module gets its own merged copy, the
-    other module keeps the base weight, and transformers configs get `tie_word_embeddings=False`.
-    So the merged model computes what the adapted model computed.
+    The delta `scaling * B @ A` is computed in float32 and added to the weight in float32, then
+    written in the weight's dtype (one rounding). An adapted weight that is tied to another module
+    (e.g. `embed_tokens` and `lm_head` with `tie_word_embeddings=True`) is untied first: the adapted
+    module gets its own merged copy, the other keeps the base weight, and transformers configs get
+    `tie_word_embeddings=False`; so the merged model computes what the adapted model computed.
+
+    Args:
+        model: a model with adapters (or a module holding one).
+        keep: keep the adapters on `model.lora_merged` (a `MergedAdapters`) so that
+            `unmerge_and_reinject(model)` can undo the merge.
 
     Example:
         >>> from torch import nn
         >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
         >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
-        >>> type(merge_lora(m).q_proj).__name__
+        >>> type(merge_and_unload(m).q_proj).__name__
         'Linear'
     """
     if isinstance(model, LoRALayer):
-        raise LoRAError("merge_lora expects the model that holds the adapters, not an adapter layer; "
+        raise LoRAError("merge_and_unload expects the model that holds the adapters, not an adapter layer; "
                         "call layer.merge() or pass the parent model.")
+    states = lora_states(model)
+    if keep:
+        adapters = {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(model).items() if is_lora_key(k)}
+        model.__dict__[MERGED_ATTR] = MergedAdapters(states, adapters)
     owners = _parameter_owners(model)
     untied = False
     for name, layer in list(lora_layers(model)):
@@ -365,22 +631,136 @@ def merge_lora(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, layer.to_base_module())
     if untied:
         _untie_word_embeddings_flag(model)
-    for module in model.modules():
-        if isinstance(getattr(module, CONFIG_ATTR, None), LoRAConfig):
-            delattr(module, CONFIG_ATTR)
+    for path, _ in states:
+        with contextlib.suppress(AttributeError):
+            delattr(model.get_submodule(path) if path else model, STATE_ATTR)
     return model
 
 
-def merge_adapters(model: nn.Module) -> None:
-    """Fold adapters into the base weights but keep them (undo with `unmerge_adapters`)."""
+def unmerge_and_reinject(model: nn.Module) -> list[str]:
+    """Undo `merge_and_unload(model, keep=True)`: inject the same adapters again with the values they
+    had, and subtract their delta from the merged weights, so the model holds its base weights plus
+    the adapters (base weights within one float rounding of the original: the delta is added and
+    subtracted in float32, each result written in the weight's dtype).
+
+    Returns:
+        The adapted module paths.
+
+    Raises:
+        LoRAError: the model was not merged with `keep=True`.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> _ = merge_and_unload(m, keep=True)
+        >>> unmerge_and_reinject(m)
+        ['q_proj']
+    """
+    record = model.__dict__.get(MERGED_ATTR)
+    if not isinstance(record, MergedAdapters):
+        raise LoRAError("This model was not merged with merge_and_unload(model, keep=True); there is nothing to "
+                        "undo. Load the adapters into a fresh base model instead.")
+    names = []
+    for path, state in record.states:
+        root = model.get_submodule(path) if path else model
+        names += [_join(path, n) for n in inject_lora(root, state.config, prefix=state.prefix, skip=state.skipped)]
+        root.__dict__[STATE_ATTR].requires_grad = state.requires_grad
+    with torch.no_grad():
+        params = dict(model.state_dict(keep_vars=True))
+        for key, value in record.adapters.items():
+            params[key].copy_(value)
+    for _, layer in lora_layers(model):
+        layer.merged = True
+        layer.unmerge()
+    del model.__dict__[MERGED_ATTR]
+    return names
+
+
+def is_merged(model: nn.Module) -> bool:
+    """Whether `merge_and_unload(model, keep=True)` merged adapters that can still be undone.
+
+    Example:
+        >>> from torch import nn
+        >>> is_merged(nn.Linear(2, 2))
+        False
+    """
+    return isinstance(model.__dict__.get(MERGED_ATTR), MergedAdapters)
+
+
+def merged_config(model: nn.Module) -> LoRAConfig | None:
+    """The `LoRAConfig` of the adapters that `merge_and_unload(model, keep=True)` merged, or None.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> merged_config(merge_and_unload(m, keep=True)).r
+        2
+    """
+    record = model.__dict__.get(MERGED_ATTR)
+    return record.states[0][1].config if isinstance(record, MergedAdapters) and record.states else None
+
+
+def merge_adapter(model: nn.Module) -> None:
+    """Fold the adapters into the base weights but keep them (PEFT's `merge_adapter`); the model then
+    computes at the base model's speed. Undo with `unmerge_adapter`.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> merge_adapter(m); m.q_proj.merged
+        True
+    """
     for _, layer in lora_layers(model):
         layer.merge()
 
 
-def unmerge_adapters(model: nn.Module) -> None:
-    """Undo `merge_adapters`."""
+def unmerge_adapter(model: nn.Module) -> None:
+    """Undo `merge_adapter` (PEFT's `unmerge_adapter`): the delta is subtracted again in float32;
+    the base weights come back within one rounding (see `LoRALayer.unmerge`).
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> merge_adapter(m); unmerge_adapter(m); m.q_proj.merged
+        False
+    """
     for _, layer in lora_layers(model):
         layer.unmerge()
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated and will be removed in the next release; use {new}.",
+                  DeprecationWarning, stacklevel=3)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Deprecated alias of `merge_and_unload` (fold in and remove).
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> type(merge_lora(m).q_proj).__name__
+        'Linear'
+    """
+    _deprecated("merge_lora", "merge_and_unload")
+    return merge_and_unload(model)
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Deprecated alias of `merge_adapter` (fold in, keep the adapters)."""
+    _deprecated("merge_adapters", "merge_adapter")
+    merge_adapter(model)
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Deprecated alias of `unmerge_adapter`."""
+    _deprecated("unmerge_adapters", "unmerge_adapter")
+    unmerge_adapter(model)
 
 
 @contextlib.contextmanager
@@ -392,7 +772,8 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
         >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
         >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
         >>> with disable_lora(m):
-        ...     pass
+        ...     m.q_proj.lora_enabled
+        False
     """
     layers = [layer for _, layer in lora_layers(model)]
     states = [(layer.lora_enabled, layer.merged) for layer in layers]
@@ -408,6 +789,73 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
                 layer.merge()
 
 
+# ============================================================================ optimizers
+def find_optimizers(obj: Any) -> list[torch.optim.Optimizer]:
+    """Every optimizer inside what `configure_optimizers` returned (an optimizer, list, tuple, dict).
+
+    Example:
+        >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> find_optimizers({"optimizer": opt, "lr_scheduler": None}) == [opt]
+        True
+    """
+    if isinstance(obj, torch.optim.Optimizer):
+        return [obj]
+    if isinstance(obj, dict):
+        return [o for v in obj.values() for o in find_optimizers(v)]
+    if isinstance(obj, (list, tuple)):
+        return [o for v in obj for o in find_optimizers(v)]
+    return []  # schedulers and other entries
+
+
+def restrict_optimizer(optimizer: torch.optim.Optimizer, trainable: Sequence[nn.Parameter],
+                       base: Sequence[nn.Parameter] | None = None) -> None:
+    """Leave `optimizer` holding only `trainable` parameters (groups keep their order and options,
+    so a scheduler built on the optimizer stays valid).
+
+    An optimizer whose one group holds exactly the `base` parameters was built over the whole
+    module before the adapters existed (LightningCLI's `--optimizer` does this): its group is given
+    the trainable parameters instead.
+
+    Raises:
+        LoRAError: when no trainable parameter is left in the optimizer.
+
+    Example:
+        >>> w, a = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+        >>> opt = torch.optim.SGD([w, a], lr=0.1)
+        >>> restrict_optimizer(opt, [a]); opt.param_groups[0]["params"] == [a]
+        True
+    """
+    groups = optimizer.param_groups
+    if base is not None and len(groups) == 1 and {id(p) for p in groups[0]["params"]} == {id(p) for p in base}:
+        groups[0]["params"] = list(trainable)
+        return
+    keep = {id(p) for p in trainable}
+    for group in groups:
+        group["params"] = [p for p in group["params"] if id(p) in keep]
+    if not any(group["params"] for group in groups):
+        raise LoRAError(f"{type(optimizer).__name__} holds none of the LoRA parameters after freezing the base. "
+                        "Build it from self.parameters() (or self.trainer.model.parameters()) so that the "
+                        "adapters are included.")
+
+
+def restrict_optimizers(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """`restrict_optimizer` for each optimizer, with `model`'s trainable parameters (those with
+    `requires_grad`) and its base parameters (all but the adapters).
+
+    Example:
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> opt = torch.optim.AdamW(m.parameters())          # built before injection
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> restrict_optimizers(m, [opt]); len(opt.param_groups[0]["params"])
+        2
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    base = [p for n, p in model.named_parameters() if not is_lora_key(n)]
+    for optimizer in optimizers:
+        restrict_optimizer(optimizer, trainable, base)
+
+
+# ============================================================================ counts and statistics
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """`(trainable, total)` parameter counts (tied parameters counted once).
 
@@ -425,7 +873,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 @dataclass
 class LayerRow:
-    """One row of `parameter_summary`: a group of adapted layers of the same name and shape."""
+    """One row of `parameter_summary`: a group of adapted layers of the same name and shape.
+
+    Attributes:
+        name: last path component (`q_proj`); shape: `(out, in)`; count: layers in the group;
+        r: rank; full: parameters of their weights; lora: parameters of their adapters.
+    """
 
     name: str
     shape: tuple[int, int]
@@ -438,16 +891,22 @@ class LayerRow:
 @dataclass
 class ParameterSummary:
     """Trainable vs total parameters, with the adapted layers grouped by name and shape.
-
     `str(summary)` is the printable table.
+
+    Attributes:
+        trainable, total: parameter counts (tied parameters once).
+        rows: one `LayerRow` per group of adapted layers.
+        skipped: subtrees left alone (e.g. a frozen teacher).
     """
 
     trainable: int
     total: int
     rows: list[LayerRow]
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def trainable_percent(self) -> float:
+        """`100 * trainable / total`."""
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
@@ -458,6 +917,8 @@ class ParameterSummary:
             lines.append(f"{row.name:<24} {f'{row.shape[0]} x {row.shape[1]}':>13} {row.count:>4} {row.r:>4} "
                          f"{row.full:>15,} {row.lora:>13,} {pct:>8.2f}% {100 - pct:>8.1f}%")
         lines.append("-" * len(head))
+        if self.skipped:
+            lines.append(f"left alone (frozen before setup): {', '.join(self.skipped)}")
         lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({self.trainable_percent:.4f}%)")
         return "\n".join(lines)
 
@@ -473,26 +934,93 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         >>> _ = inject_lora(m, LoRAConfig(r=8, target_modules=["q_proj"]))
         >>> print(parameter_summary(m))  # doctest: +ELLIPSIS
         layer ...
+        q_proj                     4096 x 4096    1    8      16,777,216        65,536     0.39%     99.6%
+        ...
     """
     groups: dict[tuple[str, tuple[int, int], int], LayerRow] = {}
     for name, layer in lora_layers(model):
         shape = (layer.lora_B.weight.shape[0], layer.lora_A.weight.shape[1])  # (out, in)
         key = (name.rsplit(".", 1)[-1], shape, layer.r)
-        full = layer.weight.numel()
-        lora = layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
-        if key not in groups:
-            groups[key] = LayerRow(key[0], shape, 0, layer.r, 0, 0)
-        row = groups[key]
+        row = groups.setdefault(key, LayerRow(key[0], shape, 0, layer.r, 0, 0))
         row.count += 1
-        row.full += full
-        row.lora += lora
+        row.full += layer.weight.numel()
+        row.lora += layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
     trainable, total = count_parameters(model)
-    return ParameterSummary(trainable, total, list(groups.values()))
+    skipped = [_join(path, s) for path, state in lora_states(model) for s in state.skipped]
+    return ParameterSummary(trainable, total, list(groups.values()), skipped)
 
 
+def weight_norms(model: nn.Module) -> dict[str, float]:
+    """`||W||_F` (float32) of every adapted layer's base weight, by layer path.
+
+    Example:
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(2, 2, bias=False))
+        >>> with torch.no_grad(): _ = m.q_proj.weight.fill_(1.0)
+        >>> _ = inject_lora(m, LoRAConfig(r=1, target_modules=["q_proj"]))
+        >>> weight_norms(m)
+        {'q_proj': 2.0}
+    """
+    return {name: layer.weight.detach().float().norm().item() for name, layer in lora_layers(model)}
+
+
+@torch.no_grad()
+def delta_ratio(model: nn.Module, norms: dict[str, float] | None = None) -> float:
+    """Mean over adapted layers of `||scaling B A||_F / ||W||_F`, computed from r x r products
+    (`||B A||_F^2 = sum((B^T B) * (A A^T))`), so no out x in matrix is formed.
+
+    Args:
+        model: a model with adapters.
+        norms: `weight_norms(model)` computed earlier (the base weights do not change in training).
+
+    Example:
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> delta_ratio(m)      # B = 0 at the start
+        0.0
+    """
+    ratios = []
+    for name, layer in lora_layers(model):
+        a, b = layer.lora_A.weight.float(), layer.lora_B.weight.float()
+        delta = layer.scaling * torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0)).item()
+        w = (norms or {}).get(name) or layer.weight.detach().float().norm().item()
+        ratios.append(delta / w if w > 0 else math.inf)
+    return sum(ratios) / len(ratios) if ratios else 0.0
+
+
+def adapter_grad_norm(model: nn.Module) -> float:
+    """The global L2 norm of the gradients of `lora_parameters(model)` (0.0 when none has one).
+
+    Example:
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> adapter_grad_norm(m)
+        0.0
+    """
+    grads = [p.grad.detach().float().norm() for p in lora_parameters(model) if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else 0.0
+
+
+def enable_input_grads_for_checkpointing(model: nn.Module) -> None:
+    """Reentrant gradient checkpointing needs the checkpointed block's input to require grad; with a
+    frozen embedding it would not ("element 0 of tensors does not require grad"). For every
+    transformers model inside `model` that has checkpointing on, register its input-grad hook once.
+
+    Example:
+        >>> enable_input_grads_for_checkpointing(nn.Linear(2, 2))   # nothing to do
+    """
+    for module in model.modules():
+        on = getattr(module, "is_activation_checkpointing", None)  # transformers >= 5 name
+        if on is None:
+            on = getattr(module, "is_gradient_checkpointing", False)
+        if on and hasattr(module, "enable_input_require_grads") and getattr(module, "_require_grads_hook", None) is None:
+            module.enable_input_require_grads()
+
+
+# ============================================================================ the network inside a module
 def find_network(model: nn.Module) -> tuple[str, nn.Module]:
     """`(path, module)` of the network inside `model`: the outermost transformers `PreTrainedModel`
-    (e.g. `("model", pl_module.model)`), else `("", model)`.
+    that holds adapters (e.g. `("model", pl_module.model)` and not a frozen teacher next to it), else
+    the outermost `PreTrainedModel`, else `("", model)`.
 
     Example:
         >>> from torch import nn
@@ -503,20 +1031,44 @@ def find_network(model: nn.Module) -> tuple[str, nn.Module]:
         from transformers import PreTrainedModel
     except Exception:  # pragma: no cover
         return "", model
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel):
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, PreTrainedModel)]
+    found = [(n, m) for n, m in found if not any(o != n and (o == "" or n.startswith(o + ".")) for o, _ in found)]
+    for name, module in found:
+        if has_lora(module) or lora_states(module):
             return name, module
-    return "", model
+    return found[0] if found else ("", model)
 
 
-def check_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Check an adapter-only state dict (e.g. a checkpoint's) against `model` before loading it:
-    base keys may be absent, but every adapter key must be present with the right shape.
+#: PEFT task types and the transformers auto-mapping that tells them from a model class
+_TASK_MAPPINGS = (
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("ForCausalLM", "LMHeadModel")),
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", ("ForSequenceClassification",)),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", ("ForSeq2SeqLM",)),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", ("ForTokenClassification",)),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", ("ForQuestionAnswering",)),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES", ()),
+)
 
-    Raises:
-        LoRAError: listing missing and mis-shaped adapter keys.
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type (`"CAUSAL_LM"`, `"SEQ_CLS"`, ...) for a transformers model class, else None.
+
+    Example:
+        >>> from torch import nn
+        >>> infer_task_type(nn.Linear(2, 2)) is None
+        True
     """
-    problems = _key_problems(lora_state_dict(model), state_dict, unexpected=False)
-    if problems:
-        raise LoRAError("The checkpoint does not hold the adapters this model expects: " + " | ".join(problems) +
-                        ". Was it written by a run with the same LoRA config (r, target_modules, rank_pattern)?")
+    cls_name = type(model).__name__
+    try:
+        from transformers.models.auto import modeling_auto
+    except Exception:  # pragma: no cover
+        modeling_auto = None
+    for task, mapping_name, suffixes in _TASK_MAPPINGS:
+        mapping = getattr(modeling_auto, mapping_name, {}) if modeling_auto is not None else {}
+        for value in mapping.values():
+            names = value if isinstance(value, (tuple, list)) else (value,)
+            if cls_name in names:
+                return task
+        if any(cls_name.endswith(s) for s in suffixes):
+            return task
+    return None

@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_lora import LoRA, LoRAError, lora_state_dict
-from lightning_lora.callback import CHECKPOINT_KEY, restrict_optimizer
+from lightning_lora.checkpoint import CHECKPOINT_KEY
+from lightning_lora.surgery import restrict_optimizer
 from lightning_lora.layers import LoRALayer
 from lightning_lora.surgery import lora_layers
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.layers import (LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, adapter_class_for,
-                                   draw_dropout_seed, dropout_drop_mask, dropout_threshold)
+from lightning_lora._kernels import draw_dropout_seed, dropout_drop_mask, dropout_threshold
+from lightning_lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, adapter_class_for
 
 IN, OUT, R, ALPHA = 12, 10, 4, 8.0
 

@@ -1,4 +1,4 @@
-"""The fused adapter paths of `LoRALinear`/`LoRAConv1D`: `_FusedLoRA` (dropout > 0 in training, or a bf16
+"""The fused adapter paths of `LoRALinear`/`LoRAConv1D`: `FusedLoRA` (dropout > 0 in training, or a bf16
 base with fp32 adapters) with its custom backward and regenerated masks, and the `addmm` path."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora.layers import (LoRAConv1D, LoRALinear, _FusedLoRA, draw_dropout_seed, dropout_drop_mask,
-                                   dropout_threshold)
+from lightning_lora._kernels import FusedLoRA
+from lightning_lora._kernels import draw_dropout_seed, dropout_drop_mask, dropout_threshold
+from lightning_lora.layers import AdapterPath, LoRAConv1D, LoRALinear
 
 
 def _seeded(fn, seed: int = 0):
@@ -28,7 +29,7 @@ def test_threshold_rounds_p_to_multiples_of_2_to_the_minus_16():
     assert dropout_threshold(1e-6) == 0            # too small to draw: the plain nn.Dropout path takes it
     x = torch.randn(3, 8)
     layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=1e-6).train()
-    assert layer._fused_path(x) is None
+    assert layer._fused_path(x) is AdapterPath.MODULES
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
@@ -62,7 +63,7 @@ def test_gradcheck_float64(shape):
     result = torch.randn(*shape[:-1], 4, dtype=torch.float64, requires_grad=True)
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    f = _seeded(lambda result, x, a, b: _FusedLoRA.apply(result, x, a, b, dropout_threshold(0.3), 1.7))
+    f = _seeded(lambda result, x, a, b: FusedLoRA.apply(result, x, a, b, dropout_threshold(0.3), 1.7))
     assert torch.autograd.gradcheck(f, (result, x, a, b), eps=1e-6, atol=1e-5)
 
 
@@ -72,7 +73,7 @@ def test_gradcheck_float64_only_some_inputs_need_grad():
     result = torch.randn(4, 5, dtype=torch.float64)
     a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-    f = _seeded(lambda a, b: _FusedLoRA.apply(result, x, a, b, dropout_threshold(0.5), 2.0))
+    f = _seeded(lambda a, b: FusedLoRA.apply(result, x, a, b, dropout_threshold(0.5), 2.0))
     assert torch.autograd.gradcheck(f, (a, b), eps=1e-6, atol=1e-5)
 
 
@@ -93,7 +94,7 @@ def test_matches_plain_autograd_with_the_same_mask(cls):
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     x = torch.randn(3, 7, 12, requires_grad=True)
-    assert layer._fused_path(x) == "dropout"
+    assert layer._fused_path(x) is AdapterPath.DROPOUT
     params = (x, layer.lora_A.weight, layer.lora_B.weight, layer.bias)
 
     torch.manual_seed(5)
@@ -102,7 +103,7 @@ def test_matches_plain_autograd_with_the_same_mask(cls):
     torch.manual_seed(5)
     ref = _reference(layer, x, draw_dropout_seed())
     ref_grads = torch.autograd.grad(ref.square().sum(), params)
-    assert out.grad_fn.name() == "_FusedLoRABackward"
+    assert out.grad_fn.name() == "FusedLoRABackward"
     # the same products, summed and scaled in another order (1/(1-p) is applied to the r-wide h)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
@@ -182,19 +183,19 @@ def test_activation_checkpointing_recomputes_the_same_mask(use_reentrant):
 
 def test_paths_taken():
     x = torch.randn(2, 4)
-    assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.0).train()._fused_path(x) == "addmm"
-    assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).eval()._fused_path(x) == "addmm"
+    assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.0).train()._fused_path(x) is AdapterPath.ADDMM
+    assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).eval()._fused_path(x) is AdapterPath.ADDMM
     with torch.no_grad():
-        assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()._fused_path(x) == "dropout"
+        assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()._fused_path(x) is AdapterPath.DROPOUT
     hooked = LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()
     hooked.lora_A.register_forward_hook(lambda *a: None)
-    assert hooked._fused_path(x) is None
+    assert hooked._fused_path(x) is AdapterPath.MODULES
     # a bf16 base with fp32 adapters: the cast-saving function with autograd, the modules without
-    assert LoRALinear(nn.Linear(4, 4).bfloat16(), r=2, alpha=2)._fused_path(x.bfloat16()) == "cast"
+    assert LoRALinear(nn.Linear(4, 4).bfloat16(), r=2, alpha=2)._fused_path(x.bfloat16()) is AdapterPath.CAST
     with torch.no_grad():
-        assert LoRALinear(nn.Linear(4, 4).bfloat16(), r=2, alpha=2)._fused_path(x.bfloat16()) is None
+        assert LoRALinear(nn.Linear(4, 4).bfloat16(), r=2, alpha=2)._fused_path(x.bfloat16()) is AdapterPath.MODULES
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()._fused_path(x) is None
+        assert LoRALinear(nn.Linear(4, 4), r=2, alpha=2, dropout=0.5).train()._fused_path(x) is AdapterPath.MODULES
 
 
 @pytest.mark.parametrize("cls", [LoRALinear, LoRAConv1D])
@@ -254,7 +255,7 @@ def test_cast_path_matches_the_modules_and_keeps_bf16_x():
     x = torch.randn(3, 5, 32, dtype=torch.bfloat16, requires_grad=True)
     params = (x, layer.lora_A.weight, layer.lora_B.weight, layer.bias)
     out = layer(x)
-    assert out.grad_fn.name() == "_FusedLoRABackward" and out.dtype is torch.bfloat16
+    assert out.grad_fn.name() == "FusedLoRABackward" and out.dtype is torch.bfloat16
     ref = layer.base_forward(x) + layer.adapter_forward(x).to(torch.bfloat16)
     assert torch.equal(out, ref)
     for g, r in zip(torch.autograd.grad(out.float().sum(), params), torch.autograd.grad(ref.float().sum(), params)):

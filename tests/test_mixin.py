@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_lora import LoRA, LoRAConfig, LoRAError
-from lightning_lora.callback import CHECKPOINT_KEY
+from lightning_lora.checkpoint import CHECKPOINT_KEY
 
 from lit_models import BuiltInConfigureModel, TinyLlamaModule, fit
 

@@ -595,7 +595,7 @@ def test_inject_twice_is_an_error():
     inject_lora(model, LoRAConfig(r=4))
     with pytest.raises(LoRAError, match="already has LoRA adapters; injecting twice is not supported") as info:
         inject_lora(model, LoRAConfig(r=4, target_modules=["k_proj"]))
-    assert "merge_lora(model)" in str(info.value)
+    assert "merge_and_unload(model)" in str(info.value)
     assert isinstance(info.value, ValueError)
     assert [type(m) for m in model.model.layers[0].self_attn.children()].count(nn.Linear) == 2  # k_proj, o_proj
 

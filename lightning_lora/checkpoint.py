@@ -1,0 +1,218 @@
+"""The adapter-only checkpoint format: what a LoRA run's `.ckpt` holds, written, read and checked here.
+
+A Lightning checkpoint written with the `LoRA` callback (or a `LoRAMixin` module) holds, besides
+Lightning's own entries (optimizer states, loops, callbacks, ...):
+
+* `state_dict`: only the keys LoRA training changes (`...q_proj.lora_A.weight`, trained biases,
+  `modules_to_save`), keyed as the LightningModule's state dict; no base weight;
+* `checkpoint["lightning_lora"]` (`CHECKPOINT_KEY`): `{"version": 1, "config": LoRAConfig.to_dict(),
+  "model_prefix": "model", "base_model_name_or_path": ..., "task_type": "CAUSAL_LM"}`;
+  `model_prefix` is the path of the transformers model inside the LightningModule.
+
+The callback, the mixin and `lightning-lora export` are clients of these functions; nothing here
+imports Lightning (checkpoints are plain dicts).
+
+Example:
+    >>> from torch import nn
+    >>> from lightning_lora import LoRAConfig, inject_lora
+    >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+    >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+    >>> ckpt = {"state_dict": m.state_dict()}
+    >>> make_adapter_only(ckpt, m)
+    >>> sorted(ckpt["state_dict"]), ckpt["lightning_lora"]["version"]
+    (['q_proj.lora_A.weight', 'q_proj.lora_B.weight'], 1)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lora.config import LoRAConfig
+from lightning_lora.errors import AdapterFormatError, LoRAError, first_line
+from lightning_lora.surgery import (
+    find_network,
+    get_lora_config,
+    infer_task_type,
+    is_lora_key,
+    lora_state_dict,
+    state_dict_problems,
+    trainable_keys,
+)
+
+#: key of the LoRA section in every checkpoint the callback (or the mixin) writes
+CHECKPOINT_KEY = "lightning_lora"
+#: version of that section; a checkpoint with another version is refused with a clear message
+CHECKPOINT_VERSION = 1
+
+
+def checkpoint_section(module: nn.Module, config: LoRAConfig | None = None) -> dict[str, Any]:
+    """The `checkpoint["lightning_lora"]` section for `module`: version, config, where the network
+    sits (`model_prefix`), its origin (`base_model_name_or_path`) and PEFT `task_type`.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> sorted(checkpoint_section(m, LoRAConfig(target_modules=["q_proj"])))
+        ['base_model_name_or_path', 'config', 'model_prefix', 'task_type', 'version']
+    """
+    config = config if config is not None else get_lora_config(module)
+    prefix, network = find_network(module)
+    name = getattr(network, "name_or_path", None) or None
+    return {"version": CHECKPOINT_VERSION, "config": config.to_dict(), "model_prefix": prefix,
+            "base_model_name_or_path": name, "task_type": infer_task_type(network)}
+
+
+def make_adapter_only(checkpoint: dict[str, Any], module: nn.Module, config: LoRAConfig | None = None) -> None:
+    """Keep only the keys LoRA training changes in `checkpoint["state_dict"]` and add the LoRA section.
+
+    Raises:
+        LoRAError: `module` has no adapters.
+    """
+    keys = trainable_keys(module)
+    state = checkpoint.get("state_dict", {})
+    checkpoint["state_dict"] = {k: state[k] for k in keys if k in state}
+    checkpoint[CHECKPOINT_KEY] = checkpoint_section(module, config)
+
+
+def checkpoint_config(checkpoint: dict[str, Any], source: str = "the checkpoint") -> LoRAConfig:
+    """The `LoRAConfig` stored in a checkpoint dict.
+
+    Raises:
+        LoRAError: the checkpoint has no LoRA section (it was not written by a LoRA run).
+        AdapterFormatError: the section has another version or an invalid config.
+
+    Example:
+        >>> checkpoint_config({"lightning_lora": {"version": 1, "config": {"r": 4}}}).r
+        4
+    """
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise LoRAError(f"{source} has no LoRA section ({CHECKPOINT_KEY!r}); it was not written by a LoRA run. "
+                        "To start LoRA training from a full-model checkpoint, load its weights into the module "
+                        "before fitting instead of passing it as ckpt_path.")
+    version = meta.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise AdapterFormatError(f"{source}: {CHECKPOINT_KEY} version {version!r} is not supported (expected "
+                                 f"{CHECKPOINT_VERSION}); upgrade lightning-lora.")
+    try:
+        return LoRAConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise AdapterFormatError(f"{source}: the stored LoRA config is invalid ({err}).") from None
+
+
+def check_checkpoint_config(checkpoint: dict[str, Any], config: LoRAConfig, source: str = "the checkpoint") -> None:
+    """Raise a `LoRAError` that shows both configs when the checkpoint's LoRA config differs from `config`.
+
+    Example:
+        >>> ckpt = {"lightning_lora": {"version": 1, "config": LoRAConfig(r=4).to_dict()}}
+        >>> check_checkpoint_config(ckpt, LoRAConfig(r=4))   # same: no error
+    """
+    saved = checkpoint_config(checkpoint, source)
+    if saved != config:
+        diff = "\n  ".join(config.describe_differences(saved))
+        raise LoRAError(f"The LoRA config in {source} differs from this run's:\n  {diff}\n"
+                        f"this run:   {config.to_dict()}\n{source}: {saved.to_dict()}\n"
+                        "Resume with the same LoRA settings as the run that wrote the checkpoint.")
+
+
+def check_adapter_keys(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "The checkpoint") -> None:
+    """Check an adapter-only state dict against `model` before loading it: base keys may be absent,
+    but every key LoRA trains must be present with the right shape.
+
+    Raises:
+        LoRAError: listing missing and mis-shaped adapter keys.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_lora import inject_lora
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> check_adapter_keys(m, {"q_proj.lora_A.weight": torch.zeros(2, 4)})
+        Traceback (most recent call last):
+        lightning_lora.errors.LoRAError: The checkpoint does not hold the adapters this model expects: missing adapter keys (1): q_proj.lora_B.weight. Was it written by a run with the same LoRA config (r, target_modules, rank_pattern)?
+    """
+    problems = state_dict_problems(lora_state_dict(model), state_dict, unexpected=False)
+    if problems:
+        raise LoRAError(f"{source} does not hold the adapters this model expects: " + " | ".join(problems) +
+                        ". Was it written by a run with the same LoRA config (r, target_modules, rank_pattern)?")
+
+
+@dataclass
+class AdapterCheckpoint:
+    """The content of an adapter-only checkpoint file.
+
+    Attributes:
+        config: the `LoRAConfig` of the run.
+        state_dict: adapter tensors keyed relative to the network (the `model_prefix` removed).
+        model_prefix: dotted path of the network inside the LightningModule (`""`: the module itself).
+        base_model_name_or_path: the base model recorded by the run, or None.
+        task_type: PEFT task type recorded by the run, or None.
+    """
+
+    config: LoRAConfig
+    state_dict: dict[str, torch.Tensor]
+    model_prefix: str
+    base_model_name_or_path: str | None
+    task_type: str | None
+
+
+def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
+    """Read an adapter-only Lightning checkpoint file (`torch.load(..., weights_only=True)`).
+
+    Raises:
+        AdapterFormatError: missing, unreadable, or not written by a LoRA run (the message names the
+            path and what is wrong).
+
+    Example:
+        >>> ckpt = read_checkpoint("checkpoints/last.ckpt")   # doctest: +SKIP
+        >>> ckpt.config.r, ckpt.model_prefix                  # doctest: +SKIP
+        (8, 'model')
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFormatError(f"{path} does not exist or is not a file; expected an adapter-only Lightning "
+                                 "checkpoint (.ckpt) written with the LoRA callback.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise AdapterFormatError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                                 f"{first_line(err)}); it may be truncated, or hold objects other than tensors "
+                                 "and plain Python values.") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise AdapterFormatError(f"{path} is not a Lightning checkpoint (no 'state_dict' dict).")
+    if not isinstance(ckpt.get(CHECKPOINT_KEY), dict):
+        raise AdapterFormatError(f"{path} was not written with lightning-lora's LoRA callback (no {CHECKPOINT_KEY!r} "
+                                 "entry); export a checkpoint of a run that used the LoRA callback.")
+    config = checkpoint_config(ckpt, str(path))
+    meta = ckpt[CHECKPOINT_KEY]
+    prefix = meta.get("model_prefix") or ""
+    if not isinstance(prefix, str):
+        raise AdapterFormatError(f"{path}: model_prefix={prefix!r} is invalid; expected a dotted module path.")
+    state: dict[str, torch.Tensor] = {}
+    outside = []
+    for key, value in ckpt["state_dict"].items():
+        if prefix and not key.startswith(prefix + "."):
+            outside.append(key)
+            continue
+        state[key[len(prefix) + 1:] if prefix else key] = value
+    if outside:
+        raise AdapterFormatError(f"{path}: state_dict keys {outside[:4]} are outside the model at {prefix!r}; "
+                                 "expected only adapter keys of that model.")
+    if not any(is_lora_key(k) for k in state):
+        raise AdapterFormatError(f"{path} holds no LoRA adapter weights (no '*.lora_A.weight' keys).")
+    base, task = meta.get("base_model_name_or_path"), meta.get("task_type")
+    return AdapterCheckpoint(config, state, prefix, base if isinstance(base, str) and base else None,
+                             task if isinstance(task, str) and task else None)
+
+
+__all__ = ["AdapterCheckpoint", "CHECKPOINT_KEY", "CHECKPOINT_VERSION", "check_adapter_keys",
+           "check_checkpoint_config", "checkpoint_config", "checkpoint_section", "make_adapter_only",
+           "read_checkpoint"]
