@@ -203,8 +203,11 @@ def compute_trainable_keys(model: nn.Module, config: LoRAConfig, prefix: str = "
         ['q_proj.bias', 'q_proj.lora_A.weight', 'q_proj.lora_B.weight']
     """
     saved = _modules_to_save(model, config, prefix, skip)
+    # a skipped subtree the user trains (any parameter with requires_grad) is trained and saved whole
+    trained = [s for s in skip if any(p.requires_grad for p in model.get_submodule(s).parameters())]
     return [k for k in model.state_dict(keep_vars=True)
-            if not is_inside(k, skip) and _is_trainable_key(model, k, config, saved)]
+            if is_inside(k.rpartition(".")[0], trained)
+            or (not is_inside(k, skip) and _is_trainable_key(model, k, config, saved))]
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: str = "",

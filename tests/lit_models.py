@@ -95,3 +95,66 @@ def fit(module: L.LightningModule, callbacks: list, tmp_path, max_steps: int = 3
     trainer = L.Trainer(**kwargs)
     trainer.fit(module, datamodule=TokenData(), ckpt_path=ckpt_path)
     return trainer
+
+
+class PlainTinyLlama(L.LightningModule):
+    """A plain LightningModule (no LoRAMixin): a tiny Llama (vocab 256), `AdamW(self.parameters())`,
+    `val_loss` logged per epoch, logits from `predict_step`."""
+
+    def __init__(self, lr: float = 1e-2, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = make_tiny_llama(seed=seed, vocab_size=256).train()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(input_ids=batch[0], labels=batch[0]).loss)
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self.model(input_ids=batch[0], labels=batch[0]).loss)
+
+    def predict_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0]).logits
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+class MixinTinyLlama(LoRAMixin, PlainTinyLlama):
+    """`PlainTinyLlama` with `LoRAMixin` (adapter-only `load_from_checkpoint`)."""
+
+
+class EvalData(L.LightningDataModule):
+    """Training, validation, test and predict batches of fixed token sequences (no shuffling)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(token_data(16, 12), batch_size=4)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(token_data(8, 12, seed=1), batch_size=4)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(token_data(4, 12, seed=2), batch_size=4)
+
+
+class Distill(L.LightningModule):
+    """A student Llama trained to match a frozen teacher Llama (frozen in __init__, run under no_grad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = make_tiny_llama(seed=0).train()
+        self.teacher = make_tiny_llama(seed=1).requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            target = self.teacher(input_ids=batch[0]).logits.softmax(-1)
+        logits = self.student(input_ids=batch[0]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
