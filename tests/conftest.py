@@ -60,9 +60,35 @@ def smollm2_path() -> str:
     return resolve_model("smollm2-135m-instruct")
 
 
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    with torch.no_grad():
+        sums = tuple(float(p.detach().double().sum()) for p in model.parameters())
+    return sums, tuple(name for name, _ in model.named_modules()), model.training, \
+        tuple(p.requires_grad for p in model.parameters())
+
+
+@pytest.fixture(scope="session")
+def smollm2_shared(smollm2_path):
+    """One fp32 SmolLM2-135M-Instruct in eval mode for the whole session, READ-ONLY: for tests that only
+    run it (forward, generate with modes restored). A test that injects, trains, merges, casts or
+    switches modes takes `smollm2` (a fresh model). Checked at the end of the session: a test that
+    changed this model is reported as an error here."""
+    from lightning_lora.hub import load_causal_lm
+
+    model = load_causal_lm(smollm2_path).eval()
+    before = _fingerprint(model)
+    yield model
+    assert _fingerprint(model) == before, (
+        "a test changed the session-scoped smollm2_shared model (weights, modules, mode or requires_grad); "
+        "use the function-scoped `smollm2` fixture in tests that change the model")
+
+
 @pytest.fixture
 def smollm2(smollm2_path):
-    """A fresh fp32 SmolLM2-135M-Instruct in eval mode (loads in well under a second once converted)."""
+    """A fresh fp32 SmolLM2-135M-Instruct in eval mode, for tests that change it (inject, train, merge).
+
+    Loaded from the converted safetensors file (about 0.1 s once the file is in the page cache, faster
+    than a deep copy of `smollm2_shared`, which takes 0.7 s or more)."""
     from lightning_lora.hub import load_causal_lm
 
     return load_causal_lm(smollm2_path).eval()

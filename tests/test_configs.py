@@ -41,6 +41,13 @@ def test_every_config_parses(name, capsys):
     ckpt = callback(cfg, "lightning.pytorch.callbacks.ModelCheckpoint")
     assert ckpt["save_last"] is True and ckpt["monitor"] == "val_loss"
     callback(cfg, "lightning.pytorch.callbacks.LearningRateMonitor")
+    # the before/after answers table comes from the AnswersReport callback, last in the list (so that
+    # `--trainer.callbacks.num_questions N` reaches it); the deprecated model shortcut is left unset
+    assert cfg["trainer"]["callbacks"][-1]["class_path"] == "lightning_lora.tasks.AnswersReport"
+    report = callback(cfg, "lightning_lora.tasks.AnswersReport")
+    assert set(report) == {"num_questions", "max_new_tokens"} and report["max_new_tokens"] >= 24
+    assert cfg["model"]["init_args"]["print_answers"] is None
+    assert cfg["model"]["init_args"]["num_eval_questions"] is None
     logger = cfg["trainer"]["logger"]
     assert logger["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
     assert logger["init_args"]["save_dir"] == "runs"
@@ -66,7 +73,10 @@ def test_quickstart_runs_on_cpu_in_fp32_with_a_full_validation_first(capsys):
     assert cfg["trainer"]["accelerator"] in ("auto", "cpu") and cfg["trainer"]["precision"] == "32-true"
     assert cfg["trainer"]["num_sanity_val_steps"] == -1  # gives the "val loss before"
     assert cfg["model"]["init_args"]["model_name_or_path"] == "smollm2-135m-instruct"
-    assert cfg["model"]["init_args"]["print_answers"] is True
+    assert callback(cfg, "lightning_lora.tasks.AnswersReport") == {"num_questions": 24, "max_new_tokens": 24}
+    short = print_config("quickstart.yaml", capsys, "--trainer.callbacks.num_questions", "3")
+    assert callback(short, "lightning_lora.tasks.AnswersReport") == {"num_questions": 3, "max_new_tokens": 24}
+    assert short["trainer"]["callbacks"][:-1] == cfg["trainer"]["callbacks"][:-1]
     assert cfg["data"]["init_args"]["system_prompt"]
     # the documented GPU override parses
     gpu = print_config("quickstart.yaml", capsys, "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-true")

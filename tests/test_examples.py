@@ -30,6 +30,7 @@ def trained(tmp_path_factory, smollm2_path):
     return workdir, proc
 
 
+@pytest.mark.integration
 def test_train_with_callback_writes_adapter_and_merged_model(trained):
     workdir, proc = trained
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,6 +49,7 @@ def test_train_with_callback_writes_adapter_and_merged_model(trained):
     assert f"merged model: {Path('out') / 'merged'}" in lines
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["adapter", "merged"])
 def test_load_and_generate(trained, kind):
     workdir, proc = trained

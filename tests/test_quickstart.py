@@ -7,6 +7,8 @@ from the adapter-only checkpoint. Bad input must give one line on stderr and exi
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -14,23 +16,35 @@ import pytest
 import torch
 
 from lightning_lora.cli import main
+from lightning_lora.tasks import contains_answer
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
-SHORT = ["--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
-         "--data.batch_size", "2", "--model.num_generate_examples", "1", "--model.num_eval_questions", "3",
-         "--model.generate_max_new_tokens", "6"]
+SHORT = ["--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1", "--trainer.limit_train_batches", "4",
+         "--trainer.limit_val_batches", "2", "--data.batch_size", "2", "--model.num_generate_examples", "1",
+         "--model.generate_max_new_tokens", "6",
+         # the last callback of the config is the AnswersReport: these two override its arguments
+         "--trainer.callbacks.num_questions", "3", "--trainer.callbacks.max_new_tokens", "6"]
+ANSWERS_KEYS = ["total", "base_correct", "finetuned_correct", "base_accuracy", "finetuned_accuracy",
+                "val_loss_before", "val_loss_after", "val_loss_after_step", "model", "global_step", "resumed",
+                "generate_max_new_tokens", "questions"]
+QUESTION_KEYS = ["question", "keywords", "base_answer", "finetuned_answer", "expected", "fact", "source",
+                 "base_correct", "finetuned_correct"]
 
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory, smollm2_path):
-    """Run the shortened quickstart once (fit, then validate from the checkpoint) in a fresh directory."""
+    """Run the shortened quickstart once (fit, then validate from the checkpoint) in a fresh directory;
+    `workdir / "fit-stdout.txt"` keeps what fit printed."""
     import os
 
     workdir = tmp_path_factory.mktemp("quickstart")
     old = os.getcwd()
     os.chdir(workdir)
+    out = io.StringIO()
     try:
-        fit_code = main(["fit", "--config", CONFIG, *SHORT])
+        with contextlib.redirect_stdout(out):
+            fit_code = main(["fit", "--config", CONFIG, *SHORT])
+        (workdir / "fit-stdout.txt").write_text(out.getvalue())
         ckpt = workdir / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
         validate_code = main(["validate", "--config", CONFIG, *SHORT, "--ckpt_path", str(ckpt)]) \
             if ckpt.is_file() else None
@@ -47,12 +61,14 @@ def scalars(log_dir: Path) -> dict[str, list]:
     return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}, acc.Tags().get("tensors", [])
 
 
+@pytest.mark.integration
 def test_fit_and_validate_exit_zero(quickstart_run):
     _, fit_code, validate_code = quickstart_run
     assert fit_code == 0
     assert validate_code == 0
 
 
+@pytest.mark.integration
 def test_tensorboard_scalars_and_text(quickstart_run):
     workdir, _, _ = quickstart_run
     log_dir = workdir / "runs" / "quickstart" / "version_0"
@@ -68,6 +84,7 @@ def test_tensorboard_scalars_and_text(quickstart_run):
     assert "val_loss" in scalars(workdir / "runs" / "quickstart" / "version_1")[0]
 
 
+@pytest.mark.integration
 def test_checkpoint_holds_only_the_adapters(quickstart_run):
     workdir, _, _ = quickstart_run
     ckpt_dir = workdir / "runs" / "quickstart" / "checkpoints"
@@ -82,6 +99,7 @@ def test_checkpoint_holds_only_the_adapters(quickstart_run):
         assert ckpt["hyper_parameters"]["model_name_or_path"] == "smollm2-135m-instruct"
 
 
+@pytest.mark.integration
 def test_peft_adapter_dir(quickstart_run):
     workdir, _, _ = quickstart_run
     adapter = workdir / "runs" / "quickstart" / "adapter"
@@ -90,6 +108,7 @@ def test_peft_adapter_dir(quickstart_run):
     assert cfg["r"] == 2 and cfg["peft_type"] == "LORA"
 
 
+@pytest.mark.integration
 def test_merged_model_dir_is_a_plain_transformers_model_with_tokenizer(quickstart_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,6 +120,7 @@ def test_merged_model_dir_is_a_plain_transformers_model_with_tokenizer(quickstar
     assert tokenizer.eos_token == "<|im_end|>" and (merged / "tokenizer_config.json").is_file()
 
 
+@pytest.mark.integration
 def test_answers_json(quickstart_run):
     workdir, _, _ = quickstart_run
     data = json.loads((workdir / "runs" / "quickstart" / "version_0" / "answers.json").read_text())
@@ -110,10 +130,29 @@ def test_answers_json(quickstart_run):
     assert 0 < data["val_loss_before"] < 10 and 0 < data["val_loss_after"] < 10
     assert data["val_loss_after_step"] == 4
     assert data["global_step"] == 4 and data["model"] == "smollm2-135m-instruct"
+    assert list(data) == ANSWERS_KEYS
+    assert (data["resumed"], data["generate_max_new_tokens"]) == (False, 6)
     for q in data["questions"]:
-        assert set(q) >= {"question", "keywords", "base_answer", "finetuned_answer", "base_correct",
-                          "finetuned_correct"}
+        assert list(q) == QUESTION_KEYS
         assert q["keywords"] and isinstance(q["base_answer"], str)
+        assert q["base_correct"] == contains_answer(q["base_answer"], q["keywords"])
+
+
+@pytest.mark.integration
+def test_fit_prints_the_table_and_the_summary_lines(quickstart_run):
+    workdir, _, _ = quickstart_run
+    data = json.loads((workdir / "runs" / "quickstart" / "version_0" / "answers.json").read_text())
+    lines = [line.strip() for line in (workdir / "fit-stdout.txt").read_text().splitlines()]
+    title = "3 held-out questions, before and after fine-tuning (4 steps)"
+    assert title in lines
+    header = lines.index(title) + 2  # the top border, then the header row
+    assert [c.strip() for c in lines[header].strip("┃").split("┃")] == \
+        ["question", "expected", "base answer", "fine-tuned answer"]
+    summary = [f"base: {data['base_correct']}/3 answers contain the right fact, fine-tuned: {data['finetuned_correct']}/3",
+               f"val loss: {data['val_loss_before']:.3f} -> {data['val_loss_after']:.3f}",
+               "answers written to runs/quickstart/version_0/answers.json"]
+    start = lines.index(summary[0])
+    assert lines[start:start + 3] == summary
 
 
 # ------------------------------------------------------------------------------------------ bad input

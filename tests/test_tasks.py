@@ -1,9 +1,13 @@
-"""`lightning_lora.tasks.CausalLM` (issue 5): loss, perplexity, generation, answers table, checkpoints."""
+"""`lightning_lora.tasks`: `CausalLM` (loss, perplexity, generation, checkpoints, the deprecated
+`print_answers` shortcut) and the `AnswersReport` callback (the before/after table, answers.json)."""
 
 from __future__ import annotations
 
 import io
+import json
 import math
+import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,18 +19,22 @@ from lightning_lora.data import InstructionDataModule
 from lightning_lora.surgery import has_lora, lora_state_dict
 from lightning_lora.tasks import (
     AnswerRow,
+    AnswersReport,
     CausalLM,
     Perplexity,
+    TaskConfigError,
     answers_summary,
     contains_answer,
     generate_answers,
+    num_target_tokens,
+    print_answers_table,
     prompt_from_labels,
     select_eval_examples,
+    summary_lines,
 )
-from lightning_lora.tasks.causal_lm import TaskConfigError, num_target_tokens, print_answers_table, summary_lines
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, smollm2_path):
     """A local model directory: a 2-layer Llama with SmolLM2's tokenizer (and vocabulary size)."""
     from lightning_lora.hub import load_tokenizer
@@ -110,6 +118,17 @@ def test_perplexity_sum_stays_float32_under_bf16():
     assert math.isclose(ppl.compute().log().item(), 2.34375, rel_tol=1e-4)  # bf16(2.3456), summed exactly
 
 
+def test_names_stay_importable_from_causal_lm():
+    """Code written against the old layout (everything in tasks/causal_lm.py) keeps working."""
+    from lightning_lora.tasks import answers, causal_lm
+
+    for name in ["AnswerRow", "TaskConfigError", "answers_summary", "contains_answer", "generate_answers",
+                 "print_answers_table", "select_eval_examples", "summary_lines", "GENERATE_BATCH_SIZE",
+                 "ANSWERS_FILE"]:
+        assert getattr(causal_lm, name) is getattr(answers, name)
+    assert causal_lm.TaskConfigError is TaskConfigError and issubclass(TaskConfigError, ValueError)
+
+
 def test_num_target_tokens():
     labels = torch.tensor([[-100, -100, 5, 6, 2], [-100, 7, 2, -100, -100]])
     assert num_target_tokens(labels).item() == 5
@@ -160,20 +179,25 @@ def test_answers_table_and_accuracy_on_a_fake_set():
     assert answers_summary([])["base_accuracy"] is None
 
 
-def test_batched_left_padded_generation_equals_one_by_one(smollm2, smollm2_path):
+def test_batched_left_padded_generation_equals_one_by_one(smollm2_shared, smollm2_path):
     from lightning_lora.hub import load_tokenizer
 
+    model = smollm2_shared  # read-only: generate restores every module's mode, checked below
     tokenizer = load_tokenizer(smollm2_path)
     dm = InstructionDataModule(tokenizer=tokenizer, system_prompt="Answer briefly.")
     questions = ["What is the capital of France?", "Name a color.", "Who wrote Hamlet, the famous play?"]
     prompts = [dm.encode_prompt(q)[0].tolist() for q in questions]
     assert len({len(p) for p in prompts}) > 1  # so that padding is exercised
-    smollm2.train()
-    batched = generate_answers(smollm2, tokenizer, prompts, max_new_tokens=6)
-    single = [generate_answers(smollm2, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
-    assert batched == single and all(batched)
-    assert smollm2.training and all(m.training for m in smollm2.modules())  # modes restored
-    assert generate_answers(smollm2, tokenizer, [], 4) == []
+    model.model.layers[0].train()  # a mixed mode: generation must restore it exactly
+    try:
+        batched = generate_answers(model, tokenizer, prompts, max_new_tokens=6)
+        single = [generate_answers(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+        assert batched == single and all(batched)
+        assert not model.training and all(m.training for m in model.model.layers[0].modules())
+        assert not any(m.training for m in model.model.layers[1].modules())
+    finally:
+        model.eval()
+    assert generate_answers(model, tokenizer, [], 4) == []
 
 
 def test_bad_arguments_are_clear(tiny_dir):
@@ -246,15 +270,15 @@ def test_fit_with_callback_and_load_adapter_only_checkpoint(tiny_dir, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4, system_prompt="Answer briefly.")
-    module = CausalLM(tiny_dir, learning_rate=1e-2, print_answers=True, num_eval_questions=3,
-                      generate_max_new_tokens=4, gradient_checkpointing=True)
+    module = CausalLM(tiny_dir, learning_rate=1e-2, generate_max_new_tokens=4, gradient_checkpointing=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = _trainer(tmp_path, [LoRA(r=4, target_modules=["q_proj", "v_proj"], merge_on_fit_end=False), ckpt],
-                       limit_train_batches=2, max_epochs=1, max_steps=-1)
+    report = AnswersReport(num_questions=3, max_new_tokens=4)
+    trainer = _trainer(tmp_path, [LoRA(r=4, target_modules=["q_proj", "v_proj"], merge_on_fit_end=False), ckpt,
+                                  report], limit_train_batches=2, max_epochs=1, max_steps=-1)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
-    # before/after answers: 3 questions each (the table itself is tested through the CLI)
-    rows = module.answer_rows()
+    # before/after answers: 3 questions each (the table itself: test_answers_report_alone_in_a_tiny_run)
+    rows = report.answer_rows()
     assert len(rows) == 3 and all(isinstance(r.finetuned_answer, str) for r in rows)
     assert module.val_loss_after is not None and module.val_loss_after_step == 2
     trained = {k: v.clone() for k, v in lora_state_dict(module).items()}
@@ -289,8 +313,196 @@ def test_val_loss_before_comes_only_from_a_full_sanity_check(tiny_dir, tmp_path,
                        limit_val_batches=2, limit_train_batches=1, max_epochs=1, max_steps=-1)
     trainer.fit(module, datamodule=dm)
     assert (module.val_loss_before is not None) is expected
-    assert module.val_loss_after is not None and module.answer_rows() == []
+    assert module.val_loss_after is not None
+    assert not any(isinstance(cb, AnswersReport) for cb in trainer.callbacks)  # print_answers=False: no report
     if expected:  # the same batches before and after one step at lr 2e-4: close, and exactly log(val_ppl)
         assert abs(module.val_loss_before - module.val_loss_after) < 0.5
     assert math.isclose(math.log(trainer.callback_metrics["val_ppl"].item()), module.val_loss_after, rel_tol=1e-5)
     assert math.isclose(trainer.callback_metrics["val_loss"].item(), module.val_loss_after, rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ AnswersReport
+
+
+QUESTION_KEYS = ["question", "keywords", "base_answer", "finetuned_answer", "expected", "fact", "source",
+                 "base_correct", "finetuned_correct"]
+ANSWERS_KEYS = ["total", "base_correct", "finetuned_correct", "base_accuracy", "finetuned_accuracy",
+                "val_loss_before", "val_loss_after", "val_loss_after_step", "model", "global_step", "resumed",
+                "generate_max_new_tokens", "questions"]
+
+
+def _prompts(dm, report):
+    return [dm.encode_prompt(ex.get("messages") or ex["prompt"])[0].tolist()
+            for ex in select_eval_examples(dm.eval_examples(), report.num_questions)]
+
+
+def test_answers_report_alone_in_a_tiny_run(tiny_dir, tmp_path, capsys):
+    """The callback with no LoRA callback: before = the untrained model, after = the trained one; the
+    table, the two summary lines, answers.json and the TensorBoard text."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4, system_prompt="Answer briefly.")
+    module = CausalLM(tiny_dir, learning_rate=1e-2, num_generate_examples=0)
+    report = AnswersReport(num_questions=3, max_new_tokens=4)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = _trainer(tmp_path, [report], logger=logger, num_sanity_val_steps=-1, limit_val_batches=2,
+                       limit_train_batches=2, max_epochs=1, max_steps=-1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CausalLM", category=FutureWarning)  # an explicit report: no
+        trainer.fit(module, datamodule=dm)                                            # deprecation warning
+    out = capsys.readouterr().out
+    assert [cb for cb in trainer.callbacks if isinstance(cb, AnswersReport)] == [report]
+
+    dm.setup("fit")
+    prompts = _prompts(dm, report)
+    fresh = CausalLM(tiny_dir)
+    fresh.configure_model()
+    rows = report.answer_rows()
+    assert [r.base_answer for r in rows] == generate_answers(fresh.model, fresh.tokenizer, prompts, 4)
+    assert [r.finetuned_answer for r in rows] == generate_answers(module.model, module.tokenizer, prompts, 4)
+    assert [r.base_answer for r in rows] != [r.finetuned_answer for r in rows]  # lr 1e-2: the model changed
+
+    path = Path(logger.log_dir) / "answers.json"
+    assert report.path == path
+    data = json.loads(path.read_text())
+    assert list(data) == ANSWERS_KEYS
+    assert [list(q) for q in data["questions"]] == [QUESTION_KEYS] * 3
+    expected_summary = answers_summary(rows, module.val_loss_before, module.val_loss_after)
+    assert {k: data[k] for k in expected_summary} == expected_summary
+    assert data["val_loss_before"] is not None and data["val_loss_after"] is not None
+    assert (data["total"], data["val_loss_after_step"], data["global_step"], data["resumed"],
+            data["generate_max_new_tokens"], data["model"]) == (3, 2, 2, False, 4, tiny_dir)
+    assert [q["question"] for q in data["questions"]] == [r.question for r in rows]
+
+    lines = out.splitlines()
+    title = "3 held-out questions, before and after fine-tuning (2 steps)"
+    assert any(line.strip() == title for line in lines), out
+    first, second = summary_lines(report.summary)
+    assert first == (f"base: {data['base_correct']}/3 answers contain the right fact, "
+                     f"fine-tuned: {data['finetuned_correct']}/3")
+    assert second == f"val loss: {data['val_loss_before']:.3f} -> {data['val_loss_after']:.3f}"
+    assert lines[-3:] == [first, second, f"answers written to {path}"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logger.log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("answers/before_after/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith(f"{first}\n\n{second}\n\n| question | expected | base | fine-tuned |")
+
+
+def test_answers_report_answers_after_training_before_the_merge(tiny_dir, tmp_path):
+    """The fine-tuned answers are taken at train end, while the adapters are still separate (the LoRA
+    callback merges at fit end): a callback that runs first at fit end sees them already there."""
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_lora.surgery import has_lora
+
+    seen = {}
+
+    class FirstAtFitEnd(Callback):
+        def on_fit_end(self, trainer, pl_module):
+            seen["answers"], seen["lora"] = list(report._finetuned_answers), has_lora(pl_module)
+
+    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4, system_prompt="Answer briefly.")
+    module = CausalLM(tiny_dir, learning_rate=1e-2, num_generate_examples=0)
+    report = AnswersReport(num_questions=2, max_new_tokens=3)
+    trainer = _trainer(tmp_path, [FirstAtFitEnd(), LoRA(r=2), report], limit_train_batches=1, max_epochs=1,
+                       max_steps=-1)
+    trainer.fit(module, datamodule=dm)
+    assert seen["lora"] and len(seen["answers"]) == 2
+    assert not has_lora(module)  # merged afterwards; the merged model gives the same answers
+    dm.setup("fit")
+    assert generate_answers(module.model, module.tokenizer, _prompts(dm, report), 3) == seen["answers"]
+
+
+def test_answers_report_arguments_and_what_it_needs(tiny_dir, tmp_path, caplog):
+    with pytest.raises(TaskConfigError, match=r"AnswersReport\(num_questions=-1\); expected 0 \(all questions\)"):
+        AnswersReport(num_questions=-1)
+    with pytest.raises(TaskConfigError, match=r"AnswersReport\(max_new_tokens=0\); expected 1 or more tokens"):
+        AnswersReport(max_new_tokens=0)
+    # a module without a generating model and a tokenizer: one clear error
+    from lit_models import TinyLlamaModule, TokenData
+
+    class WithQuestions(TokenData):
+        def eval_examples(self):
+            return [{"prompt": "Who?", "keywords": ["me"]}]
+
+        def encode_prompt(self, prompt):
+            return torch.tensor([[1, 2, 3]])
+
+    trainer = _trainer(tmp_path, [AnswersReport()])
+    with pytest.raises(TaskConfigError, match="AnswersReport needs a LightningModule with a `model` that can "
+                                              "`generate`.*TinyLlamaModule has model=LlamaForCausalLM, "
+                                              "tokenizer=NoneType"):
+        trainer.fit(TinyLlamaModule(), datamodule=WithQuestions())
+    # a datamodule without questions: one info line, no table, no error
+    import logging
+
+    report = AnswersReport()
+    with caplog.at_level(logging.INFO):
+        _trainer(tmp_path, [report]).fit(CausalLM(tiny_dir, num_generate_examples=0),
+                                         train_dataloaders=_loader(tiny_dir))
+    assert "AnswersReport: the datamodule has no eval_examples()/encode_prompt(); no before/after table." \
+        in caplog.text
+    assert report.answer_rows() == [] and report.summary is None and report.path is None
+
+
+def _loader(tiny_dir):
+    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4)
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+# ------------------------------------------------------------------- deprecated print_answers shortcut
+
+
+def _reports(trainer):
+    return [cb for cb in trainer.callbacks if isinstance(cb, AnswersReport)]
+
+
+def test_print_answers_shortcut_adds_a_report_with_a_future_warning(tiny_dir, tmp_path, capsys):
+    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4)
+    module = CausalLM(tiny_dir, num_eval_questions=2, generate_max_new_tokens=3, num_generate_examples=0)
+    trainer = _trainer(tmp_path, [LoRA(r=2, merge_on_fit_end=False)], limit_train_batches=1, max_epochs=1,
+                       max_steps=-1)
+    with pytest.warns(FutureWarning, match=r"CausalLM\(print_answers=\.\.\.\) adding the before/after answers "
+                                           r"table is deprecated: from the next release .* Add "
+                                           r"AnswersReport\(num_questions=2, max_new_tokens=3\) to the Trainer's "
+                                           r"callbacks"):
+        trainer.fit(module, datamodule=dm)
+    (report,) = _reports(trainer)
+    assert (report.num_questions, report.max_new_tokens) == (2, 3)
+    assert "base: " in capsys.readouterr().out and len(report.answer_rows()) == 2
+    with pytest.warns(FutureWarning, match=r"CausalLM.answer_rows\(\) is deprecated"):
+        assert module.answer_rows() == report.answer_rows()
+    # validate adds nothing and warns nothing
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CausalLM", category=FutureWarning)
+        validator = _trainer(tmp_path / "v", [])
+        validator.validate(module, datamodule=dm)
+    assert _reports(validator) == []
+
+
+@pytest.mark.parametrize("print_answers, with_report, warns", [
+    (False, False, None),                   # off: no report
+    (None, True, None),                     # the trainer's report is used as is
+    (True, True, "print_answers=True"),     # set, and ignored: said so
+])
+def test_print_answers_shortcut_off_or_ignored(tiny_dir, tmp_path, print_answers, with_report, warns):
+    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4)
+    module = CausalLM(tiny_dir, print_answers=print_answers, num_generate_examples=0)
+    own = AnswersReport(num_questions=1, max_new_tokens=2)
+    trainer = _trainer(tmp_path, [own] if with_report else [], limit_train_batches=1, max_epochs=1, max_steps=-1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        trainer.fit(module, datamodule=dm)
+    messages = [str(w.message) for w in caught
+                if issubclass(w.category, FutureWarning) and str(w.message).startswith("CausalLM")]
+    if warns is None:
+        assert messages == []
+    else:
+        assert messages == [f"CausalLM({warns}) is deprecated and ignored: the Trainer has an AnswersReport "
+                            "callback, which makes the before/after table; set its num_questions and "
+                            "max_new_tokens instead."]
+    assert _reports(trainer) == ([own] if with_report else [])
