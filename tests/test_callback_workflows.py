@@ -12,7 +12,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_lora import LoRA, LoRAError, lora_state_dict
 from lightning_lora.surgery import has_lora, is_merged, lora_layers
 
-from conftest import make_tiny_llama
 from lit_models import Distill, EvalData, MixinTinyLlama, PlainTinyLlama, token_data
 
 
