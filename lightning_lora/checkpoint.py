@@ -44,7 +44,8 @@ from lightning_lora.surgery import (
     is_lora_key,
     lora_state_dict,
     state_dict_problems,
-    trainable_keys,
+    saved_keys,
+    vocab_mismatch,
 )
 
 #: key of the LoRA section in every checkpoint the callback (or the mixin) writes
@@ -76,7 +77,7 @@ def make_adapter_only(checkpoint: dict[str, Any], module: nn.Module, config: LoR
     Raises:
         LoRAError: `module` has no adapters.
     """
-    keys = trainable_keys(module)
+    keys = saved_keys(module)
     state = checkpoint.get("state_dict", {})
     checkpoint["state_dict"] = {k: state[k] for k in keys if k in state}
     checkpoint[CHECKPOINT_KEY] = checkpoint_section(module, config)
@@ -139,6 +140,9 @@ def check_adapter_keys(model: nn.Module, state_dict: dict[str, torch.Tensor], so
         Traceback (most recent call last):
         lightning_lora.errors.LoRAError: The checkpoint does not hold the adapters this model expects: missing adapter keys (1): q_proj.lora_B.weight. Was it written by a run with the same LoRA config (r, target_modules, rank_pattern)?
     """
+    vocab = vocab_mismatch(model, state_dict)
+    if vocab:
+        raise LoRAError(f"{source} does not fit this model: {vocab}.")
     problems = state_dict_problems(lora_state_dict(model), state_dict, unexpected=False)
     if problems:
         raise LoRAError(f"{source} does not hold the adapters this model expects: " + " | ".join(problems) +

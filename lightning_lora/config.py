@@ -68,7 +68,14 @@ class LoRAConfig:
         init: `"kaiming"` (kaiming-uniform A, as PEFT) or `"gaussian"` (A ~ N(0, 1/r), the paper).
             B is zero either way, so an injected model starts exactly equal to its base.
         modules_to_save: whole modules (same matching) that train fully and are saved, e.g. a
-            new classification head.
+            new classification head. A module whose weight is tied to another (an `lm_head` tied to
+            the input embedding) trains an untied copy, as in PEFT; the other module is untouched.
+        task_heads: also train and save the output head a task model adds and the base checkpoint
+            lacks (sequence/token classification `score`/`classifier`, question answering
+            `qa_outputs`), as PEFT does for those task types; False leaves it frozen.
+        save_embedding_layers: carry the input and output embedding matrices in the adapter and in
+            adapter-only checkpoints: `"auto"` (PEFT's rule) when the vocabulary differs from the
+            base model's (added tokens + `resize_token_embeddings`), or True / False.
         rank_pattern: regex of a module path -> rank for those modules.
         alpha_pattern: regex of a module path -> alpha for those modules.
         adapter_dtype: dtype of A and B (`"float32"` by default, so adapters stay fp32 on a bf16
@@ -88,6 +95,8 @@ class LoRAConfig:
     use_rslora: bool = False
     init: Literal["gaussian", "kaiming"] = "kaiming"
     modules_to_save: list[str] | None = None
+    task_heads: bool = True
+    save_embedding_layers: bool | Literal["auto"] = "auto"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     adapter_dtype: str | None = "float32"
@@ -116,6 +125,11 @@ class LoRAConfig:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
             self.modules_to_save = self._check_patterns("modules_to_save", list(self.modules_to_save))
+        if not isinstance(self.task_heads, bool):
+            raise LoRAConfigError(f"task_heads={self.task_heads!r} is invalid; expected True or False.")
+        if self.save_embedding_layers not in (True, False, "auto"):
+            raise LoRAConfigError(f"save_embedding_layers={self.save_embedding_layers!r} is invalid; expected "
+                                  "'auto', True or False.")
         self.rank_pattern = self._check_pattern_dict("rank_pattern", self.rank_pattern, int)
         self.alpha_pattern = self._check_pattern_dict("alpha_pattern", self.alpha_pattern, float)
         self.adapter_dtype = _dtype_name(self.adapter_dtype)

@@ -322,7 +322,9 @@ def register_adapter_type(base_type: type[nn.Module], adapter_cls: type[LoRALaye
 
 def adapter_class_for(module: nn.Module) -> type[LoRALayer] | None:
     """The adapter class for a module (looked up along its type's MRO), or None if the module's type
-    cannot take an adapter (or already is an adapter layer).
+    cannot take an adapter (or already is an adapter layer). A subclass of a registered type that
+    overrides `forward` is not adapted by the base type's class (what it computes is unknown; see
+    `refusal_reason`): register an adapter class for it.
 
     Example:
         >>> adapter_class_for(nn.Linear(2, 2)).__name__, adapter_class_for(nn.ReLU())
@@ -332,7 +334,35 @@ def adapter_class_for(module: nn.Module) -> type[LoRALayer] | None:
         return None
     for cls in type(module).__mro__:
         if cls in ADAPTER_TYPES:
-            return ADAPTER_TYPES[cls]
+            return ADAPTER_TYPES[cls] if type(module).forward is cls.forward else None
+    return None
+
+
+#: parents whose forward reads a child's `.weight` directly instead of calling the child, so an
+#: adapter on that child would never run (`F.multi_head_attention_forward(..., out_proj.weight, ...)`)
+WEIGHT_READING_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+def refusal_reason(module: nn.Module, parent: nn.Module | None = None) -> str | None:
+    """Why `module` cannot take an adapter that really runs, or None when it can.
+
+    Example:
+        >>> mha = nn.MultiheadAttention(8, 2)
+        >>> refusal_reason(mha.out_proj, mha)[:58]
+        'its parent MultiheadAttention reads out_proj.weight direct'
+    """
+    if isinstance(module, LoRALayer):
+        return "it already is a LoRA adapter layer"
+    if parent is not None and isinstance(parent, WEIGHT_READING_PARENTS):
+        child = next((n for n, m in parent.named_children() if m is module), "the child")
+        return (f"its parent {type(parent).__name__} reads {child}.weight directly (a functional op), so an adapter "
+                "would never run and merging would silently change the model")
+    for cls in type(module).__mro__[1:]:
+        if cls in ADAPTER_TYPES and type(module).forward is not cls.forward:
+            return (f"{type(module).__name__} overrides {cls.__name__}.forward, so what it computes is unknown; "
+                    "register an adapter class for it with lightning_lora.layers.register_adapter_type")
+    if adapter_class_for(module) is None:
+        return f"its type is not one of the supported types ({supported_types()})"
     return None
 
 
@@ -350,16 +380,19 @@ def supported_types() -> str:
     return ", ".join(label(t) for t in ADAPTER_TYPES)
 
 
-def unsupported_target_error(name: str, module: nn.Module, targets: Any, hint: str) -> LoRAError:
-    """The `LoRAError` for a matched module whose type cannot take an adapter.
+def unsupported_target_error(name: str, module: nn.Module, targets: Any, hint: str,
+                             parent: nn.Module | None = None) -> LoRAError:
+    """The `LoRAError` for a matched module that cannot take an adapter, saying why.
 
     Example:
         >>> str(unsupported_target_error("act", nn.ReLU(), ["act"], "q_proj"))[:60]
         "target_modules=['act'] matched 'act' of type ReLU, which can"
     """
+    reason = refusal_reason(module, parent) or "unknown"
+    fix = (f"Name the Linear layers inside it instead, e.g. {hint}." if hint else
+           "Exclude it (exclude_modules) or name other modules.")
     return LoRAError(f"target_modules={targets!r} matched {name!r} of type {type(module).__name__}, which cannot "
-                     f"take a LoRA adapter; supported types: {supported_types()}. Name the Linear layers inside "
-                     f"it instead, e.g. {hint or 'q_proj'}.")
+                     f"take a LoRA adapter ({reason}); supported types: {supported_types()}. {fix}")
 
 
 register_adapter_type(nn.Linear, LoRALinear)

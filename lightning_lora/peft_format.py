@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -578,26 +577,13 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _embedding_weight_keys(network: nn.Module) -> set[str]:
-    """`<module>.weight` of every embedding and of the output embedding (PEFT's save_embedding_layers)."""
-    keys = {f"{n}.weight" for n, m in network.named_modules() if isinstance(m, (nn.Embedding, LoRAEmbedding))}
-    get_out = getattr(network, "get_output_embeddings", None)
-    if callable(get_out):
-        with contextlib.suppress(Exception):
-            out = get_out()
-            keys.update(f"{n}.weight" for n, m in network.named_modules() if out is not None and m is out)
-    return keys
-
-
 def _inject_and_load(model: nn.Module, network: nn.Module, prefix: str, config: LoRAConfig,
-                     state: dict[str, torch.Tensor], source: Path, trainable: bool,
-                     extra_embeddings: dict[str, torch.Tensor] | None = None, config_prefix: str = "") -> list[str]:
+                     state: dict[str, torch.Tensor], source: Path, trainable: bool, config_prefix: str = "") -> list[str]:
     if any(True for _ in lora_layers(network)):
         raise LoRAError(f"This {type(network).__name__} already has LoRA adapters; load {source} into a fresh base "
                         "model, or call merge_and_unload(model) or unload(model) first.")
     try:
-        names = inject_and_load(network, config, state, prefix=config_prefix, trainable=trainable,
-                                base_tensors=extra_embeddings)
+        names = inject_and_load(network, config, state, prefix=config_prefix, trainable=trainable)
     except AdapterFormatError:
         raise
     except LoRAError as err:
@@ -655,17 +641,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     state = {from_peft_key(k): v for k, v in tensors.items()}
     if len(state) != len(tensors):
         raise AdapterFormatError(f"{weights_path} holds the same tensor under two spellings; re-export the adapter.")
-    embedding_keys = _embedding_weight_keys(network)
-    extra = {k: state.pop(k) for k in list(state) if k in embedding_keys and not is_lora_key(k)
-             and not _saved_by_config(k, config, network)}
-    return _inject_and_load(model, network, prefix, config, state, weights_path, trainable, extra)
-
-
-def _saved_by_config(key: str, config: LoRAConfig, network: nn.Module) -> bool:
-    """Whether `key` is one of the keys our config saves itself (a modules_to_save module or a bias)."""
-    names = _base_module_names(network)
-    saved = modules_to_save_matches(names, config.modules_to_save)
-    return any(key.startswith(s + ".") for s in saved)
+    return _inject_and_load(model, network, prefix, config, state, weights_path, trainable)
 
 
 def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool) -> list[str]:

@@ -35,8 +35,8 @@ from torch import nn
 
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import LoRAError
-from lightning_lora.layers import HFConv1D, LoRALayer, adapter_class_for, unsupported_target_error
-from lightning_lora.matching import is_inside, modules_to_save_matches, name_matches, suffix_summary
+from lightning_lora.layers import HFConv1D, LoRALayer, adapter_class_for, refusal_reason, unsupported_target_error
+from lightning_lora.matching import is_inside, modules_to_save_matches, name_matches, outermost, suffix_summary
 
 #: attribute of the module `inject_lora` was called on that holds its `LoRAState`
 STATE_ATTR = "lora_state"
@@ -58,7 +58,12 @@ class LoRAState:
         trainable_keys: state-dict keys (relative to the module) that training changes: adapter
             weights, trained biases and the state of `modules_to_save`, in state-dict order.
         skipped: subtrees left alone (`inject_lora(..., skip=)`: e.g. a frozen teacher).
+        embedding_keys: base tensors saved with the adapters (the input/output embedding matrices
+            of a model whose vocabulary differs from its base's: `save_embedding_layers`).
+        vocab_rows: rows of the input embedding at injection (None without a transformers model).
         requires_grad: every parameter's `requires_grad` before injection (restored by `unload`).
+        untied: parameters of `modules_to_save` that were shared with another module, by key, as
+            they were before injection (the module trains a copy; `unload` restores the tie).
 
     Example:
         >>> from torch import nn
@@ -74,7 +79,10 @@ class LoRAState:
     modules_to_save: list[str] = field(default_factory=list)
     trainable_keys: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    embedding_keys: list[str] = field(default_factory=list)
+    vocab_rows: int | None = None
     requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
+    untied: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
 
 
 # ============================================================================ finding targets
@@ -109,9 +117,45 @@ def output_head_names(model: nn.Module) -> set[str]:
             if any(module is o for o in outs) or name.rsplit(".", 1)[-1] in HEAD_NAMES}
 
 
-def _modules_to_save(model: nn.Module, config: LoRAConfig, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
-    if not config.modules_to_save:
+#: output heads a task model adds to its base, by PEFT task type (PEFT's `classifier_module_names`,
+#: `qa_module_names`): trained and saved with `task_heads=True`
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _pretrained_models(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
+    """`(path, module)` of the outermost transformers models inside `model` (outside `skip`)."""
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # pragma: no cover
         return []
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, PreTrainedModel) and not is_inside(n, skip)]
+    return [(n, m) for n, m in found if not any(o != n and (o == "" or n.startswith(o + ".")) for o, _ in found)]
+
+
+def task_head_names(model: nn.Module, skip: Sequence[str] = ()) -> list[str]:
+    """Paths of the heads that the task models inside `model` add (`score` of a
+    `LlamaForSequenceClassification`, `classifier` of a `BertForTokenClassification`, `qa_outputs`).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForSequenceClassification
+        >>> m = LlamaForSequenceClassification(LlamaConfig(hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=2, vocab_size=64, num_labels=3, pad_token_id=0))
+        >>> task_head_names(m)
+        ['score']
+    """
+    heads = []
+    for path, network in _pretrained_models(model, skip):
+        for head in TASK_HEADS.get(infer_task_type(network) or "", ()):
+            if isinstance(getattr(network, head, None), nn.Module):
+                heads.append(_join(path, head))
+    return heads
+
+
+def _modules_to_save(model: nn.Module, config: LoRAConfig, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
+    heads = task_head_names(model, skip) if config.task_heads else []
+    if not config.modules_to_save:
+        return heads
     names = [n for n, _ in model.named_modules() if n and not is_inside(n, skip)]
     top = [n[len(prefix) + 1:] if prefix else n
            for n in modules_to_save_matches([_join(prefix, n) for n in names], config.modules_to_save)]
@@ -119,7 +163,7 @@ def _modules_to_save(model: nn.Module, config: LoRAConfig, prefix: str = "", ski
     if missing:
         raise LoRAError(f"modules_to_save={config.modules_to_save!r}: {missing!r} matched no module; modules in "
                         f"this model end with: {suffix_summary(names)}.")
-    return top
+    return outermost(top + [h for h in heads if h not in top])
 
 
 def find_target_modules(model: nn.Module, config: LoRAConfig, prefix: str = "",
@@ -158,9 +202,10 @@ def find_target_modules(model: nn.Module, config: LoRAConfig, prefix: str = "",
             continue  # modules_to_save are trained fully and saved instead
         if any(name.startswith(c + ".") for c in chosen):
             continue  # inside a module that is already adapted
-        if adapter_class_for(module) is None:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if adapter_class_for(module) is None or refusal_reason(module, parent) is not None:
             inner = [n for n, m in named if n.startswith(name + ".") and _linear_like(m)]
-            raise unsupported_target_error(name, module, targets, suffix_summary(inner, 6))
+            raise unsupported_target_error(name, module, targets, suffix_summary(inner, 6), parent)
         chosen.append(name)
     if not chosen:
         linear = [n for n, m in named if _linear_like(m)]
@@ -188,6 +233,99 @@ def _is_trainable_key(model: nn.Module, key: str, config: LoRAConfig, saved: Seq
             with contextlib.suppress(AttributeError):
                 return isinstance(model.get_submodule(owner) if owner else model, LoRALayer)
     return False
+
+
+def embedding_keys(model: nn.Module, skip: Sequence[str] = ()) -> list[str]:
+    """State-dict keys of the input and output embedding matrices (and an output bias) of the
+    transformers models inside `model`: what `save_embedding_layers` carries.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...     num_attention_heads=2, vocab_size=64))
+        >>> embedding_keys(m)
+        ['model.embed_tokens.weight', 'lm_head.weight']
+    """
+    keys: list[str] = []
+    for path, network in _pretrained_models(model, skip):
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            with contextlib.suppress(Exception):
+                emb = getattr(network, getter)()
+                for name, module in network.named_modules():
+                    if emb is not None and module is emb:
+                        keys += [_join(_join(path, name), k) for k, v in module.named_parameters(recurse=False)
+                                 if v is not None]
+    return list(dict.fromkeys(keys))
+
+
+def vocab_rows(model: nn.Module) -> int | None:
+    """Rows of the input embedding of the (first) transformers model inside `model`, or None.
+
+    Example:
+        >>> from torch import nn
+        >>> vocab_rows(nn.Linear(2, 2)) is None
+        True
+    """
+    for _, network in _pretrained_models(model):
+        with contextlib.suppress(Exception):
+            return int(network.get_input_embeddings().weight.shape[0])
+    return None
+
+
+def base_vocab_size(model: nn.Module) -> int | None:
+    """The vocabulary size of the base model that the transformers model inside `model` was made
+    from, before any `resize_token_embeddings`: its `config.json` (found offline from
+    `name_or_path`, PEFT's rule), else the `vocab_size` its inner modules were built with; None when
+    neither is known.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...     num_attention_heads=2, vocab_size=64))
+        >>> _ = m.resize_token_embeddings(70, mean_resizing=False)
+        >>> base_vocab_size(m), vocab_rows(m)
+        (64, 70)
+    """
+    networks = _pretrained_models(model)
+    if not networks:
+        return None
+    network = networks[0][1]
+    name = str(getattr(network, "name_or_path", "") or "")
+    if name:
+        with contextlib.suppress(Exception):
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+            size = getattr(cfg.get_text_config(), "vocab_size", None)
+            if isinstance(size, int):
+                return size
+    sizes = [v for m in network.modules() if isinstance(v := m.__dict__.get("vocab_size"), int) and v > 0]
+    return min(sizes) if sizes else None
+
+
+def _carried_embedding_keys(model: nn.Module, config: LoRAConfig, skip: Sequence[str]) -> list[str]:
+    if config.save_embedding_layers is False:
+        return []
+    if config.save_embedding_layers is True:
+        return embedding_keys(model, skip)
+    rows, base = vocab_rows(model), base_vocab_size(model)
+    return embedding_keys(model, skip) if rows is not None and base is not None and rows != base else []
+
+
+def _untie_modules_to_save(model: nn.Module, saved: Sequence[str]) -> dict[str, nn.Parameter]:
+    """Give every parameter of `saved` modules that another module shares (a tied `lm_head`) its own
+    trainable copy, as PEFT's `modules_to_save` copy does; returns the original parameters by key."""
+    owners = _parameter_owners(model)
+    untied: dict[str, nn.Parameter] = {}
+    for path in saved:
+        for sub_name, sub in model.get_submodule(path).named_modules():
+            for pname, param in list(sub._parameters.items()):
+                if param is not None and owners.get(id(param), 0) > 1:
+                    untied[_join(_join(path, sub_name), pname)] = param
+                    sub._parameters[pname] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+    if untied:
+        _untie_word_embeddings_flag(model)
+    return untied
 
 
 def compute_trainable_keys(model: nn.Module, config: LoRAConfig, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
@@ -244,8 +382,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
     skip = list(skip)
     names = find_target_modules(model, config, prefix, skip)
     saved = _modules_to_save(model, config, prefix, skip)
-    state = LoRAState(config, prefix, names, saved, skipped=skip,
+    state = LoRAState(config, prefix, names, saved, skipped=skip, vocab_rows=vocab_rows(model),
                       requires_grad={n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)})
+    state.embedding_keys = _carried_embedding_keys(model, config, skip)
     dtype = config.torch_adapter_dtype
     setattr(model, STATE_ATTR, state)
     try:
@@ -257,6 +396,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
                         use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype)
             _set_submodule(model, name, layer)
+        state.untied = _untie_modules_to_save(model, saved)
         state.trainable_keys = compute_trainable_keys(model, config, prefix, skip)
         trainable = set(state.trainable_keys)
         for key, param in model.named_parameters(remove_duplicate=False):
@@ -286,6 +426,9 @@ def unload(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, layer.to_base_module())
     for path, state in states:
         root = model.get_submodule(path) if path else model
+        for key, original in state.untied.items():
+            owner, _, pname = key.rpartition(".")
+            (root.get_submodule(owner) if owner else root)._parameters[pname] = original
         params = dict(root.named_parameters(remove_duplicate=False))
         for key, flag in state.requires_grad.items():
             if key in params:
@@ -409,6 +552,29 @@ def trainable_keys(model: nn.Module) -> list[str]:
     return [_join(path, k) for path, state in states for k in state.trainable_keys]
 
 
+def saved_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys an adapter (and an adapter-only checkpoint) holds: `trainable_keys` plus
+    the embedding matrices carried for a resized vocabulary (`LoRAState.embedding_keys`; with
+    `save_embedding_layers="auto"` also when the vocabulary was resized after injection).
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> saved_keys(m)
+        ['q_proj.lora_A.weight', 'q_proj.lora_B.weight']
+    """
+    keys = trainable_keys(model)
+    for path, state in lora_states(model):
+        root = model.get_submodule(path) if path else model
+        extra = list(state.embedding_keys)
+        if (not extra and state.config.save_embedding_layers == "auto" and state.vocab_rows is not None
+                and vocab_rows(root) not in (None, state.vocab_rows)):
+            extra = embedding_keys(root, state.skipped)
+        keys += [_join(path, k) for k in extra]
+    return list(dict.fromkeys(keys))
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters LoRA trains (adapters, plus biases / `modules_to_save` per the config), each
     once (a parameter shared by two modules appears once). Pass these to your optimizer.
@@ -434,7 +600,8 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what LoRA training changes: `lora_A`/`lora_B` weights, plus trainable biases and the
-    state of `modules_to_save`. Keys are the model's own state-dict keys.
+    state of `modules_to_save` (and the embedding matrices of a resized vocabulary, see
+    `saved_keys`). Keys are the model's own state-dict keys.
 
     Example:
         >>> from torch import nn
@@ -444,7 +611,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         ['q_proj.lora_A.weight', 'q_proj.lora_B.weight']
     """
     full = model.state_dict()
-    return {k: full[k] for k in trainable_keys(model) if k in full}
+    return {k: full[k] for k in saved_keys(model) if k in full}
 
 
 def state_dict_problems(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor],
@@ -512,8 +679,10 @@ def inject_and_load(model: nn.Module, config: LoRAConfig, state_dict: dict[str, 
         prefix: see `inject_lora`.
         trainable: leave what LoRA trains with `requires_grad=True`; by default every parameter of
             the model is frozen (inference).
-        base_tensors: base tensors to overwrite as well (e.g. resized embedding matrices an adapter
-            file carries); each must exist with the same shape.
+        base_tensors: base tensors to overwrite as well; each must exist with the same shape. The
+            embedding matrices an adapter carries for a resized vocabulary (`saved_keys`) are taken
+            out of `state_dict` and treated as such (a vocabulary that does not fit is an error that
+            names both sizes).
 
     Returns:
         The adapted module paths.
@@ -529,19 +698,27 @@ def inject_and_load(model: nn.Module, config: LoRAConfig, state_dict: dict[str, 
         ['q_proj']
     """
     base_tensors = dict(base_tensors or {})
+    emb = set(embedding_keys(model))  # embedding matrices carried for a resized vocabulary are base tensors
+    base_tensors.update({k: v for k, v in state_dict.items() if k in emb and not is_lora_key(k)})
+    state_dict = {k: v for k, v in state_dict.items() if k not in base_tensors}
+    combined = {**state_dict, **base_tensors}
+    problem = vocab_mismatch(model, combined)
+    if problem:
+        raise LoRAError(f"The vocabulary does not fit: {problem}.")
     own = dict(model.state_dict(keep_vars=True))
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape) if k in own else 'absent'}"
            for k, v in base_tensors.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
     if bad:
-        raise LoRAError(f"base tensors do not fit this model ({'; '.join(bad[:6])}); a resized vocabulary? call "
-                        "model.resize_token_embeddings(...) to the adapter's size before loading.")
+        raise LoRAError(f"base tensors do not fit this model ({'; '.join(bad[:6])}).")
     names = inject_lora(model, config, prefix=prefix)
     saved = {k: own[k].detach().clone() for k in base_tensors}
     try:
-        load_lora_state_dict(model, state_dict)
+        expected = lora_state_dict(model)
+        load_lora_state_dict(model, {k: v for k, v in combined.items() if k in expected or k in state_dict})
         with torch.no_grad():
             for k, v in base_tensors.items():
-                own[k].copy_(v)
+                if k not in expected:
+                    own[k].copy_(v)
     except BaseException:
         with torch.no_grad():
             for k, v in saved.items():
@@ -552,6 +729,28 @@ def inject_and_load(model: nn.Module, config: LoRAConfig, state_dict: dict[str, 
         for p in model.parameters():
             p.requires_grad_(False)
     return names
+
+
+def vocab_mismatch(model: nn.Module, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why `tensors` (an adapter's, keyed like `model`'s state dict) cannot load for lack of the same
+    vocabulary: an embedding matrix with another number of rows than `model`'s; else None.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...     num_attention_heads=2, vocab_size=64))
+        >>> vocab_mismatch(m, {"model.embed_tokens.weight": torch.zeros(70, 32)})[:67]
+        'the adapter was trained with a vocabulary of 70 tokens, this model has 64'
+    """
+    keys = set(embedding_keys(model))
+    own = model.state_dict()
+    for key, value in tensors.items():
+        if key in keys and key in own and value.ndim and value.shape[0] != own[key].shape[0]:
+            rows = value.shape[0]
+            return (f"the adapter was trained with a vocabulary of {rows} tokens, this model has {own[key].shape[0]} "
+                    f"({key}: adapter {tuple(value.shape)}, model {tuple(own[key].shape)}); add the same tokens to "
+                    f"the tokenizer and call model.resize_token_embeddings({rows}) before loading")
+    return None
 
 
 # ============================================================================ merging

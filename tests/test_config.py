@@ -20,7 +20,8 @@ def test_defaults_and_to_dict_exact():
     cfg = LoRAConfig()
     assert cfg.to_dict() == {
         "r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "exclude_modules": None,
-        "bias": "none", "use_rslora": False, "init": "kaiming", "modules_to_save": None, "rank_pattern": {},
+        "bias": "none", "use_rslora": False, "init": "kaiming", "modules_to_save": None, "task_heads": True,
+        "save_embedding_layers": "auto", "rank_pattern": {},
         "alpha_pattern": {}, "adapter_dtype": "float32",
     }
     assert cfg.torch_adapter_dtype is torch.float32
