@@ -341,7 +341,7 @@ def export_main(argv: list[str] | None = None) -> int:
                 checked = verify_export(tmp, args.ckpt, shown_as=str(out))
             for note in notes:
                 console.print(f"[yellow]note:[/yellow] {note.message}")
-            console.print(f"  {checked}")
+            console.print(f"  {checked}", soft_wrap=True)
         console.print(f"Wrote PEFT adapter to [bold]{out}[/bold]")
 
     return run_command("lightning-lora export", export_parser(), argv, body)
@@ -462,7 +462,7 @@ def merge_main(argv: list[str] | None = None) -> int:
             del model
             with _step(console, "Checking the merged model"):
                 checked = verify_merged(tmp, expected, args.dtype, tokenizer=tokenizer is not None)
-            console.print(f"  {checked}")
+            console.print(f"  {checked}", soft_wrap=True)
         console.print(f"Wrote merged model{' and tokenizer' if tokenizer is not None else ''} to [bold]{out}[/bold]")
 
     return run_command("lightning-lora merge", merge_parser(), argv, body)

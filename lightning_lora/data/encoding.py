@@ -258,16 +258,15 @@ class ExampleEncoder:
         """Token ids to feed `generate` for a question: exactly the masked prefix used in training.
 
         Args:
-            prompt: a user message, or a conversation before an assistant reply (a final assistant
-                message is dropped; an empty conversation asks for an opening assistant message).
+            prompt: a user message, or the conversation before an assistant reply, as it is (it may end
+                with any role, e.g. with an assistant turn the reply follows; an empty conversation asks
+                for an opening assistant message).
             source: names the prompt in error messages (e.g. ``file:line``).
 
         Example:
             >>> ids = encoder.encode_prompt("Who founded Brindlewhisk Robotics?")   # doctest: +SKIP
         """
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
         if self.chat:
             return self._ids(self._prompt_text(self._with_system(messages), source))
         ids, _, final_start = self._encode_conversation([*messages, {"role": "assistant", "content": ""}], source)
