@@ -271,8 +271,9 @@ def verify_merged(directory: str | os.PathLike, expected: Any, dtype: str, token
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise CommandError(f"the merged model written does not reload with from_pretrained: {_first_line(err)}") from None
+    except Exception as err:  # OSError, ValueError, SafetensorError, ...: whatever stops the reload
+        raise CommandError(f"the merged model written does not reload with from_pretrained ({type(err).__name__}: "
+                           f"{_first_line(err)}).") from None
     got = merged_logits(reloaded)
     del reloaded
     if got.shape != expected.shape:

@@ -32,6 +32,7 @@ _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":')
 _CLASS_PATH = re.compile(r"^Problem with given class_path '([^']+)':")
 _OPTION = re.compile(r"^Option '([^']+)' is not accepted")
 _SUBCOMMAND_OPTION = re.compile(r"^Subcommand '([^']+)' does not accept option '([^']+)'")
+_UNRECOGNIZED = re.compile(r"^[Uu]nrecognized arguments: (--[^\s=]+)")
 _NOISE = ("Does not validate against any of the Union subtypes",)
 
 
@@ -139,7 +140,11 @@ def argument_error_line(err: BaseException, parser: argparse.ArgumentParser | No
         elif line not in _NOISE:
             leaf = line
     help_hint = f" (see lightning-lora {subcommand} --help)" if subcommand else " (see lightning-lora --help)"
-    option, sub_option = _OPTION.match(leaf), _SUBCOMMAND_OPTION.match(leaf)
+    option, sub_option, flag = _OPTION.match(leaf), _SUBCOMMAND_OPTION.match(leaf), _UNRECOGNIZED.match(leaf)
+    if flag and subcommand:
+        name = flag.group(1)
+        flags = ["--" + dest for dest in _subcommand_options(parser, subcommand)]
+        return f"{name} is not an option of lightning-lora {subcommand}{_did_you_mean(name, flags)}{help_hint}"
     if sub_option:
         name = sub_option.group(2)
         return (f"{name} is not an option of lightning-lora {sub_option.group(1)}"
