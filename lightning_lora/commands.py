@@ -95,6 +95,16 @@ def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+def _check_output(out: Path, overwrite: bool) -> None:
+    """`_io.check_output_dir` with its `FileExistsError` as a `CommandError` (same message)."""
+    from lightning_lora._io import check_output_dir
+
+    try:
+        check_output_dir(out.expanduser().absolute(), overwrite)
+    except FileExistsError as err:
+        raise CommandError(str(err)) from None
+
+
 # ====================================================================== checks of what was written
 def _fingerprints(tensors: dict[str, Any]) -> list[tuple[tuple[int, ...], str, str]]:
     """(shape, dtype, sha256 of the bytes) of every tensor, sorted: the content without the key names."""
@@ -321,7 +331,7 @@ def export_main(argv: list[str] | None = None) -> int:
         0
     """
     def body(args: argparse.Namespace) -> None:
-        from lightning_lora._io import atomic_directory, check_output_dir
+        from lightning_lora._io import atomic_directory
         from lightning_lora.peft_format import checkpoint_to_peft
 
         console = _console()
@@ -329,7 +339,7 @@ def export_main(argv: list[str] | None = None) -> int:
         out = Path(args.out_dir)
         if _same_path(args.ckpt, out):
             raise CommandError(f"OUT_DIR {out} is the checkpoint itself; choose another output directory.")
-        check_output_dir(out.expanduser().absolute(), args.overwrite)
+        _check_output(out, args.overwrite)
         if not Path(args.ckpt).is_file():
             raise CommandError(f"checkpoint {args.ckpt} does not exist or is not a file; pass the .ckpt written "
                                "with the LoRA callback.")
@@ -426,7 +436,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         0
     """
     def body(args: argparse.Namespace) -> None:
-        from lightning_lora._io import atomic_directory, check_output_dir
+        from lightning_lora._io import atomic_directory
         from lightning_lora.hub import load_tokenizer, make_serializable
         from lightning_lora.peft_format import load_adapter
         from lightning_lora.surgery import merge_lora
@@ -437,7 +447,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         for name, value in (("--base", args.base), ("--adapter", args.adapter)):
             if _same_path(value, out) and Path(value).exists():
                 raise CommandError(f"--out {out} is the same as {name}; write the merged model to another directory.")
-        check_output_dir(out.expanduser().absolute(), args.overwrite)
+        _check_output(out, args.overwrite)
         task_type = _adapter_task_type(args.adapter)
         if task_type not in (None, "CAUSAL_LM"):
             raise CommandError(f"adapter {args.adapter} has task_type={task_type!r}; merge writes causal language "

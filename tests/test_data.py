@@ -371,6 +371,21 @@ def test_invalid_arguments_are_data_format_errors(kwargs, message):
     assert str(err.value) == message
 
 
+def test_a_directory_without_a_tokenizer_is_a_data_format_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    dm = InstructionDataModule(tokenizer=str(tmp_path))
+    with pytest.raises(DataFormatError) as err:
+        dm.tokenizer
+    message = str(err.value)
+    assert message.startswith(f"tokenizer={str(tmp_path)!r}: no tokenizer can be loaded from it (")
+    assert message.endswith("); pass a model directory with tokenizer files (tokenizer.json, tokenizer_config.json), "
+                            "a model in the local Hugging Face cache, or 'smollm2-135m-instruct'.")
+    from lightning_lora.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match=re.escape("Model 'no-org/no-model' was not found")):
+        InstructionDataModule(tokenizer="no-org/no-model").tokenizer  # the hub's own error, a LoRAError too
+
+
 def test_other_user_errors_are_data_format_errors():
     with pytest.raises(DataFormatError, match=re.escape("split='test'; expected 'train' or 'val'.")):
         InstructionDataModule().examples("test")

@@ -44,7 +44,7 @@ from lightning_lora.data.formats import (
     read_examples,
     split_examples,
 )
-from lightning_lora.errors import DataFormatError
+from lightning_lora.errors import DataFormatError, LoRAError
 
 _FORMATS_HINT = FORMATS_HINT  # the old private name
 
@@ -162,7 +162,16 @@ class InstructionDataModule(LightningDataModule):
         if self._tokenizer is None:
             from lightning_lora.hub import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
+            try:
+                self._tokenizer = load_tokenizer(self.tokenizer_name)
+            except (OSError, ValueError) as err:  # a local directory without a usable tokenizer
+                if isinstance(err, LoRAError):  # a LoRAError (ModelNotFoundError) says it all
+                    raise
+                reason = " ".join(str(err).split())[:160] or type(err).__name__
+                raise DataFormatError(
+                    f"tokenizer={self.tokenizer_name!r}: no tokenizer can be loaded from it ({reason}); pass a model "
+                    "directory with tokenizer files (tokenizer.json, tokenizer_config.json), a model in the local "
+                    "Hugging Face cache, or 'smollm2-135m-instruct'.") from None
         return self._tokenizer
 
     @property
