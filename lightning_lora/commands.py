@@ -35,7 +35,7 @@ from typing import Any
 
 from rich.console import Console
 
-from lightning_lora.cli import ArgumentParser, run_command
+from lightning_lora.cli import ArgumentParser, one_line, run_command
 from lightning_lora.errors import AdapterFormatError, CommandError, LoRAError
 
 MERGE_DTYPES = ("fp32", "bf16", "fp16")
@@ -84,8 +84,9 @@ def _offline() -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return (text[:300] + ("..." if len(text) > 300 else "")) or type(err).__name__
+    """`cli.one_line`, cut at 300 characters (a key list can be long)."""
+    text = one_line(err)
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -169,7 +170,7 @@ def _meta_architecture(base: str, task_type: str | None) -> Any | None:
         auto = getattr(transformers, TASK_AUTO_CLASSES.get(task_type or "CAUSAL_LM", "AutoModelForCausalLM"))
         with torch.device("meta"):
             return auto.from_config(config)
-    except Exception:  # not a local directory, not cached, not buildable: checked against the checkpoint only
+    except Exception:  # noqa: BLE001 - not local, not cached, not buildable: checked against the checkpoint only
         return None
 
 
@@ -198,7 +199,11 @@ def verify_export(directory: str | os.PathLike, ckpt_path: str | os.PathLike, sh
     """
     from safetensors.torch import load_file
 
-    from lightning_lora.peft_format import load_adapter, read_adapter_config, read_checkpoint
+    from lightning_lora.peft_format import (
+        load_adapter,
+        read_adapter_config,
+        read_checkpoint,
+    )
 
     directory = Path(directory)
     ckpt = read_checkpoint(ckpt_path)
@@ -269,7 +274,6 @@ def verify_merged(directory: str | os.PathLike, expected: Any, dtype: str, token
         >>> verify_merged("out/merged", merged_logits(model), "fp32")   # doctest: +SKIP
         'reloads with AutoModelForCausalLM.from_pretrained and gives the same logits on 8 tokens'
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     from lightning_lora.hub import parse_dtype
@@ -281,7 +285,7 @@ def verify_merged(directory: str | os.PathLike, expected: Any, dtype: str, token
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except Exception as err:  # OSError, ValueError, SafetensorError, ...: whatever stops the reload
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...: whatever stops the reload
         raise CommandError(f"the merged model written does not reload with from_pretrained ({type(err).__name__}: "
                            f"{_first_line(err)}).") from None
     got = merged_logits(reloaded)

@@ -89,7 +89,7 @@ def _class_options(class_path: str) -> list[str]:
     try:
         cls = getattr(importlib.import_module(module), name)
         params = inspect.signature(cls).parameters.values()
-    except Exception:  # a short class name, a class that does not import: no suggestion
+    except Exception:  # noqa: BLE001 - a short class name, a class that does not import: no suggestion
         return []
     return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
@@ -99,7 +99,7 @@ def _subcommand_options(parser: argparse.ArgumentParser | None, subcommand: str 
     try:
         sub = parser._subcommands_action._name_parser_map[subcommand]  # type: ignore[union-attr]
         return [a.dest for a in sub._actions if a.dest and a.dest not in ("help", "config")]
-    except Exception:
+    except Exception:  # noqa: BLE001 - jsonargparse internals changed: no suggestion
         return []
 
 

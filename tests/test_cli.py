@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from lightning_lora.cli import ArgumentParser, main, run_command, run_guarded, user_error
+from lightning_lora.cli import (
+    ArgumentParser,
+    main,
+    run_command,
+    run_guarded,
+    user_error,
+)
 from lightning_lora.errors import CommandError, DataFormatError, LoRAError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +24,8 @@ SCRIPT = Path(sys.executable).with_name("lightning-lora")
 
 def console_script(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="default")
-    return subprocess.run([str(SCRIPT), *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run([str(SCRIPT), *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=300,
+                          check=False)
 
 
 def test_run_guarded_prints_a_user_error_as_one_line(capsys):

@@ -265,9 +265,9 @@ def test_truncation_warns_once_with_counts(tmp_path, tok):
         warnings.simplefilter("always")
         dm.setup("fit")
     messages = [str(w.message) for w in caught if "max_length" in str(w.message)]
-    assert messages == ["4 of 7 examples (train: 3, val: 1) were longer than max_length=60 tokens and were "
+    assert messages == [("4 of 7 examples (train: 3, val: 1) were longer than max_length=60 tokens and were "
                         "truncated; 1 of them had no token left to learn and were dropped. "
-                        "Raise max_length to keep whole examples."]
+                        "Raise max_length to keep whole examples.")]
     assert len(dm.train_dataset) == 4 and len(dm.val_dataset) == 2
     assert max(len(it["input_ids"]) for it in dm.train_dataset.items) == 60
     truncated = dm.train_dataset.items[1]
@@ -358,10 +358,10 @@ def test_missing_file_names_path_and_gives_hint(tmp_path):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"val_fraction": 1.0}, "val_fraction=1.0; expected a share in [0, 1), e.g. 0.1 (0 = no validation split)."),
     ({"val_fraction": -0.1}, "val_fraction=-0.1; expected a share in [0, 1), e.g. 0.1 (0 = no validation split)."),
-    ({"max_length": 0}, "max_length=0; expected a number of tokens >= 2 (a causal LM learns from the second token "
-                        "on), e.g. 256."),
-    ({"max_length": 1}, "max_length=1; expected a number of tokens >= 2 (a causal LM learns from the second token "
-                        "on), e.g. 256."),
+    ({"max_length": 0}, ("max_length=0; expected a number of tokens >= 2 (a causal LM learns from the second token "
+                        "on), e.g. 256.")),
+    ({"max_length": 1}, ("max_length=1; expected a number of tokens >= 2 (a causal LM learns from the second token "
+                        "on), e.g. 256.")),
     ({"batch_size": 0}, "batch_size=0; expected a positive integer, e.g. 8."),
     ({"num_workers": -1}, "num_workers=-1; expected 0 or more."),
 ])
@@ -375,7 +375,7 @@ def test_a_directory_without_a_tokenizer_is_a_data_format_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     dm = InstructionDataModule(tokenizer=str(tmp_path))
     with pytest.raises(DataFormatError) as err:
-        dm.tokenizer
+        _ = dm.tokenizer
     message = str(err.value)
     assert message.startswith(f"tokenizer={str(tmp_path)!r}: no tokenizer can be loaded from it (")
     assert message.endswith("); pass a model directory with tokenizer files (tokenizer.json, tokenizer_config.json), "
@@ -383,7 +383,7 @@ def test_a_directory_without_a_tokenizer_is_a_data_format_error(tmp_path):
     from lightning_lora.errors import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match=re.escape("Model 'no-org/no-model' was not found")):
-        InstructionDataModule(tokenizer="no-org/no-model").tokenizer  # the hub's own error, a LoRAError too
+        _ = InstructionDataModule(tokenizer="no-org/no-model").tokenizer  # the hub's own error, a LoRAError too
 
 
 def test_other_user_errors_are_data_format_errors():
@@ -469,9 +469,9 @@ def test_bundled_data_through_the_data_module(tok):
 
 # ------------------------------------------------- truncation that leaves nothing to learn (issue 13, kind 1)
 
-A = lambda content: {"role": "assistant", "content": content}  # noqa: E731
-U = lambda content: {"role": "user", "content": content}  # noqa: E731
-S = lambda content: {"role": "system", "content": content}  # noqa: E731
+A = lambda content: {"role": "assistant", "content": content}
+U = lambda content: {"role": "user", "content": content}
+S = lambda content: {"role": "system", "content": content}
 
 
 def ids_before(tok, rendered: str, content: str) -> list[int]:

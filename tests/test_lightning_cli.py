@@ -136,8 +136,8 @@ TYPOS = {
                           "trainer.callbacks.init_args.rr is not an option of lightning_lora.LoRA; did you mean r?"),
     "instruction_data_key": (lambda c: c.update(data={"class_path": "lightning_lora.data.InstructionDataModule",
                                                       "init_args": {"max_lenght": 32}}), [],
-                             "data.init_args.max_lenght is not an option of lightning_lora.data.InstructionDataModule; "
-                             "did you mean max_length?"),
+                             ("data.init_args.max_lenght is not an option of lightning_lora.data.InstructionDataModule; "
+                             "did you mean max_length?")),
     "flag": (lambda c: None, ["--trainer.max_stepz", "3"],
              "--trainer.max_stepz is not an option of lightning-lora fit; did you mean --trainer.max_steps?"),
     "wrong_type": (lambda c: None, ["--trainer.max_steps", "three"],
@@ -161,8 +161,8 @@ def test_typo_names_the_subcommand_it_was_given_to(tmp_path, tiny_yaml, monkeypa
     path = write_yaml(tmp_path, edited(tiny_yaml, lambda c: c["trainer"].update(max_epoch=1)))
     code, lines, _ = run_command_line(monkeypatch, capsys, "validate", "--config", path)
     assert code == 2
-    assert lines == ["lightning-lora validate: error: trainer.max_epoch is not an option of lightning-lora validate; "
-                     "did you mean trainer.max_epochs? (see lightning-lora validate --help)"]
+    assert lines == [("lightning-lora validate: error: trainer.max_epoch is not an option of lightning-lora validate; "
+                     "did you mean trainer.max_epochs? (see lightning-lora validate --help)")]
 
 
 def test_command_line_run_gives_no_args_and_argv_warning(tiny_yaml, monkeypatch, capsys):
@@ -207,27 +207,27 @@ def data_errors(tmp_path, smollm2_path) -> dict:
                       f"tokenizer={str(no_tokenizer)!r}: no tokenizer can be loaded from it ("),
         "unknown_model": ({"tokenizer": "no-org/no-model"}, "Model 'no-org/no-model' was not found: "),
         "split": ({"train_file": one, "val_fraction": 0.5},
-                  f"{one}: Cannot split 1 example(s) with val_fraction=0.5: nothing would be left to train on. Add "
-                  "examples, lower val_fraction (0 = no validation), or pass val_file."),
+                  (f"{one}: Cannot split 1 example(s) with val_fraction=0.5: nothing would be left to train on. Add "
+                  "examples, lower val_fraction (0 = no validation), or pass val_file.")),
         "missing_file": ({"train_file": missing},
-                         f"train_file={missing!r} does not exist (looked for {missing}). Pass the path of a JSON-lines "
+                         (f"train_file={missing!r} does not exist (looked for {missing}). Pass the path of a JSON-lines "
                          f"file ({FORMATS_HINT}), or leave train_file and val_file unset to use the bundled demo "
-                         "data."),
-        "max_length": ({"max_length": 0}, "max_length=0; expected a number of tokens >= 2 (a causal LM learns from "
-                                          "the second token on), e.g. 256."),
+                         "data.")),
+        "max_length": ({"max_length": 0}, ("max_length=0; expected a number of tokens >= 2 (a causal LM learns from "
+                                          "the second token on), e.g. 256.")),
         "batch_size": ({"batch_size": 0}, "batch_size=0; expected a positive integer, e.g. 8."),
         "bad_line": ({"train_file": bad, "val_fraction": 0.0},
                      f"{bad}:2: invalid JSON (Expecting ',' delimiter at column 16); {FORMATS_HINT}."),
         "truncation": ({"train_file": long, "val_file": one, "max_length": 32},
-                       f"{long}: no training example is left: 3 of 3 were longer than max_length=32 tokens and "
+                       (f"{long}: no training example is left: 3 of 3 were longer than max_length=32 tokens and "
                        f"truncation left them no token to learn (they need max_length >= {prompt + 1} to keep one, "
                        f"{whole} to stay whole). Raise max_length (data.init_args.max_length) or shorten the "
-                       "prompts."),
+                       "prompts.")),
         "template": ({"train_file": chat, "val_fraction": 0.0, "tokenizer": str(strict)},
-                     f"{chat}:1: the tokenizer's chat template cannot render this conversation (roles: assistant, "
+                     (f"{chat}:1: the tokenizer's chat template cannot render this conversation (roles: assistant, "
                      "user, assistant): Conversation roles must alternate user/assistant. Order the messages as the "
                      "template expects, or set use_chat_template: false (data.init_args) to train on plain "
-                     "'prompt\\nresponse' text."),
+                     "'prompt\\nresponse' text.")),
     }
 
 
@@ -246,7 +246,7 @@ def test_data_user_errors_through_fit_are_one_line_and_exit_2(tmp_path, tiny_yam
                                       "--optimizer", "AdamW")
     assert code == 2
     [line] = error_lines(lines)
-    if message.endswith(": ") or message.endswith("("):  # the rest quotes transformers or the hub
+    if message.endswith((": ", "(")):  # the rest quotes transformers or the hub
         assert line.startswith(f"lightning-lora fit: error: {message}")
     else:
         assert line == f"lightning-lora fit: error: {message}"

@@ -15,7 +15,12 @@ Example:
 """
 
 from lightning_lora.data.collate import PadCollator, TokenizedDataset
-from lightning_lora.data.encoding import IGNORE_INDEX, ExampleEncoder, count_targets, min_length_for_target
+from lightning_lora.data.encoding import (
+    IGNORE_INDEX,
+    ExampleEncoder,
+    count_targets,
+    min_length_for_target,
+)
 from lightning_lora.data.formats import (
     BUNDLED_TRAIN_FILE,
     BUNDLED_VAL_FILE,

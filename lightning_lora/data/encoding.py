@@ -13,7 +13,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lightning_lora.data.formats import Example
 from lightning_lora.errors import DataFormatError
@@ -112,7 +113,7 @@ class ExampleEncoder:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
-        except Exception as err:  # jinja2's TemplateError (raise_exception in the template), ValueError, ...
+        except Exception as err:  # noqa: BLE001 - jinja2's TemplateError (raise_exception), ValueError, ...
             roles = ", ".join(m["role"] for m in messages) or "none"
             raise DataFormatError(
                 f"{source}: the tokenizer's chat template cannot render this conversation (roles: {roles}): "

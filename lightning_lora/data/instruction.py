@@ -31,9 +31,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+# IGNORE_INDEX, DATA_DIR, FORMATS_HINT and parse_example are imported for code that imported them from
+# here before this module was split (import them from `lightning_lora.data`)
 from lightning_lora.data.collate import PadCollator, TokenizedDataset
-from lightning_lora.data.encoding import IGNORE_INDEX, ExampleEncoder, count_targets, min_length_for_target
-from lightning_lora.data.formats import (
+from lightning_lora.data.encoding import (  # noqa: F401
+    IGNORE_INDEX,
+    ExampleEncoder,
+    count_targets,
+    min_length_for_target,
+)
+from lightning_lora.data.formats import (  # noqa: F401
     BUNDLED_TRAIN_FILE,
     BUNDLED_VAL_FILE,
     DATA_DIR,
@@ -45,8 +52,6 @@ from lightning_lora.data.formats import (
     split_examples,
 )
 from lightning_lora.errors import DataFormatError, LoRAError
-
-_FORMATS_HINT = FORMATS_HINT  # the old private name
 
 
 @dataclass
@@ -379,20 +384,4 @@ class InstructionDataModule(LightningDataModule):
         return self._loader(self.predict_dataset, shuffle=False, padding_side="left")
 
 
-__all__ = [
-    "BUNDLED_TRAIN_FILE",
-    "BUNDLED_VAL_FILE",
-    "DATA_DIR",
-    "IGNORE_INDEX",
-    "DataFormatError",
-    "Example",
-    "ExampleEncoder",
-    "InstructionDataModule",
-    "PadCollator",
-    "TokenizedDataset",
-    "check_file",
-    "count_targets",
-    "parse_example",
-    "read_examples",
-    "split_examples",
-]
+__all__ = ["InstructionDataModule"]
