@@ -591,6 +591,26 @@ def test_truncation_that_empties_the_validation_split_is_one_error(tmp_path, tok
                                      "left: 1 of 1 were longer than max_length=40 tokens")
 
 
+def test_rows_with_nothing_to_learn_even_whole_are_dropped_or_refused(tmp_path, smollm2_path):
+    """Without an eos token a one-token text has no target after the shift: dropped (warned), never a NaN row."""
+    from lightning_lora.hub import load_tokenizer
+
+    no_eos = load_tokenizer(smollm2_path)
+    no_eos.eos_token = None
+    assert no_eos.eos_token_id is None and len(ids_of(no_eos, "Hi")) == 1
+    with pytest.warns(UserWarning) as caught:
+        dm = make_dm(tmp_path, [{"text": "Hi"}, {"text": "Hi there"}], no_eos)
+    assert [str(w.message) for w in caught] == [
+        "1 of 2 examples (train: 1) have no token to learn (a causal LM learns from the second token on) and were "
+        "dropped."]
+    assert [item["labels"] for item in dm.train_dataset.items] == [ids_of(no_eos, "Hi there")]
+    path = write_jsonl(tmp_path / "short.jsonl", [{"text": "Hi"}, {"text": "Yes"}])
+    with pytest.raises(DataFormatError) as err:
+        InstructionDataModule(path, tokenizer=no_eos, val_fraction=0.0).setup("fit")
+    assert str(err.value) == (f"{path}: no training example is left: 2 of 2 have no token to learn at all. Give every "
+                              "example a response or a longer text.")
+
+
 # -------------------------------------------------------- conversations in every shape (issue 13, kind 2)
 
 SHAPES = {
