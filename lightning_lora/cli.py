@@ -72,9 +72,37 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def run_guarded(prog: str, body: Callable[[], Any]) -> int:
+    """Run `body()` and turn how it ended into an exit code: 0 when it returns; a `SystemExit`'s code
+    (`--help` is 0, a plain argparse usage error 2); a user error (`user_error`) is printed as
+    `PROG: error: MESSAGE`, one line on stderr, and gives 2; anything else is a bug and propagates
+    with its traceback.
+
+    Example:
+        >>> run_guarded("demo", lambda: print("hi"))
+        hi
+        0
+        >>> def bad() -> None:
+        ...     raise CommandError("no such file")
+        >>> run_guarded("demo", bad)   # prints "demo: error: no such file" on stderr
+        2
+    """
+    try:
+        body()
+    except SystemExit as exit_:
+        return int(exit_.code) if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"{prog}: error: {one_line(cause)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_command(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
                 body: Callable[[argparse.Namespace], Any]) -> int:
-    """Parse `argv` and run `body(args)`; returns the exit code.
+    """Parse `argv` and run `body(args)`; returns the exit code (see `run_guarded`).
 
     `--help` returns 0; a usage error or a user error (`user_error`) prints `PROG: error: MESSAGE` as
     one line on stderr and returns 2; anything else is a bug and propagates with its traceback.
@@ -85,18 +113,7 @@ def run_command(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] 
         6
         0
     """
-    try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-        body(args)
-    except SystemExit as exit_:  # --help (0); a plain argparse parser's usage error (2)
-        return int(exit_.code) if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
-    except Exception as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"{prog}: error: {one_line(cause)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_guarded(prog, lambda: body(parser.parse_args(list(sys.argv[1:] if argv is None else argv))))
 
 
 def _usage() -> str:
@@ -110,18 +127,26 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `lightning-lora` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    """Entry point of the `lightning-lora` console script; `argv` None reads the command line.
+
+    Example:
+        >>> main(["merge", "--help"])   # doctest: +ELLIPSIS
+        usage: lightning-lora merge ...
+        0
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
         print(_usage())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
     if command in LIGHTNING_SUBCOMMANDS:
         from lightning_lora.lightning_cli import run_lightning_cli
 
-        return run_lightning_cli(argv)
+        # from the command line LightningCLI reads sys.argv itself (given both, Lightning warns)
+        return run_lightning_cli(None if argv is None else args)
     if command not in SUBCOMMANDS:
-        print(f"lightning-lora: unknown subcommand {command!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"lightning-lora: error: unknown subcommand {command!r}; expected one of "
+              f"{', '.join((*LIGHTNING_SUBCOMMANDS, *SUBCOMMANDS))} (see lightning-lora --help)", file=sys.stderr)
         return 2
     module, func = SUBCOMMANDS[command][0].split(":")
     return int(getattr(importlib.import_module(module), func)(rest) or 0)

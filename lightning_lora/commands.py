@@ -6,9 +6,14 @@
     lightning-lora merge --base MODEL --adapter (CKPT|PEFT_DIR) --out OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
         base model + adapter -> a plain transformers model directory (safetensors) and its tokenizer
 
-User errors (missing files, an existing output directory, an adapter that does not fit) print one
-line on stderr and return exit code 2; outputs are written atomically, so nothing is left behind
-on error. Progress goes to stderr.
+Before either command reports success it checks that what it wrote is usable as it claims, inside
+the temporary directory that is then renamed into place: an exported adapter loads onto the base
+model its `adapter_config.json` names (that architecture built on the meta device, when it is
+available offline) and holds exactly the checkpoint's tensors; a merged model reloads with
+`AutoModelForCausalLM.from_pretrained` and computes the same finite logits as the merged model in
+memory. User errors (missing files, an existing output directory, an adapter that does not fit, an
+output that fails its check) print one line on stderr and return exit code 2, and nothing is left
+behind. Progress goes to stderr.
 
 Example:
     >>> from lightning_lora.cli import main
@@ -20,19 +25,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from lightning_lora.errors import CommandError, LoRAError
+from lightning_lora.cli import ArgumentParser, one_line, run_command
+from lightning_lora.errors import AdapterFormatError, CommandError, LoRAError
 
 MERGE_DTYPES = ("fp32", "bf16", "fp16")
-
-
+#: PEFT task type -> the transformers auto class that builds such a model
+TASK_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: token ids fed to a merged model and to its reloaded copy to compare their logits
+CHECK_TOKENS = 8
 
 
 def _console() -> Console:
@@ -65,27 +83,10 @@ def _offline() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    if isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])
-    return text or type(err).__name__
-
-
-def _run(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None,
-         body: Callable[[argparse.Namespace, Console], None]) -> int:
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed why
-        return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    console = _console()
-    _offline()
-    try:
-        body(args, console)
-    except (LoRAError, ValueError, OSError) as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    return 0
+def _first_line(err: BaseException) -> str:
+    """`cli.one_line`, cut at 300 characters (a key list can be long)."""
+    text = one_line(err)
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -93,6 +94,212 @@ def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
     except OSError:
         return False
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """`_io.check_output_dir` with its `FileExistsError` as a `CommandError` (same message)."""
+    from lightning_lora._io import check_output_dir
+
+    try:
+        check_output_dir(out.expanduser().absolute(), overwrite)
+    except FileExistsError as err:
+        raise CommandError(str(err)) from None
+
+
+# ====================================================================== checks of what was written
+def _fingerprints(tensors: dict[str, Any]) -> list[tuple[tuple[int, ...], str, str]]:
+    """(shape, dtype, sha256 of the bytes) of every tensor, sorted: the content without the key names."""
+    import torch
+
+    out = []
+    for tensor in tensors.values():
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        out.append((tuple(tensor.shape), str(tensor.dtype), hashlib.sha256(raw).hexdigest()))
+    return sorted(out)
+
+
+def _skeleton(state_dict: dict[str, Any]) -> Any:
+    """A module tree on the meta device with exactly the modules and parameters an adapter-only state
+    dict names: a Linear for each adapted module (`<m>.lora_A.weight` / `<m>.lora_B.weight` give its
+    in and out features), and the saved parameters of other modules (`modules_to_save`, biases)."""
+    import torch
+    from torch import nn
+
+    root = nn.Module()
+
+    def module_at(name: str, factory: Any) -> nn.Module:
+        parent = root
+        parts = name.split(".")
+        for part in parts[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        if not hasattr(parent, parts[-1]):
+            parent.add_module(parts[-1], factory())
+        return getattr(parent, parts[-1])
+
+    adapted = sorted(k[: -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight"))
+    for name in adapted:
+        a, b = state_dict[f"{name}.lora_A.weight"], state_dict.get(f"{name}.lora_B.weight")
+        if b is None:
+            raise AdapterFormatError(f"The checkpoint has {name}.lora_A.weight but no {name}.lora_B.weight.")
+        bias = f"{name}.bias" in state_dict
+        module_at(name, lambda a=a, b=b, bias=bias: nn.Linear(a.shape[1], b.shape[0], bias=bias, device="meta"))
+    for key, value in state_dict.items():
+        owner, _, param = key.rpartition(".")
+        if ".lora_" in key or (owner in adapted and param == "bias"):
+            continue
+        module = module_at(owner, nn.Module) if owner else root
+        if param not in dict(module.named_parameters(recurse=False)):
+            module.register_parameter(param, nn.Parameter(torch.empty(value.shape, device="meta")))
+    return root
+
+
+def _meta_architecture(base: str, task_type: str | None) -> Any | None:
+    """The base model's architecture on the meta device (no weights read), or None when it is not
+    available offline (or transformers cannot build it from its config)."""
+    import torch
+    import transformers
+
+    from lightning_lora.hub import resolve_model
+
+    try:
+        resolved = resolve_model(base)
+        kwargs = {} if os.path.isdir(resolved) else {"local_files_only": True}
+        config = transformers.AutoConfig.from_pretrained(resolved, **kwargs)
+        auto = getattr(transformers, TASK_AUTO_CLASSES.get(task_type or "CAUSAL_LM", "AutoModelForCausalLM"))
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except Exception:  # noqa: BLE001 - not local, not cached, not buildable: checked against the checkpoint only
+        return None
+
+
+def verify_export(directory: str | os.PathLike, ckpt_path: str | os.PathLike, shown_as: str | None = None) -> str:
+    """Check that a PEFT adapter directory exported from `ckpt_path` is usable as claimed.
+
+    The directory must load (strictly: every key, every shape) onto the base model its
+    `adapter_config.json` names, built on the meta device when it is available offline; it must
+    also load onto a module tree built from the checkpoint's own keys and shapes, and hold exactly
+    the checkpoint's tensors (same shapes, dtypes and bytes).
+
+    Args:
+        directory: the PEFT adapter directory (e.g. the temporary one before its rename).
+        ckpt_path: the checkpoint it was exported from.
+        shown_as: the name of `directory` in error messages (the final output directory).
+
+    Returns:
+        What was checked, for the progress line.
+
+    Raises:
+        CommandError: the directory does not load or differs from the checkpoint (the message says how).
+
+    Example:
+        >>> verify_export("out/adapter", "last.ckpt")   # doctest: +SKIP
+        'loads onto the architecture of smollm2-135m-instruct and holds the checkpoint's 180 tensors'
+    """
+    from safetensors.torch import load_file
+
+    from lightning_lora.peft_format import (
+        load_adapter,
+        read_adapter_config,
+        read_checkpoint,
+    )
+
+    directory = Path(directory)
+    ckpt = read_checkpoint(ckpt_path)
+
+    def reason(err: BaseException) -> str:
+        text = _first_line(err)
+        return text if shown_as is None else text.replace(str(directory), shown_as)
+
+    try:
+        cfg = read_adapter_config(directory)
+        base = cfg.get("base_model_name_or_path") or None
+        network = None if base is None else _meta_architecture(str(base), cfg.get("task_type") or ckpt.task_type)
+        if network is not None:
+            try:
+                load_adapter(network, directory)
+            except LoRAError as err:
+                raise CommandError(f"the exported adapter does not load onto {base}, the base model its "
+                                   f"adapter_config.json names: {reason(err)} Pass --base-model naming the "
+                                   "model the adapter was trained on.") from None
+        load_adapter(_skeleton(ckpt.state_dict), directory)
+        written = load_file(str(directory / ADAPTER_WEIGHTS), device="cpu")
+    except CommandError:
+        raise
+    except LoRAError as err:
+        raise CommandError(f"the exported adapter does not hold the checkpoint's adapters: {reason(err)}") from None
+    if _fingerprints(written) != _fingerprints(ckpt.state_dict):
+        raise CommandError(f"the exported adapter's {len(written)} tensors differ from the checkpoint's "
+                           f"{len(ckpt.state_dict)} (shapes, dtypes or values).")
+    onto = f"the architecture of {base}" if network is not None else (
+        "the checkpoint's layer shapes" + ("" if base is None else f" ({base} is not available offline)"))
+    return f"loads onto {onto} and holds the checkpoint's {len(written)} tensors"
+
+
+def _check_tokens(model: Any) -> Any:
+    """Token ids 1, 2, ... (at most `CHECK_TOKENS`, all inside the vocabulary), shape (1, n)."""
+    import torch
+
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    n = max(1, min(CHECK_TOKENS, vocab - 1))
+    return torch.arange(1, n + 1, device=next(model.parameters()).device).unsqueeze(0)
+
+
+def merged_logits(model: Any) -> Any:
+    """The float32 logits of a causal LM on `CHECK_TOKENS` fixed token ids (1, 2, ...).
+
+    Example:
+        >>> merged_logits(model).shape   # doctest: +SKIP
+        torch.Size([1, 8, 49152])
+    """
+    import torch
+
+    with torch.no_grad():
+        return model(_check_tokens(model)).logits.float().cpu()
+
+
+def verify_merged(directory: str | os.PathLike, expected: Any, dtype: str, tokenizer: bool = False) -> str:
+    """Check that a merged model directory reloads with `AutoModelForCausalLM.from_pretrained` (no LoRA
+    code) and computes `expected` (the merged model's `merged_logits` before saving); with
+    `tokenizer`, that its tokenizer reloads too.
+
+    Returns:
+        What was checked, for the progress line.
+
+    Raises:
+        CommandError: the directory does not reload, or its logits differ (the message says by how much).
+
+    Example:
+        >>> verify_merged("out/merged", merged_logits(model), "fp32")   # doctest: +SKIP
+        'reloads with AutoModelForCausalLM.from_pretrained and gives the same logits on 8 tokens'
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lightning_lora.hub import parse_dtype
+
+    try:
+        reloaded = AutoModelForCausalLM.from_pretrained(str(directory), dtype=parse_dtype(dtype),
+                                                        local_files_only=True).eval()
+        if tokenizer:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...: whatever stops the reload
+        raise CommandError(f"the merged model written does not reload with from_pretrained ({type(err).__name__}: "
+                           f"{_first_line(err)}).") from None
+    got = merged_logits(reloaded)
+    del reloaded
+    if got.shape != expected.shape:
+        raise CommandError(f"the merged model reloaded from disk gives logits of shape {tuple(got.shape)}, the merged "
+                           f"model in memory {tuple(expected.shape)}.")
+    tol = (1e-4 if dtype == "fp32" else 1e-2) * (1.0 + float(expected.abs().max()))
+    diff = float((got - expected).abs().max())
+    if not diff <= tol:
+        raise CommandError(f"the merged model reloaded from disk computes different logits than the merged model in "
+                           f"memory (max difference {diff:.3g} on {expected.shape[1]} tokens, allowed {tol:.3g}); "
+                           "its saved weights or config do not match the merge.")
+    return f"reloads with AutoModelForCausalLM.from_pretrained and gives the same logits on {expected.shape[1]} tokens"
 
 
 # ====================================================================== export
@@ -103,11 +310,12 @@ def export_parser() -> argparse.ArgumentParser:
         >>> export_parser().parse_args(["last.ckpt", "out"]).overwrite
         False
     """
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lightning-lora export",
         description="Convert an adapter-only Lightning checkpoint (written with the LoRA callback) into a PEFT "
                     "adapter directory (adapter_model.safetensors + adapter_config.json) that "
-                    "peft.PeftModel.from_pretrained(base, OUT_DIR) loads.",
+                    "peft.PeftModel.from_pretrained(base, OUT_DIR) loads. The result is checked to load onto the "
+                    "base model it names before the command reports success.",
         epilog="example: lightning-lora export lightning_logs/version_0/checkpoints/last.ckpt out/adapter")
     parser.add_argument("ckpt", metavar="CKPT", help="adapter-only .ckpt file")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must not exist or be empty, unless "
@@ -126,21 +334,32 @@ def export_main(argv: list[str] | None = None) -> int:
         >>> export_main(["last.ckpt", "out/adapter", "--base-model", "smollm2-135m-instruct"])   # doctest: +SKIP
         0
     """
-    def body(args: argparse.Namespace, console: Console) -> None:
-        from lightning_lora.peft_format import check_output_dir, checkpoint_to_peft
+    def body(args: argparse.Namespace) -> None:
+        from lightning_lora._io import atomic_directory
+        from lightning_lora.peft_format import checkpoint_to_peft
 
+        console = _console()
+        _offline()
         out = Path(args.out_dir)
         if _same_path(args.ckpt, out):
             raise CommandError(f"OUT_DIR {out} is the checkpoint itself; choose another output directory.")
-        check_output_dir(out.expanduser().absolute(), args.overwrite)
+        _check_output(out, args.overwrite)
         if not Path(args.ckpt).is_file():
             raise CommandError(f"checkpoint {args.ckpt} does not exist or is not a file; pass the .ckpt written "
                                "with the LoRA callback.")
-        with _step(console, f"Converting {args.ckpt} to a PEFT adapter"):
-            checkpoint_to_peft(args.ckpt, out, overwrite=args.overwrite, base_model_name_or_path=args.base_model)
+        with atomic_directory(out, overwrite=args.overwrite) as tmp:
+            with _step(console, f"Converting {args.ckpt} to a PEFT adapter"), \
+                    warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always")
+                checkpoint_to_peft(args.ckpt, tmp, overwrite=True, base_model_name_or_path=args.base_model)
+            with _step(console, "Checking the adapter"):
+                checked = verify_export(tmp, args.ckpt, shown_as=str(out))
+            for note in notes:
+                console.print(f"[yellow]note:[/yellow] {note.message}")
+            console.print(f"  {checked}", soft_wrap=True)
         console.print(f"Wrote PEFT adapter to [bold]{out}[/bold]")
 
-    return _run("lightning-lora export", export_parser(), argv, body)
+    return run_command("lightning-lora export", export_parser(), argv, body)
 
 
 # ====================================================================== merge
@@ -151,11 +370,12 @@ def merge_parser() -> argparse.ArgumentParser:
         >>> merge_parser().parse_args(["--base", "m", "--adapter", "a", "--out", "o"]).dtype
         'fp32'
     """
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lightning-lora merge",
         description="Fold a LoRA adapter into its base model and write a plain transformers model directory "
                     "(safetensors, config, tokenizer) that AutoModelForCausalLM.from_pretrained loads without "
-                    "any LoRA code.",
+                    "any LoRA code. The result is reloaded and compared with the merged model before the command "
+                    "reports success.",
         epilog="example: lightning-lora merge --base smollm2-135m-instruct --adapter out/adapter --out out/merged")
     parser.add_argument("--base", required=True, metavar="MODEL",
                         help="base model: a local transformers directory, a model in the local Hugging Face cache, "
@@ -170,7 +390,7 @@ def merge_parser() -> argparse.ArgumentParser:
 
 
 def _adapter_task_type(adapter: str) -> str | None:
-    from lightning_lora.peft_format import AdapterFormatError, read_adapter_config, read_checkpoint
+    from lightning_lora.peft_format import read_adapter_config, read_checkpoint
 
     path = Path(adapter)
     if path.is_file():
@@ -181,50 +401,87 @@ def _adapter_task_type(adapter: str) -> str | None:
                              "directory.")
 
 
+def _load_base(base: str, dtype: str) -> Any:
+    from lightning_lora.hub import load_causal_lm
+
+    try:
+        return load_causal_lm(base, dtype=dtype)
+    except (OSError, ValueError) as err:  # a local directory that is not a causal LM (ModelNotFoundError passes)
+        if isinstance(err, LoRAError):
+            raise
+        raise CommandError(f"--base {base}: cannot load a causal language model from it ({_first_line(err)}); pass "
+                           "a transformers model directory with config.json and weights.") from None
+
+
+def _check_finite(model: Any, logits: Any, adapter: str, dtype: str) -> None:
+    """A merged model with inf/nan weights or logits is not usable: a `CommandError` naming them."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad or not bool(torch.isfinite(logits).all()):
+        where = (f"non-finite weights (inf or nan) in {len(bad)} tensor(s): {', '.join(bad[:3])}"
+                 f"{', ...' if len(bad) > 3 else ''}") if bad else "non-finite logits (inf or nan)"
+        fix = ("check the adapter (a training run that diverged leaves nan in it)" if dtype == "fp32"
+               else "check the adapter, or merge with --dtype fp32")
+        raise CommandError(f"the merged model has {where}: the adapter {adapter} holds non-finite values, or the "
+                           f"merged weights overflow {dtype}; {fix}.")
+
+
 def merge_main(argv: list[str] | None = None) -> int:
     """`lightning-lora merge --base MODEL --adapter A --out DIR [--dtype ...] [--overwrite]`; returns the exit code.
 
     Loads the base with `hub.load_causal_lm`, the adapter with `peft_format.load_adapter`, merges
-    with `merge_lora`, and writes `save_pretrained` output (plus the base's tokenizer, when it has
-    one) atomically to DIR.
+    with `merge_lora`, writes `save_pretrained` output (plus the base's tokenizer, when it has
+    one) to a temporary directory, checks it with `verify_merged`, and renames it to DIR.
 
     Example:
         >>> merge_main(["--base", "smollm2-135m-instruct", "--adapter", "out/adapter",
         ...             "--out", "out/merged"])  # doctest: +SKIP
         0
     """
-    def body(args: argparse.Namespace, console: Console) -> None:
-        from lightning_lora.hub import load_causal_lm, load_tokenizer, make_serializable
-        from lightning_lora.peft_format import check_output_dir, atomic_directory, load_adapter
+    def body(args: argparse.Namespace) -> None:
+        from lightning_lora._io import atomic_directory
+        from lightning_lora.hub import load_tokenizer, make_serializable
+        from lightning_lora.peft_format import load_adapter
         from lightning_lora.surgery import merge_lora
 
+        console = _console()
+        _offline()
         out = Path(args.out)
         for name, value in (("--base", args.base), ("--adapter", args.adapter)):
             if _same_path(value, out) and Path(value).exists():
                 raise CommandError(f"--out {out} is the same as {name}; write the merged model to another directory.")
-        check_output_dir(out.expanduser().absolute(), args.overwrite)
+        _check_output(out, args.overwrite)
         task_type = _adapter_task_type(args.adapter)
         if task_type not in (None, "CAUSAL_LM"):
             raise CommandError(f"adapter {args.adapter} has task_type={task_type!r}; merge writes causal language "
                                "models (task_type CAUSAL_LM). Merge it in Python with merge_lora instead.")
         with _step(console, f"Loading base model {args.base} ({args.dtype})"):
-            model = load_causal_lm(args.base, dtype=args.dtype)
+            model = _load_base(args.base, args.dtype)
         with _step(console, f"Loading adapter {args.adapter}"):
             names = load_adapter(model, args.adapter)
         with _step(console, f"Merging {len(names)} adapter layers"):
             merge_lora(model)
             make_serializable(model)
+            model.eval()
+            expected = merged_logits(model)
+        _check_finite(model, expected, args.adapter, args.dtype)
         tokenizer = None
         with contextlib.suppress(Exception):  # a base without a tokenizer is fine: write the model only
             tokenizer = load_tokenizer(args.base)
-        with _step(console, f"Writing merged model to {out}"):
-            with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        with atomic_directory(out, overwrite=args.overwrite) as tmp:
+            with _step(console, f"Writing merged model to {out}"):
                 model.save_pretrained(tmp)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
+            del model
+            with _step(console, "Checking the merged model"):
+                checked = verify_merged(tmp, expected, args.dtype, tokenizer=tokenizer is not None)
+            console.print(f"  {checked}", soft_wrap=True)
         console.print(f"Wrote merged model{' and tokenizer' if tokenizer is not None else ''} to [bold]{out}[/bold]")
 
-    return _run("lightning-lora merge", merge_parser(), argv, body)
+    return run_command("lightning-lora merge", merge_parser(), argv, body)
 
 
-__all__ = ["CommandError", "export_main", "export_parser", "merge_main", "merge_parser"]
+__all__ = ["CommandError", "export_main", "export_parser", "merge_main", "merge_parser", "merged_logits",
+           "verify_export", "verify_merged"]

@@ -6,13 +6,18 @@ Example:
     $ lightning-lora fit --config my.yaml --optimizer AdamW --optimizer.lr 2e-4 --lr_scheduler StepLR ...
 
 The model and data are given by class path in the YAML (`model.class_path`, `data.class_path`),
-the `LoRA` callback under `trainer.callbacks`. User errors (a missing file, a bad data line, a
-model that is not available offline, a LoRA target that matches nothing) print one line and exit
-with code 2.
+the `LoRA` callback under `trainer.callbacks`. User errors (a typo in a YAML key, a missing file, a
+bad data line, a model that is not available offline, a LoRA target that matches nothing) print one
+line and exit with code 2, through the shared runner of `lightning_lora.cli`.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib
+import inspect
+import re
 import sys
 from typing import Any
 
@@ -20,8 +25,23 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_lora.cli import LIGHTNING_SUBCOMMANDS, run_guarded
+from lightning_lora.errors import CommandError
+
+_PARSER_KEY = re.compile(r'^Parser key "([^"]+)":')
+_CLASS_PATH = re.compile(r"^Problem with given class_path '([^']+)':")
+_OPTION = re.compile(r"^Option '([^']+)' is not accepted")
+_SUBCOMMAND_OPTION = re.compile(r"^Subcommand '([^']+)' does not accept option '([^']+)'")
+_UNRECOGNIZED = re.compile(r"^[Uu]nrecognized arguments: (--[^\s=]+)")
+_NOISE = ("Does not validate against any of the Union subtypes",)
+
+
 class LoRALightningCLI(LightningCLI):
     """LightningCLI whose default logger is TensorBoard (`runs/<name>`), for LoRA runs.
+
+    Built with `parser_kwargs={"exit_on_error": False}` (as `lightning-lora` does), a bad argument
+    or YAML key raises a `CommandError` whose one-line message names the key (and the closest valid
+    one) instead of printing the usage.
 
     Example:
         >>> LoRALightningCLI(args=["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
@@ -37,52 +57,126 @@ class LoRALightningCLI(LightningCLI):
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                                 "init_args": {"save_dir": "runs", "name": "lora"}}})
 
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's to fix: shown as one line, no traceback."""
-    from lightning_lora.hub import ModelNotFoundError
-    from lightning_lora.surgery import LoRAError
-
-    from lightning_lora.config import LoRAConfigError
-
-    types: list[type[BaseException]] = [LoRAError, LoRAConfigError, ModelNotFoundError, FileNotFoundError]
-    try:
-        from lightning_lora.data import DataFormatError
-
-        types.append(DataFormatError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does; a parse error becomes a one-line `CommandError`."""
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+            subcommand = next((a for a in argv if a in LIGHTNING_SUBCOMMANDS), None)
+            raise CommandError(argument_error_line(err, parser, subcommand)) from None
 
 
-def _user_error(err: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
-    """`err` if it is the user's to fix, else the user error behind it: jsonargparse re-raises an
-    exception from a class's `__init__` (e.g. the model's) as a ValueError "Does not validate against
-    any of the Union subtypes" chained to the original with `from`."""
+def _chain(err: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
     seen: set[int] = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, types):
-            return cause
         seen.add(id(cause))
-        cause = cause.__cause__
-    return None
+        out.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return out
 
 
-def run_lightning_cli(argv: list[str]) -> int:
-    """Run a LightningCLI subcommand; returns the exit code (2 for user errors, shown in one line)."""
-    types = _user_error_types()
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def _class_options(class_path: str) -> list[str]:
+    """The `__init__` argument names of a class given by dotted path (empty when it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
     try:
-        LoRALightningCLI(args=argv)
-    except (ValueError, *types) as err:
-        cause = _user_error(err, types)
-        if cause is None:
-            raise
-        print(f"lightning-lora {argv[0]}: error: {cause}", file=sys.stderr)
-        return 2
-    except SystemExit as exit_:
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
-    return 0
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls).parameters.values()
+    except Exception:  # noqa: BLE001 - a short class name, a class that does not import: no suggestion
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-__all__ = ["LoRALightningCLI", "TensorBoardLogger", "run_lightning_cli"]
+def _subcommand_options(parser: argparse.ArgumentParser | None, subcommand: str | None) -> list[str]:
+    """The option names (`trainer.max_steps`, `data`, ...) of a LightningCLI subcommand's parser."""
+    try:
+        sub = parser._subcommands_action._name_parser_map[subcommand]  # type: ignore[union-attr]
+        return [a.dest for a in sub._actions if a.dest and a.dest not in ("help", "config")]
+    except Exception:  # noqa: BLE001 - jsonargparse internals changed: no suggestion
+        return []
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def argument_error_line(err: BaseException, parser: argparse.ArgumentParser | None = None,
+                        subcommand: str | None = None) -> str:
+    """One line for a LightningCLI (jsonargparse) parse error: the key it is about, what was wrong,
+    the closest valid key for a typo, and where to see the options.
+
+    jsonargparse reports an unknown key of a class as a nest of messages (`Parser key "data": Does
+    not validate against any of the Union subtypes ... Problem with given class_path ...: Option
+    'max_lenght' is not accepted ...`), chained with `raise ... from`; this walks the chain.
+
+    Example:
+        >>> err = argparse.ArgumentError(None, "Subcommand 'fit' does not accept option 'trainr'")
+        >>> argument_error_line(err, subcommand="fit")
+        'trainr is not an option of lightning-lora fit (see lightning-lora fit --help)'
+    """
+    path: list[str] = []
+    class_path: str | None = None
+    seen_lines: set[str] = set()
+    leaf = ""
+    for cause in _chain(err):
+        line = _first_line(cause)
+        if not line or line in seen_lines:
+            continue
+        seen_lines.add(line)
+        key, cls = _PARSER_KEY.match(line), _CLASS_PATH.match(line)
+        if key:
+            path.append(key.group(1))
+        elif cls:
+            class_path = cls.group(1)
+            path.append("init_args")
+        elif line not in _NOISE:
+            leaf = line
+    help_hint = f" (see lightning-lora {subcommand} --help)" if subcommand else " (see lightning-lora --help)"
+    option, sub_option, flag = _OPTION.match(leaf), _SUBCOMMAND_OPTION.match(leaf), _UNRECOGNIZED.match(leaf)
+    if flag and subcommand:
+        name = flag.group(1)
+        flags = ["--" + dest for dest in _subcommand_options(parser, subcommand)]
+        return f"{name} is not an option of lightning-lora {subcommand}{_did_you_mean(name, flags)}{help_hint}"
+    if sub_option:
+        name = sub_option.group(2)
+        return (f"{name} is not an option of lightning-lora {sub_option.group(1)}"
+                f"{_did_you_mean(name, _subcommand_options(parser, sub_option.group(1)))}{help_hint}")
+    if option and class_path:
+        name = option.group(1)
+        where = ".".join([*path, name])
+        return (f"{where} is not an option of {class_path}{_did_you_mean(name, _class_options(class_path))}"
+                f"{help_hint}")
+    while path and path[-1] == "init_args":
+        path.pop()
+    where = ".".join(path)
+    if class_path:
+        where += f" ({class_path})"
+    message = leaf or _first_line(err) or type(err).__name__
+    return f"{where}: {message}{help_hint}" if where else f"{message}{help_hint}"
+
+
+def run_lightning_cli(argv: list[str] | None = None) -> int:
+    """Run a LightningCLI subcommand; returns the exit code (2 for user errors, shown in one line).
+
+    Args:
+        argv: the arguments after `lightning-lora` (`["fit", "--config", ...]`); None reads the
+            command line (LightningCLI then parses `sys.argv` itself).
+
+    Example:
+        >>> run_lightning_cli(["fit", "--config", "configs/quickstart.yaml"])   # doctest: +SKIP
+        0
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = f"lightning-lora {args[0]}" if args and args[0] in LIGHTNING_SUBCOMMANDS else "lightning-lora"
+    return run_guarded(prog, lambda: LoRALightningCLI(args=argv, parser_kwargs={"exit_on_error": False}))
+
+
+__all__ = ["LoRALightningCLI", "TensorBoardLogger", "argument_error_line", "run_lightning_cli"]

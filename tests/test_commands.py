@@ -92,11 +92,12 @@ def test_merge_smollm2_loads_in_plain_transformers(tmp_path, capsys, smollm2, sm
                        tmp_path / "merged")
     assert code == 0, err
     assert "Loading base model" in err and "Merging 90 adapter layers" in err and "Writing merged model" in err
+    assert "reloads with AutoModelForCausalLM.from_pretrained and gives the same logits on 8 tokens" in err
     out = tmp_path / "merged"
     names = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert not any("lora" in k for k in f.keys())
+        assert not any("lora" in k for k in f.keys())  # noqa: SIM118 - safe_open is not iterable
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no LoRA code
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     # fp32 noise floor of this 30-layer model (logits up to ~35): unmerged fp32 vs fp64 differ by ~3e-5, so merged vs
@@ -222,6 +223,7 @@ def test_export_loads_in_peft_and_console_script(tmp_path, capsys, tiny_base_dir
     code, _, err = run(capsys, "export", tmp_path / "a.ckpt", tmp_path / "peft")
     assert code == 0, err
     assert "Converting" in err and "Wrote PEFT adapter" in err
+    assert f"loads onto the architecture of {tiny_base_dir} and holds the checkpoint's 8 tensors" in err
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tiny_base_dir) and cfg["target_modules"] == ["q_proj", "k_proj"]
     pm = PeftModel.from_pretrained(make_tiny_llama(), str(tmp_path / "peft")).eval()
@@ -231,8 +233,11 @@ def test_export_loads_in_peft_and_console_script(tmp_path, capsys, tiny_base_dir
     script = Path(sys.executable).with_name("lightning-lora")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([str(script), "export", str(tmp_path / "a.ckpt"), str(tmp_path / "peft2"),
-                           "--base-model", "my-org/tiny"], capture_output=True, text=True, env=env, timeout=120)
+                           "--base-model", "my-org/tiny"], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
+    assert ("loads onto the checkpoint's layer shapes (my-org/tiny is not available offline) and holds the "
+            "checkpoint's 8 tensors") in proc.stderr
     written = json.loads((tmp_path / "peft2" / "adapter_config.json").read_text())
     assert written["base_model_name_or_path"] == "my-org/tiny"
     assert (tmp_path / "peft2" / "adapter_model.safetensors").read_bytes() == \
@@ -309,3 +314,148 @@ def test_export_and_merge_a_real_callback_checkpoint(tmp_path, capsys, tiny_base
     assert code == 0, err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(merged), trained, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a command never reports success for an output that cannot be used (issue 13, kind 4)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_base_dir(tmp_path) -> Path:
+    """A base of another size (hidden 32): adapters for the tiny Llama (hidden 64) do not fit it."""
+    directory = tmp_path / "small-base"
+    make_tiny_llama(hidden_size=32, intermediate_size=64).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("how", ["recorded", "--base-model"])
+def test_export_for_a_base_it_does_not_fit_exits_2_and_writes_nothing(tmp_path, capsys, tiny_base_dir,
+                                                                         small_base_dir, how):
+    config = LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    if how == "recorded":
+        make_checkpoint(tmp_path / "a.ckpt", config, base=str(small_base_dir))
+        extra = []
+    else:
+        make_checkpoint(tmp_path / "a.ckpt", config, base=str(tiny_base_dir))
+        extra = ["--base-model", small_base_dir]
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "export", tmp_path / "a.ckpt", tmp_path / "peft", *extra)
+    assert_user_error(code, err, "export")
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    assert line.startswith(
+        f"lightning-lora export: error: the exported adapter does not load onto {small_base_dir}, the base model its "
+        f"adapter_config.json names: {tmp_path / 'peft' / 'adapter_model.safetensors'}: The adapter state dict does "
+        "not fit this model: shape mismatches (8): model.layers.0.self_attn.q_proj.lora_A.weight: checkpoint (2, 64) "
+        "vs model (2, 32);")
+    assert line.endswith(" Pass --base-model naming the model the adapter was trained on.")
+    assert snapshot(tmp_path) == before  # no output directory, no temporary directory
+    # the right base: the same checkpoint exports and says what was checked
+    code, _, err = run(capsys, "export", tmp_path / "a.ckpt", tmp_path / "peft", "--base-model", tiny_base_dir)
+    assert code == 0, err
+    assert f"loads onto the architecture of {tiny_base_dir} and holds the checkpoint's 8 tensors" in err
+
+
+def test_verify_export_catches_a_directory_that_differs_from_the_checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lightning_lora.commands import verify_export
+    from lightning_lora.errors import CommandError
+    from lightning_lora.peft_format import checkpoint_to_peft
+
+    make_checkpoint(tmp_path / "a.ckpt", LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    out = checkpoint_to_peft(tmp_path / "a.ckpt", tmp_path / "peft")
+    assert verify_export(out, tmp_path / "a.ckpt") == ("loads onto the checkpoint's layer shapes and holds the "
+                                                       "checkpoint's 8 tensors")
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    save_file({**tensors, key: tensors[key] + 1.0}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CommandError) as err:
+        verify_export(out, tmp_path / "a.ckpt")
+    assert str(err.value) == ("the exported adapter's 8 tensors differ from the checkpoint's 8 (shapes, dtypes or "
+                              "values).")
+    del tensors[key]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CommandError) as err:
+        verify_export(out, tmp_path / "a.ckpt", shown_as="out/adapter")
+    assert str(err.value).startswith(
+        "the exported adapter does not hold the checkpoint's adapters: out/adapter/adapter_model.safetensors: The "
+        "adapter state dict does not fit this model: missing keys (1): model.layers.1.self_attn.v_proj.lora_B.weight")
+
+
+def _bad_adapter(tmp_path, problem: str) -> Path:
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_B(model, std=1e6 if problem == "overflow" else 0.02)
+    if problem == "nan":
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.lora_B.weight[0, 0] = float("nan")
+    return save_adapter(model, tmp_path / f"adapter-{problem}")
+
+
+@pytest.mark.parametrize("problem, dtype, message", [
+    ("nan", "fp32", ("the merged model has non-finite weights (inf or nan) in 1 tensor(s): "
+                    "model.layers.0.self_attn.q_proj.weight: the adapter {adapter} holds non-finite values, or the "
+                    "merged weights overflow fp32; check the adapter (a training run that diverged leaves nan in it).")),
+    ("overflow", "fp16", ("the merged model has non-finite weights (inf or nan) in 4 tensor(s): "
+                         "model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.v_proj.weight, "
+                         "model.layers.1.self_attn.q_proj.weight, ...: the adapter {adapter} holds non-finite values, "
+                         "or the merged weights overflow fp16; check the adapter, or merge with --dtype fp32.")),
+])
+def test_merge_that_gives_an_unusable_model_exits_2_and_writes_nothing(tmp_path, capsys, tiny_base_dir, problem,
+                                                                       dtype, message):
+    adapter = _bad_adapter(tmp_path, problem)
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "merge", "--base", tiny_base_dir, "--adapter", adapter, "--out", tmp_path / "merged",
+                       "--dtype", dtype)
+    assert_user_error(code, err, "merge")
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        f"lightning-lora merge: error: {message.format(adapter=adapter)}"]
+    assert snapshot(tmp_path) == before
+
+
+def test_merge_of_large_adapter_values_in_bf16_is_checked_and_written(tmp_path, capsys, tiny_base_dir):
+    from transformers import AutoModelForCausalLM
+
+    adapter = _bad_adapter(tmp_path, "overflow")  # overflows fp16, not bf16 (fp32's range)
+    code, _, err = run(capsys, "merge", "--base", tiny_base_dir, "--adapter", adapter, "--out", tmp_path / "m",
+                       "--dtype", "bf16")
+    assert code == 0, err
+    assert "reloads with AutoModelForCausalLM.from_pretrained and gives the same logits on 8 tokens" in err
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).eval()
+    assert torch.isfinite(logits(reloaded)).all()
+
+
+def test_verify_merged_catches_a_directory_that_does_not_reproduce_the_merge(tmp_path):
+    from lightning_lora.commands import merged_logits, verify_merged
+    from lightning_lora.errors import CommandError
+
+    model = make_tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    expected = merged_logits(model)
+    assert expected.shape == (1, 8, 128)
+    assert verify_merged(tmp_path / "m", expected, "fp32") == (
+        "reloads with AutoModelForCausalLM.from_pretrained and gives the same logits on 8 tokens")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))  # config != the merge
+    with pytest.raises(CommandError, match=r"^the merged model reloaded from disk computes different logits than "
+                                           r"the merged model in memory \(max difference [0-9.e+-]+ on 8 tokens, "
+                                           r"allowed [0-9.e+-]+\); its saved weights or config do not match the "
+                                           r"merge\.$"):
+        verify_merged(tmp_path / "m", expected, "fp32")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(CommandError) as err:
+        verify_merged(tmp_path / "m", expected, "fp32")
+    assert str(err.value) == ("the merged model written does not reload with from_pretrained (SafetensorError: Error "
+                              "while deserializing header: invalid header length).")
+
+
+def test_merge_base_that_is_not_a_model_exits_2(tmp_path, capsys, tiny_adapter):
+    adapter, _ = tiny_adapter
+    base = tmp_path / "not-a-model"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    code, _, err = run(capsys, "merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m")
+    assert_user_error(code, err, "merge", f"--base {base}: cannot load a causal language model from it (",
+                      "pass a transformers model directory with config.json and weights.")
+    assert not (tmp_path / "m").exists()

@@ -18,8 +18,10 @@ from lightning_lora.data import (
     DataFormatError,
     InstructionDataModule,
     PadCollator,
+    count_targets,
     read_examples,
 )
+from lightning_lora.data.formats import FORMATS_HINT
 
 IM_END = "<|im_end|>"
 
@@ -263,9 +265,9 @@ def test_truncation_warns_once_with_counts(tmp_path, tok):
         warnings.simplefilter("always")
         dm.setup("fit")
     messages = [str(w.message) for w in caught if "max_length" in str(w.message)]
-    assert messages == ["4 of 7 examples (train: 3, val: 1) were longer than max_length=60 tokens and were "
-                        "truncated; 1 of them had no response tokens left and were dropped. "
-                        "Raise max_length to keep whole examples."]
+    assert messages == [("4 of 7 examples (train: 3, val: 1) were longer than max_length=60 tokens and were "
+                        "truncated; 1 of them had no token left to learn and were dropped. "
+                        "Raise max_length to keep whole examples.")]
     assert len(dm.train_dataset) == 4 and len(dm.val_dataset) == 2
     assert max(len(it["input_ids"]) for it in dm.train_dataset.items) == 60
     truncated = dm.train_dataset.items[1]
@@ -339,31 +341,67 @@ def test_invalid_utf8_and_empty_file(tmp_path):
 def test_missing_file_names_path_and_gives_hint(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     dm = InstructionDataModule(train_file=missing)
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(DataFormatError) as err:
         dm.prepare_data()
-    message = str(err.value)
-    assert message.startswith(f"train_file={missing!r} does not exist (looked for {missing}).")
-    assert "leave train_file and val_file unset to use the bundled demo data" in message
-    with pytest.raises(FileNotFoundError, match=re.escape(f"train_file={missing!r} does not exist")):
+    assert str(err.value) == (
+        f"train_file={missing!r} does not exist (looked for {missing}). Pass the path of a JSON-lines file "
+        f"({FORMATS_HINT}), or leave train_file and val_file unset to use the bundled demo data.")
+    with pytest.raises(DataFormatError, match=re.escape(f"train_file={missing!r} does not exist")):
         dm.setup("fit")
     train = write_jsonl(tmp_path / "t.jsonl", [GOOD])
-    with pytest.raises(FileNotFoundError, match=re.escape(f"val_file={missing!r} does not exist")):
+    with pytest.raises(DataFormatError, match=re.escape(f"val_file={missing!r} does not exist")):
         InstructionDataModule(train, val_file=missing).examples("val")
-    with pytest.raises(FileNotFoundError, match="is a directory, not a file"):
+    with pytest.raises(DataFormatError, match=re.escape(f"train_file={str(tmp_path)!r} is a directory, not a file")):
         InstructionDataModule(str(tmp_path)).examples()
 
 
-def test_invalid_arguments():
-    for kwargs, text in [({"val_fraction": 1.0}, "val_fraction=1.0"), ({"max_length": 0}, "max_length=0"),
-                         ({"batch_size": 0}, "batch_size=0"), ({"num_workers": -1}, "num_workers=-1")]:
-        with pytest.raises(ValueError, match=re.escape(text)):
-            InstructionDataModule(**kwargs)
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"val_fraction": 1.0}, "val_fraction=1.0; expected a share in [0, 1), e.g. 0.1 (0 = no validation split)."),
+    ({"val_fraction": -0.1}, "val_fraction=-0.1; expected a share in [0, 1), e.g. 0.1 (0 = no validation split)."),
+    ({"max_length": 0}, ("max_length=0; expected a number of tokens >= 2 (a causal LM learns from the second token "
+                        "on), e.g. 256.")),
+    ({"max_length": 1}, ("max_length=1; expected a number of tokens >= 2 (a causal LM learns from the second token "
+                        "on), e.g. 256.")),
+    ({"batch_size": 0}, "batch_size=0; expected a positive integer, e.g. 8."),
+    ({"num_workers": -1}, "num_workers=-1; expected 0 or more."),
+])
+def test_invalid_arguments_are_data_format_errors(kwargs, message):
+    with pytest.raises(DataFormatError) as err:
+        InstructionDataModule(**kwargs)
+    assert str(err.value) == message
 
 
-def test_too_few_examples_to_split(tmp_path):
-    dm = InstructionDataModule(write_jsonl(tmp_path / "t.jsonl", [GOOD]), val_fraction=0.5)
-    with pytest.raises(ValueError, match="Cannot split 1 example"):
+def test_a_directory_without_a_tokenizer_is_a_data_format_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    dm = InstructionDataModule(tokenizer=str(tmp_path))
+    with pytest.raises(DataFormatError) as err:
+        _ = dm.tokenizer
+    message = str(err.value)
+    assert message.startswith(f"tokenizer={str(tmp_path)!r}: no tokenizer can be loaded from it (")
+    assert message.endswith("); pass a model directory with tokenizer files (tokenizer.json, tokenizer_config.json), "
+                            "a model in the local Hugging Face cache, or 'smollm2-135m-instruct'.")
+    from lightning_lora.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match=re.escape("Model 'no-org/no-model' was not found")):
+        _ = InstructionDataModule(tokenizer="no-org/no-model").tokenizer  # the hub's own error, a LoRAError too
+
+
+def test_other_user_errors_are_data_format_errors():
+    with pytest.raises(DataFormatError, match=re.escape("split='test'; expected 'train' or 'val'.")):
+        InstructionDataModule().examples("test")
+    with pytest.raises(DataFormatError, match=re.escape("padding_side='top'; expected 'right' or 'left'.")):
+        PadCollator(0, padding_side="top")
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(1, 0.5), (1, 0.1), (2, 0.75), (3, 0.9)])
+def test_too_few_examples_to_split(tmp_path, n, fraction):
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD] * n)
+    dm = InstructionDataModule(path, val_fraction=fraction)
+    with pytest.raises(DataFormatError) as err:
         dm.examples()
+    assert str(err.value) == (f"{path}: Cannot split {n} example(s) with val_fraction={fraction}: nothing would be "
+                              "left to train on. Add examples, lower val_fraction (0 = no validation), or pass "
+                              "val_file.")
 
 
 def test_buildable_by_jsonargparse_from_yaml():
@@ -427,3 +465,260 @@ def test_bundled_data_through_the_data_module(tok):
         assert tok.decode([x for x in item["labels"] if x != IGNORE_INDEX]) == ex["response"] + IM_END
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 16 and batch["input_ids"].shape[1] <= 80
+
+
+# ------------------------------------------------- truncation that leaves nothing to learn (issue 13, kind 1)
+
+A = lambda content: {"role": "assistant", "content": content}
+U = lambda content: {"role": "user", "content": content}
+S = lambda content: {"role": "system", "content": content}
+
+
+def ids_before(tok, rendered: str, content: str) -> list[int]:
+    """Token ids of a rendered conversation up to (not including) the first occurrence of `content`."""
+    return ids_of(tok, rendered[:rendered.index(content)])
+
+
+def kinds_of_rows(tok) -> list[tuple[dict, int, int]]:
+    """(row, shortest max_length that keeps one target, whole length), computed from the template directly."""
+    text = {"text": "Once upon a time there was a robot."}
+    pr = {"prompt": "Who founded Brindlewhisk Robotics, and in which year?", "response": "Odalys Penhallow."}
+    chat = {"messages": [U("Hi there."), A("Hello."), U("Bye?"), A("Bye.")]}
+    first = {"messages": [A("Welcome, how can I help?"), U("Just looking."), A("Sure.")]}
+    rows = []
+    text_ids = ids_of(tok, text["text"]) + [tok.eos_token_id]
+    rows.append((text, 2, len(text_ids)))
+    pr_prompt = chat_prompt_ids(tok, [U(pr["prompt"])])
+    rows.append((pr, len(pr_prompt) + 1, len(pr_prompt) + len(ids_of(tok, pr["response"] + IM_END))))
+    rendered = tok.apply_chat_template(chat["messages"], tokenize=False).removesuffix("\n")
+    rows.append((chat, len(ids_before(tok, rendered, "Hello.")) + 1, len(ids_of(tok, rendered))))
+    rendered = tok.apply_chat_template(first["messages"], tokenize=False).removesuffix("\n")
+    rows.append((first, len(ids_before(tok, rendered, "Welcome")) + 1, len(ids_of(tok, rendered))))
+    return rows
+
+
+def test_a_row_is_kept_only_with_a_target_after_the_shift_for_every_max_length(tmp_path, tok):
+    rows = kinds_of_rows(tok)
+    needs = [need for _, need, _ in rows]
+    assert needs[0] == 2 and min(needs[1:]) > 20  # text rows keep a target at 2 tokens, chat rows need their prompt
+    whole = {json.dumps(row): make_dm(tmp_path, [row], tok).train_dataset.items[0] for row, _, _ in rows}
+    for row, _, length in rows:
+        assert len(whole[json.dumps(row)]["input_ids"]) == length
+    for max_length in range(2, max(length for _, _, length in rows) + 2):
+        kept_rows = [row for row, need, _ in rows if need <= max_length]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dm = make_dm(tmp_path, [row for row, _, _ in rows], tok, max_length=max_length)
+        items = dm.train_dataset.items
+        assert len(items) == len(kept_rows), max_length
+        for item, row in zip(items, kept_rows):
+            assert count_targets(item["labels"]) >= 1
+            full = whole[json.dumps(row)]
+            assert item["input_ids"] == full["input_ids"][:max_length]
+            assert item["labels"] == full["labels"][:max_length]
+
+
+def test_no_batch_gives_a_nan_loss(tmp_path, tok):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(vocab_size=len(tok))
+    rows = [row for row, _, _ in kinds_of_rows(tok)]
+    val = write_jsonl(tmp_path / "val.jsonl", rows)
+    for max_length in (2, 3, 30, 40, 64):
+        for batch_size in (1, 4):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dm = InstructionDataModule(write_jsonl(tmp_path / "train.jsonl", rows), val_file=val, tokenizer=tok,
+                                           max_length=max_length, batch_size=batch_size)
+                dm.setup("fit")
+            for batch in [*dm.train_dataloader(), *dm.val_dataloader()]:
+                assert all(count_targets(row.tolist()) >= 1 for row in batch["labels"])
+                with torch.no_grad():
+                    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"]).loss
+                assert torch.isfinite(loss), (max_length, batch_size)
+
+
+def long_prompt_rows(n: int = 3) -> list[dict]:
+    return [{"prompt": " ".join(f"word{i}" for i in range(120 + 5 * k)) + "?", "response": "A."} for k in range(n)]
+
+
+def test_truncation_that_empties_the_train_split_is_one_error(tmp_path, tok):
+    """Issue 13: three ~250-token prompts, max_length=32, a separate validation file."""
+    rows = long_prompt_rows()
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "Hi?", "response": "A."}])
+    prompts = [len(chat_prompt_ids(tok, [U(r["prompt"])])) for r in rows]
+    assert min(prompts) > 250
+    response = len(ids_of(tok, "A." + IM_END))
+    dm = InstructionDataModule(train, val_file=val, tokenizer=tok, max_length=32)
+    with pytest.raises(DataFormatError) as err:
+        dm.setup("fit")
+    assert str(err.value) == (
+        f"{train}: no training example is left: 3 of 3 were longer than max_length=32 tokens and truncation left "
+        f"them no token to learn (they need max_length >= {min(prompts) + 1} to keep one, "
+        f"{max(prompts) + response} to stay whole). Raise max_length (data.init_args.max_length) or shorten "
+        "the prompts.")
+    assert dm.train_dataset is None and dm.val_dataset is None  # nothing half set up
+    dm = InstructionDataModule(train, val_file=val, tokenizer=tok, max_length=min(prompts) + 1)
+    with pytest.warns(UserWarning, match=re.escape("3 of 4 examples (train: 3, val: 0) were longer than "
+                                                   f"max_length={min(prompts) + 1} tokens and were truncated; 2 of "
+                                                   "them had no token left to learn and were dropped.")):
+        dm.setup("fit")
+    assert len(dm.train_dataset) == 1 and count_targets(dm.train_dataset.items[0]["labels"]) == 1
+
+
+def test_truncation_that_empties_the_validation_split_is_one_error(tmp_path, tok):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Hi?", "response": "A."}] * 3)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"messages": [U(r["prompt"]), A(r["response"])]}
+                                               for r in long_prompt_rows(2)])
+    prompts = [len(chat_prompt_ids(tok, [U(r["prompt"])])) for r in long_prompt_rows(2)]
+    response = len(ids_of(tok, "A." + IM_END))
+    with pytest.raises(DataFormatError) as err:
+        InstructionDataModule(train, val_file=val, tokenizer=tok, max_length=40).setup("validate")
+    assert str(err.value) == (
+        f"{val}: no validation example is left: 2 of 2 were longer than max_length=40 tokens and truncation left "
+        f"them no token to learn (they need max_length >= {min(prompts) + 1} to keep one, "
+        f"{max(prompts) + response} to stay whole). Raise max_length (data.init_args.max_length) or shorten "
+        "the prompts.")
+    # the validation split of the train file is named as such
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "short text"}, *long_prompt_rows(1)])
+    dm = InstructionDataModule(mixed, tokenizer=tok, max_length=40, val_fraction=0.5, seed=1)
+    assert [e.text for e in dm.examples("val")] == [None]  # the long prompt went to validation with this seed
+    with pytest.raises(DataFormatError) as err:
+        dm.setup("fit")
+    assert str(err.value).startswith(f"{mixed} (its val_fraction=0.5 validation split): no validation example is "
+                                     "left: 1 of 1 were longer than max_length=40 tokens")
+
+
+def test_rows_with_nothing_to_learn_even_whole_are_dropped_or_refused(tmp_path, smollm2_path):
+    """Without an eos token a one-token text has no target after the shift: dropped (warned), never a NaN row."""
+    from lightning_lora.hub import load_tokenizer
+
+    no_eos = load_tokenizer(smollm2_path)
+    no_eos.eos_token = None
+    assert no_eos.eos_token_id is None and len(ids_of(no_eos, "Hi")) == 1
+    with pytest.warns(UserWarning) as caught:
+        dm = make_dm(tmp_path, [{"text": "Hi"}, {"text": "Hi there"}], no_eos)
+    assert [str(w.message) for w in caught] == [
+        "1 of 2 examples (train: 1) have no token to learn (a causal LM learns from the second token on) and were "
+        "dropped."]
+    assert [item["labels"] for item in dm.train_dataset.items] == [ids_of(no_eos, "Hi there")]
+    path = write_jsonl(tmp_path / "short.jsonl", [{"text": "Hi"}, {"text": "Yes"}])
+    with pytest.raises(DataFormatError) as err:
+        InstructionDataModule(path, tokenizer=no_eos, val_fraction=0.0).setup("fit")
+    assert str(err.value) == (f"{path}: no training example is left: 2 of 2 have no token to learn at all. Give every "
+                              "example a response or a longer text.")
+
+
+# -------------------------------------------------------- conversations in every shape (issue 13, kind 2)
+
+SHAPES = {
+    "assistant_first": [A("Hi! I am the shop's assistant."), U("Do you sell robots?"), A("Yes, three kinds.")],
+    "assistant_only": [A("Welcome to Brindlewhisk.")],
+    "consecutive_users": [U("Hello."), U("Are you there?"), A("Yes.")],
+    "consecutive_assistants": [U("Hello."), A("Hi."), A("How can I help?")],
+    "system_only_prefix": [S("Be terse."), A("Ready."), U("2+2?"), A("4.")],
+    "system_in_the_middle": [U("a?"), A("b."), S("Now shout."), U("c?"), A("D!")],
+    "trailing_user": [U("Q1?"), A("A1."), U("ignored?")],
+    "empty_middle_turn": [U("Q1?"), A(""), U("Q2?"), A("A2.")],
+}
+
+
+@pytest.mark.parametrize("system_prompt", [None, "Answer briefly."])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_assistant_turn_is_learned_in_every_conversation_shape(tmp_path, tok, shape, system_prompt):
+    messages = SHAPES[shape]
+    dm = make_dm(tmp_path, [{"messages": messages}], tok, system_prompt=system_prompt)
+    item = dm.train_dataset.items[0]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    assistants = [m["content"] for m in messages[:last + 1] if m["role"] == "assistant"]
+    assert [tok.decode(s) for s in learned_spans(item["labels"])] == [c + IM_END for c in assistants]
+    has_system = any(m["role"] == "system" for m in messages)
+    shown = messages[:last + 1] if system_prompt is None or has_system else [S(system_prompt), *messages[:last + 1]]
+    rendered = tok.apply_chat_template(shown, tokenize=False)
+    assert tok.decode(item["input_ids"]) == rendered.removesuffix("\n")
+    # the final answer is learned after exactly the prompt used at inference
+    final = ids_of(tok, assistants[-1] + IM_END)
+    assert item["labels"][-len(final):] == final
+    prompt = item["input_ids"][:-len(final)]
+    assert dm.encode_prompt(messages[:last]).tolist() == [prompt]
+    example = dm.eval_examples("train")[0]
+    assert example["messages"] == messages[:last] and example["response"] == assistants[-1]
+
+
+def test_issue_assistant_first_line_trains_with_and_without_a_system_prompt(tmp_path, tok):
+    line = {"messages": [A("Hello! How can I help you today?"), U("What is 2+2?"), A("It is 4.")]}
+    for system_prompt in (None, "Answer briefly."):
+        dm = make_dm(tmp_path, [line], tok, system_prompt=system_prompt)
+        spans = [tok.decode(s) for s in learned_spans(dm.train_dataset.items[0]["labels"])]
+        assert spans == ["Hello! How can I help you today?<|im_end|>", "It is 4.<|im_end|>"]
+
+
+def test_assistant_first_predict_prompt_is_the_training_prefix(tmp_path, tok):
+    rows = [{"messages": [A("Welcome to Brindlewhisk.")]}, {"prompt": "Hi?", "response": "Hello."}]
+    path = write_jsonl(tmp_path / "v.jsonl", rows)
+    dm = InstructionDataModule(path, val_file=path, tokenizer=tok)
+    dm.setup("fit")
+    first = dm.val_dataset.items[0]
+    prefix = first["input_ids"][:first["labels"].index(next(x for x in first["labels"] if x != IGNORE_INDEX))]
+    assert tok.decode(prefix) == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                                  "Hugging Face<|im_end|>\n<|im_start|>assistant\n")
+    assert dm.eval_examples()[0]["prompt"] == "" and dm.eval_examples()[0]["messages"] == []
+    batch = next(iter(dm.predict_dataloader()))
+    width = batch["input_ids"].shape[1]
+    assert batch["input_ids"][0].tolist() == [tok.pad_token_id] * (width - len(prefix)) + prefix
+
+
+def test_conversation_shapes_without_chat_template(tmp_path, tok):
+    messages = SHAPES["assistant_first"]
+    dm = make_dm(tmp_path, [{"messages": messages}], tok, use_chat_template=False)
+    item = dm.train_dataset.items[0]
+    assert [tok.decode(s) for s in learned_spans(item["labels"])] == [
+        "Hi! I am the shop's assistant.<|im_end|>", "Yes, three kinds.<|im_end|>"]
+    assert item["input_ids"] == (ids_of(tok, "Hi! I am the shop's assistant.") + [tok.eos_token_id]
+                                 + ids_of(tok, "Do you sell robots?\n") + ids_of(tok, "Yes, three kinds.")
+                                 + [tok.eos_token_id])
+
+
+# Gemma's template: refuses a system message and roles that do not alternate user/assistant
+STRICT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+
+
+@pytest.fixture
+def strict_tok(smollm2_path):
+    from lightning_lora.hub import load_tokenizer
+
+    strict = load_tokenizer(smollm2_path)
+    strict.chat_template = STRICT_TEMPLATE
+    return strict
+
+
+@pytest.mark.parametrize(("messages", "roles", "reason"), [
+    ([A("Hi."), U("Q?"), A("A.")], "assistant, user, assistant",
+     "Conversation roles must alternate user/assistant/user/assistant/..."),
+    ([U("Q?"), U("Q2?"), A("A.")], "user, user, assistant",
+     "Conversation roles must alternate user/assistant/user/assistant/..."),
+    ([S("Be terse."), U("Q?"), A("A.")], "system, user, assistant", "System role not supported"),
+])
+def test_conversation_the_template_cannot_render_names_file_and_line(tmp_path, strict_tok, messages, roles, reason):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [U("Q?"), A("A.")]}, "", {"messages": messages}])
+    dm = InstructionDataModule(path, tokenizer=strict_tok, val_fraction=0.0)
+    with pytest.raises(DataFormatError) as err:
+        dm.setup("fit")
+    assert str(err.value) == (
+        f"{path}:3: the tokenizer's chat template cannot render this conversation (roles: {roles}): {reason}. Order "
+        "the messages as the template expects, or set use_chat_template: false (data.init_args) to train on plain "
+        "'prompt\\nresponse' text.")
+
+
+def test_strict_template_alternating_conversation_learns_each_turn(tmp_path, strict_tok):
+    dm = make_dm(tmp_path, [{"messages": [U("Q?"), A("  A1. "), U("Q2?"), A("A2.")]}], strict_tok)
+    spans = [strict_tok.decode(s) for s in learned_spans(dm.train_dataset.items[0]["labels"])]
+    assert spans == ["A1.<|im_end|>", "A2.<|im_end|>"]  # the template trims the content

@@ -1,5 +1,12 @@
 """Ready-made DataModules and the bundled demo data.
 
+| module | what lives there |
+| --- | --- |
+| `formats` | the JSON-lines file format: `Example`, `parse_example`, `read_examples`, `split_examples` |
+| `encoding` | `ExampleEncoder` (chat template, loss masks), `IGNORE_INDEX`, `count_targets` |
+| `collate` | `TokenizedDataset`, `PadCollator` (dynamic padding) |
+| `instruction` | `InstructionDataModule` |
+
 Example:
     >>> from lightning_lora.data import InstructionDataModule
     >>> dm = InstructionDataModule()                       # bundled "Brindlewhisk Robotics" facts
@@ -7,20 +14,24 @@ Example:
     'Odalys Penhallow'
 """
 
-from lightning_lora.data.instruction import (
+from lightning_lora.data.collate import PadCollator, TokenizedDataset
+from lightning_lora.data.encoding import (
+    IGNORE_INDEX,
+    ExampleEncoder,
+    count_targets,
+    min_length_for_target,
+)
+from lightning_lora.data.formats import (
     BUNDLED_TRAIN_FILE,
     BUNDLED_VAL_FILE,
-    IGNORE_INDEX,
-    DataFormatError,
     Example,
-    ExampleEncoder,
-    InstructionDataModule,
-    PadCollator,
-    TokenizedDataset,
+    check_file,
     parse_example,
     read_examples,
     split_examples,
 )
+from lightning_lora.data.instruction import InstructionDataModule
+from lightning_lora.errors import DataFormatError
 
 __all__ = [
     "BUNDLED_TRAIN_FILE",
@@ -32,6 +43,9 @@ __all__ = [
     "InstructionDataModule",
     "PadCollator",
     "TokenizedDataset",
+    "check_file",
+    "count_targets",
+    "min_length_for_target",
     "parse_example",
     "read_examples",
     "split_examples",

@@ -1,12 +1,13 @@
-"""Instruction tuning data: JSON-lines files -> tokenized, loss-masked, dynamically padded batches.
+"""`InstructionDataModule`: JSON-lines files -> tokenized, loss-masked, dynamically padded batches.
 
-Three line formats are accepted (extra keys are ignored, except ``answer`` which
-:meth:`InstructionDataModule.eval_examples` exposes):
+The pieces live in their own modules: the file format in :mod:`lightning_lora.data.formats`, the
+tokenization and loss masks in :mod:`lightning_lora.data.encoding`, batching in
+:mod:`lightning_lora.data.collate`; their names are importable from here too.
 
-- ``{"prompt": "...", "response": "..."}``: loss only on the response (and its end-of-turn token);
-- ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}, ...]}``:
-  loss only on the assistant turns;
-- ``{"text": "..."}``: plain language modelling, loss on every token.
+What happens to examples that do not fit (see ``setup``): an example longer than ``max_length`` is
+truncated (one warning counts them); a row is kept only if it still has at least one token to learn
+after the causal shift, so no batch can give a NaN loss; a split left with no example is a
+`DataFormatError` that names the file, how many examples were too long, and the fix.
 
 Example:
     >>> from lightning_lora.data import InstructionDataModule
@@ -19,482 +20,51 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_lora.errors import DataFormatError
-
-#: label value ignored by the loss (``torch.nn.CrossEntropyLoss(ignore_index=-100)``, transformers' default)
-IGNORE_INDEX = -100
-DATA_DIR = Path(__file__).resolve().parent
-#: the bundled demo data: facts about the made-up company "Brindlewhisk Robotics"
-BUNDLED_TRAIN_FILE = DATA_DIR / "company_train.jsonl"
-BUNDLED_VAL_FILE = DATA_DIR / "company_val.jsonl"
-
-_FORMATS_HINT = ('each line must be one JSON object: {"prompt": "...", "response": "..."}, '
-                 '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
-                 'or {"text": "..."}')
+# IGNORE_INDEX, DATA_DIR, FORMATS_HINT and parse_example are imported for code that imported them from
+# here before this module was split (import them from `lightning_lora.data`)
+from lightning_lora.data.collate import PadCollator, TokenizedDataset
+from lightning_lora.data.encoding import (  # noqa: F401
+    IGNORE_INDEX,
+    ExampleEncoder,
+    count_targets,
+    min_length_for_target,
+)
+from lightning_lora.data.formats import (  # noqa: F401
+    BUNDLED_TRAIN_FILE,
+    BUNDLED_VAL_FILE,
+    DATA_DIR,
+    FORMATS_HINT,
+    Example,
+    check_file,
+    parse_example,
+    read_examples,
+    split_examples,
+)
+from lightning_lora.errors import DataFormatError, LoRAError
 
 
 @dataclass
-class Example:
-    """One parsed line of a data file.
-
-    Exactly one of ``messages`` (prompt/response lines become a user and an assistant message) and
-    ``text`` is set.
-
-    Example:
-        >>> ex = Example(source="train.jsonl:1", messages=[{"role": "user", "content": "Hi?"},
-        ...                                                 {"role": "assistant", "content": "Hello."}])
-        >>> ex.prompt, ex.response
-        ('Hi?', 'Hello.')
-    """
+class _SplitStats:
+    """What tokenization did to one split: counts for the warning and the empty-split error."""
 
     source: str
-    messages: list[dict[str, str]] | None = None
-    text: str | None = None
-    answer: str | list[str] | None = None
-    fact: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def final_assistant_index(self) -> int | None:
-        """Index of the last assistant message (None for a text example)."""
-        if self.messages is None:
-            return None
-        return max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
-
-    @property
-    def prompt(self) -> str | None:
-        """The last user message before the final assistant message (None for a text example)."""
-        last = self.final_assistant_index
-        if last is None:
-            return None
-        users = [m["content"] for m in self.messages[:last] if m["role"] == "user"]  # type: ignore[index]
-        return users[-1] if users else ""
-
-    @property
-    def response(self) -> str | None:
-        """The content of the final assistant message (None for a text example)."""
-        last = self.final_assistant_index
-        return None if last is None else self.messages[last]["content"]  # type: ignore[index]
-
-    @property
-    def keywords(self) -> list[str]:
-        """``answer`` as a list (empty when the line had none)."""
-        if self.answer is None:
-            return []
-        return [self.answer] if isinstance(self.answer, str) else list(self.answer)
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
-        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
-
-
-def _string_field(obj: dict[str, Any], key: str, where: str, allow_empty: bool = False) -> str:
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataFormatError(f"{where}: {key!r} must be a string, got {_type_name(value)} ({json.dumps(value)[:60]}).")
-    if not allow_empty and not value.strip():
-        raise DataFormatError(f"{where}: {key!r} is empty; every example needs a non-empty {key}.")
-    return value
-
-
-def _parse_messages(value: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise DataFormatError(f"{where}: 'messages' must be a non-empty array of "
-                              f'{{"role": ..., "content": ...}} objects, got {_type_name(value)}.')
-    messages = []
-    for i, message in enumerate(value):
-        at = f"{where}: messages[{i}]"
-        if not isinstance(message, dict):
-            raise DataFormatError(f'{at} must be an object {{"role": ..., "content": ...}}, got {_type_name(message)}.')
-        missing = [k for k in ("role", "content") if k not in message]
-        if missing:
-            raise DataFormatError(f"{at}: missing field(s) {', '.join(map(repr, missing))}; "
-                                  'each message needs "role" and "content".')
-        role = _string_field(message, "role", at)
-        content = _string_field(message, "content", at, allow_empty=True)
-        messages.append({"role": role, "content": content})
-    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not assistants:
-        raise DataFormatError(f"{where}: 'messages' has no message with role 'assistant', so there is nothing "
-                              f"to learn; roles found: {', '.join(sorted({m['role'] for m in messages}))}.")
-    if not messages[assistants[-1]]["content"].strip():
-        raise DataFormatError(f"{where}: messages[{assistants[-1]}]: the final assistant message (the response) "
-                              "is empty; every example needs a non-empty response.")
-    return messages
-
-
-def parse_example(obj: Any, where: str = "<example>") -> Example:
-    """Validate one decoded JSON line and turn it into an :class:`Example`.
-
-    Args:
-        obj: the decoded JSON value of the line.
-        where: ``file:line``, used as the prefix of error messages.
-
-    Raises:
-        DataFormatError: missing fields, wrong types or an empty response.
-
-    Example:
-        >>> parse_example({"prompt": "Capital of France?", "response": "Paris."}).response
-        'Paris.'
-    """
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {_type_name(obj)}; {_FORMATS_HINT}.")
-    answer = obj.get("answer")
-    if answer is not None and not (isinstance(answer, str) or (
-            isinstance(answer, list) and all(isinstance(a, str) for a in answer))):
-        raise DataFormatError(f"{where}: 'answer' must be a string or an array of strings, got {_type_name(answer)}.")
-    fact = obj.get("fact")
-    fact = None if fact is None else str(fact)
-    known = {"prompt", "response", "messages", "text", "answer", "fact"}
-    extra = {k: v for k, v in obj.items() if k not in known}
-    if "messages" in obj:
-        return Example(where, messages=_parse_messages(obj["messages"], where), answer=answer, fact=fact,
-                       extra=extra)
-    if "prompt" in obj or "response" in obj:
-        missing = [k for k in ("prompt", "response") if k not in obj]
-        if missing:
-            raise DataFormatError(f"{where}: missing field {missing[0]!r}; a prompt/response example needs both "
-                                  f'"prompt" and "response" (found keys: {", ".join(obj) or "none"}).')
-        prompt = _string_field(obj, "prompt", where)
-        response = _string_field(obj, "response", where)
-        return Example(where, messages=[{"role": "user", "content": prompt},
-                                        {"role": "assistant", "content": response}],
-                       answer=answer, fact=fact, extra=extra)
-    if "text" in obj:
-        return Example(where, text=_string_field(obj, "text", where), answer=answer, fact=fact, extra=extra)
-    raise DataFormatError(f"{where}: missing fields: found keys {', '.join(map(repr, obj)) or 'none'}, but "
-                          f"{_FORMATS_HINT}.")
-
-
-def check_file(path: str | os.PathLike, argument: str = "file") -> Path:
-    """The path as a `Path`, or a `FileNotFoundError` that names it and says what to pass instead.
-
-    Example:
-        >>> check_file("nope.jsonl", "train_file")   # doctest: +SKIP
-        Traceback (most recent call last):
-        FileNotFoundError: train_file='nope.jsonl' does not exist (looked for /home/me/nope.jsonl). ...
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"{argument}={str(path)!r} {what} (looked for {p.resolve()}). Pass the path of a JSON-lines file "
-            f"({_FORMATS_HINT}), or leave train_file and val_file unset to use the bundled demo data.")
-    return p
-
-
-def read_examples(path: str | os.PathLike, argument: str = "file") -> list[Example]:
-    """Read and validate a JSON-lines file (blank lines are skipped).
-
-    Args:
-        path: the file.
-        argument: the name of the option the path came from, for the not-found message.
-
-    Raises:
-        FileNotFoundError: the file does not exist (the message names it and gives a hint).
-        DataFormatError: a bad line (``file:line: reason``) or a file without any example.
-
-    Example:
-        >>> from lightning_lora.data import BUNDLED_VAL_FILE
-        >>> examples = read_examples(BUNDLED_VAL_FILE)
-        >>> examples[0].answer
-        'Odalys Penhallow'
-    """
-    p = check_file(path, argument)
-    examples = []
-    with open(p, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataFormatError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); "
-                                      "save the file as UTF-8.") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line.rstrip())
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{where}: invalid JSON ({err.msg} at column {err.colno}); "
-                                      f"{_FORMATS_HINT}.") from None
-            examples.append(parse_example(obj, where))
-    if not examples:
-        raise DataFormatError(f"{path}: the file has no examples; {_FORMATS_HINT}.")
-    return examples
-
-
-def split_examples(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A deterministic train/validation split: the same seed gives the same split.
-
-    ``round(len(examples) * val_fraction)`` examples (at least one when ``val_fraction > 0``) go to
-    validation; both parts keep the file order.
-
-    Example:
-        >>> train, val = split_examples(read_examples(BUNDLED_TRAIN_FILE), val_fraction=0.1, seed=42)
-        >>> len(train), len(val)
-        (194, 22)
-    """
-    n = len(examples)
-    if val_fraction <= 0:
-        return list(examples), []
-    n_val = max(1, round(n * val_fraction))
-    if n_val >= n:
-        raise ValueError(f"Cannot split {n} example(s) with val_fraction={val_fraction}: nothing would be left to "
-                         "train on. Add examples, lower val_fraction, or pass val_file.")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    return ([ex for i, ex in enumerate(examples) if i not in val_idx],
-            [ex for i, ex in enumerate(examples) if i in val_idx])
-
-
-# -------------------------------------------------------------------------------------------- encoding
-
-
-class ExampleEncoder:
-    """Turns an :class:`Example` into ``input_ids`` and ``labels`` (``-100`` where there is no loss).
-
-    With a chat template (and ``use_chat_template``) a conversation is rendered by the template; the
-    tokens of each assistant turn up to and including its end-of-turn token (the first special token
-    after the content, e.g. ``<|im_end|>``) are learned, everything else (system prompt, user turns,
-    the ``assistant`` header, the newline after a middle turn's end-of-turn token) is masked, and what
-    the template writes after the final end-of-turn token is left out. Without one, a
-    conversation is ``"prompt\\n"`` + ``"response"`` + eos and only the response and eos are learned.
-    A text example is learned entirely (eos appended).
-
-    Args:
-        tokenizer: a transformers tokenizer.
-        use_chat_template: use the tokenizer's chat template when it has one.
-        system_prompt: added as a system message to conversations that have none.
-
-    Example:
-        >>> from lightning_lora.hub import load_tokenizer
-        >>> enc = ExampleEncoder(load_tokenizer("smollm2-135m-instruct"))                  # doctest: +SKIP
-        >>> ids, labels = enc.encode(parse_example({"prompt": "Hi?", "response": "Hello."}))  # doctest: +SKIP
-    """
-
-    def __init__(self, tokenizer: Any, use_chat_template: bool = True, system_prompt: str | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.system_prompt = system_prompt
-        self.chat = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
-        self.eos_token_id: int | None = tokenizer.eos_token_id
-        specials = set(getattr(tokenizer, "all_special_ids", []) or [])
-        for token_id, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
-            if getattr(token, "special", False):
-                specials.add(token_id)
-        specials.discard(getattr(tokenizer, "unk_token_id", None))
-        if self.eos_token_id is not None:
-            specials.add(self.eos_token_id)
-        #: token ids that end an assistant turn when they follow its content
-        self.end_of_turn_ids = specials
-
-    # ------------------------------------------------------------------ helpers
-    def _ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        if not text:
-            return []
-        ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-        if add_special_tokens and ids and ids[-1] == self.eos_token_id:
-            # some tokenizers append eos when adding special tokens: a prompt must not end the sequence
-            plain = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > len(plain):
-                ids = ids[:-1]
-        return ids
-
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def _with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
-            return [{"role": "system", "content": self.system_prompt}, *messages]
-        return list(messages)
-
-    def _supervised(self, text: str) -> tuple[list[int], list[int]]:
-        """Tokens of an assistant turn's rendered text: learned up to the first end-of-turn token."""
-        ids = self._ids(text)
-        for k, token_id in enumerate(ids):
-            if token_id in self.end_of_turn_ids:
-                return ids, ids[:k + 1] + [IGNORE_INDEX] * (len(ids) - k - 1)
-        if self.eos_token_id is not None:  # a template without an end-of-turn token: the model must learn eos
-            ids = ids + [self.eos_token_id]
-        return ids, list(ids)
-
-    # ------------------------------------------------------------------ conversations
-    def _chat_pieces(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        """(text, learned) pieces whose concatenation is the rendered conversation."""
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        pieces: list[tuple[str, bool]] = []
-        done = ""
-        for i in turns:
-            prompt = self._render(messages[:i], add_generation_prompt=True)
-            full = self._render(messages[:i + 1], add_generation_prompt=False)
-            if not (prompt.startswith(done) and full.startswith(prompt)):
-                break  # a template whose renderings are not prefixes of each other: learn the final turn only
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
-        else:
-            return pieces
-        last = turns[-1]
-        prompt = self._render(messages[:last], add_generation_prompt=True)
-        full = self._render(messages, add_generation_prompt=False)
-        answer = full[len(prompt):] if full.startswith(prompt) else messages[last]["content"]
-        return [(prompt, False), (answer, True)]
-
-    def _encode_conversation(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int], int]:
-        """input_ids, labels and where the final assistant turn starts."""
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        messages = self._with_system(messages[:last + 1])
-        ids: list[int] = []
-        labels: list[int] = []
-        final_start = 0
-        if self.chat:
-            for text, learned in self._chat_pieces(messages):
-                if learned:
-                    final_start = len(ids)
-                    piece_ids, piece_labels = self._supervised(text)
-                else:
-                    piece_ids = self._ids(text)
-                    piece_labels = [IGNORE_INDEX] * len(piece_ids)
-                ids += piece_ids
-                labels += piece_labels
-            # nothing is learned after the final end-of-turn token (e.g. the template's newline): drop it
-            end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
-            return ids[:end], labels[:end], final_start
-        context = ""
-        for message in messages:
-            if message["role"] != "assistant":
-                context += (message["content"] + "\n\n") if message["role"] == "system" else (message["content"] + "\n")
-                continue
-            context_ids = self._ids(context, add_special_tokens=not ids)
-            ids += context_ids
-            labels += [IGNORE_INDEX] * len(context_ids)
-            context = ""
-            final_start = len(ids)
-            answer = self._ids(message["content"]) + ([] if self.eos_token_id is None else [self.eos_token_id])
-            ids += answer
-            labels += answer
-        return ids, labels, final_start
-
-    def encode(self, example: Example) -> tuple[list[int], list[int]]:
-        """``(input_ids, labels)`` of one example, not truncated.
-
-        Example:
-            >>> ids, labels = encoder.encode(parse_example({"text": "Once upon a time"}))   # doctest: +SKIP
-            >>> ids == labels                                                                  # doctest: +SKIP
-            True
-        """
-        if example.text is not None:
-            ids = self._ids(example.text, add_special_tokens=True)
-            if self.eos_token_id is not None and (not ids or ids[-1] != self.eos_token_id):
-                ids.append(self.eos_token_id)
-            return ids, list(ids)
-        assert example.messages is not None
-        ids, labels, _ = self._encode_conversation(example.messages)
-        return ids, labels
-
-    def encode_prompt(self, prompt: str | list[dict[str, str]]) -> list[int]:
-        """Token ids to feed `generate` for a question: exactly the masked prefix used in training.
-
-        Args:
-            prompt: a user message, or a conversation that ends with a user message.
-
-        Example:
-            >>> ids = encoder.encode_prompt("Who founded Brindlewhisk Robotics?")   # doctest: +SKIP
-        """
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        if self.chat:
-            return self._ids(self._render(self._with_system(messages), add_generation_prompt=True))
-        ids, _, final_start = self._encode_conversation([*messages, {"role": "assistant", "content": ""}])
-        return ids[:final_start]
-
-
-# ------------------------------------------------------------------------------------ batching
-
-
-class TokenizedDataset(Dataset):
-    """A list of ``{"input_ids": [...], "labels": [...]}`` dicts (any extra int keys are batched too).
-
-    Example:
-        >>> ds = TokenizedDataset([{"input_ids": [5, 6], "labels": [-100, 6]}])
-        >>> len(ds), ds[0]["labels"]
-        (1, [-100, 6])
-    """
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
-
-
-class PadCollator:
-    """Dynamic padding: pads ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100) to the
-    longest sequence in the batch and adds ``attention_mask``; any other key (e.g. ``index``) is
-    stacked into a tensor. Picklable, so it works with ``num_workers > 0``.
-
-    Args:
-        pad_token_id: the id written into padded positions of ``input_ids``.
-        padding_side: ``"right"`` for training, ``"left"`` for batched generation.
-
-    Example:
-        >>> collate = PadCollator(pad_token_id=0)
-        >>> batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
-        >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["labels"].tolist()
-        ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]], [[-100, 6, 7], [8, -100, -100]])
-    """
-
-    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side={padding_side!r}; expected 'right' or 'left'.")
-        self.pad_token_id = int(pad_token_id)
-        self.padding_side = padding_side
-
-    def _pad(self, rows: list[list[int]], value: int, width: int) -> torch.Tensor:
-        out = torch.full((len(rows), width), value, dtype=torch.long)
-        for i, row in enumerate(rows):
-            if row:
-                if self.padding_side == "right":
-                    out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-                else:
-                    out[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        return out
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [list(item["input_ids"]) for item in items]
-        width = max((len(r) for r in rows), default=0)
-        batch = {"input_ids": self._pad(rows, self.pad_token_id, width),
-                 "attention_mask": self._pad([[1] * len(r) for r in rows], 0, width)}
-        if all("labels" in item for item in items):
-            batch["labels"] = self._pad([list(item["labels"]) for item in items], IGNORE_INDEX, width)
-        for key in items[0] if items else ():
-            if key not in ("input_ids", "labels"):
-                batch[key] = torch.tensor([item[key] for item in items])
-        return batch
-
-
-# ------------------------------------------------------------------------------------ data module
+    total: int = 0
+    truncated: int = 0
+    dropped_truncated: int = 0  # truncation left no token to learn
+    dropped_empty: int = 0  # no token to learn even whole (a one-token text without eos, ...)
+    keep_one: list[int] = field(default_factory=list)  # per truncated-and-dropped example: max_length that keeps one
+    lengths: list[int] = field(default_factory=list)  # per truncated-and-dropped example: its whole length
 
 
 class InstructionDataModule(LightningDataModule):
@@ -511,8 +81,9 @@ class InstructionDataModule(LightningDataModule):
             split of ``val_fraction`` of it (by ``seed``).
         tokenizer: a model name or path resolved with :func:`lightning_lora.hub.load_tokenizer`
             (from Python, an already loaded tokenizer object is accepted too).
-        max_length: longer examples are truncated (one warning counts them); examples whose response
-            is cut off entirely are dropped.
+        max_length: longer examples are truncated (one warning counts them); an example left with no
+            token to learn (its response cut off entirely) is dropped, and a split left with no example
+            is a `DataFormatError` that says which max_length would keep them.
         batch_size: examples per batch (padded to the longest in the batch).
         val_fraction: share of ``train_file`` used for validation when ``val_file`` is None
             (0 = no validation).
@@ -549,15 +120,16 @@ class InstructionDataModule(LightningDataModule):
         system_prompt: str | None = None,
     ) -> None:
         super().__init__()
-        if max_length < 1:
-            raise ValueError(f"max_length={max_length}; expected a positive number of tokens, e.g. 256.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}; expected a positive integer, e.g. 8.")
+        if not isinstance(max_length, int) or max_length < 2:
+            raise DataFormatError(f"max_length={max_length!r}; expected a number of tokens >= 2 (a causal LM learns "
+                                  "from the second token on), e.g. 256.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise DataFormatError(f"batch_size={batch_size!r}; expected a positive integer, e.g. 8.")
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction={val_fraction}; expected a share in [0, 1), e.g. 0.1 "
-                             "(0 = no validation split).")
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers}; expected 0 or more.")
+            raise DataFormatError(f"val_fraction={val_fraction!r}; expected a share in [0, 1), e.g. 0.1 "
+                                  "(0 = no validation split).")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise DataFormatError(f"num_workers={num_workers!r}; expected 0 or more.")
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, (str, os.PathLike)) else ["tokenizer"])
         self.train_file = train_file
         self.val_file = val_file
@@ -595,7 +167,16 @@ class InstructionDataModule(LightningDataModule):
         if self._tokenizer is None:
             from lightning_lora.hub import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
+            try:
+                self._tokenizer = load_tokenizer(self.tokenizer_name)
+            except (OSError, ValueError) as err:  # a local directory without a usable tokenizer
+                if isinstance(err, LoRAError):  # a LoRAError (ModelNotFoundError) says it all
+                    raise
+                reason = " ".join(str(err).split())[:160] or type(err).__name__
+                raise DataFormatError(
+                    f"tokenizer={self.tokenizer_name!r}: no tokenizer can be loaded from it ({reason}); pass a model "
+                    "directory with tokenizer files (tokenizer.json, tokenizer_config.json), a model in the local "
+                    "Hugging Face cache, or 'smollm2-135m-instruct'.") from None
         return self._tokenizer
 
     @property
@@ -614,12 +195,12 @@ class InstructionDataModule(LightningDataModule):
             (216, 108)
         """
         if split not in ("train", "val"):
-            raise ValueError(f"split={split!r}; expected 'train' or 'val'.")
+            raise DataFormatError(f"split={split!r}; expected 'train' or 'val'.")
         if self._examples is None:
             train = read_examples(self.train_path, "train_file")
             val_path = self.val_path
             if val_path is None:
-                train, val = split_examples(train, self.val_fraction, self.seed)
+                train, val = split_examples(train, self.val_fraction, self.seed, source=self.train_path)
             else:
                 val = read_examples(val_path, "val_file")
             self._examples = {"train": train, "val": val}
@@ -673,42 +254,96 @@ class InstructionDataModule(LightningDataModule):
 
             resolve_model(self.tokenizer_name)
 
+    def _split_source(self, split: str) -> str:
+        """The file a split comes from, for messages."""
+        if split == "val" and self.val_path is None:
+            return f"{self.train_path} (its val_fraction={self.val_fraction} validation split)"
+        return str(self.train_path if split == "train" else self.val_path)
+
+    def _tokenize(self, split: str) -> tuple[TokenizedDataset, _SplitStats]:
+        """Encode, truncate and filter one split: a row is kept only if it has a token to learn."""
+        stats = _SplitStats(self._split_source(split))
+        items = []
+        for ex in self.examples(split):
+            ids, labels = self.encoder.encode(ex)
+            stats.total += 1
+            whole = len(ids)
+            need = min_length_for_target(labels)
+            if whole > self.max_length:
+                stats.truncated += 1
+                ids, labels = ids[:self.max_length], labels[:self.max_length]
+            if need is None:
+                stats.dropped_empty += 1
+                continue
+            if count_targets(labels) == 0:
+                stats.dropped_truncated += 1
+                stats.keep_one.append(need)
+                stats.lengths.append(whole)
+                continue
+            items.append({"input_ids": ids, "labels": labels})
+        return TokenizedDataset(items), stats
+
+    def _empty_split_error(self, split: str, stats: _SplitStats) -> DataFormatError:
+        what = "training" if split == "train" else "validation"
+        reasons = []
+        if stats.dropped_truncated:
+            reasons.append(f"{stats.dropped_truncated} of {stats.total} were longer than max_length={self.max_length} "
+                           f"tokens and truncation left them no token to learn (they need max_length >= "
+                           f"{min(stats.keep_one)} to keep one, {max(stats.lengths)} to stay whole)")
+        if stats.dropped_empty:
+            reasons.append(f"{stats.dropped_empty} of {stats.total} have no token to learn at all")
+        fix = ("Raise max_length (data.init_args.max_length) or shorten the prompts" if stats.dropped_truncated
+               else "Give every example a response or a longer text")
+        return DataFormatError(f"{stats.source}: no {what} example is left: {'; '.join(reasons)}. {fix}.")
+
     @override
     def setup(self, stage: str | None = None) -> None:
-        """Read and tokenize the data the stage needs (once; later calls reuse it)."""
+        """Read and tokenize the data the stage needs (once; later calls reuse it).
+
+        Examples longer than ``max_length`` are truncated, rows left with no token to learn after the
+        causal shift (``labels[1:]`` all -100) are dropped, and one warning counts both.
+
+        Raises:
+            DataFormatError: a bad line, a conversation the chat template cannot render, or a split
+                with no example left (the message names the file, how many examples were too long
+                for ``max_length``, and the ``max_length`` that keeps them).
+        """
         wanted = {"fit": ["train", "val"], None: ["train", "val"], "validate": ["val"], "test": ["val"],
                   "predict": ["predict"]}.get(stage, ["train", "val"])
-        counts: dict[str, int] = {}
-        total = dropped = 0
+        done: dict[str, tuple[TokenizedDataset, _SplitStats]] = {}
         for split in wanted:
             if getattr(self, f"{split}_dataset") is not None:
                 continue
             if split == "predict":
                 self.predict_dataset = TokenizedDataset(
-                    [{"input_ids": self.encoder.encode_prompt(ex["messages"]), "index": i}
+                    [{"input_ids": self.encoder.encode_prompt(ex["messages"], ex["source"]), "index": i}
                      for i, ex in enumerate(self.eval_examples("val"))])
                 continue
-            items = []
-            counts[split] = 0
-            for ex in self.examples(split):
-                ids, labels = self.encoder.encode(ex)
-                total += 1
-                if len(ids) > self.max_length:
-                    counts[split] += 1
-                    ids, labels = ids[:self.max_length], labels[:self.max_length]
-                    if all(label == IGNORE_INDEX for label in labels):
-                        dropped += 1
-                        continue
-                items.append({"input_ids": ids, "labels": labels})
-            setattr(self, f"{split}_dataset", TokenizedDataset(items))
-        truncated = sum(counts.values())
+            dataset, stats = self._tokenize(split)
+            if stats.total and not len(dataset):
+                raise self._empty_split_error(split, stats)
+            done[split] = (dataset, stats)
+        for split, (dataset, _) in done.items():
+            setattr(self, f"{split}_dataset", dataset)
+        self._warn_dropped([stats for _, stats in done.values()], list(done))
+
+    def _warn_dropped(self, stats: list[_SplitStats], splits: list[str]) -> None:
+        """One warning for truncated (and dropped) examples, one for examples with nothing to learn."""
+        total = sum(s.total for s in stats)
+        truncated = sum(s.truncated for s in stats)
         if truncated:
-            per_split = ", ".join(f"{split}: {n}" for split, n in counts.items())
+            per_split = ", ".join(f"{split}: {s.truncated}" for split, s in zip(splits, stats))
             message = (f"{truncated} of {total} examples ({per_split}) were longer than max_length={self.max_length} "
                        f"tokens and were truncated")
+            dropped = sum(s.dropped_truncated for s in stats)
             if dropped:
-                message += f"; {dropped} of them had no response tokens left and were dropped"
+                message += f"; {dropped} of them had no token left to learn and were dropped"
             rank_zero_warn(message + ". Raise max_length to keep whole examples.")
+        empty = sum(s.dropped_empty for s in stats)
+        if empty:
+            per_split = ", ".join(f"{split}: {s.dropped_empty}" for split, s in zip(splits, stats) if s.dropped_empty)
+            rank_zero_warn(f"{empty} of {total} examples ({per_split}) have no token to learn (a causal LM learns "
+                           "from the second token on) and were dropped.")
 
     def _loader(self, dataset: TokenizedDataset, shuffle: bool, padding_side: str = "right") -> DataLoader:
         tok = self.tokenizer
@@ -747,3 +382,6 @@ class InstructionDataModule(LightningDataModule):
             self.setup("predict")
         assert self.predict_dataset is not None
         return self._loader(self.predict_dataset, shuffle=False, padding_side="left")
+
+
+__all__ = ["InstructionDataModule"]
