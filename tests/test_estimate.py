@@ -291,11 +291,17 @@ def test_estimate_to_dict_is_json_with_every_number():
 
 def test_docstring_examples():
     import doctest
+    import importlib
+    import pkgutil
 
-    import lightning_lora.estimate as module
+    import lightning_lora.estimate as package
 
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 5
+    failed = attempted = 0
+    for name in ["", *(f".{m.name}" for m in pkgutil.iter_modules(package.__path__))]:
+        result = doctest.testmod(importlib.import_module(f"lightning_lora.estimate{name}"),
+                                 optionflags=doctest.ELLIPSIS)
+        failed, attempted = failed + result.failed, attempted + result.attempted
+    assert failed == 0 and attempted > 5
 
 
 # ------------------------------------------------------------------------------------------- CLI
