@@ -363,7 +363,9 @@ def _layer_cost(sh: _Shape, pr: _Precision, mods: dict[str, _Mod], in_grad: bool
     for name, m in mods.items():
         if name not in SLOTS and m.r:  # adapted modules of other names: an input copy each (conservative)
             tok += m.adapter_bytes * (h + m.r)
-        fixed_transient = max(fixed_transient, m.quant_temp)
+        if m.quant_temp:  # its forward dequantises while its input is alive (a frozen linear does not save it)
+            src = resid if name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") else c
+            fixed_transient = max(fixed_transient, m.quant_temp + src * m.in_features * tokens)
         if m.r and m.dora:
             fixed_transient = max(fixed_transient, dora_norm_temp(m.in_features, m.out_features, m.r,
                                                                   m.adapter_bytes, m.weight_bytes, m.quant_temp))
