@@ -681,9 +681,13 @@ def estimate_memory(
                          f"unquantised (torchao's to_nf4 refuses them), e.g. {skipped[0]}.")
         qlora = _breakdown(model, sh, pr, is_full=False, dora=use_dora, quantized=quantized, **common)
     if layout.strategy == "fsdp":
-        notes.append(f"FSDP2 per-GPU: dim-0 shards over {layout.devices} ranks; units = each decoder layer, the "
-                     "input embedding, the output head, and the root; in flight = the root, two consecutive units "
-                     "unsharded (computing + prefetched) and one unit's unsharded gradients.")
+        notes.append(f"per GPU under FSDP2: weights, gradients and optimizer state in dim-0 shards over "
+                     f"{layout.devices} ranks; units = each decoder layer, the input embedding, the output head and "
+                     "the root; in flight = the root, two consecutive units unsharded (computing + prefetched) and "
+                     "one unit's unsharded gradients.")
+    elif layout.strategy == "ddp":
+        notes.append(f"per GPU under DDP: a full replica on each of {layout.devices} GPUs plus the gradient buckets "
+                     "(one more copy of the gradients).")
 
     modules = parameter_summary(model).rows
     settings = {"r": r, "alpha": float(alpha), "target_modules": targets, "precision": precision,

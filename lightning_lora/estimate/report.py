@@ -157,7 +157,7 @@ def _title(est: Estimate) -> str:
     title = (f"{est.model}, {s['precision']}, batch {s['batch_size']} x {s['seq_len']} tokens, "
              f"{'checkpointing, ' if s['gradient_checkpointing'] else ''}{s['optimizer']} ({s['optimizer_impl']})")
     if s.get("strategy", "single") != "single":
-        title += f"; per GPU of {s['devices']} ({s['strategy']})"
+        title += f", {s['strategy']} x {s['devices']} GPUs"
     return title
 
 
@@ -182,13 +182,10 @@ def tables(est: Estimate, per_layer: bool = False) -> list[Any]:
     from rich.table import Table
 
     s = est.settings
-    caption = ("peak total = weights + optimizer state + the most that activations and gradients hold at once "
-               "(backward frees activations as gradients appear); 1 GiB = 2^30 bytes")
-    if s.get("strategy") == "fsdp":
-        caption += (f"; FSDP: weights, gradients and optimizer state sharded over {s['devices']} ranks, plus the "
-                    "all-gathered units in flight")
-    elif s.get("strategy") == "ddp":
-        caption += "; DDP: a full replica per GPU plus its gradient buckets"
+    extra = {"fsdp": " + the units in flight", "ddp": " + the gradient buckets"}.get(s.get("strategy", ""), "")
+    caption = (f"peak total = weights + optimizer state{extra} + the most that activations and gradients hold at "
+               f"once (backward frees activations as gradients appear); {'per GPU; ' if extra else ''}"
+               "1 GiB = 2^30 bytes")
     table = Table(title=_title(est), title_justify="left", caption=caption)
     table.add_column("")
     cols = [part for _, part in est.columns()]
