@@ -280,7 +280,12 @@ def test_shipped_configs_match_public_parameter_counts(name, total):
 
 
 def test_model_dir_config_json_and_bundled_smollm2(tmp_path, smollm2_path):
-    from lightning_lora.estimate import CONFIG_DIR, estimate_memory, known_models, load_model_config
+    from lightning_lora.estimate import (
+        CONFIG_DIR,
+        estimate_memory,
+        known_models,
+        load_model_config,
+    )
 
     assert {"llama-3-8b", "llama-3.2-1b", "mistral-7b", "qwen2.5-7b", "smollm2-135m",
             "smollm2-135m-instruct"} <= set(known_models())
@@ -442,7 +447,12 @@ def test_bnb_layout_matches_bitsandbytes_quantize_4bit():
 
 
 def test_llama3_8b_qlora_under_10_gib_lora_unchanged():
-    from lightning_lora.estimate import dequant_transient, estimate_memory, format_bytes, nf4_layout
+    from lightning_lora.estimate import (
+        dequant_transient,
+        estimate_memory,
+        format_bytes,
+        nf4_layout,
+    )
 
     kw = dict(r=8, target_modules=["q_proj", "v_proj"], precision="bf16-true", batch_size=1, seq_len=2048,
               gradient_checkpointing=True)

@@ -21,7 +21,13 @@ Example:
 from __future__ import annotations
 
 from lightning_lora.estimate.command import build_parser, main
-from lightning_lora.estimate.memory import OPTIMIZER_IMPLS, OPTIMIZERS, PRECISIONS, dora_norm_temp, estimate_memory
+from lightning_lora.estimate.memory import (
+    OPTIMIZER_IMPLS,
+    OPTIMIZERS,
+    PRECISIONS,
+    dora_norm_temp,
+    estimate_memory,
+)
 from lightning_lora.estimate.models import (
     ALIASES,
     CONFIG_DIR,
@@ -38,7 +44,13 @@ from lightning_lora.estimate.quantize import (
     dequant_transient,
     nf4_layout,
 )
-from lightning_lora.estimate.report import GIB, MIB, Estimate, MemoryBreakdown, format_bytes
+from lightning_lora.estimate.report import (
+    GIB,
+    MIB,
+    Estimate,
+    MemoryBreakdown,
+    format_bytes,
+)
 from lightning_lora.estimate.sharding import STRATEGIES, Layout
 
 __all__ = ["ALIASES", "CONFIG_DIR", "GIB", "MIB", "OPTIMIZERS", "OPTIMIZER_IMPLS", "PRECISIONS", "QUANTIZE",

@@ -16,7 +16,12 @@ import sys
 from collections.abc import Sequence
 
 from lightning_lora.config import ALL_LINEAR
-from lightning_lora.estimate.memory import OPTIMIZER_IMPLS, OPTIMIZERS, PRECISIONS, estimate_memory
+from lightning_lora.estimate.memory import (
+    OPTIMIZER_IMPLS,
+    OPTIMIZERS,
+    PRECISIONS,
+    estimate_memory,
+)
 from lightning_lora.estimate.models import known_models
 from lightning_lora.estimate.quantize import QUANTIZE, QUANTIZE_MODULES
 from lightning_lora.estimate.sharding import STRATEGIES

@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,7 +57,12 @@ from lightning_lora.estimate.quantize import (
 )
 from lightning_lora.estimate.report import Estimate, MemoryBreakdown
 from lightning_lora.estimate.sharding import Layout, in_flight, shard_bytes
-from lightning_lora.surgery import count_parameters, inject_lora, lora_layers, parameter_summary
+from lightning_lora.surgery import (
+    count_parameters,
+    inject_lora,
+    lora_layers,
+    parameter_summary,
+)
 
 PRECISIONS = ("bf16-true", "bf16-mixed", "16-true", "16-mixed", "32-true")
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adamw8bit")
@@ -476,7 +481,12 @@ def _module_maps(model: torch.nn.Module, sh: _Shape, pr: _Precision, full: bool,
 
 # ------------------------------------------------------------------------------- 4-bit and DoRA
 def _quantized_weights(model: torch.nn.Module, method: str, modules: str) -> tuple[dict[int, str], list[str]]:
-    """`{id(weight): method}` of the linear weights stored in 4 bits, and the names that cannot be."""
+    """`{id(weight): method}` of the linear weights stored in 4 bits, and the names that cannot be.
+
+    `adapted`: the base weight of every adapted `nn.Linear`; `all-linear`: also every other
+    `nn.Linear` except the output head. Adapter matrices, embeddings and GPT-2 `Conv1D` weights stay
+    in their dtype.
+    """
     from lightning_lora.layers import LoRALayer, LoRALinear
 
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -501,7 +511,7 @@ def _quantized_weights(model: torch.nn.Module, method: str, modules: str) -> tup
     return chosen, skipped
 
 
-def _dora_magnitudes(model: torch.nn.Module, layout: Layout) -> list[_Param]:
+def _dora_magnitudes(model: torch.nn.Module) -> list[_Param]:
     """DoRA's magnitude vector of every adapted linear layer: one parameter per output feature, in the
     adapter dtype, trainable.
 
@@ -511,7 +521,6 @@ def _dora_magnitudes(model: torch.nn.Module, layout: Layout) -> list[_Param]:
     from lightning_lora.layers import LoRAEmbedding
 
     extra: list[_Param] = []
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, layer in lora_layers(model):
         if isinstance(layer, LoRAEmbedding):
@@ -521,7 +530,7 @@ def _dora_magnitudes(model: torch.nn.Module, layout: Layout) -> list[_Param]:
             continue
         out = int(layer.lora_B.weight.shape[0])
         is_head = layer is out_emb or name.rsplit(".", 1)[-1] == "lm_head"
-        unit, place = _place(name + ".lora_magnitude_vector", layer is in_emb, is_head, tied=False)
+        unit, place = _place(name + ".lora_magnitude_vector", False, is_head, tied=False)
         extra.append(_Param(numel=out, elem=layer.lora_A.weight.element_size(), trainable=True, rows=out,
                             unit=unit, place=place))
     return extra
@@ -547,7 +556,7 @@ def _breakdown(model: torch.nn.Module, sh: _Shape, pr: _Precision, *, is_full: b
     for pid, method in quantized.items():
         p = by_id[pid]
         p.quant = quant_layout(method, p.numel, p.elem)
-    magnitudes = _dora_magnitudes(model, layout) if dora else []
+    magnitudes = _dora_magnitudes(model) if dora else []
     params = [*by_id.values(), *magnitudes]
     trainable_params = [p for p in params if p.trainable]
     grads = _grads(params, layout)

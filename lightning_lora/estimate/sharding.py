@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from lightning_lora.errors import LoRAError
 
@@ -90,7 +91,7 @@ def in_flight(order: Sequence[str], unsharded: Mapping[str, int], root: int,
         6
     """
     units = [u for u in order if unsharded.get(u, 0)]
-    pair = max((unsharded[a] + (unsharded[b] if b != a else 0) for a, b in zip(units, units[1:])), default=0)
+    pair = max((unsharded[a] + (unsharded[b] if b != a else 0) for a, b in pairwise(units)), default=0)
     pair = max(pair, max((unsharded[u] for u in units), default=0))
     return root + pair + max(unit_grads.values(), default=0)
 
