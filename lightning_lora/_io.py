@@ -87,6 +87,3 @@ def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ====================================================================== ours -> PEFT

@@ -39,15 +39,6 @@ from lightning_lora.cli import ArgumentParser, one_line, run_command
 from lightning_lora.errors import AdapterFormatError, CommandError, LoRAError
 
 MERGE_DTYPES = ("fp32", "bf16", "fp16")
-#: PEFT task type -> the transformers auto class that builds such a model
-TASK_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: token ids fed to a merged model and to its reloaded copy to compare their logits
 CHECK_TOKENS = 8
@@ -155,25 +146,6 @@ def _skeleton(state_dict: dict[str, Any]) -> Any:
     return root
 
 
-def _meta_architecture(base: str, task_type: str | None) -> Any | None:
-    """The base model's architecture on the meta device (no weights read), or None when it is not
-    available offline (or transformers cannot build it from its config)."""
-    import torch
-    import transformers
-
-    from lightning_lora.hub import resolve_model
-
-    try:
-        resolved = resolve_model(base)
-        kwargs = {} if os.path.isdir(resolved) else {"local_files_only": True}
-        config = transformers.AutoConfig.from_pretrained(resolved, **kwargs)
-        auto = getattr(transformers, TASK_AUTO_CLASSES.get(task_type or "CAUSAL_LM", "AutoModelForCausalLM"))
-        with torch.device("meta"):
-            return auto.from_config(config)
-    except Exception:  # noqa: BLE001 - not local, not cached, not buildable: checked against the checkpoint only
-        return None
-
-
 def verify_export(directory: str | os.PathLike, ckpt_path: str | os.PathLike, shown_as: str | None = None) -> str:
     """Check that a PEFT adapter directory exported from `ckpt_path` is usable as claimed.
 
@@ -205,6 +177,8 @@ def verify_export(directory: str | os.PathLike, ckpt_path: str | os.PathLike, sh
         read_checkpoint,
     )
 
+    from lightning_lora.hub import meta_model
+
     directory = Path(directory)
     ckpt = read_checkpoint(ckpt_path)
 
@@ -215,7 +189,7 @@ def verify_export(directory: str | os.PathLike, ckpt_path: str | os.PathLike, sh
     try:
         cfg = read_adapter_config(directory)
         base = cfg.get("base_model_name_or_path") or None
-        network = None if base is None else _meta_architecture(str(base), cfg.get("task_type") or ckpt.task_type)
+        network = None if base is None else meta_model(str(base), cfg.get("task_type") or ckpt.task_type)
         if network is not None:
             try:
                 load_adapter(network, directory)

@@ -10,6 +10,7 @@ line on stderr and exits with code 2; any other exception is a bug and keeps its
 | `AdapterFormatError` | a missing, corrupt or mismatched adapter file or checkpoint |
 | `UnsupportedAdapterError` | a valid PEFT adapter using a feature we do not implement |
 | `DataFormatError` | a data file or data option that cannot be used (message starts with `file:line`) |
+| `DataFileNotFoundError` | a data file that does not exist (also a `FileNotFoundError`) |
 | `ModelNotFoundError` | a model that is not available offline (also a `FileNotFoundError`) |
 | `OutputExistsError` | an output directory that exists and is not empty, without `overwrite` (also a `FileExistsError`) |
 | `CommandError` | a bad command-line argument of `lightning-lora export/merge/estimate` |
@@ -72,6 +73,15 @@ class DataFormatError(LoRAError):
     """
 
 
+class DataFileNotFoundError(DataFormatError, FileNotFoundError):
+    """A data file that does not exist (a `DataFormatError` and a `FileNotFoundError`).
+
+    Example:
+        >>> issubclass(DataFileNotFoundError, FileNotFoundError)
+        True
+    """
+
+
 class ModelNotFoundError(LoRAError, FileNotFoundError):
     """A model name that is neither a local path, a bundled model nor in the local Hugging Face cache.
 
@@ -111,5 +121,5 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return text.splitlines()[0][:limit] if text else ""
 
 
-__all__ = ["AdapterFormatError", "CommandError", "DataFormatError", "LoRAConfigError", "LoRAError",
+__all__ = ["AdapterFormatError", "CommandError", "DataFileNotFoundError", "DataFormatError", "LoRAConfigError", "LoRAError",
            "ModelNotFoundError", "OutputExistsError", "UnsupportedAdapterError", "first_line"]

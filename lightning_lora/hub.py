@@ -213,3 +213,37 @@ def save_pretrained(module: Any, directory: str | os.PathLike, overwrite: bool =
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
     return Path(directory)
+
+
+#: PEFT task type -> the transformers auto class that builds such a model
+TASK_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def meta_model(name_or_path: str | os.PathLike, task_type: str | None = None) -> Any | None:
+    """The model's architecture on the meta device (shapes only: no weights read, nothing allocated),
+    from its `config.json`, with the auto class of PEFT's `task_type` (default causal LM); None when
+    the model is not available offline or transformers cannot build it from its config.
+
+    Example:
+        >>> net = meta_model("smollm2-135m-instruct")          # doctest: +SKIP
+        >>> net.model.embed_tokens.weight.device               # doctest: +SKIP
+        device(type='meta')
+    """
+    import transformers
+
+    try:
+        resolved = resolve_model(name_or_path)
+        kwargs = {} if os.path.isdir(resolved) else {"local_files_only": True}
+        config = transformers.AutoConfig.from_pretrained(resolved, **kwargs)
+        auto = getattr(transformers, TASK_AUTO_CLASSES.get(task_type or "CAUSAL_LM", "AutoModelForCausalLM"))
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except Exception:  # noqa: BLE001 - not local, not cached, or not buildable from its config
+        return None

@@ -61,14 +61,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: prefix of every key in a PEFT adapter file (PeftModel.base_model.model)
 PEFT_PREFIX = "base_model.model."
 
-_TASK_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 
 #: adapter_config.json keys we translate (everything else is checked by `_check_supported`)
 _TRANSLATED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
@@ -651,20 +643,6 @@ def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool) -> l
                             config_prefix=ckpt.model_prefix)
 
 
-def _meta_network(base: str, task_type: str | None) -> nn.Module:
-    """The base architecture on the meta device (no weights read), from its config.json."""
-    import transformers
-
-    from lightning_lora.hub import resolve_model
-
-    resolved = resolve_model(base)
-    kwargs = {} if os.path.isdir(resolved) else {"local_files_only": True}
-    cfg = transformers.AutoConfig.from_pretrained(resolved, **kwargs)
-    auto = getattr(transformers, _TASK_AUTO_CLASSES.get(task_type or "CAUSAL_LM", "AutoModelForCausalLM"))
-    with torch.device("meta"):
-        return auto.from_config(cfg)
-
-
 def _checkpoint_layers(ckpt: AdapterCheckpoint,
                        base: str | None) -> tuple[dict[str, _LayerInfo], list[str] | None, str]:
     """Layer kinds/ranks/alphas of the checkpoint, from the base architecture when it is available offline.
@@ -675,7 +653,9 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
     adapted = [k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")]
     if base is not None:
         try:
-            network = _meta_network(base, ckpt.task_type)
+            from lightning_lora.hub import meta_model
+
+            network = meta_model(base, ckpt.task_type)
             inject_lora(network, ckpt.config, prefix=ckpt.model_prefix)
             expected = {k: tuple(v.shape) for k, v in lora_state_dict(network).items()}
             fits = (set(expected) == set(state)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_lora.errors import DataFormatError
+from lightning_lora.errors import DataFileNotFoundError, DataFormatError
 
 DATA_DIR = Path(__file__).resolve().parent
 #: the bundled demo data: facts about the made-up company "Brindlewhisk Robotics"
@@ -188,7 +188,7 @@ def check_file(path: str | os.PathLike, argument: str = "file") -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise DataFormatError(
+        raise DataFileNotFoundError(
             f"{argument}={str(path)!r} {what} (looked for {p.resolve()}). Pass the path of a JSON-lines file "
             f"({FORMATS_HINT}), or leave train_file and val_file unset to use the bundled demo data.")
     return p

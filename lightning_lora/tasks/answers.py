@@ -376,7 +376,7 @@ class AnswersReport(Callback):
         self._examples = select_eval_examples(dm.eval_examples(), self.num_questions)
         if not self._examples:
             return
-        self._prompts = [dm.encode_prompt(ex.get("messages") or ex["prompt"])[0].tolist() for ex in self._examples]
+        self._prompts = [dm.encode_prompt(ex["messages"] if "messages" in ex else ex["prompt"])[0].tolist() for ex in self._examples]
         rank_zero_info(f"AnswersReport: answering {len(self._prompts)} held-out questions before training ...")
         self._base_answers = generate_answers(model, tokenizer, self._prompts, self.max_new_tokens)
 
