@@ -33,7 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_lora.checkpoint import check_adapter_keys, check_checkpoint_config, make_adapter_only
@@ -153,6 +153,8 @@ class LoRA(Callback):
         self.adapted_modules: list[str] = []
         self._undo: list[Callable[[], Any]] = []
         self._weight_norms: dict[str, float] = {}
+        self._ran: dict[str, bool] | None = None
+        self._probes: list[Any] = []
 
     @classmethod
     def from_config(cls, config: LoRAConfig, **kwargs: Any) -> LoRA:
@@ -217,6 +219,9 @@ class LoRA(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._probes:
+            handle.remove()
+        self._probes = []
         for undo in reversed(self._undo):
             undo()
         self._undo = []
@@ -228,6 +233,7 @@ class LoRA(Callback):
             raise LoRAError("The LoRA callback found no adapters at fit start; was the model replaced after setup?")
         restrict_optimizers(pl_module, trainer.optimizers)
         enable_input_grads_for_checkpointing(pl_module)
+        self._ran = None
         summary = parameter_summary(pl_module)
         rank_zero_info(f"LoRA: {len(self.adapted_modules)} modules adapted\n{summary}")
         self._weight_norms = weight_norms(pl_module)
@@ -238,6 +244,29 @@ class LoRA(Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams(hparams)
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._ran is None:  # the first batch of this fit: note which adapter layers run
+            self._ran = {name: False for name, _ in lora_layers(pl_module)}
+            self._probes = [layer.register_forward_pre_hook(lambda *_, name=name: self._ran.__setitem__(name, True))
+                            for name, layer in lora_layers(pl_module)]
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._probes:
+            return
+        for handle in self._probes:
+            handle.remove()
+        self._probes = []
+        silent = [n for n, ran in (self._ran or {}).items() if not ran]
+        if silent:
+            rank_zero_warn(f"LoRA: {len(silent)} adapted layer(s) did not run in the first training step: "
+                           f"{', '.join(silent[:6])}{' ...' if len(silent) > 6 else ''}. If their parent reads their "
+                           ".weight directly instead of calling them, their adapters never train; exclude them "
+                           "(exclude_modules). Layers that only some inputs reach (MoE experts) are fine.")
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -41,9 +41,18 @@ from lightning_lora.checkpoint import CHECKPOINT_KEY, CHECKPOINT_VERSION, Adapte
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import AdapterFormatError, LoRAError, UnsupportedAdapterError, first_line
 from lightning_lora.layers import HFConv1D, LoRAConv1D, LoRAEmbedding, LoRALayer
-from lightning_lora.matching import modules_to_save_matches, pattern_key, peft_selects, peft_targets
+from lightning_lora.matching import (
+    modules_to_save_matches,
+    name_matches,
+    outermost,
+    pattern_key,
+    peft_selects,
+    peft_targets,
+)
 from lightning_lora.surgery import (
+    TASK_HEADS,
     compute_trainable_keys,
+    embedding_keys,
     find_network,
     find_target_modules,
     infer_task_type,
@@ -223,10 +232,26 @@ def _choose_patterns(config: LoRAConfig, layers: dict[str, _LayerInfo]) -> tuple
                              f"(layers: { {n: (i.r, i.alpha) for n, i in list(layers.items())[:6]} }).")
 
 
+def _peft_modules_to_save(config: LoRAConfig, saved: list[str], tree: list[str] | None) -> list[str] | None:
+    """`modules_to_save` for the JSON such that PEFT wraps exactly the `saved` modules: the config's
+    entries plus the last name of each task head, else the full paths."""
+    if not saved:
+        return None
+    own = list(config.modules_to_save or [])
+    names = own + [s.rsplit(".", 1)[-1] for s in saved if not any(name_matches(s, [m]) for m in own)]
+    for candidate in (list(dict.fromkeys(names)), saved):
+        if tree is None or set(modules_to_save_matches(tree, candidate, rule="peft")) == set(saved):
+            return candidate
+    raise AdapterFormatError(f"Cannot describe the fully trained modules {saved} with PEFT's modules_to_save.")
+
+
 def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: list[str] | None,
-                      task_type: str | None, base_model_name_or_path: str | None) -> dict[str, Any]:
+                      task_type: str | None, base_model_name_or_path: str | None,
+                      saved: list[str] | None = None) -> dict[str, Any]:
     modules_to_save: list[str] | None = list(dict.fromkeys(config.modules_to_save)) if config.modules_to_save else None
-    if modules_to_save and tree is not None:
+    if saved is not None:
+        modules_to_save = _peft_modules_to_save(config, saved, tree)
+    elif modules_to_save and tree is not None:
         ours = modules_to_save_matches(tree, modules_to_save)
         if set(modules_to_save_matches(tree, modules_to_save, rule="peft")) != set(ours):
             modules_to_save = ours
@@ -312,7 +337,9 @@ def to_peft(model: nn.Module, config: LoRAConfig | None = None,
                                      "PEFT format can only hold what is inside that model.")
         rel[key[len(prefix) + 1:] if prefix else key] = value
     base = base_model_name_or_path or getattr(network, "name_or_path", None) or None
-    cfg = _peft_config_dict(config, layers, _base_module_names(network), infer_task_type(network), base)
+    saved = [m[len(prefix) + 1:] if prefix else m for path, st in states for m in (_join(path, x) for x in st.modules_to_save)]
+    cfg = _peft_config_dict(config, layers, _base_module_names(network), infer_task_type(network), base,
+                            saved if states else None)
     tensors = {_to_peft_key(k, layers): v for k, v in rel.items()}
     return tensors, cfg
 
@@ -644,10 +671,10 @@ def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool) -> l
 
 
 def _checkpoint_layers(ckpt: AdapterCheckpoint,
-                       base: str | None) -> tuple[dict[str, _LayerInfo], list[str] | None, str]:
+                       base: str | None) -> tuple[dict[str, _LayerInfo], list[str] | None, str, list[str]]:
     """Layer kinds/ranks/alphas of the checkpoint, from the base architecture when it is available offline.
 
-    Returns `(layers, module_tree_or_None, how)`.
+    Returns `(layers, module_tree_or_None, how, fully_trained_modules)`.
     """
     state = ckpt.state_dict
     adapted = [k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")]
@@ -657,13 +684,15 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
 
             network = meta_model(base, ckpt.task_type)
             inject_lora(network, ckpt.config, prefix=ckpt.model_prefix)
+            emb = set(embedding_keys(network))  # carried embedding rows may be of a resized vocabulary
             expected = {k: tuple(v.shape) for k, v in lora_state_dict(network).items()}
-            fits = (set(expected) == set(state)
+            fits = ({k for k in expected if k not in emb} == {k for k in state if k not in emb}
                     and all(expected[k] == tuple(state[k].shape) for k in expected if is_lora_key(k)))
         except Exception:
             fits = False
         if fits:
-            return _layer_infos(network), _base_module_names(network), f"architecture of {base}"
+            return (_layer_infos(network), _base_module_names(network), f"architecture of {base}",
+                    list(network.lora_state.modules_to_save))
         warnings.warn(f"The checkpoint's adapters do not fit the architecture of {base!r} (or it is not available "
                       "offline); converting from the adapter keys alone.", stacklevel=3)
     layers = {}
@@ -678,7 +707,12 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
             raise AdapterFormatError(f"The checkpoint has {name}.lora_A.weight but no {name}.lora_B.weight.")
         full = f"{ckpt.model_prefix}.{name}" if ckpt.model_prefix else name  # the config saw LightningModule paths
         layers[name] = _LayerInfo("linear", int(state[f"{name}.lora_A.weight"].shape[0]), ckpt.config.alpha_for(full))
-    return layers, None, "adapter keys"
+    # fully trained modules from the keys: the config's modules_to_save and task heads that are present
+    names = {k.rpartition(".")[0] for k in state if not is_lora_key(k)}
+    wanted = list(ckpt.config.modules_to_save or []) + [h for heads in TASK_HEADS.values() for h in heads]
+    saved = outermost(n for n in names if any(name_matches(n, [w]) for w in wanted)) if ckpt.config.task_heads or \
+        ckpt.config.modules_to_save else []
+    return layers, None, "adapter keys", saved
 
 
 def checkpoint_to_peft(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
@@ -709,8 +743,8 @@ def checkpoint_to_peft(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike,
     check_output_dir(out.expanduser().absolute(), overwrite)
     ckpt = read_checkpoint(ckpt_path)
     base = base_model_name_or_path or ckpt.base_model_name_or_path
-    layers, tree, _ = _checkpoint_layers(ckpt, base)
-    cfg = _peft_config_dict(ckpt.config, layers, tree, ckpt.task_type, base)
+    layers, tree, _, saved = _checkpoint_layers(ckpt, base)
+    cfg = _peft_config_dict(ckpt.config, layers, tree, ckpt.task_type, base, saved)
     tensors = {_to_peft_key(k, layers): v for k, v in ckpt.state_dict.items()}
     return _write_peft_dir(out, tensors, cfg, overwrite)
 

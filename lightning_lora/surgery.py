@@ -1099,12 +1099,16 @@ class ParameterSummary:
         trainable, total: parameter counts (tied parameters once).
         rows: one `LayerRow` per group of adapted layers.
         skipped: subtrees left alone (e.g. a frozen teacher).
+        saved: `(path, parameters)` of the modules trained fully (`modules_to_save`, task heads).
+        carried: base tensors saved with the adapter (embedding matrices of a resized vocabulary).
     """
 
     trainable: int
     total: int
     rows: list[LayerRow]
     skipped: list[str] = field(default_factory=list)
+    saved: list[tuple[str, int]] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)
 
     @property
     def trainable_percent(self) -> float:
@@ -1119,6 +1123,10 @@ class ParameterSummary:
             lines.append(f"{row.name:<24} {f'{row.shape[0]} x {row.shape[1]}':>13} {row.count:>4} {row.r:>4} "
                          f"{row.full:>15,} {row.lora:>13,} {pct:>8.2f}% {100 - pct:>8.1f}%")
         lines.append("-" * len(head))
+        for path, count in self.saved:
+            lines.append(f"trained fully (modules_to_save): {path} ({count:,} parameters)")
+        if self.carried:
+            lines.append(f"saved with the adapter (resized vocabulary): {', '.join(self.carried)}")
         if self.skipped:
             lines.append(f"left alone (frozen before setup): {', '.join(self.skipped)}")
         lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({self.trainable_percent:.4f}%)")
@@ -1148,8 +1156,12 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         row.full += layer.weight.numel()
         row.lora += layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
     trainable, total = count_parameters(model)
-    skipped = [_join(path, s) for path, state in lora_states(model) for s in state.skipped]
-    return ParameterSummary(trainable, total, list(groups.values()), skipped)
+    states = lora_states(model)
+    skipped = [_join(path, s) for path, state in states for s in state.skipped]
+    saved = [(_join(path, m), sum(p.numel() for p in model.get_submodule(_join(path, m)).parameters()))
+             for path, state in states for m in state.modules_to_save]
+    carried = [k for k in (saved_keys(model) if states else []) if k not in set(trainable_keys(model))]
+    return ParameterSummary(trainable, total, list(groups.values()), skipped, saved, carried)
 
 
 def weight_norms(model: nn.Module) -> dict[str, float]:

@@ -32,13 +32,15 @@ def make_tiny_gpt2(seed: int = 0):
 
 
 def randomize_lora_B(model, std: float = 0.02, seed: int = 1) -> None:
-    """Give every adapter a non-zero B (and so a non-zero update), deterministically."""
+    """Give every adapter's zero factor (B; for an embedding A, which starts at zero as in PEFT)
+    random values, and so a non-zero update, deterministically."""
+    from lightning_lora.layers import LoRAEmbedding
     from lightning_lora.surgery import lora_layers
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            w = layer.lora_B.weight
+            w = layer.lora_A.weight if isinstance(layer, LoRAEmbedding) else layer.lora_B.weight
             w.copy_(torch.randn(w.shape, generator=gen) * std)
 
 

@@ -50,9 +50,11 @@ def _make(kind: str, seed: int = 1, **kwargs) -> tuple[nn.Module, LoRALayer, tor
 
 
 def _randomize_B(layer: LoRALayer, std: float = 0.1, seed: int = 2) -> None:
+    """Give the zero factor random values (B; for an embedding A, which starts at zero as in PEFT)."""
     gen = torch.Generator().manual_seed(seed)
+    zero = layer.lora_A.weight if isinstance(layer, LoRAEmbedding) else layer.lora_B.weight
     with torch.no_grad():
-        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * std)
+        zero.copy_(torch.randn(zero.shape, generator=gen) * std)
 
 
 def _expected(kind: str, base: nn.Module, layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +91,9 @@ def test_shapes_keys_and_shared_base_parameters(kind, a_shape, b_shape, keys):
     if kind != "embedding":
         assert layer.bias is base.bias
     assert layer.base_cls is type(base)
-    assert torch.count_nonzero(layer.lora_B.weight) == 0
-    assert torch.count_nonzero(layer.lora_A.weight) == layer.lora_A.weight.numel()
+    zero, random = ((layer.lora_A, layer.lora_B) if kind == "embedding" else (layer.lora_B, layer.lora_A))
+    assert torch.count_nonzero(zero.weight) == 0  # embeddings: A zero, B ~ N(0, 1) (PEFT's and loralib's)
+    assert torch.count_nonzero(random.weight) == random.weight.numel()
 
 
 def test_linear_without_bias_and_the_docstring_count():
