@@ -51,7 +51,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -218,6 +220,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def _put(ratios: dict[str, Any], key: str, value: float | None) -> None:
+    if value is not None:
+        ratios[key] = value
+
+
+def _median_time(contenders: dict[str, Any], name: str) -> float | None:
+    return contenders[name]["time"]["median_s"] if name in contenders else None
+
+
+def _field(contenders: dict[str, Any], name: str, key: str) -> Any:
+    return contenders[name].get(key) if name in contenders else None
+
+
 def summarise_counts(counts: dict[str, Any]) -> dict[str, Any]:
     """Per dtype: per contender the operators of each phase, their total, views and others, and the
     operators per adapted layer above the floor; ours/PEFT and ours/floor; and ours - PEFT by operator
@@ -285,16 +300,9 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
                 "checkpoint_bytes": runs[0].get("checkpoint_bytes")}
         c = contenders
         ratios: dict[str, Any] = {}
-
-        def put(key: str, value: float | None) -> None:
-            if value is not None:
-                ratios[key] = value
-
-        def med(name: str) -> float | None:
-            return c[name]["time"]["median_s"] if name in c else None
-
-        def field(name: str, key: str) -> Any:
-            return c[name].get(key) if name in c else None
+        put = functools.partial(_put, ratios)
+        med = functools.partial(_median_time, c)
+        field = functools.partial(_field, c)
 
         put("time_ours_over_peft", _ratio(med("ours"), med("peft")))
         put("time_ours_over_floor", _ratio(med("ours"), med("floor")))
@@ -428,15 +436,8 @@ def summary_table(report: dict[str, Any]) -> list[str]:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for res in report["results"].values():
         c, r = res["contenders"], res["ratios"]
-
-        def med(name: str) -> float | None:
-            return c[name]["time"]["median_s"] if name in c else None
-
-        def peak(name: str) -> int | None:
-            if name not in c:
-                return None
-            return c[name]["steady_peak_bytes"] if device == "cuda" else c[name]["peak_bytes"]
-
+        med = functools.partial(_median_time, c)
+        peak = functools.partial(_field, c, key="steady_peak_bytes" if device == "cuda" else "peak_bytes")
         sep = _r(r.get("time_ours_over_peft"))
         paired = _r(r.get("time_ours_over_peft_paired"))
         est = (c.get("ours") or {}).get("estimate") or {}
@@ -512,7 +513,7 @@ def markdown(report: dict[str, Any]) -> str:
     if not report.get("complete", True):
         lines.append("- **partial**: written while the run was going on, or the run was stopped")
     lines += ["", "## Summary", "", *summary_table(report), ""]
-    for cfg, res in report["results"].items():
+    for res in report["results"].values():
         lines += [f"## {res['label']}", ""]
         if res["contenders"]:
             peak2 = "steady peak" if device == "cuda" else "tensor peak (profiler)"
@@ -624,7 +625,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         xs = [j + (i - (len(cfgs) - 1) / 2) * width for j in range(len(keys))]
         bars = ax.bar(xs, vals, width, label=report["results"][cfg]["label"])
         for b, v in zip(bars, vals):
-            if v == v:
+            if not math.isnan(v):
                 ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(keys)), [label for _, label in keys], rotation=20, ha="right", fontsize=8)

@@ -61,11 +61,11 @@ def check_counts(res: dict, dtypes: list[str], gc: bool) -> dict:
     assert counts["gradient_checkpointing"] is gc
     assert counts["optimizer"] == "AdamW(foreach=True)"
     assert list(counts["by_dtype"]) == dtypes
-    for dtype, entry in counts["by_dtype"].items():
+    for entry in counts["by_dtype"].values():
         rows = entry["contenders"]
         assert list(rows) == ["floor", "ours", "peft"]
         assert [rows[n]["adapted_layers"] for n in rows] == [0, LAYERS[res_key(res)], LAYERS[res_key(res)]]
-        for name, row in rows.items():
+        for row in rows.values():
             assert row["forward"] + row["backward"] + row["optimizer"] == row["total"]
             assert row["views"] > 0
         floor, ours, peft = rows["floor"], rows["ours"], rows["peft"]

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lora.profiling import CATEGORIES, DispatchCounter, count_dispatches, op_category
+from lightning_lora.profiling import (
+    CATEGORIES,
+    DispatchCounter,
+    count_dispatches,
+    op_category,
+)
 
 aten = torch.ops.aten
 
@@ -46,7 +51,7 @@ def test_counts_a_training_step_of_a_linear_layer_exactly():
 
 
 def test_counting_changes_nothing():
-    counter, lin, x = _linear_step()
+    _, lin, x = _linear_step()
     torch.manual_seed(0)
     ref = nn.Linear(4, 3)
     ref_x = torch.randn(2, 4)
