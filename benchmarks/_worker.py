@@ -4,13 +4,20 @@ Run by `benchmarks/run.py`; not meant to be called by hand:
 
     python benchmarks/_worker.py '<json spec>' OUT.json
 
-The spec names the contender (floor, ours, ours-trainer, peft, full, latency, casts, paired), the
-LoRA config, the model, the device and the sizes. The result (per-step times, memory, parameter
-counts, checkpoint bytes, inference latencies, cast counts) is written as JSON to OUT.json.
+The spec names the contender (floor, ours, ours-trainer, peft, full, ours-unfused, latency, casts,
+paired, counts), the LoRA config, the model, its dtype, gradient checkpointing, the device and the
+sizes. The result (per-step times, memory, parameter counts, checkpoint bytes, inference latencies,
+cast counts, operators dispatched per step) is written as JSON to OUT.json.
+
+Models: `tiny-llama` (built in code), any config shipped in `lightning_lora/model_configs/`
+(`llama-3-8b`, `smollm2-135m`, ...: random weights built directly on the target device in the
+target dtype, nothing downloaded), `smollm2-135m-instruct` (the bundled real weights) or a local
+model directory.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -57,6 +64,8 @@ class Memory:
         else:
             self.baseline = _peak_rss_bytes()
 
+        self.steady_from: int | None = None
+
     def after_setup(self) -> None:
         """Mark the end of model building (for the training-only share of the peak)."""
         if self.device == "cuda":
@@ -64,28 +73,129 @@ class Memory:
         else:
             self.setup = _current_rss_bytes()
 
-    def result(self) -> dict[str, int]:
+    def after_warmup(self) -> None:
+        """Start the steady-state peak (CUDA): the peak statistics are reset once the warm-up steps made
+        the optimizer state and the allocator's caches."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak_so_far = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self.steady_from = peak_so_far
+
+    def result(self) -> dict[str, int | None]:
+        """`peak_bytes` (whole run, from before the model was built), `train_peak_bytes` (from after it was
+        built) and, on CUDA after `after_warmup`, `steady_peak_bytes`: `max_memory_allocated()` of the
+        steps after the warm-up, absolute (weights included), the number the estimate predicts."""
+        steady = None
         if self.device == "cuda":
             peak = torch.cuda.max_memory_allocated()
+            if self.steady_from is not None:
+                steady, peak = peak, max(peak, self.steady_from)
         else:
             peak = _peak_rss_bytes()
-        return {"peak_bytes": peak - self.baseline, "train_peak_bytes": peak - self.setup}
+        return {"peak_bytes": peak - self.baseline, "train_peak_bytes": peak - self.setup,
+                "steady_peak_bytes": steady}
+
+
+def _storage_bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind `tensors` (each storage once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def cpu_tensor_peak(runner: "Runner") -> int | None:
+    """Peak bytes of live tensors during one training step on CPU, from `torch.profiler`'s memory events
+    (as `tests/test_estimate.py` measures): what is live when the step starts (weights, buffers,
+    optimizer state, the batch) plus the highest running sum of the step's allocations and frees."""
+    from torch.profiler import ProfilerActivity, profile
+
+    live = runner.live_bytes()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            runner.step()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except Exception:  # private profiler API: report nothing rather than fail the measurement
+        return None
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return live + peak
 
 
 # ---------------------------------------------------------------------- model and data
-def build_model(name: str, device: str) -> torch.nn.Module:
-    if name == "tiny-llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: benchmark dtype name -> `LoRAConfig.adapter_dtype`
+ADAPTER_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
-        torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0)
-        model = LlamaForCausalLM(cfg)
+
+def tiny_llama_config() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0)
+
+
+def shipped_config(name: str) -> Path | None:
+    """The config file shipped in `lightning_lora/model_configs/` for `name` (or its Hugging Face id)."""
+    from lightning_lora.estimate import ALIASES, CONFIG_DIR
+
+    key = ALIASES.get(name.lower(), name.lower())
+    path = CONFIG_DIR / f"{key}.json"
+    return path if path.is_file() else None
+
+
+def random_model(config: Any, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A causal LM with random weights made directly on `device` in `dtype` (an 8B model in bf16 builds
+    on a GPU in about a second; nothing is made on the CPU first)."""
+    from transformers import AutoModelForCausalLM
+
+    model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    config.dtype = dtype  # what the config says (a shipped config.json says bfloat16) follows the weights
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(name: str, device: str, dtype: str = "fp32", gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """The model `name` on `device` in `dtype` ("fp32", "bf16"), in training mode.
+
+    `tiny-llama` and the shipped configs get random weights (seed 0); `smollm2-135m-instruct` and a
+    local directory are loaded. Gradient checkpointing is transformers' (non-reentrant).
+    """
+    torch_dtype = DTYPES[dtype]
+    if name == "tiny-llama":
+        model = random_model(tiny_llama_config(), device, torch_dtype)
+    elif (path := shipped_config(name)) is not None:
+        from transformers import AutoConfig
+
+        model = random_model(AutoConfig.from_pretrained(str(path)), device, torch_dtype)
     else:
         from lightning_lora.hub import load_causal_lm
 
-        model = load_causal_lm(name)
-    return model.to(device).train()
+        model = load_causal_lm(name, dtype=torch_dtype).to(device)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model.train()
+
+
+def spec_model(spec: dict[str, Any]) -> torch.nn.Module:
+    return build_model(spec["model"], spec["device"], spec.get("dtype", "fp32"),
+                       spec.get("gradient_checkpointing", False))
 
 
 def make_batch(vocab: int, batch: int, seq: int, seed: int, device: str) -> torch.Tensor:
@@ -97,7 +207,8 @@ def lora_config(spec: dict[str, Any]):
     from lightning_lora import LoRAConfig
 
     c = spec["config"]
-    return LoRAConfig(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], target_modules=c["target_modules"])
+    return LoRAConfig(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], target_modules=c["target_modules"],
+                      adapter_dtype=ADAPTER_DTYPES[spec.get("adapter_dtype", "fp32")])
 
 
 def peft_config(spec: dict[str, Any]):
@@ -121,6 +232,17 @@ def _raw_bytes(params: list[torch.Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+def _adapted_layers(model: torch.nn.Module) -> int:
+    """Adapted layers, ours (`lora_A` a Linear) or PEFT's (`lora_A` a ModuleDict) alike."""
+    return sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------- training contenders
 def prepare(model: torch.nn.Module, kind: str, spec: dict[str, Any]) -> torch.nn.Module:
     """The model as contender `kind` trains it: floor frozen, ours injected, PEFT wrapped, full trainable
@@ -134,7 +256,9 @@ def prepare(model: torch.nn.Module, kind: str, spec: dict[str, Any]) -> torch.nn
     elif kind == "peft":
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config(spec))
+        # PEFT upcasts adapters of a bf16/fp16 base to fp32 by default (as our adapter_dtype="float32")
+        model = get_peft_model(model, peft_config(spec),
+                               autocast_adapter_dtype=spec.get("adapter_dtype", "fp32") == "fp32")
     elif kind == "full":
         model.requires_grad_(True)
     return model
@@ -148,28 +272,55 @@ def training_loss(model: torch.nn.Module, ids: torch.Tensor, floor: bool = False
     return model(input_ids=ids, labels=ids).loss
 
 
-def make_step(model: torch.nn.Module, ids: torch.Tensor, device: str, floor: bool = False) -> Callable[[], float]:
-    """One timed optimizer step (or, for the floor, forward + backward to the input embeddings)."""
-    opt = None if floor else torch.optim.AdamW(_trainable(model), lr=1e-4)
+class Runner:
+    """Training steps of one contender: forward, backward, AdamW step (the floor: forward + backward to
+    the input embeddings, no optimizer). `foreach=None` is torch's default AdamW (foreach on CUDA,
+    a loop over the parameters on CPU)."""
 
-    def step() -> float:
-        _sync(device)
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, device: str, floor: bool = False,
+                 foreach: bool | None = None) -> None:
+        self.model, self.ids, self.device, self.floor = model, ids, device, floor
+        self.opt = None if floor else torch.optim.AdamW(_trainable(model), lr=1e-4, foreach=foreach)
+
+    def optimize(self) -> None:
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+    def step(self) -> float:
+        """One step; its wall time (synchronized on CUDA)."""
+        _sync(self.device)
         t0 = time.perf_counter()
-        training_loss(model, ids, floor).backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        _sync(device)
+        training_loss(self.model, self.ids, self.floor).backward()
+        self.optimize()
+        _sync(self.device)
         return time.perf_counter() - t0
 
-    return step
+    def count(self) -> Any:
+        """One step under a `DispatchCounter`, phases forward / backward / optimizer."""
+        from lightning_lora.profiling import DispatchCounter
+
+        with DispatchCounter() as counter:
+            with counter.phase("forward"):
+                loss = training_loss(self.model, self.ids, self.floor)
+            with counter.phase("backward"):
+                loss.backward()
+            with counter.phase("optimizer"):
+                self.optimize()
+        return counter
+
+    def live_bytes(self) -> int:
+        """Bytes live between steps: parameters, buffers, gradients, optimizer state, the batch."""
+        tensors: list[Any] = [*self.model.parameters(), *self.model.buffers(), self.ids]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.opt is not None:
+            tensors += [v for state in self.opt.state.values() for v in state.values()]
+        return _storage_bytes(tensors)
 
 
-def plain_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any], floor: bool = False) -> list[float]:
-    """`warmup + steps` steps; the times of the steps after the warm-up."""
-    step = make_step(model, ids, spec["device"], floor)
-    times = [step() for _ in range(spec["warmup"] + spec["steps"])]
-    return times[spec["warmup"]:]
+def make_step(model: torch.nn.Module, ids: torch.Tensor, device: str, floor: bool = False) -> Callable[[], float]:
+    """One timed optimizer step (or, for the floor, forward + backward to the input embeddings)."""
+    return Runner(model, ids, device, floor).step
 
 
 def run_paired(spec: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +332,7 @@ def run_paired(spec: dict[str, Any]) -> dict[str, Any]:
     """
     device = spec["device"]
     names = ["floor", "ours", "peft"]
-    models = {n: prepare(build_model(spec["model"], device), n, spec) for n in names}
+    models = {n: prepare(spec_model(spec), n, spec) for n in names}
     vocab = models["floor"].get_input_embeddings().weight.shape[0]
     ids = make_batch(vocab, spec["batch"], spec["seq"], spec["seed"], device)
     steps = {n: make_step(m, ids, device, floor=n == "floor") for n, m in models.items()}
@@ -236,9 +387,12 @@ def trainer_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any]
     data = DataLoader(TensorDataset(ids.cpu().repeat(n, 1)), batch_size=ids.shape[0])
     timer = StepTimer()
     lora = LoRA(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], target_modules=c["target_modules"],
+                adapter_dtype=ADAPTER_DTYPES[spec.get("adapter_dtype", "fp32")],
                 merge_on_fit_end=False, log_every_n_steps=10**9)
     module = Module(model)
+    precision = {"bf16": "bf16-true", "fp16": "16-true"}.get(spec.get("dtype", "fp32"), "32-true")
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=n, max_epochs=1,
+                        precision=precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[lora, timer])
     trainer.fit(module, train_dataloaders=data)
@@ -248,7 +402,7 @@ def trainer_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any]
 def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     kind, device = spec["contender"], spec["device"]
     mem = Memory(device)
-    model = build_model(spec["model"], device)
+    model = spec_model(spec)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = make_batch(vocab, spec["batch"], spec["seq"], spec["seed"], device)
     if kind == "ours-unfused":  # ablation: plain autograd through nn.Dropout and the modules (no fused paths)
@@ -259,11 +413,20 @@ def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     mem.after_setup()
 
     saved_from: torch.nn.Module = model
+    runner = None
     if kind == "ours-trainer":
         times, saved_from = trainer_loop(model, ids, spec)
     else:
-        times = plain_loop(model, ids, spec, floor=kind == "floor")
-    out: dict[str, Any] = {"times": times, **mem.result()}
+        runner = Runner(model, ids, device, floor=kind == "floor")
+        for _ in range(spec["warmup"]):
+            runner.step()
+        mem.after_warmup()
+        times = [runner.step() for _ in range(spec["steps"])]
+    out: dict[str, Any] = {"times": times, **mem.result(), "tensor_peak_bytes": None}
+    if runner is not None and device == "cpu" and spec.get("tensor_peak") and kind in ("floor", "ours", "peft"):
+        out["tensor_peak_bytes"] = cpu_tensor_peak(runner)
+    if kind == "ours" and spec.get("estimate", True):
+        out["estimate"] = estimate(spec, model.config)
 
     trainable = _trainable(model)
     out["trainable_params"] = sum(p.numel() for p in trainable)
@@ -312,8 +475,8 @@ def run_casts(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     result: dict[str, Any] = {}
     for kind in ("floor", "ours", "peft"):
-        model = prepare(build_model(spec["model"], device).to(torch.bfloat16), kind, spec)
-        n_layers = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        model = prepare(build_model(spec["model"], device, "bf16"), kind, {**spec, "adapter_dtype": "fp32"})
+        n_layers = _adapted_layers(model)
         adapter_dtypes = sorted({str(p.dtype) for p in _trainable(model)})
         frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
         vocab = model.get_input_embeddings().weight.shape[0]
@@ -338,6 +501,58 @@ def run_casts(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+# ---------------------------------------------------------------------- estimate
+def estimate(spec: dict[str, Any], config: Any) -> dict[str, Any] | None:
+    """`lightning_lora.estimate.estimate_memory` for this run's settings (our LoRA, AdamW as built here:
+    foreach on CUDA, a loop over the parameters on CPU)."""
+    from lightning_lora.estimate import estimate_memory
+
+    c = spec["config"]
+    precision = {"bf16": "bf16-true", "fp16": "16-true"}.get(spec.get("dtype", "fp32"), "32-true")
+    try:
+        est = estimate_memory(config, r=c["r"], alpha=c["alpha"], target_modules=c["target_modules"],
+                              precision=precision, batch_size=spec["batch"], seq_len=spec["seq"],
+                              gradient_checkpointing=spec.get("gradient_checkpointing", False), optimizer="adamw",
+                              optimizer_impl="foreach" if spec["device"] == "cuda" else "for-loop",
+                              adapter_dtype=ADAPTER_DTYPES[spec.get("adapter_dtype", "fp32")])
+    except Exception as err:  # an architecture the estimate does not model: say so, keep the timing
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {"total_bytes": est.lora.total, "weights_bytes": est.lora.weights,
+            "activations_bytes": est.lora.activations, "precision": precision}
+
+
+# ---------------------------------------------------------------------- operators dispatched
+def run_counts(spec: dict[str, Any]) -> dict[str, Any]:
+    """ATen operators dispatched in one steady-state training step (after one warm-up step, so that
+    AdamW's state exists) of floor, ours and PEFT, by phase (forward; backward, with any checkpointing
+    recompute; optimizer) and category (compute / view / other: `lightning_lora.profiling`), for each
+    base dtype of `counts_dtypes` (adapters in `adapter_dtype`).
+
+    AdamW is built with `foreach=True` on every device (CUDA's default), so that the counts do not
+    depend on the device: on CPU torch's default AdamW loops over the parameters (about 13 operators
+    per parameter), which would drown the adapters' own operators.
+    """
+    device = spec["device"]
+    batch, seq = spec.get("counts_batch", 1), spec.get("counts_seq", 64)
+    result: dict[str, Any] = {"batch": batch, "seq": seq, "adapter_dtype": spec.get("adapter_dtype", "fp32"),
+                              "gradient_checkpointing": spec.get("gradient_checkpointing", False),
+                              "optimizer": "AdamW(foreach=True)", "by_dtype": {}}
+    for dtype in spec.get("counts_dtypes") or [spec.get("dtype", "fp32")]:
+        counts: dict[str, Any] = {}
+        for kind in ("floor", "ours", "peft"):
+            model = prepare(spec_model({**spec, "dtype": dtype}), kind, spec)
+            vocab = model.get_input_embeddings().weight.shape[0]
+            ids = make_batch(vocab, batch, seq, spec["seed"], device)
+            runner = Runner(model, ids, device, floor=kind == "floor", foreach=True)
+            runner.step()
+            counter = runner.count()
+            counts[kind] = {"adapted_layers": _adapted_layers(model), **counter.summary()}
+            del model, runner, counter
+            _free(device)
+        result["by_dtype"][dtype] = counts
+    return result
+
+
 # ---------------------------------------------------------------------- inference latency
 def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
     """Forward latency (no grad, eval) of the base, the injected-unmerged and the merged model."""
@@ -345,8 +560,8 @@ def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
     from lightning_lora.surgery import lora_layers
 
     device = spec["device"]
-    base = build_model(spec["model"], device).eval()
-    model = build_model(spec["model"], device).eval()
+    base = build_model(spec["model"], device, spec.get("dtype", "fp32")).eval()
+    model = build_model(spec["model"], device, spec.get("dtype", "fp32")).eval()
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = make_batch(vocab, spec["batch"], spec["seq"], spec["seed"], device)
     reps = spec["latency_reps"]
@@ -403,6 +618,8 @@ def main() -> None:
         result = run_casts(spec)
     elif spec["contender"] == "paired":
         result = run_paired(spec)
+    elif spec["contender"] == "counts":
+        result = run_counts(spec)
     else:
         result = run_training(spec)
     result["spec"] = spec
