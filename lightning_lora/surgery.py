@@ -739,7 +739,7 @@ def vocab_mismatch(model: nn.Module, tensors: dict[str, torch.Tensor]) -> str | 
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         ...     num_attention_heads=2, vocab_size=64))
-        >>> vocab_mismatch(m, {"model.embed_tokens.weight": torch.zeros(70, 32)})[:67]
+        >>> vocab_mismatch(m, {"model.embed_tokens.weight": torch.zeros(70, 32)})[:73]
         'the adapter was trained with a vocabulary of 70 tokens, this model has 64'
     """
     keys = set(embedding_keys(model))

@@ -178,12 +178,12 @@ def parse_example(obj: Any, where: str = "<example>") -> Example:
 
 
 def check_file(path: str | os.PathLike, argument: str = "file") -> Path:
-    """The path as a `Path`, or a `DataFormatError` that names it and says what to pass instead.
+    """The path as a `Path`, or a `DataFileNotFoundError` that names it and says what to pass instead.
 
     Example:
         >>> check_file("nope.jsonl", "train_file")   # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        lightning_lora.errors.DataFormatError: train_file='nope.jsonl' does not exist (looked for .../nope.jsonl). ...
+        lightning_lora.errors.DataFileNotFoundError: train_file='nope.jsonl' does not exist (looked for .../nope.jsonl). ...
     """
     p = Path(path).expanduser()
     if not p.is_file():
