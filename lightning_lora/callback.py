@@ -24,9 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -37,11 +34,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_lora.checkpoint import check_adapter_keys, check_checkpoint_config, make_adapter_only
-from lightning_lora.config import LoRAConfig
+from lightning_lora.config import LoRAConfig, with_config_fields
 from lightning_lora.errors import LoRAConfigError, LoRAError
-from lightning_lora.matching import outermost
 from lightning_lora.surgery import (
     MERGED_ATTR,
+    AdapterProbe,
     adapter_grad_norm,
     delta_ratio,
     enable_input_grads_for_checkpointing,
@@ -53,42 +50,12 @@ from lightning_lora.surgery import (
     lora_layers,
     merge_and_unload,
     merged_config,
+    networks_to_skip,
     parameter_summary,
     restrict_optimizers,
     unmerge_and_reinject,
     weight_norms,
 )
-
-
-def networks_to_skip(pl_module: torch.nn.Module, networks: list[str] | None) -> list[str]:
-    """The subtrees of `pl_module` the callback leaves alone.
-
-    With `networks` (paths inside the module), everything outside them; otherwise the direct children
-    whose parameters were all frozen before setup (a teacher), when another child has trainable ones.
-
-    Raises:
-        LoRAConfigError: a path in `networks` that is not a submodule.
-
-    Example:
-        >>> from torch import nn
-        >>> m = nn.Module(); m.student = nn.Linear(2, 2); m.teacher = nn.Linear(2, 2).requires_grad_(False)
-        >>> networks_to_skip(m, None), networks_to_skip(m, ["teacher"])
-        (['teacher'], ['student'])
-    """
-    if networks:
-        for path in networks:
-            try:
-                pl_module.get_submodule(path)
-            except AttributeError:
-                children = ", ".join(n for n, _ in pl_module.named_children())
-                raise LoRAConfigError(f"networks={networks!r}: {path!r} is not a submodule of "
-                                      f"{type(pl_module).__name__}; its submodules are: {children}.") from None
-        return outermost(n for n, _ in pl_module.named_modules()
-                         if n and not any(n == p or n.startswith(p + ".") or p.startswith(n + ".") for p in networks))
-    children = [(n, [p.requires_grad for p in c.parameters()]) for n, c in pl_module.named_children()]
-    if not any(any(flags) for _, flags in children):
-        return []
-    return [n for n, flags in children if flags and not any(flags)]
 
 
 def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Callable[[], None]) -> Callable[[], None]:
@@ -153,8 +120,8 @@ class LoRA(Callback):
         self.adapted_modules: list[str] = []
         self._undo: list[Callable[[], Any]] = []
         self._weight_norms: dict[str, float] = {}
-        self._ran: dict[str, bool] | None = None
-        self._probes: list[Any] = []
+        self._probe: AdapterProbe | None = None
+        self._probed = False
 
     @classmethod
     def from_config(cls, config: LoRAConfig, **kwargs: Any) -> LoRA:
@@ -219,9 +186,9 @@ class LoRA(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._probes:
-            handle.remove()
-        self._probes = []
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
         for undo in reversed(self._undo):
             undo()
         self._undo = []
@@ -233,7 +200,7 @@ class LoRA(Callback):
             raise LoRAError("The LoRA callback found no adapters at fit start; was the model replaced after setup?")
         restrict_optimizers(pl_module, trainer.optimizers)
         enable_input_grads_for_checkpointing(pl_module)
-        self._ran = None
+        self._probed = False
         summary = parameter_summary(pl_module)
         rank_zero_info(f"LoRA: {len(self.adapted_modules)} modules adapted\n{summary}")
         self._weight_norms = weight_norms(pl_module)
@@ -248,20 +215,14 @@ class LoRA(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._ran is None:  # the first batch of this fit: note which adapter layers run
-            self._ran = {name: False for name, _ in lora_layers(pl_module)}
-            self._probes = [layer.register_forward_pre_hook(lambda *_, name=name: self._ran.__setitem__(name, True))
-                            for name, layer in lora_layers(pl_module)]
+        if self._probe is None and not self._probed:  # the first batch of this fit
+            self._probe, self._probed = AdapterProbe(pl_module), True
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self._probes:
-            return
-        for handle in self._probes:
-            handle.remove()
-        self._probes = []
-        silent = [n for n, ran in (self._ran or {}).items() if not ran]
+        silent = self._probe.close() if self._probe is not None else []
+        self._probe = None
         if silent:
             rank_zero_warn(f"LoRA: {len(silent)} adapted layer(s) did not run in the first training step: "
                            f"{', '.join(silent[:6])}{' ...' if len(silent) > 6 else ''}. If their parent reads their "
@@ -305,21 +266,4 @@ class LoRA(Callback):
             rank_zero_info(f"LoRA: merged model written to {self.merged_dir}")
 
 
-def _derive_signature() -> None:
-    """Give `LoRA.__init__` the real signature: every `LoRAConfig` field (name, type, default) as a
-    keyword, then the callback's own, so that LightningCLI / jsonargparse validate YAML values."""
-    own = inspect.signature(LoRA.__init__)
-    hints = typing.get_type_hints(LoRAConfig)
-    params = [own.parameters["self"]]
-    for f in dataclasses.fields(LoRAConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=hints[f.name]))
-    params += [p for n, p in own.parameters.items() if n not in ("self", "config")]
-    own_hints = typing.get_type_hints(LoRA.__init__)
-    LoRA.__init__.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
-    LoRA.__init__.__annotations__ = {**{f.name: hints[f.name] for f in dataclasses.fields(LoRAConfig)},
-                                     **{k: v for k, v in own_hints.items() if k != "config"}}
-
-
-_derive_signature()
+LoRA.__init__.__signature__, LoRA.__init__.__annotations__ = with_config_fields(LoRA.__init__)  # type: ignore[attr-defined]

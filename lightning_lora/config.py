@@ -12,8 +12,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -222,3 +224,30 @@ class LoRAConfig:
         """Lines `field: self_value != other_value` for every field that differs."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+def with_config_fields(func: Any) -> tuple[inspect.Signature, dict[str, Any]]:
+    """`(signature, annotations)` for a function `f(self, *, own..., **config)` in which `**config` is
+    spelled out as every `LoRAConfig` field (name, type, default), keyword-only, before the function's
+    own keywords: so LightningCLI / jsonargparse validate those keys, and `LoRA(...)` cannot drift
+    from `LoRAConfig`.
+
+    Example:
+        >>> def f(self, *, log: bool = True, **config): ...
+        >>> list(with_config_fields(f)[0].parameters)[:3], list(with_config_fields(f)[0].parameters)[-1]
+        (['self', 'r', 'alpha'], 'log')
+    """
+    own = inspect.signature(func)
+    hints = typing.get_type_hints(LoRAConfig)
+    own_hints = typing.get_type_hints(func)
+    params = [p for n, p in own.parameters.items() if p.kind is not inspect.Parameter.KEYWORD_ONLY
+              and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for f in dataclasses.fields(LoRAConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=hints[f.name]))
+    params += [p.replace(annotation=own_hints.get(p.name, p.annotation)) for p in own.parameters.values()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    annotations = {**{f.name: hints[f.name] for f in dataclasses.fields(LoRAConfig)},
+                   **{k: v for k, v in own_hints.items() if k not in ("config",)}}
+    return inspect.Signature(params, return_annotation=None), annotations

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -212,7 +213,40 @@ def save_pretrained(module: Any, directory: str | os.PathLike, overwrite: bool =
         network.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
+        problem = saved_model_problem(network, tmp)
+        if problem:
+            raise LoRAError(f"{directory}: the written model is incomplete ({problem}); nothing was written.")
     return Path(directory)
+
+
+def saved_model_problem(network: Any, directory: str | os.PathLike) -> str | None:
+    """Why the safetensors files of a `save_pretrained` directory do not hold `network`'s weights (a
+    mis-shaped key, or not every weight written once: tied weights count once), read from their
+    headers only (no tensor is loaded); None when they do.
+
+    Example:
+        >>> saved_model_problem(model, "runs/merged") is None   # doctest: +SKIP
+        True
+    """
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    if not shapes:
+        return "no .safetensors file"
+    state = network.state_dict()
+    for key, tensor in state.items():
+        if key in shapes and shapes[key] != tuple(tensor.shape):
+            return f"{key}: written {shapes[key]}, model {tuple(tensor.shape)}"
+    # every weight once (tied ones share storage; transformers may rename keys when it saves)
+    unique = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel() for t in state.values()}
+    written = sum(math.prod(shape) for shape in shapes.values())
+    if written != sum(unique.values()):
+        return f"{written:,} values written, the model has {sum(unique.values()):,}"
+    return None
 
 
 #: PEFT task type -> the transformers auto class that builds such a model

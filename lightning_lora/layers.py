@@ -41,6 +41,16 @@ except Exception:  # pragma: no cover
     HFConv1D = None  # type: ignore[assignment,misc]
 
 
+def _share_state(src: nn.Module, dst: nn.Module, attrs: tuple[str, ...]) -> None:
+    """Register `src`'s own Parameter and buffer objects (not copies) and plain attributes on `dst`."""
+    for key in attrs:
+        setattr(dst, key, getattr(src, key))
+    for key, param in src._parameters.items():
+        dst.register_parameter(key, param)
+    for key, buf in src._buffers.items():
+        dst.register_buffer(key, buf, persistent=key not in src._non_persistent_buffers_set)
+
+
 class AdapterPath(enum.Enum):
     """How a `LoRALayer` computes its adapter for one call (`LoRALayer._fused_path` decides).
 
@@ -84,13 +94,8 @@ class LoRALayer(nn.Module):
         if r <= 0:
             raise LoRAError(f"r={r} is invalid; expected an integer > 0.")
         self.base_cls = type(base)
-        for key in self._base_attrs:
-            setattr(self, key, getattr(base, key))
-        # Register the very same Parameter/buffer objects: no copy, keys unchanged.
-        for key, param in base._parameters.items():
-            self.register_parameter(key, param)
-        for key, buf in base._buffers.items():
-            self.register_buffer(key, buf, persistent=key not in base._non_persistent_buffers_set)
+        # the very same Parameter/buffer objects: no copy, keys unchanged
+        _share_state(base, self, self._base_attrs)
 
         weight = base.weight
         dtype = adapter_dtype if adapter_dtype is not None else weight.dtype
@@ -225,12 +230,7 @@ class LoRALayer(nn.Module):
         """A plain module of the base type holding this layer's (possibly merged) parameters."""
         base = self.base_cls.__new__(self.base_cls)
         nn.Module.__init__(base)
-        for key in self._base_attrs:
-            setattr(base, key, getattr(self, key))
-        for key, param in self._parameters.items():
-            base.register_parameter(key, param)
-        for key, buf in self._buffers.items():
-            base.register_buffer(key, buf, persistent=key not in self._non_persistent_buffers_set)
+        _share_state(self, base, self._base_attrs)
         base.train(self.training)
         return base
 

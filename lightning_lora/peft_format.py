@@ -294,6 +294,12 @@ def _write_peft_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(prepared, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        # read back what was written before it is renamed into place: a write that went wrong never lands
+        written, _ = _read_tensors(tmp)
+        if written.keys() != prepared.keys() or not all(torch.equal(written[k], v) for k, v in prepared.items()) \
+                or read_adapter_config(tmp) != cfg:
+            raise AdapterFormatError(f"{directory}: the adapter read back differs from what was written; nothing "
+                                     "was written. Check the disk (space, permissions) and try again.")
     return Path(directory)
 
 

@@ -1230,6 +1230,62 @@ def enable_input_grads_for_checkpointing(model: nn.Module) -> None:
             module.enable_input_require_grads()
 
 
+def networks_to_skip(pl_module: nn.Module, networks: list[str] | None) -> list[str]:
+    """The subtrees of `pl_module` the callback leaves alone.
+
+    With `networks` (paths inside the module), everything outside them; otherwise the direct children
+    whose parameters were all frozen before setup (a teacher), when another child has trainable ones.
+
+    Raises:
+        LoRAError: a path in `networks` that is not a submodule.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Module(); m.student = nn.Linear(2, 2); m.teacher = nn.Linear(2, 2).requires_grad_(False)
+        >>> networks_to_skip(m, None), networks_to_skip(m, ["teacher"])
+        (['teacher'], ['student'])
+    """
+    if networks:
+        for path in networks:
+            try:
+                pl_module.get_submodule(path)
+            except AttributeError:
+                children = ", ".join(n for n, _ in pl_module.named_children())
+                raise LoRAError(f"networks={networks!r}: {path!r} is not a submodule of "
+                                      f"{type(pl_module).__name__}; its submodules are: {children}.") from None
+        return outermost(n for n, _ in pl_module.named_modules()
+                         if n and not any(n == p or n.startswith(p + ".") or p.startswith(n + ".") for p in networks))
+    children = [(n, [p.requires_grad for p in c.parameters()]) for n, c in pl_module.named_children()]
+    if not any(any(flags) for _, flags in children):
+        return []
+    return [n for n, flags in children if flags and not any(flags)]
+
+
+class AdapterProbe:
+    """Notes which adapter layers of `model` run until `close()` (forward pre-hooks on the layers;
+    the adapter paths do not change). An adapter that never runs never trains: its parent reads its
+    `.weight` directly, or no input reached it.
+
+    Example:
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4)); m.add_module("k_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj", "k_proj"]))
+        >>> probe = AdapterProbe(m); _ = m.q_proj(torch.zeros(1, 4)); probe.close()
+        ['k_proj']
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.ran = {name: False for name, _ in lora_layers(model)}
+        self._handles = [layer.register_forward_pre_hook(lambda *_, name=name: self.ran.__setitem__(name, True))
+                         for name, layer in lora_layers(model)]
+
+    def close(self) -> list[str]:
+        """Remove the hooks; returns the paths of the adapter layers that did not run."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return [name for name, ran in self.ran.items() if not ran]
+
+
 # ============================================================================ the network inside a module
 def find_network(model: nn.Module) -> tuple[str, nn.Module]:
     """`(path, module)` of the network inside `model`: the outermost transformers `PreTrainedModel`

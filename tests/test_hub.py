@@ -95,3 +95,21 @@ def test_first_use_converts_into_an_empty_cache_without_llama_cpp(no_llama_cpp, 
     assert all(torch.equal(converted[k], reference[k]) for k in reference)
     tokenizer = hub.load_tokenizer(SMOLLM2)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
+
+
+def test_saved_model_problem_reads_the_headers(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_tiny_llama
+    from lightning_lora.hub import saved_model_problem
+
+    model = make_tiny_llama(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "ok")
+    assert saved_model_problem(model, tmp_path / "ok") is None  # tied lm_head written once
+    tensors = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(tmp_path / "ok" / "model.safetensors"))
+    assert saved_model_problem(model, tmp_path / "ok") == "82,176 values written, the model has 82,240"
+    tensors["model.norm.weight"] = torch.zeros(65)
+    save_file(tensors, str(tmp_path / "ok" / "model.safetensors"))
+    assert saved_model_problem(model, tmp_path / "ok") == "model.norm.weight: written (65,), model (64,)"

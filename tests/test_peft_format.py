@@ -505,3 +505,20 @@ def test_written_files_follow_the_umask(tmp_path):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         mode = stat.S_IMODE((tmp_path / "adapter" / name).stat().st_mode)
         assert mode == 0o666 & ~mask, (name, oct(mode))
+
+
+def test_save_adapter_reads_back_what_it_wrote_and_lands_nothing_when_it_differs(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=4))
+    real = safetensors.torch.save_file
+
+    def short_write(tensors, path, metadata=None):  # a disk that silently loses one tensor
+        real(dict(list(tensors.items())[1:]), path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", short_write)
+    with pytest.raises(AdapterFormatError, match="the adapter read back differs from what was written; nothing was "
+                                                 "written"):
+        save_adapter(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists() and list(tmp_path.iterdir()) == []
