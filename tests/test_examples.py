@@ -72,3 +72,16 @@ def test_load_and_generate_bad_directory_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "no adapter_config.json there" in result.stderr.strip().splitlines()[-1]
+
+
+def test_everyday_workflows_example(tmp_path):
+    proc = run("everyday_workflows.py", "--workdir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line[:2] in ("1.", "2.", "3.", "4.")]
+    assert len(lines) == 4, proc.stdout
+    first = lines[0].split()
+    assert first[first.index("'best')") + 1] == first[-1]  # validate(best) prints exactly best_model_score
+    assert lines[1].endswith("trained fully and saved: ['score']; 1,984 trainable parameters")
+    assert lines[2] == ("3. added tokens: the adapter carries ['model.embed_tokens.weight', 'lm_head.weight']; "
+                        "reloaded logits differ by 0.0")
+    assert lines[3] == "4. frozen teacher: adapted 4 student layers, 0 teacher layers; the optimizer holds 8 tensors"
