@@ -79,8 +79,10 @@ def test_everyday_workflows_example(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line[:2] in ("1.", "2.", "3.", "4.")]
     assert len(lines) == 4, proc.stdout
-    first = lines[0].split()
-    assert first[first.index("'best')") + 1] == first[-1]  # validate(best) prints exactly best_model_score
+    import re
+
+    best = re.search(r"validate\(ckpt_path='best'\) (\S+) == best_model_score (\S+)$", lines[0])
+    assert best and best.group(1) == best.group(2), lines[0]
     assert lines[1].endswith("trained fully and saved: ['score']; 1,984 trainable parameters")
     assert lines[2] == ("3. added tokens: the adapter carries ['model.embed_tokens.weight', 'lm_head.weight']; "
                         "reloaded logits differ by 0.0")
