@@ -41,7 +41,7 @@ def tiny_yaml(tmp_path):
 
 
 def test_cli_optimizer_and_scheduler_hold_only_adapters(tiny_yaml):
-    cli = LoRALightningCLI(args=["fit", "--config", str(tiny_yaml), "--optimizer", "AdamW", "--optimizer.lr", "0.01",
+    cli = LoRALightningCLI(args=["fit", "--config", str(tiny_yaml), "--optimizer", "torch.optim.AdamW", "--optimizer.lr", "0.01",
                                  "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1",
                                  "--lr_scheduler.gamma", "0.5"])
     trainer, module = cli.trainer, cli.model
@@ -60,7 +60,7 @@ def test_cli_default_logger_is_tensorboard(tmp_path, tiny_yaml):
     cfg = yaml.safe_load(tiny_yaml.read_text())
     del cfg["trainer"]["logger"]
     tiny_yaml.write_text(yaml.safe_dump(cfg))
-    cli = LoRALightningCLI(args=["--config", str(tiny_yaml), "--optimizer", "AdamW",
+    cli = LoRALightningCLI(args=["--config", str(tiny_yaml), "--optimizer", "torch.optim.AdamW",
                                  "--trainer.max_steps", "1"], run=False)
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -69,7 +69,7 @@ def test_cli_default_logger_is_tensorboard(tmp_path, tiny_yaml):
 
 
 def test_cli_bad_target_is_one_line_and_exit_2(tiny_yaml, capsys):
-    code = main(["fit", "--config", str(tiny_yaml), "--optimizer", "AdamW",
+    code = main(["fit", "--config", str(tiny_yaml), "--optimizer", "torch.optim.AdamW",
                  "--trainer.callbacks.init_args.target_modules", "[qproj]"])
     err = capsys.readouterr().err
     assert code == 2
@@ -79,7 +79,7 @@ def test_cli_bad_target_is_one_line_and_exit_2(tiny_yaml, capsys):
 
 
 def test_cli_bad_callback_argument_is_one_line_and_exit_2(tiny_yaml, capsys):
-    code = main(["fit", "--config", str(tiny_yaml), "--optimizer", "AdamW",
+    code = main(["fit", "--config", str(tiny_yaml), "--optimizer", "torch.optim.AdamW",
                  "--trainer.callbacks.init_args.log_every_n_steps", "0"])
     err = capsys.readouterr().err
     assert code == 2
@@ -166,7 +166,7 @@ def test_typo_names_the_subcommand_it_was_given_to(tmp_path, tiny_yaml, monkeypa
 
 
 def test_command_line_run_gives_no_args_and_argv_warning(tiny_yaml, monkeypatch, capsys):
-    code, _, warned = run_command_line(monkeypatch, capsys, "fit", "--config", tiny_yaml, "--optimizer", "AdamW",
+    code, _, warned = run_command_line(monkeypatch, capsys, "fit", "--config", tiny_yaml, "--optimizer", "torch.optim.AdamW",
                                        "--trainer.max_steps", "1")
     assert code == 0
     assert not [w for w in warned if "args parameter" in w], warned
@@ -243,7 +243,7 @@ def test_data_user_errors_through_fit_are_one_line_and_exit_2(tmp_path, tiny_yam
     cfg = edited(tiny_yaml, lambda c: c.update(data={"class_path": "lightning_lora.data.InstructionDataModule",
                                                      "init_args": init_args}))
     code, lines, _ = run_command_line(monkeypatch, capsys, "fit", "--config", write_yaml(tmp_path, cfg),
-                                      "--optimizer", "AdamW")
+                                      "--optimizer", "torch.optim.AdamW")
     assert code == 2
     [line] = error_lines(lines)
     if message.endswith((": ", "(")):  # the rest quotes transformers or the hub
