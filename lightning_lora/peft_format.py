@@ -298,10 +298,13 @@ def _write_peft_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
 
 
 def to_peft(model: nn.Module, config: LoRAConfig | None = None,
-            base_model_name_or_path: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            base_model_name_or_path: str | None = None,
+            adapter_state: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The PEFT tensors (keys `base_model.model.*`) and `adapter_config.json` dict for `model`, in memory.
 
-    `save_adapter` writes exactly these; see it for the arguments.
+    `save_adapter` writes exactly these; see it for the arguments. `adapter_state` (keys as
+    `lora_state_dict(model)`'s) replaces reading the model's state dict: the adapters gathered from a
+    sharded model (`lightning_lora.fsdp`).
 
     Example:
         >>> tensors, cfg = to_peft(model)   # doctest: +SKIP
@@ -319,7 +322,7 @@ def to_peft(model: nn.Module, config: LoRAConfig | None = None,
     states = lora_states(model)
     if states:
         config = config if config is not None else states[0][1].config
-        state = lora_state_dict(model)
+        state = lora_state_dict(model) if adapter_state is None else dict(adapter_state)
     elif config is not None:  # adapter layers without a record: the given config picks the saved keys
         full = network.state_dict()
         state = {_join(prefix, k): full[k] for k in compute_trainable_keys(network, config)}

@@ -587,7 +587,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
         [(2, 4), (4, 2)]
     """
     keys = trainable_keys(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = {_without_wrappers(k): p for k, p in model.named_parameters(remove_duplicate=False)}
     out: list[nn.Parameter] = []
     seen: set[int] = set()
     for key in keys:
@@ -596,6 +596,16 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+#: name segments that wrappers add to parameter names (FSDP1 units, activation checkpointing, torch.compile)
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _without_wrappers(name: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
