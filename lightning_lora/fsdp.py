@@ -426,7 +426,13 @@ def shard_lora_model(module: nn.Module, mesh: Any = None, options: FSDPOptions |
             inject_lora(module, config)
         else:
             _inject_from_trainer(module)
+    meta = [n for n, p in module.named_parameters() if p.is_meta]
+    if meta:
+        raise LoRAError(f"shard_lora_model: {len(meta)} parameters are on the meta device ({meta[0]}, ...); build the "
+                        "network with its weights (e.g. from_pretrained) in configure_model. Lightning would "
+                        "re-initialize meta parameters after sharding, adapters included (lora_B must start at zero).")
     kwargs = {"mesh": _data_parallel_mesh(module, mesh), **fully_shard_kwargs}
+    broadcast_adapters(module, kwargs["mesh"])
     layer_kwargs = dict(kwargs)
     if options.reshard_after_forward is not None:
         layer_kwargs["reshard_after_forward"] = options.reshard_after_forward
@@ -449,6 +455,34 @@ def shard_lora_model(module: nn.Module, mesh: Any = None, options: FSDPOptions |
         raise LoRAError(f"Trainable parameters outside every FSDP unit: {outside[:4]}; FSDP would not synchronize "
                         "their gradients. Keep trained modules inside the network that holds the adapters.")
     return units
+
+
+@torch.no_grad()
+def broadcast_adapters(module: nn.Module, mesh: Any) -> None:
+    """Give every rank of `mesh` rank 0's adapter initialization before sharding (one broadcast per dtype).
+
+    `fully_shard` keeps each rank's own chunk of each tensor, so the ranks must hold the same full
+    tensors; the base weights are the same everywhere (loaded from one file), but randomly initialized
+    adapters are only when every rank was seeded alike.
+
+    Example:
+        >>> broadcast_adapters(model, mesh)   # doctest: +SKIP
+    """
+    if not torch.distributed.is_initialized():
+        return
+    group = mesh.get_group()
+    src = torch.distributed.get_global_rank(group, 0)
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else \
+        torch.device(mesh.device_type)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for _, layer in lora_layers(module):
+        for part in (layer.lora_A, layer.lora_B):
+            by_dtype.setdefault(part.weight.dtype, []).append(part.weight)
+    for dtype, tensors in by_dtype.items():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(device)
+        torch.distributed.broadcast(flat, src=src, group=group)
+        for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(chunk.view_as(t))
 
 
 def _embedding(network: nn.Module, which: str) -> nn.Module | None:
@@ -975,7 +1009,7 @@ def fsdp1_adapter_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[
 
 
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "adapter_only_checkpoints", "adapter_state_dict",
-           "clean_name", "consolidate_checkpoint", "decoder_layers", "fsdp1_adapter_state_dict",
+           "broadcast_adapters", "clean_name", "consolidate_checkpoint", "decoder_layers", "fsdp1_adapter_state_dict",
            "fsdp1_auto_wrap_policy", "gather_adapters", "is_sharded", "load_sharded_adapters",
            "mixed_dtype_all_gather", "prepare_fsdp1", "refuse_presharded", "shard_lora_model",
            "sharded_delta_ratio", "sharded_grad_norm", "sharded_weight_norms", "strategy_kind", "write_adapter",
