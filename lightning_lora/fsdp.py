@@ -449,6 +449,7 @@ def shard_lora_model(module: nn.Module, mesh: Any = None, options: FSDPOptions |
                 if emb is not None and not _tied(root):
                     _shard_unit(kind, full(_path_of(root, emb)), emb, options, layer_kwargs, units)
         _shard_unit("root", root_path, root, options, kwargs, units)
+        root._is_fsdp_managed_module = True  # transformers' generate() then keeps every rank stepping (synced_gpus)
     DTensor = _dtensor_cls()
     outside = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if outside:

@@ -598,14 +598,15 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-#: name segments that wrappers add to parameter names (FSDP1 units, activation checkpointing, torch.compile)
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+#: name components that wrappers add to module / parameter names (FSDP1 units, activation checkpointing, compile)
+_WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
 
 def _without_wrappers(name: str) -> str:
-    for segment in _WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
+    """`name` without the components that FSDP1, activation-checkpointing and compile wrappers add."""
+    if "_" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -113,6 +113,7 @@ def main() -> None:
                                      save_distributed_checkpoint=save_mode == "sharded")
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, precision="bf16-true",
                         max_steps=max_steps, logger=CSVLogger(str(root), name="logs"), log_every_n_steps=1,
+                        gradient_clip_val=0.1,  # below the gradient norms (about 0.2): clipping acts
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                         callbacks=[lora, probe, ModelCheckpoint(dirpath=str(root / "ckpts"), every_n_train_steps=1,
                                                                 save_top_k=-1)])

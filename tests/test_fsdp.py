@@ -246,6 +246,9 @@ def test_read_and_consolidate_a_distributed_checkpoint(sharded_run, tmp_path):
     assert export_main([str(single), str(tmp_path / "peft")]) == 0
     exported = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert all(torch.equal(exported[f"base_model.model.{k.removeprefix('model.')}"], adapters[k]) for k in adapters)
+    assert export_main([str(path), str(tmp_path / "peft-from-dir")]) == 0  # the directory itself
+    direct = load_file(str(tmp_path / "peft-from-dir" / "adapter_model.safetensors"))
+    assert direct.keys() == exported.keys() and all(torch.equal(direct[k], exported[k]) for k in direct)
 
 
 # ------------------------------------------------------------------------------- refusals, FSDP1 (2 processes)
@@ -374,3 +377,36 @@ def test_trainable_parameters_are_found_through_wrapper_names():
     assert "model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.lora_A.weight" in names
     assert len(lora_parameters(model)) == 8
     assert clean_name(names[0]) == "model.layers.0.self_attn.q_proj.lora_A.weight" and is_lora_key(names[0])
+
+
+def test_peft_export_sees_through_wrapper_names():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from lightning_lora.fsdp import adapter_state_dict
+    from lightning_lora.peft_format import to_peft
+
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=2, target_modules="all-linear"))
+    tensors, cfg = to_peft(model)
+    model.model.layers[0] = checkpoint_wrapper(model.model.layers[0])
+    wrapped_tensors, wrapped_cfg = to_peft(model, adapter_state=adapter_state_dict(model))
+    assert wrapped_cfg == cfg and sorted(wrapped_tensors) == sorted(tensors)
+    assert all(torch.equal(wrapped_tensors[k], tensors[k]) for k in tensors)
+
+
+def test_llama_70b_config_shards_over_8_gpus(capsys):
+    import yaml
+
+    from lightning_lora.cli import main
+
+    assert main(["fit", "--config", str(ROOT / "configs" / "llama-3-70b-lora-fsdp.yaml"), "--print_config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    trainer = cfg["trainer"]
+    assert trainer["devices"] == 8 and trainer["precision"] == "bf16-true" and trainer["accelerator"] == "gpu"
+    assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert trainer["strategy"]["init_args"]["data_parallel_size"] == 8
+    assert trainer["strategy"]["init_args"]["tensor_parallel_size"] == 1
+    assert cfg["model"]["init_args"]["gradient_checkpointing"] is True
+    assert cfg["model"]["init_args"]["dtype"] == "bfloat16"
+    lora = next(c["init_args"] for c in trainer["callbacks"] if c["class_path"] == "lightning_lora.LoRA")
+    assert lora["r"] == 16 and lora["target_modules"] == "all-linear"
