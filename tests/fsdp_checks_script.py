@@ -1,12 +1,13 @@
 """Checks of `lightning_lora.fsdp` without a Trainer, on 2 CPU processes (gloo), for tests/test_fsdp.py.
 
-    python tests/fsdp_checks_script.py OUT
+    python tests/fsdp_checks_script.py OUT [PORT] [DISTRIBUTED_CHECKPOINT_DIR]
 
 FSDP2: the refusals (a network sharded before injection, sharding twice, a tensor-parallel mesh, a unit
 whose trainable parameters mix dtypes) and the adapter units that `adapter_units="auto"` makes for
 trained biases. FSDP1 (`FullyShardedDataParallel`, what Lightning's CUDA-only `FSDPStrategy` wraps
 with): the LoRA auto-wrap policy on a bf16 base with fp32 adapters under a bf16 `MixedPrecision` (what
-`bf16-true` gives), two training steps, flat parameters of one dtype, adapters gathered alone.
+`bf16-true` gives), two training steps, flat parameters of one dtype, adapters gathered alone. With a
+checkpoint directory: `load_sharded_adapters` into a sharded module (same config, and another r).
 Rank 0 writes `OUT/checks.json`.
 """
 
@@ -85,6 +86,21 @@ def fsdp2_checks() -> dict:
     out["auto_loss_finite"] = bool(torch.isfinite(loss))
     out["auto_grads"] = sorted({str(p.grad.dtype) for p in auto.parameters() if p.grad is not None})
     out["auto_fsdp_modules"] = sum(isinstance(m, FSDPModule) for m in auto.modules())
+
+    if CHECKPOINT:  # a distributed checkpoint of tests/fsdp_script.py's run (r=4, alpha=8 on q_proj, v_proj)
+        from lightning_lora.checkpoint import read_checkpoint
+        from lightning_lora.fsdp import load_sharded_adapters
+
+        saved = read_checkpoint(CHECKPOINT).state_dict
+        other = Module()
+        shard_lora_model(other, mesh, config=LoRAConfig(r=2, alpha=8, target_modules=["q_proj", "v_proj"]))
+        out["load_other_config"] = _error(lambda: load_sharded_adapters(CHECKPOINT, other))
+        same = Module()
+        shard_lora_model(same, mesh, config=LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+        meta = load_sharded_adapters(CHECKPOINT, same)
+        loaded = gather_adapters(same)
+        out["load_same_config"] = {"global_step": meta["global_step"], "keys": len(loaded),
+                                   "equal": all(torch.equal(loaded[f"model.{k}"], v) for k, v in saved.items())}
     return out
 
 
@@ -130,7 +146,12 @@ def fsdp1_checks() -> dict:
             "norms_match": all(abs(norms[k] - expected_norms[k]) <= 1e-3 * expected_norms[k] for k in expected_norms)}
 
 
-def run(rank: int, out: str, port: str) -> None:
+CHECKPOINT: str | None = None
+
+
+def run(rank: int, out: str, port: str, checkpoint: str | None) -> None:
+    global CHECKPOINT
+    CHECKPOINT = checkpoint
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -146,4 +167,5 @@ def run(rank: int, out: str, port: str) -> None:
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
-    mp.spawn(run, args=(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "29551"), nprocs=2)
+    mp.spawn(run, args=(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "29551",
+                        sys.argv[3] if len(sys.argv) > 3 else None), nprocs=2)

@@ -80,9 +80,9 @@ def full_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory) -> dict:
+def checks(sharded_run, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("checks")
-    _run("fsdp_checks_script.py", str(out), "29561")
+    _run("fsdp_checks_script.py", str(out), "29561", str(sharded_run / "ckpts" / STEP_DIRS[-1]))
     return json.loads((out / "checks.json").read_text())
 
 
@@ -263,6 +263,14 @@ def test_refusals_name_the_fix(checks):
     assert fsdp2["mixed_layer"].startswith("FSDP unit 'model.layers.0' would hold trainable parameters of several "
                                            "dtypes (self_attn.q_proj.bias (bfloat16), self_attn.q_proj.lora_A.weight "
                                            "(float32)")
+
+
+def test_load_sharded_adapters_checks_the_config_then_loads_every_shard(checks):
+    fsdp2 = checks["fsdp2"]
+    assert fsdp2["load_same_config"] == {"global_step": 4, "keys": 8, "equal": True}
+    assert fsdp2["load_other_config"].startswith("The LoRA config in ")
+    assert fsdp2["load_other_config"].splitlines()[1] == "  r: 2 != 4"
+    assert fsdp2["load_other_config"].endswith("Resume with the same LoRA settings as the run that wrote the checkpoint.")
 
 
 def test_auto_gives_adapters_their_own_unit_beside_trained_biases(checks):
