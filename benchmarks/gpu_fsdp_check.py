@@ -13,9 +13,9 @@ Jobs (each in its own subprocess, so that each has its own process group and mem
 - `fsdp2-resume`: resumed from `fsdp2`'s step-2 checkpoint; its adapters must equal `fsdp2`'s bit for bit.
 - `fsdp2-file`: `save_distributed_checkpoint=False` (one adapter-only file written by rank 0) and adapters in
   units of their own (`LoRA(fsdp={"adapter_units": "separate"})`).
-- `fsdp1`: Lightning's `FSDPStrategy(auto_wrap_policy={<decoder layer>}, state_dict_type="sharded")` (FSDP1,
-  CUDA only in Lightning): the callback gives it `lightning_lora.fsdp.fsdp1_auto_wrap_policy` (every adapter
-  matrix its own unit, kept in fp32 for compute).
+- `fsdp1`: Lightning's `FSDPStrategy(auto_wrap_policy={<decoder layer>}, activation_checkpointing_policy=
+  {<decoder layer>}, state_dict_type="sharded")` (FSDP1, CUDA only in Lightning): the callback gives it
+  `lightning_lora.fsdp.fsdp1_auto_wrap_policy` (every adapter matrix its own unit, kept in fp32 for compute).
 - `fsdp1-resume`: resumed from `fsdp1`'s step-2 checkpoint; must equal `fsdp1` bit for bit.
 - `fsdp1-file`: `state_dict_type="full"` (adapters gathered unit by unit, one file written by rank 0).
 
@@ -84,8 +84,9 @@ def run_job(name: str, args: argparse.Namespace) -> dict[str, Any]:
             self.model = None
 
         def configure_model(self) -> None:
-            if self.model is None:  # random weights (seed 0), built on the device in bf16
-                self.model = build_model(args.model, args.device, "bf16", gradient_checkpointing=True)
+            if self.model is None:  # random weights (seed 0), built on the device in bf16; FSDP1 checkpoints
+                # activations with the strategy's checkpoint wrapper (its usual recipe), FSDP2 with transformers'
+                self.model = build_model(args.model, args.device, "bf16", gradient_checkpointing=kind == "fsdp2")
 
         def training_step(self, batch, batch_idx):
             return self.model(input_ids=batch[0], labels=batch[0]).loss
@@ -143,7 +144,8 @@ def run_job(name: str, args: argparse.Namespace) -> dict[str, Any]:
         strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1,
                                          save_distributed_checkpoint=not file_mode)
     else:
-        strategy = FSDPStrategy(auto_wrap_policy=layer_cls, state_dict_type="full" if file_mode else "sharded")
+        strategy = FSDPStrategy(auto_wrap_policy=layer_cls, activation_checkpointing_policy=layer_cls,
+                                state_dict_type="full" if file_mode else "sharded")
     probe = Probe()
     callbacks = [LoRA(r=16, alpha=32, target_modules="all-linear", log_every_n_steps=1,
                       adapter_dir=str(work / f"{name}-adapter"),

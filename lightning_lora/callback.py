@@ -174,6 +174,7 @@ class LoRA(Callback):
         self.networks = [networks] if isinstance(networks, str) else (list(networks) if networks else None)
         self.fsdp = FSDPOptions.coerce(fsdp)
         self._sharded = False
+        self._before_wrap: tuple[Any, dict[str, float]] | None = None  # FSDP1: summary and norms of the full model
         self.adapted_modules: list[str] = []
         self._undo: list[Callable[[], Any]] = []
         self._weight_norms: dict[str, float] = {}
@@ -212,7 +213,8 @@ class LoRA(Callback):
         strategy an auto-wrap policy with adapter units (FSDP1)."""
         refuse_presharded(pl_module)
         self._inject(pl_module)
-        if kind == "fsdp1":
+        if kind == "fsdp1":  # FSDP1 flattens parameters when it wraps: count and measure them before
+            self._before_wrap = (parameter_summary(pl_module), weight_norms(pl_module))
             prepare_fsdp1(trainer.strategy, pl_module)
         elif not is_sharded(pl_module):
             if not self.fsdp.auto:
@@ -281,10 +283,12 @@ class LoRA(Callback):
         restrict_optimizers(pl_module, trainer.optimizers)
         enable_input_grads_for_checkpointing(pl_module)
         self._ran = None
-        summary = parameter_summary(pl_module)
+        before, self._before_wrap = self._before_wrap, None
+        summary = before[0] if before is not None else parameter_summary(pl_module)
         rank_zero_info(f"LoRA: {len(self.adapted_modules)} modules adapted\n{summary}")
         self._sharded = is_sharded(pl_module)
-        self._weight_norms = sharded_weight_norms(pl_module) if self._sharded else weight_norms(pl_module)
+        self._weight_norms = before[1] if before is not None else (
+            sharded_weight_norms(pl_module) if self._sharded else weight_norms(pl_module))
         metrics = {"lora/trainable_params": float(summary.trainable), "lora/total_params": float(summary.total),
                    "lora/trainable_percent": summary.trainable_percent}
         hparams = {f"lora/{k}": (v if isinstance(v, (int, float, bool, str)) or v is None else str(v))

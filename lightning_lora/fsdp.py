@@ -549,6 +549,8 @@ def adapter_state_dict(module: nn.Module, *, full: bool = True, rank0_only: bool
         >>> sorted(adapter_state_dict(m))
         ['q_proj.lora_A.weight', 'q_proj.lora_B.weight']
     """
+    if full and _is_fsdp1(module):  # FSDP1: gather the adapter units alone (a plain state_dict gathers everything)
+        return fsdp1_adapter_state_dict(module, rank0_only=rank0_only)
     state = {clean_name(k): v for k, v in module.state_dict().items()}
     keep = _rank() == 0 or not rank0_only
     out: dict[str, torch.Tensor] = {}
@@ -636,8 +638,11 @@ def write_merged(module: nn.Module, directory: str | os.PathLike, headroom: floa
         avail = _available_memory()
         decision[0] = 1.0 if avail is None or need * headroom <= avail else 0.0
         free = "unknown" if avail is None else f"{avail / 2**30:.1f} GiB"
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():  # on the parameters' device: NCCL takes only CUDA tensors
+        device = next((_local(p).device for p in network.parameters()), torch.device("cpu"))
+        decision = decision.to(device)
         torch.distributed.broadcast(decision, src=0)
+        decision = decision.cpu()
     if decision[0] < 0.5:
         return f"too large: the merged model needs {need / 2**30:.1f} GiB on rank 0" + (
             f", {free} available" if _rank() == 0 else "")

@@ -268,7 +268,9 @@ def vocab_rows(model: nn.Module) -> int | None:
     """
     for _, network in _pretrained_models(model):
         with contextlib.suppress(Exception):
-            return int(network.get_input_embeddings().weight.shape[0])
+            embedding = network.get_input_embeddings()
+            rows = getattr(embedding, "num_embeddings", None)  # FSDP1 leaves `weight` a flat shard outside forward
+            return int(rows) if isinstance(rows, int) else int(embedding.weight.shape[0])
     return None
 
 

@@ -87,6 +87,22 @@ def fsdp2_checks() -> dict:
     out["auto_grads"] = sorted({str(p.grad.dtype) for p in auto.parameters() if p.grad is not None})
     out["auto_fsdp_modules"] = sum(isinstance(m, FSDPModule) for m in auto.modules())
 
+    trained = {}  # adapters in their layer's unit (fused adapter kernels) vs in units of their own (module path)
+    for units in ("layer", "separate"):
+        model = make_tiny_llama().train().to(torch.bfloat16)
+        torch.manual_seed(0)
+        shard_lora_model(model, mesh, {"adapter_units": units}, config=LoRAConfig(r=4, target_modules="all-linear"))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        x = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(dist.get_rank()))
+        for _ in range(3):
+            model(input_ids=x, labels=x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        trained[units] = gather_adapters(model)
+    out["layer_vs_separate_max_diff"] = max(float((trained["layer"][k] - trained["separate"][k]).abs().max())
+                                            for k in trained["layer"])
+    out["layer_vs_separate_keys"] = len(trained["layer"])
+
     if CHECKPOINT:  # a distributed checkpoint of tests/fsdp_script.py's run (r=4, alpha=8 on q_proj, v_proj)
         from lightning_lora.checkpoint import read_checkpoint
         from lightning_lora.fsdp import load_sharded_adapters
