@@ -713,6 +713,8 @@ def adapter_only_checkpoints(strategy: Any, pl_module: nn.Module) -> Callable[[]
     def lightning_module_state_dict() -> dict[str, Any]:
         if not has_lora(pl_module):
             return original_state_dict()
+        if kind == "fsdp1":
+            restore_frozen_views(strategy.model)  # the FSDP root wraps the LightningModule
         if kind == "fsdp2":
             return adapter_state_dict(pl_module, full=not getattr(strategy, "_save_distributed_checkpoint", True))
         if getattr(strategy, "_state_dict_type", "full") == "full":
@@ -747,6 +749,7 @@ def _load_sharded_adapters_fsdp1(path: Path, strategy: Any, pl_module: nn.Module
 
     metadata = torch.load(path / SHARDED_METADATA, weights_only=weights_only)
     check_checkpoint_config(metadata, get_lora_config(pl_module), str(path))
+    restore_frozen_views(strategy.model)
     keys = set(saved_keys(pl_module))
     model = strategy.model
     with _get_sharded_state_dict_context(model):
@@ -990,6 +993,27 @@ def prepare_fsdp1(strategy: Any, pl_module: nn.Module) -> None:
     kwargs["auto_wrap_policy"] = policy
 
 
+def restore_frozen_views(module: nn.Module) -> None:
+    """Re-register the parameters of FSDP1 units that hold only frozen parameters and do not shard (`NO_SHARD`,
+    what FSDP1 runs on one device). PyTorch swaps such a unit's parameters for plain tensors in forward and,
+    as no gradient reaches the unit, never swaps them back; its state dict and the optimizer's parameter
+    numbering then miss them. Trainable or sharded units are left alone (FSDP1 restores those itself).
+
+    Example:
+        >>> restore_frozen_views(nn.Linear(2, 2))   # no FSDP1 unit: nothing to do
+    """
+    if not _is_fsdp1(module):
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    for unit in module.modules():
+        handle = getattr(unit, "_handle", None) if isinstance(unit, FSDP) else None
+        if (handle is not None and unit._use_orig_params and unit.sharding_strategy == ShardingStrategy.NO_SHARD
+                and not handle.flat_param.requires_grad):
+            handle._use_sharded_views()
+
+
 def fsdp1_adapter_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
     """Full adapter tensors of an FSDP1-wrapped model whose adapters are units of their own (see
     `fsdp1_auto_wrap_policy`): each adapter unit is gathered alone (`summon_full_params`), the base never.
@@ -1017,6 +1041,6 @@ def fsdp1_adapter_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "adapter_only_checkpoints", "adapter_state_dict",
            "broadcast_adapters", "clean_name", "consolidate_checkpoint", "decoder_layers", "fsdp1_adapter_state_dict",
            "fsdp1_auto_wrap_policy", "gather_adapters", "is_sharded", "load_sharded_adapters",
-           "mixed_dtype_all_gather", "prepare_fsdp1", "refuse_presharded", "shard_lora_model",
+           "mixed_dtype_all_gather", "prepare_fsdp1", "refuse_presharded", "restore_frozen_views", "shard_lora_model",
            "sharded_delta_ratio", "sharded_grad_norm", "sharded_weight_norms", "strategy_kind", "write_adapter",
            "write_merged"]

@@ -155,7 +155,8 @@ def fsdp1_checks() -> dict:
     norms = sharded_weight_norms(model)
     gathered = [None, None]
     dist.all_gather_object(gathered, {k: v.tolist() for k, v in adapters.items()})
-    return {"flat": flat, "units": len(units), "lora_parameters": len(params), "losses": losses,
+    no_shard = _no_shard_frozen_units()
+    return {"no_shard": no_shard, "flat": flat, "units": len(units), "lora_parameters": len(params), "losses": losses,
             "adapter_keys": sorted(adapters), "adapter_dtypes": sorted({str(v.dtype) for v in adapters.values()}),
             "adapters_equal_on_ranks": gathered[0] == gathered[1],
             "b_trained": any(float(v.abs().sum()) > 0 for k, v in adapters.items() if "lora_B" in k),
@@ -163,6 +164,39 @@ def fsdp1_checks() -> dict:
 
 
 CHECKPOINT: str | None = None
+
+
+def _no_shard_frozen_units() -> dict:
+    """NO_SHARD (what FSDP1 runs on one device): after a step, units with only frozen parameters hold plain
+    tensors instead of parameters until `restore_frozen_views`."""
+    import warnings
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy, StateDictType
+
+    from conftest import make_tiny_llama
+    from lightning_lora import LoRAConfig, inject_lora, lora_parameters
+    from lightning_lora.fsdp import fsdp1_auto_wrap_policy, restore_frozen_views
+
+    model = make_tiny_llama().train().to(torch.bfloat16)
+    inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NO_SHARD is deprecated
+        wrapped = FSDP(model, auto_wrap_policy=fsdp1_auto_wrap_policy(model), use_orig_params=True,
+                       sharding_strategy=ShardingStrategy.NO_SHARD, device_id=torch.device("cpu"))
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    x = torch.randint(1, 128, (2, 8))
+    wrapped(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+
+    def unregistered() -> int:
+        return sum(isinstance(m.__dict__.get("weight"), torch.Tensor) for m in model.modules())
+
+    before = unregistered()
+    restore_frozen_views(wrapped)
+    with FSDP.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT):
+        keys = len(wrapped.state_dict())
+    return {"unregistered_before": before, "unregistered_after": unregistered(), "state_dict_keys": keys}
 
 
 def run(rank: int, out: str, port: str, checkpoint: str | None) -> None:

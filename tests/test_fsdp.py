@@ -316,6 +316,13 @@ def test_fsdp1_policy_keeps_flat_parameters_of_one_dtype_and_trains(checks):
     assert fsdp1["norms_match"]
 
 
+def test_frozen_no_shard_units_get_their_parameters_back(checks):
+    # after one step under NO_SHARD: the root unit's 3 weights (embedding, final norm, head) and layer 0's 9 are
+    # plain tensors (layer 1's came back through its backward prefetch); the state dict then holds all 49 keys
+    assert checks["fsdp1"]["no_shard"] == {"unregistered_before": 12, "unregistered_after": 0,
+                                           "state_dict_keys": 49}
+
+
 # ------------------------------------------------------------------------------- in-process
 def test_options_are_validated():
     assert FSDPOptions.coerce(None) == FSDPOptions() and FSDPOptions.coerce(False).auto is False
