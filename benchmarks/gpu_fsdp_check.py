@@ -1,6 +1,7 @@
 """GPU check of LoRA under FSDP on one CUDA GPU (world size 1 still wraps, casts and checkpoints through FSDP).
 
     python benchmarks/gpu_fsdp_check.py                       # one CUDA GPU: about 4-6 minutes (H200)
+    python benchmarks/gpu_fsdp_check.py --out "$OUT" --deadline 420   # on a lent device machine (run tool)
     python benchmarks/gpu_fsdp_check.py --dry-run             # on CPU with a tiny model (~1.5 min)
     python benchmarks/gpu_fsdp_check.py --jobs fsdp2,fsdp2-resume --steps 4
 
@@ -34,8 +35,10 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -65,14 +68,17 @@ def run_job(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from lightning_lora import LoRA
     from lightning_lora.checkpoint import is_sharded_checkpoint, read_checkpoint
-    from lightning_lora.fsdp import decoder_layers, fsdp1_adapter_state_dict, gather_adapters
+    from lightning_lora.fsdp import (
+        decoder_layers,
+        fsdp1_adapter_state_dict,
+        gather_adapters,
+    )
     from lightning_lora.surgery import is_lora_key
 
-    out = Path(args.out)
     kind = name.split("-")[0]
     file_mode, resume = name.endswith("-file"), name.endswith("-resume")
     cuda = args.device == "cuda"
-    work = out / "gpu_fsdp_work"
+    work = Path(args.work)
     ckpt_dir = work / f"{name}-ckpts"
     probe_layer = build_model(args.model, "meta", "bf16")
     layer_cls = {type(m) for _, m in decoder_layers(probe_layer)}
@@ -167,7 +173,7 @@ def run_job(name: str, args: argparse.Namespace) -> dict[str, Any]:
     module = Net()
     ckpt = None
     if resume:
-        ckpt = str(out / "gpu_fsdp_work" / f"{kind}-ckpts" / "step=2.ckpt")
+        ckpt = str(work / f"{kind}-ckpts" / "step=2.ckpt")
     trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt)
     if kind == "fsdp2":
         adapters = gather_adapters(module)
@@ -263,8 +269,8 @@ def _markdown(result: dict[str, Any]) -> str:
     if est:
         lines.append(f"estimate (`--devices 1 --strategy fsdp`): {est['lora_total_bytes'] / gib:.2f} GiB peak")
         lines.append("")
-    lines += ["| job | status | steps | s/step | peak GiB | est. GiB | grad MiB | optim MiB | units | ckpt adapter-only |"
-              " sha256 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [("| job | status | steps | s/step | peak GiB | est. GiB | grad MiB | optim MiB | units | ckpt adapter-only "
+               "| sha256 |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for job in result["jobs"]:
         f = job.get("facts", {})
         peak = f.get("steady_peak_bytes")
@@ -301,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model (FSDPStrategy through a CPU subclass)")
     parser.add_argument("--job-timeout", type=float, default=240.0)
     parser.add_argument("--deadline", type=float, default=540.0, help="seconds for all jobs; later ones are skipped")
+    parser.add_argument("--work", default=None, help="directory for checkpoints, adapters and the merged model "
+                                                       "(default: a temporary one, removed at the end)")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
@@ -316,13 +324,12 @@ def main(argv: list[str] | None = None) -> int:
             status = {"status": "ok", "facts": facts}
         except BaseException as err:  # noqa: BLE001 (record every failure)
             status = {"status": f"error: {type(err).__name__}", "error": traceback.format_exc()}
-        (out / "gpu_fsdp_work").mkdir(parents=True, exist_ok=True)
-        (out / "gpu_fsdp_work" / f"job-{args.job}.json").write_text(json.dumps(status, indent=1, default=str))
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        (Path(args.work) / f"job-{args.job}.json").write_text(json.dumps(status, indent=1, default=str))
         return 0
 
-    import shutil
-
-    shutil.rmtree(out / "gpu_fsdp_work", ignore_errors=True)
+    keep = args.work is not None
+    args.work = args.work or tempfile.mkdtemp(prefix="gpu_fsdp_")  # checkpoints, adapters, the merged model
     result: dict[str, Any] = {"settings": _setting(args), "jobs": []}
     try:
         result["estimate"] = _estimate(args)
@@ -336,15 +343,16 @@ def main(argv: list[str] | None = None) -> int:
         if time.time() - start > args.deadline:
             result["jobs"].append({"job": name, "status": "skipped: deadline"})
             continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--job", name, "--out", str(out), "--model", args.model,
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--job", name, "--out", str(out), "--work", args.work,
+               "--model", args.model,
                "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
         if args.dry_run:
             cmd.append("--dry-run")
         t0 = time.time()
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
                                   timeout=min(args.job_timeout, max(30.0, args.deadline - (t0 - start) + 60)))
-            record_path = out / "gpu_fsdp_work" / f"job-{name}.json"
+            record_path = Path(args.work) / f"job-{name}.json"
             record = json.loads(record_path.read_text()) if record_path.is_file() else {
                 "status": f"error: exit {proc.returncode}", "error": (proc.stdout + proc.stderr)[-4000:]}
         except subprocess.TimeoutExpired:
@@ -355,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "gpu_fsdp.json").write_text(json.dumps(result, indent=1, default=str))
         (out / "gpu_fsdp.md").write_text(_markdown(result))
     print(_markdown(result))
+    if not keep:
+        shutil.rmtree(args.work, ignore_errors=True)
     return 0
 
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,10 +57,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lora.checkpoint import SHARDED_METADATA, check_checkpoint_config, is_sharded_checkpoint
+from lightning_lora.checkpoint import (
+    SHARDED_METADATA,
+    check_checkpoint_config,
+    is_sharded_checkpoint,
+)
 from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.layers import LoRALayer
 from lightning_lora.surgery import (
+    _without_wrappers,
     find_network,
     get_lora_config,
     has_lora,
@@ -68,7 +73,6 @@ from lightning_lora.surgery import (
     lora_layers,
     saved_keys,
 )
-from lightning_lora.surgery import _without_wrappers
 
 #: `FSDPOptions.adapter_units` choices
 ADAPTER_UNITS = ("auto", "layer", "separate")
@@ -479,7 +483,7 @@ def broadcast_adapters(module: nn.Module, mesh: Any) -> None:
     for _, layer in lora_layers(module):
         for part in (layer.lora_A, layer.lora_B):
             by_dtype.setdefault(part.weight.dtype, []).append(part.weight)
-    for dtype, tensors in by_dtype.items():
+    for tensors in by_dtype.values():
         flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(device)
         torch.distributed.broadcast(flat, src=src, group=group)
         for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
@@ -629,7 +633,7 @@ def write_merged(module: nn.Module, directory: str | os.PathLike, headroom: floa
         >>> write_merged(pl_module, "out/merged")   # doctest: +SKIP
         'written'
     """
-    prefix, network = find_network(module)
+    _, network = find_network(module)
     if not hasattr(network, "save_pretrained") or not hasattr(network, "config"):
         return "not a transformers model"
     need = sum(p.numel() * p.element_size() for p in network.parameters())
@@ -1029,7 +1033,7 @@ def fsdp1_adapter_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[
         if not isinstance(module, FSDP):
             continue
         key = clean_name(name)
-        if not (key.endswith(".lora_A") or key.endswith(".lora_B")):
+        if not key.endswith((".lora_A", ".lora_B")):
             continue
         with FSDP.summon_full_params(module, writeback=False, recurse=False):
             weight = module.module.weight.detach()

@@ -33,10 +33,10 @@ def _error(fn) -> str | None:
 
 def fsdp2_checks() -> dict:
     import lightning as L
+    from conftest import make_tiny_llama
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from conftest import make_tiny_llama
     from lightning_lora import LoRAConfig, inject_lora, lora_state_dict
     from lightning_lora.fsdp import gather_adapters, refuse_presharded, shard_lora_model
 
@@ -121,12 +121,16 @@ def fsdp2_checks() -> dict:
 
 
 def fsdp1_checks() -> dict:
+    from conftest import make_tiny_llama
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import MixedPrecision
 
-    from conftest import make_tiny_llama
     from lightning_lora import LoRAConfig, inject_lora, lora_parameters
-    from lightning_lora.fsdp import fsdp1_adapter_state_dict, fsdp1_auto_wrap_policy, sharded_weight_norms
+    from lightning_lora.fsdp import (
+        fsdp1_adapter_state_dict,
+        fsdp1_auto_wrap_policy,
+        sharded_weight_norms,
+    )
     from lightning_lora.surgery import weight_norms
 
     model = make_tiny_llama().train().to(torch.bfloat16)
@@ -171,10 +175,10 @@ def _no_shard_frozen_units() -> dict:
     tensors instead of parameters until `restore_frozen_views`."""
     import warnings
 
+    from conftest import make_tiny_llama
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy, StateDictType
 
-    from conftest import make_tiny_llama
     from lightning_lora import LoRAConfig, inject_lora, lora_parameters
     from lightning_lora.fsdp import fsdp1_auto_wrap_policy, restore_frozen_views
 

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from conftest import make_tiny_llama
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lit_models import TokenData
 
-from conftest import make_tiny_llama
 from lightning_lora import LoRA
 from lightning_lora.fsdp import gather_adapters
 from lightning_lora.surgery import is_lora_key
-from lit_models import TokenData
 
 
 def build_base() -> torch.nn.Module:

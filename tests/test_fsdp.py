@@ -13,15 +13,27 @@ import json
 import os
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from safetensors.torch import load_file
 
-from conftest import make_tiny_llama
-from lightning_lora import LoRA, LoRAConfig, inject_lora, load_lora_state_dict, lora_parameters, merge_and_unload
-from lightning_lora.checkpoint import CHECKPOINT_KEY, is_sharded_checkpoint, read_checkpoint
+from lightning_lora import (
+    LoRA,
+    LoRAConfig,
+    inject_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    merge_and_unload,
+)
+from lightning_lora.checkpoint import (
+    CHECKPOINT_KEY,
+    is_sharded_checkpoint,
+    read_checkpoint,
+)
 from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.fsdp import (
     FSDPOptions,
@@ -41,10 +53,10 @@ ADAPTER_KEYS = sorted(f"model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
 STEP_DIRS = ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=1-step=3.ckpt", "epoch=1-step=4.ckpt"]
 
 
-def _run(script: str, *args: str, timeout: float = 420) -> None:
+def _run(script: str, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, str(TESTS / script), *args], env=env, capture_output=True, text=True,
-                         timeout=timeout)
+                         timeout=timeout, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 
@@ -244,7 +256,7 @@ def test_statistics_are_reduced_over_shards(sharded_run):
     ratios = [float(r["lora/delta_ratio"]) for r in rows if r.get("lora/delta_ratio")]
     norms = [float(r["lora/grad_norm"]) for r in rows if r.get("lora/grad_norm")]
     assert len(ratios) == len(norms) == 4
-    assert ratios[0] == 0.0 and all(b > a for a, b in zip(ratios, ratios[1:]))  # B = 0 before the first step
+    assert ratios[0] == 0.0 and all(b > a for a, b in pairwise(ratios))  # B = 0 before the first step
     assert all(0.1 < n < 10 for n in norms)  # logged before clipping; above 0.1, so clipping acted
 
 
@@ -350,7 +362,11 @@ def test_decoder_layers_and_tied_embeddings():
 
 
 def test_strategy_kind():
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+    )
 
     assert strategy_kind(ModelParallelStrategy()) == "fsdp2"
     assert strategy_kind(FSDPStrategy()) == "fsdp1"
@@ -400,7 +416,9 @@ def test_prepare_fsdp1_combines_layer_classes_or_refuses():
 
 
 def test_trainable_parameters_are_found_through_wrapper_names():
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     model = make_tiny_llama()
     inject_lora(model, LoRAConfig(r=2))
@@ -412,7 +430,9 @@ def test_trainable_parameters_are_found_through_wrapper_names():
 
 
 def test_peft_export_sees_through_wrapper_names():
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     from lightning_lora.fsdp import adapter_state_dict
     from lightning_lora.peft_format import to_peft
