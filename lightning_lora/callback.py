@@ -15,6 +15,11 @@ It maps Lightning's hooks (order in DESIGN.md) to `surgery` and `checkpoint` fun
 6. `on_fit_end`: the PEFT adapter (`adapter_dir`), the merge (`merge_on_fit_end`, reversible: a
    later `validate/test/predict(ckpt_path=...)` or `fit` undoes it) and the merged model (`merged_dir`).
 
+Under `ModelParallelStrategy` (FSDP2) and `FSDPStrategy` (FSDP1) `lightning_lora.fsdp` does the sharded
+parts: inject after `configure_model` then shard (FSDP2) or give the strategy an auto-wrap policy with
+adapter units (FSDP1); adapter-only state dicts on the strategy's checkpoint path; adapters gathered at
+fit end (the base never), the merge left to `lightning-lora merge` unless the full model fits on rank 0.
+
 Example:
     >>> import lightning as L
     >>> from lightning_lora import LoRA
@@ -36,6 +41,20 @@ from typing_extensions import override
 from lightning_lora.checkpoint import check_adapter_keys, check_checkpoint_config, make_adapter_only
 from lightning_lora.config import LoRAConfig, with_config_fields
 from lightning_lora.errors import LoRAConfigError, LoRAError
+from lightning_lora.fsdp import (
+    FSDPOptions,
+    adapter_only_checkpoints,
+    is_sharded,
+    prepare_fsdp1,
+    refuse_presharded,
+    shard_lora_model,
+    sharded_delta_ratio,
+    sharded_grad_norm,
+    sharded_weight_norms,
+    strategy_kind,
+    write_adapter,
+    write_merged,
+)
 from lightning_lora.surgery import (
     MERGED_ATTR,
     AdapterProbe,
@@ -88,6 +107,9 @@ class LoRA(Callback):
         log_every_n_steps: how often `lora/grad_norm` and `lora/delta_ratio` are logged.
         networks: paths of the submodules to adapt (e.g. `["student"]`); default: the whole module
             except direct children frozen before setup (a teacher), which are named in the summary.
+        fsdp: options for sharding under `ModelParallelStrategy` (`lightning_lora.fsdp.FSDPOptions`
+            as a dict, e.g. `{"adapter_units": "separate", "reshard_after_forward": True}`; False: your
+            `configure_model` calls `lightning_lora.fsdp.shard_lora_model` itself).
 
     In a LightningCLI YAML::
 
@@ -104,7 +126,7 @@ class LoRA(Callback):
 
     def __init__(self, *, merge_on_fit_end: bool = True, adapter_dir: str | None = None,
                  merged_dir: str | None = None, log_every_n_steps: int = 50, networks: list[str] | None = None,
-                 **config: Any) -> None:
+                 fsdp: dict[str, Any] | bool | None = None, **config: Any) -> None:
         super().__init__()
         if isinstance(config.get("target_modules"), tuple):
             config["target_modules"] = list(config["target_modules"])
@@ -117,6 +139,9 @@ class LoRA(Callback):
         self.merge_on_fit_end, self.adapter_dir, self.merged_dir = merge_on_fit_end, adapter_dir, merged_dir
         self.log_every_n_steps = log_every_n_steps
         self.networks = [networks] if isinstance(networks, str) else (list(networks) if networks else None)
+        self.fsdp = FSDPOptions.coerce(fsdp)
+        self._sharded = False
+        self._before_wrap: tuple[Any, dict[str, float]] | None = None  # FSDP1: summary and norms of the full model
         self.adapted_modules: list[str] = []
         self._undo: list[Callable[[], Any]] = []
         self._weight_norms: dict[str, float] = {}
@@ -150,6 +175,24 @@ class LoRA(Callback):
             inject_lora(pl_module, self.config, skip=networks_to_skip(pl_module, self.networks))
         self.adapted_modules = [name for name, _ in lora_layers(pl_module)]
 
+    def _inject_and_shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kind: str) -> None:
+        """Right after `configure_model` under an FSDP strategy: inject, then shard (FSDP2) or hand the
+        strategy an auto-wrap policy with adapter units (FSDP1)."""
+        refuse_presharded(pl_module)
+        self._inject(pl_module)
+        if kind == "fsdp1":  # FSDP1 flattens parameters when it wraps: count and measure them before
+            self._before_wrap = (parameter_summary(pl_module), weight_norms(pl_module))
+            prepare_fsdp1(trainer.strategy, pl_module)
+        elif not is_sharded(pl_module):
+            if not self.fsdp.auto:
+                raise LoRAError("LoRA(fsdp={'auto': False}) but configure_model did not shard the model; call "
+                                "lightning_lora.fsdp.shard_lora_model(self) at the end of configure_model.")
+            units = shard_lora_model(pl_module, options=self.fsdp)
+            kinds = {k: sum(u.kind == k for u in units) for k in ("layer", "adapters", "embedding", "head", "root")}
+            rank_zero_info("LoRA: sharded with FSDP2 (fully_shard) in " + ", ".join(
+                f"{n} {k} unit{'s' if n != 1 else ''}" for k, n in kinds.items() if n))
+        self._sharded = True
+
     def _check_restored(self, trainer: pl.Trainer, module: torch.nn.Module, state_dict: dict[str, Any],
                         prefix: str, *args: Any) -> None:
         """`load_state_dict` pre-hook of the module: undo a merge, then check what is about to load."""
@@ -176,6 +219,12 @@ class LoRA(Callback):
         self._undo.append(handle.remove)
         if is_merged(pl_module) and stage != "fit":
             return  # evaluate the merged model as it is, unless a checkpoint is loaded (the pre-hook)
+        kind = strategy_kind(trainer.strategy)
+        if kind is not None:  # FSDP: adapter-only state dicts; inject (and shard) once the network exists
+            self._undo.append(adapter_only_checkpoints(trainer.strategy, pl_module))
+            self._undo.append(_inject_after_configure_model(
+                pl_module, lambda: self._inject_and_shard(trainer, pl_module, kind)))
+            return
         try:
             self._inject(pl_module)
         except LoRAError as err:
@@ -201,9 +250,12 @@ class LoRA(Callback):
         restrict_optimizers(pl_module, trainer.optimizers)
         enable_input_grads_for_checkpointing(pl_module)
         self._probed = False
-        summary = parameter_summary(pl_module)
+        before, self._before_wrap = self._before_wrap, None
+        summary = before[0] if before is not None else parameter_summary(pl_module)
         rank_zero_info(f"LoRA: {len(self.adapted_modules)} modules adapted\n{summary}")
-        self._weight_norms = weight_norms(pl_module)
+        self._sharded = is_sharded(pl_module)
+        self._weight_norms = before[1] if before is not None else (
+            sharded_weight_norms(pl_module) if self._sharded else weight_norms(pl_module))
         metrics = {"lora/trainable_params": float(summary.trainable), "lora/total_params": float(summary.total),
                    "lora/trainable_percent": summary.trainable_percent}
         hparams = {f"lora/{k}": (v if isinstance(v, (int, float, bool, str)) or v is None else str(v))
@@ -234,8 +286,12 @@ class LoRA(Callback):
                                  optimizer: torch.optim.Optimizer) -> None:
         if trainer.global_step % self.log_every_n_steps != 0 or not trainer.loggers:
             return
-        metrics = {"lora/grad_norm": adapter_grad_norm(pl_module),
-                   "lora/delta_ratio": delta_ratio(pl_module, self._weight_norms)}
+        if self._sharded:  # every rank takes part in the reductions
+            metrics = {"lora/grad_norm": sharded_grad_norm(pl_module),
+                       "lora/delta_ratio": sharded_delta_ratio(pl_module, self._weight_norms)}
+        else:
+            metrics = {"lora/grad_norm": adapter_grad_norm(pl_module),
+                       "lora/delta_ratio": delta_ratio(pl_module, self._weight_norms)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -249,6 +305,9 @@ class LoRA(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted or not has_lora(pl_module):
+            return
+        if is_sharded(pl_module):
+            self._fit_end_sharded(trainer, pl_module)
             return
         if self.adapter_dir is not None and trainer.is_global_zero:
             from lightning_lora.peft_format import save_adapter
@@ -264,6 +323,30 @@ class LoRA(Callback):
 
             save_pretrained(pl_module, self.merged_dir)
             rank_zero_info(f"LoRA: merged model written to {self.merged_dir}")
+
+    def _fit_end_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fit end of a sharded model (every rank calls the collectives): the adapters are gathered (never
+        the base) and written by rank 0; no merge in memory; the merged model only if it fits on rank 0."""
+        from lightning_lora.fsdp import fsdp1_adapter_state_dict
+
+        fsdp1 = strategy_kind(trainer.strategy) == "fsdp1"
+        if self.adapter_dir is not None:
+            write_adapter(pl_module, self.adapter_dir, fsdp1_adapter_state_dict(pl_module) if fsdp1 else None)
+            rank_zero_info(f"LoRA: adapter written to {self.adapter_dir} (PEFT format, gathered from the shards)")
+        offline = (f"lightning-lora merge --base <base model> --adapter {self.adapter_dir or '<adapter dir>'} "
+                   f"--out {self.merged_dir or '<merged dir>'}")
+        done = None
+        if self.merged_dir is not None:
+            done = "not supported under FSDPStrategy" if fsdp1 else write_merged(pl_module, self.merged_dir)
+            if done == "written":
+                rank_zero_info(f"LoRA: merged model written to {self.merged_dir} (gathered on rank 0)")
+            else:
+                rank_zero_warn(f"LoRA: the merged model was not written to {self.merged_dir} ({done}); merge offline "
+                               f"from the adapter: {offline}")
+        if self.merge_on_fit_end:
+            where = f"the merged model is in {self.merged_dir}" if done == "written" else f"merge offline: {offline}"
+            rank_zero_info(f"LoRA: the model is sharded (FSDP), so its adapters stay unmerged in memory (outputs are "
+                           f"the same); {where}")
 
 
 LoRA.__init__.__signature__, LoRA.__init__.__annotations__ = with_config_fields(LoRA.__init__)  # type: ignore[attr-defined]

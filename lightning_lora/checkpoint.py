@@ -169,7 +169,8 @@ class AdapterCheckpoint:
 
 
 def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
-    """Read an adapter-only Lightning checkpoint file (`torch.load(..., weights_only=True)`).
+    """Read an adapter-only Lightning checkpoint file (`torch.load(..., weights_only=True)`), or a
+    distributed checkpoint directory written under FSDP (`read_sharded_checkpoint`).
 
     Raises:
         AdapterFormatError: missing, unreadable, or not written by a LoRA run (the message names the
@@ -181,15 +182,18 @@ def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
         (8, 'model')
     """
     path = Path(path)
-    if not path.is_file():
+    if is_sharded_checkpoint(path):
+        ckpt = read_sharded_checkpoint(path)
+    elif not path.is_file():
         raise AdapterFormatError(f"{path} does not exist or is not a file; expected an adapter-only Lightning "
                                  "checkpoint (.ckpt) written with the LoRA callback.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise AdapterFormatError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                                 f"{first_line(err)}); it may be truncated, or hold objects other than tensors "
-                                 "and plain Python values.") from None
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+            raise AdapterFormatError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                                     f"{first_line(err)}); it may be truncated, or hold objects other than tensors "
+                                     "and plain Python values.") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise AdapterFormatError(f"{path} is not a Lightning checkpoint (no 'state_dict' dict).")
     if not isinstance(ckpt.get(CHECKPOINT_KEY), dict):
@@ -217,6 +221,58 @@ def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
                              task if isinstance(task, str) and task else None)
 
 
+#: the file of a distributed (sharded) Lightning checkpoint directory that holds everything but tensors
+SHARDED_METADATA = "meta.pt"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a distributed checkpoint directory (FSDP strategies: tensors written by every
+    rank with `torch.distributed.checkpoint`, the rest in `meta.pt`).
+
+    Example:
+        >>> is_sharded_checkpoint("last.ckpt")
+        False
+    """
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_METADATA).is_file()
+
+
+def read_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A distributed checkpoint directory as one checkpoint dict (`meta.pt` plus its `state_dict` and
+    `optimizer_states`), read in this process without a process group. Meant for adapter-only
+    checkpoints: every tensor of the directory is loaded into memory.
+
+    Raises:
+        AdapterFormatError: the directory cannot be read.
+
+    Example:
+        >>> ckpt = read_sharded_checkpoint("checkpoints/last.ckpt")   # doctest: +SKIP
+        >>> sorted(ckpt["state_dict"])[:1]                            # doctest: +SKIP
+        ['model.model.layers.0.self_attn.q_proj.lora_A.weight']
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    try:
+        meta = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=True)
+        tensors: dict[str, Any] = {}
+        _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise AdapterFormatError(f"{path} is not a readable distributed checkpoint ({type(err).__name__}: "
+                                 f"{first_line(err)}).") from None
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"{path / SHARDED_METADATA} is not a Lightning checkpoint's metadata.")
+    ckpt = dict(meta)
+    ckpt["state_dict"] = tensors.pop("state_dict", tensors.pop("model", {}))
+    optimizers = sorted((k for k in tensors if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    if optimizers:
+        ckpt["optimizer_states"] = [tensors[k] for k in optimizers]
+    return ckpt
+
+
 __all__ = ["AdapterCheckpoint", "CHECKPOINT_KEY", "CHECKPOINT_VERSION", "check_adapter_keys",
-           "check_checkpoint_config", "checkpoint_config", "checkpoint_section", "make_adapter_only",
-           "read_checkpoint"]
+           "check_checkpoint_config", "checkpoint_config", "checkpoint_section", "is_sharded_checkpoint",
+           "make_adapter_only", "read_checkpoint", "read_sharded_checkpoint"]

@@ -291,7 +291,8 @@ def export_parser() -> argparse.ArgumentParser:
                     "peft.PeftModel.from_pretrained(base, OUT_DIR) loads. The result is checked to load onto the "
                     "base model it names before the command reports success.",
         epilog="example: lightning-lora export lightning_logs/version_0/checkpoints/last.ckpt out/adapter")
-    parser.add_argument("ckpt", metavar="CKPT", help="adapter-only .ckpt file")
+    parser.add_argument("ckpt", metavar="CKPT", help="adapter-only .ckpt file, or the distributed checkpoint "
+                                                     "directory of an FSDP run")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must not exist or be empty, unless "
                                                            "--overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -318,7 +319,9 @@ def export_main(argv: list[str] | None = None) -> int:
         if _same_path(args.ckpt, out):
             raise CommandError(f"OUT_DIR {out} is the checkpoint itself; choose another output directory.")
         _check_output(out, args.overwrite)
-        if not Path(args.ckpt).is_file():
+        from lightning_lora.checkpoint import is_sharded_checkpoint
+
+        if not Path(args.ckpt).is_file() and not is_sharded_checkpoint(args.ckpt):
             raise CommandError(f"checkpoint {args.ckpt} does not exist or is not a file; pass the .ckpt written "
                                "with the LoRA callback.")
         with atomic_directory(out, overwrite=args.overwrite) as tmp:

@@ -164,14 +164,16 @@ class LoRALayer(nn.Module):
         """Which adapter path `forward` takes for input `x` (see `AdapterPath`).
 
         The fused paths compute what `adapter_forward` computes (the dropout path with its own masks),
-        and are skipped where they could change behaviour: hooks on the adapter modules, autocast,
+        and are skipped where they could change behaviour: hooks on the adapter modules (FSDP2 units of
+        their own), adapter modules wrapped by FSDP1 (read through their wrapper, not as `.weight`), autocast,
         a subclassed dropout, devices other than CPU/CUDA, and inside `torch.compile` (which fuses the
         plain path itself).
         """
         if not self._fusable or not x.is_floating_point() or x.device.type not in ("cpu", "cuda"):
             return AdapterPath.MODULES
         drop = self.lora_dropout
-        if (self.lora_A._forward_hooks or self.lora_A._forward_pre_hooks or self.lora_B._forward_hooks
+        if (not isinstance(self.lora_A, nn.Linear) or not isinstance(self.lora_B, nn.Linear)  # FSDP1 units
+                or self.lora_A._forward_hooks or self.lora_A._forward_pre_hooks or self.lora_B._forward_hooks
                 or self.lora_B._forward_pre_hooks or drop._forward_hooks or drop._forward_pre_hooks
                 or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):
             return AdapterPath.MODULES

@@ -63,6 +63,7 @@ from lightning_lora.surgery import (
     lora_state_dict,
     lora_states,
 )
+from lightning_lora.surgery import _without_wrappers
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_NAME_BIN = "adapter_model.bin"
@@ -119,24 +120,25 @@ def _base_module_names(network: nn.Module) -> list[str]:
     names: list[str] = []
     inside: list[str] = []
     for name, module in network.named_modules():
+        name = _without_wrappers(name)  # FSDP1 / checkpoint wrappers: the wrapped module's own name
         if not name or any(name.startswith(p + ".") for p in inside):
             continue
         names.append(name)
         if isinstance(module, LoRALayer):
             inside.append(name)
-    return names
+    return list(dict.fromkeys(names))
 
 
 def _peft_all_linear(network: nn.Module, task_type: str | None) -> list[str]:
     """PEFT's expansion of `target_modules="all-linear"`: every Linear/Conv1D except the output layer."""
     linear = (nn.Linear,) + ((HFConv1D,) if HFConv1D is not None else ())
-    names = [n for n, m in network.named_modules() if n and isinstance(m, linear)]
+    names = list(dict.fromkeys(_without_wrappers(n) for n, m in network.named_modules() if n and isinstance(m, linear)))
     exclude: set[str] = set()
     cls = _pretrained_model_class()
     if cls is not None and isinstance(network, cls):
         out = network.get_output_embeddings()
         if out is not None:
-            exclude.update(n for n, m in network.named_modules() if m is out)
+            exclude.update(_without_wrappers(n) for n, m in network.named_modules() if m is out)
         elif task_type == "SEQ_CLS":
             for head in ("score", "classifier"):
                 if getattr(network, head, None) is not None:
@@ -167,7 +169,7 @@ def _layer_infos(network: nn.Module) -> dict[str, _LayerInfo]:
     for name, layer in lora_layers(network):
         kind = ("embedding" if isinstance(layer, LoRAEmbedding)
                 else "conv1d" if isinstance(layer, LoRAConv1D) else "linear")
-        infos[name] = _LayerInfo(kind, layer.r, layer.lora_alpha)
+        infos[_without_wrappers(name)] = _LayerInfo(kind, layer.r, layer.lora_alpha)
     return infos
 
 
@@ -304,10 +306,13 @@ def _write_peft_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
 
 
 def to_peft(model: nn.Module, config: LoRAConfig | None = None,
-            base_model_name_or_path: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            base_model_name_or_path: str | None = None,
+            adapter_state: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The PEFT tensors (keys `base_model.model.*`) and `adapter_config.json` dict for `model`, in memory.
 
-    `save_adapter` writes exactly these; see it for the arguments.
+    `save_adapter` writes exactly these; see it for the arguments. `adapter_state` (keys as
+    `lora_state_dict(model)`'s) replaces reading the model's state dict: the adapters gathered from a
+    sharded model (`lightning_lora.fsdp`).
 
     Example:
         >>> tensors, cfg = to_peft(model)   # doctest: +SKIP
@@ -325,7 +330,7 @@ def to_peft(model: nn.Module, config: LoRAConfig | None = None,
     states = lora_states(model)
     if states:
         config = config if config is not None else states[0][1].config
-        state = lora_state_dict(model)
+        state = lora_state_dict(model) if adapter_state is None else dict(adapter_state)
     elif config is not None:  # adapter layers without a record: the given config picks the saved keys
         full = network.state_dict()
         state = {_join(prefix, k): full[k] for k in compute_trainable_keys(network, config)}

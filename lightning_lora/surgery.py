@@ -268,7 +268,9 @@ def vocab_rows(model: nn.Module) -> int | None:
     """
     for _, network in _pretrained_models(model):
         with contextlib.suppress(Exception):
-            return int(network.get_input_embeddings().weight.shape[0])
+            embedding = network.get_input_embeddings()
+            rows = getattr(embedding, "num_embeddings", None)  # FSDP1 leaves `weight` a flat shard outside forward
+            return int(rows) if isinstance(rows, int) else int(embedding.weight.shape[0])
     return None
 
 
@@ -587,7 +589,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
         [(2, 4), (4, 2)]
     """
     keys = trainable_keys(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = {_without_wrappers(k): p for k, p in model.named_parameters(remove_duplicate=False)}
     out: list[nn.Parameter] = []
     seen: set[int] = set()
     for key in keys:
@@ -596,6 +598,17 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+#: name components that wrappers add to module / parameter names (FSDP1 units, activation checkpointing, compile)
+_WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def _without_wrappers(name: str) -> str:
+    """`name` without the components that FSDP1, activation-checkpointing and compile wrappers add."""
+    if "_" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
