@@ -288,6 +288,12 @@ def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: l
     }
 
 
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN included), dtype and shape."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
 def _write_peft_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
                     overwrite: bool) -> Path:
     from safetensors.torch import save_file
@@ -298,7 +304,7 @@ def _write_peft_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         # read back what was written before it is renamed into place: a write that went wrong never lands
         written, _ = _read_tensors(tmp)
-        if written.keys() != prepared.keys() or not all(torch.equal(written[k], v) for k, v in prepared.items()) \
+        if written.keys() != prepared.keys() or not all(_same_bytes(written[k], v) for k, v in prepared.items()) \
                 or read_adapter_config(tmp) != cfg:
             raise AdapterFormatError(f"{directory}: the adapter read back differs from what was written; nothing "
                                      "was written. Check the disk (space, permissions) and try again.")
