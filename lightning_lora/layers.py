@@ -194,6 +194,10 @@ class LoRALayer(nn.Module):
         return result + self.adapter_forward(x).to(result.dtype)
 
     # ------------------------------------------------------------------ merge
+    def weight_norm(self) -> float:
+        """`||W||_F` of the base weight in float32 (a quantized base's layer dequantises it)."""
+        return self.weight.detach().float().norm().item()
+
     def delta_weight(self) -> torch.Tensor:
         """`scaling * B @ A` in float32, in the layout of the base weight."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling

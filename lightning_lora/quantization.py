@@ -199,8 +199,8 @@ def nf4_bytes(tensor: torch.Tensor) -> int:
     the scales and the 16-entry code book.
 
     Example:
-        >>> nf4_bytes(to_nf4(torch.randn(4096, 4096)))   # 8 MiB codes + 256 KiB scales + 4 KiB + 68
-        8654916
+        >>> nf4_bytes(to_nf4(torch.randn(1024, 1024)))   # 512 KiB codes + 16 KiB scales + 256 + 4 + 64
+        540996
     """
     names, _ = tensor.__tensor_flatten__()
     return sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
@@ -347,6 +347,13 @@ class LoRAQuantizedLinear(LoRALinear):
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
 
     # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def weight_norm(self) -> float:
+        """`||W||_F` of the weight the layer computes with (dequantised in float32 when quantized)."""
+        if not self.is_quantized:
+            return super().weight_norm()
+        return self.dequantized_weight().norm().item()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Replace the quantized weight by `round(dequantised + delta)` in `dense_dtype` (one rounding);
@@ -597,8 +604,8 @@ def quantized_weight_bytes(model: nn.Module) -> int:
     state), each counted once.
 
     Example:
-        >>> quantized_weight_bytes(NF4Linear.from_linear(nn.Linear(4096, 4096, bias=False)))
-        8654916
+        >>> quantized_weight_bytes(NF4Linear.from_linear(nn.Linear(1024, 1024, bias=False)))
+        540996
     """
     total, seen = 0, set()
     for module in model.modules():
@@ -614,7 +621,8 @@ def quantized_weight_bytes(model: nn.Module) -> int:
             if state is not None:
                 total += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
                              if isinstance(t, torch.Tensor))
-            scb = getattr(getattr(module, "state", None), "SCB", None)
+            layer = module._synced() if isinstance(module, _LoRABitsAndBytes) else module
+            scb = getattr(getattr(layer, "state", None), "SCB", None)
             scb = scb if scb is not None else getattr(w, "SCB", None)
             if scb is not None:
                 total += scb.numel() * scb.element_size()

@@ -986,7 +986,7 @@ def weight_norms(model: nn.Module) -> dict[str, float]:
         >>> weight_norms(m)
         {'q_proj': 2.0}
     """
-    return {name: layer.weight.detach().float().norm().item() for name, layer in lora_layers(model)}
+    return {name: layer.weight_norm() for name, layer in lora_layers(model)}
 
 
 @torch.no_grad()
@@ -1008,7 +1008,7 @@ def delta_ratio(model: nn.Module, norms: dict[str, float] | None = None) -> floa
     for name, layer in lora_layers(model):
         a, b = layer.lora_A.weight.float(), layer.lora_B.weight.float()
         delta = layer.scaling * torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0)).item()
-        w = (norms or {}).get(name) or layer.weight.detach().float().norm().item()
+        w = (norms or {}).get(name) or layer.weight_norm()
         ratios.append(delta / w if w > 0 else math.inf)
     return sum(ratios) / len(ratios) if ratios else 0.0
 
