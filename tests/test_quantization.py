@@ -37,11 +37,13 @@ from lightning_lora.quantization import (
     QuantizationError,
     bitsandbytes,
     dequantize_bnb_linear,
+    dequantize_nf4,
     host_init_context,
     is_quantized_module,
     merge_dtype,
     modules_to_quantize,
     nf4_bytes,
+    nf4_linear,
     quantize_base_modules,
     quantized_weight_bytes,
     scaler_block_size,
@@ -178,6 +180,24 @@ def test_quantized_forward_is_the_dequantised_weight_reference():
     # NF4's own error on a Gaussian weight: ||W - deq(W)|| / ||W|| (measured 0.092 here)
     err = ((dequantised - lin.weight).norm() / lin.weight.norm()).item()
     assert 0.08 < err < 0.10, err
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (576, 576), (192, 576), (1536, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_dequantisation_and_linear_are_torchaos_bit_for_bit(shape, dtype):
+    torch.manual_seed(0)
+    w = torchao_nf4().to_nf4(torch.randn(shape).to(dtype), 64, scaler_block_size(shape[0] * shape[1]))
+    assert torch.equal(dequantize_nf4(w), w.get_original_weight())
+    assert torch.equal(dequantize_nf4(w, torch.bfloat16), w.get_original_weight().to(torch.bfloat16))
+    # forward and backward against torchao's own F.linear on an NF4Tensor (linear_nf4 + bias)
+    bias = torch.randn(shape[0], dtype=dtype)
+    x1 = torch.randn(3, 5, shape[1], dtype=dtype, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = nf4_linear(x1, w, bias), F.linear(x2, w, bias)
+    assert torch.equal(y1, y2)
+    g = torch.randn_like(y1)
+    y1.backward(g), y2.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
 
 
 def test_module_casts_and_moves_keep_nf4_weights():
@@ -599,3 +619,26 @@ def test_smollm2_nf4_bytes_errors_and_do_no_harm(smollm2_path):
     assert {type(m) for m in model.modules() if is_quantized_module(m)} == {NF4Linear}
     with torch.no_grad():
         assert torch.equal(model(x).logits, injected)
+
+
+# ============================================================================ the 12 GB config
+def test_llama_qlora_config_asks_for_a_4bit_base_on_one_gpu(capsys):
+    from pathlib import Path
+
+    import yaml
+
+    from lightning_lora.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "llama-3-8b-qlora.yaml"
+    code = main(["fit", "--config", str(config), "--print_config"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    cfg = yaml.safe_load(out.out)
+    lora = [c for c in cfg["trainer"]["callbacks"] if c["class_path"] == "lightning_lora.LoRA"][0]["init_args"]
+    assert (lora["quantize_base"], lora["quantize_base_modules"]) == ("nf4", "all-linear")
+    assert lora["r"] == 8 and lora["target_modules"] == ["q_proj", "v_proj"] and lora["adapter_dtype"] == "float32"
+    trainer = cfg["trainer"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("gpu", 1, "bf16-true")
+    model = cfg["model"]["init_args"]
+    assert model["gradient_checkpointing"] is True and model["dtype"] == "bfloat16"
+    assert cfg["data"]["init_args"]["tokenizer"] == model["model_name_or_path"]
