@@ -529,7 +529,7 @@ def test_bnb_layer_not_quantized_yet_is_refused():
         inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
 
 
-def test_lightning_fit_on_a_bnb_model_checkpoints_only_adapters(tiny_dir, tmp_path):
+def test_lightning_bf16_true_fit_on_a_bnb_model_checkpoints_only_adapters_and_resumes(tiny_dir, tmp_path):
     from lit_models import TinyLlamaModule, fit
 
     class Bnb(TinyLlamaModule):
@@ -538,11 +538,21 @@ def test_lightning_fit_on_a_bnb_model_checkpoints_only_adapters(tiny_dir, tmp_pa
             self.model = load_bnb(tiny_dir, 4)
 
     module = Bnb()
-    trainer = fit(module, [LoRA(r=4, merge_on_fit_end=False)], tmp_path, max_steps=3)
+    trainer = fit(module, [LoRA(r=4, merge_on_fit_end=False)], tmp_path, max_steps=3, precision="bf16-true")
     trainer.save_checkpoint(tmp_path / "b.ckpt")
     ckpt = torch.load(tmp_path / "b.ckpt", map_location="cpu", weights_only=True)
     assert sorted(ckpt["state_dict"]) == sorted(lora_state_dict(module)) and len(ckpt["state_dict"]) == 8
     assert all(layer.lora_B.weight.abs().sum() > 0 for _, layer in lora_layers(module))
+    # bf16-true cast the rest of the model, not bitsandbytes' codes; the adapters stay float32
+    q = module.model.model.layers[0].self_attn.q_proj
+    assert q.weight.dtype is torch.uint8 and q.lora_A.weight.dtype is torch.float32
+    assert module.model.model.norm.weight.dtype is torch.bfloat16
+    # resume into a fresh bitsandbytes module: the adapters come back exactly
+    trained = {k: v.clone() for k, v in lora_state_dict(module).items()}
+    resumed = Bnb()
+    fit(resumed, [LoRA(r=4, merge_on_fit_end=False)], tmp_path, max_steps=3, precision="bf16-true",
+        ckpt_path=str(tmp_path / "b.ckpt"))
+    assert all(torch.equal(v, lora_state_dict(resumed)[k]) for k, v in trained.items())
 
 
 # ============================================================================ PEFT files
