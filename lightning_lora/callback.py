@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,7 @@ from lightning_lora.fsdp import (
     write_adapter,
     write_merged,
 )
+from lightning_lora.quantization import host_init_context
 from lightning_lora.surgery import (
     MERGED_ATTR,
     AdapterProbe,
@@ -77,14 +79,16 @@ from lightning_lora.surgery import (
 )
 
 
-def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Callable[[], None]) -> Callable[[], None]:
-    """Run `inject()` right after the module's `configure_model`: the one place where no Lightning hook
-    runs between building the network and restoring a checkpoint into it. Wraps `configure_model`
-    with an instance attribute; the returned function undoes it (called at teardown)."""
+def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Callable[[], None],
+                                  context: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
+    """Run `inject()` right after the module's `configure_model` (itself run inside `context()`): the one
+    place where no Lightning hook runs between building the network and restoring a checkpoint into it.
+    Wraps `configure_model` with an instance attribute; the returned function undoes it (at teardown)."""
     original = pl_module.configure_model
 
     def configure_model() -> None:  # no `__wrapped__`: Lightning's `is_overridden` must see an override
-        original()
+        with context():
+            original()
         inject()
 
     pl_module.__dict__["configure_model"] = configure_model
@@ -231,7 +235,9 @@ class LoRA(Callback):
             if "matched no module" not in str(err) or not callable(getattr(pl_module, "configure_model", None)):
                 raise
             # the network is built later, in configure_model or the module's own setup
-            self._undo.append(_inject_after_configure_model(pl_module, lambda: self._inject(pl_module)))
+            # (with quantize_base the network is built in host memory and reaches the device in 4 bits)
+            self._undo.append(_inject_after_configure_model(pl_module, lambda: self._inject(pl_module),
+                                                            lambda: host_init_context(self.config)))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -27,6 +27,10 @@ from lightning_lora.matching import name_matches, pattern_key  # noqa: F401 (nam
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = ("gaussian", "kaiming")
+#: `quantize_base` values (`lightning_lora.quantization`) and the inits that leave the base weights alone
+QUANTIZE_BASE_CHOICES = ("nf4",)
+QUANTIZE_BASE_MODULES_CHOICES = ("adapted", ALL_LINEAR)
+QUANTIZE_SAFE_INITS = ("gaussian", "kaiming")
 ADAPTER_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -82,6 +86,12 @@ class LoRAConfig:
         alpha_pattern: regex of a module path -> alpha for those modules.
         adapter_dtype: dtype of A and B (`"float32"` by default, so adapters stay fp32 on a bf16
             base); `None` keeps the base layer's dtype.
+        quantize_base: `"nf4"` stores the frozen weight of every adapted `nn.Linear` as a 4-bit
+            NormalFloat tensor (QLoRA; torchao, blocks of 64, double-quantised scales), dequantised
+            on the fly in the compute dtype; `None` (default) keeps the base as it is. See
+            `lightning_lora.quantization`.
+        quantize_base_modules: `"adapted"` (default) quantizes the adapted layers only;
+            `"all-linear"` every `nn.Linear` except the output head and `modules_to_save`.
 
     Example:
         >>> LoRAConfig(r=4, target_modules="all-linear", dropout=0.05).r
@@ -102,6 +112,8 @@ class LoRAConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     adapter_dtype: str | None = "float32"
+    quantize_base: str | None = None
+    quantize_base_modules: Literal["adapted", "all-linear"] = "adapted"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -135,6 +147,24 @@ class LoRAConfig:
         self.rank_pattern = self._check_pattern_dict("rank_pattern", self.rank_pattern, int)
         self.alpha_pattern = self._check_pattern_dict("alpha_pattern", self.alpha_pattern, float)
         self.adapter_dtype = _dtype_name(self.adapter_dtype)
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        if isinstance(self.quantize_base, str):
+            self.quantize_base = self.quantize_base.lower()
+        if self.quantize_base is not None and self.quantize_base not in QUANTIZE_BASE_CHOICES:
+            raise LoRAConfigError(f"quantize_base={self.quantize_base!r} is invalid; expected one of "
+                                  f"{', '.join(map(repr, QUANTIZE_BASE_CHOICES))} or None (keep the base as it is).")
+        if self.quantize_base_modules not in QUANTIZE_BASE_MODULES_CHOICES:
+            raise LoRAConfigError(f"quantize_base_modules={self.quantize_base_modules!r} is invalid; expected "
+                                  f"{' or '.join(map(repr, QUANTIZE_BASE_MODULES_CHOICES))}.")
+        if self.quantize_base is None and self.quantize_base_modules != "adapted":
+            raise LoRAConfigError(f"quantize_base_modules={self.quantize_base_modules!r} needs quantize_base; set "
+                                  "quantize_base='nf4' as well, or drop quantize_base_modules.")
+        if self.quantize_base is not None and self.init not in QUANTIZE_SAFE_INITS:
+            raise LoRAConfigError(f"init={self.init!r} cannot be combined with quantize_base={self.quantize_base!r}: "
+                                  "that initialisation changes the base weights, which a quantized base cannot hold "
+                                  f"exactly; use init={' or '.join(map(repr, QUANTIZE_SAFE_INITS))}, or drop quantize_base.")
 
     @staticmethod
     def _check_patterns(name: str, value: Any, allow_all_linear: bool = False) -> list[str] | str | None:

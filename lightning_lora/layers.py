@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -200,6 +201,10 @@ class LoRALayer(nn.Module):
         return result + self.adapter_forward(x).to(result.dtype)
 
     # ------------------------------------------------------------------ merge
+    def weight_norm(self) -> float:
+        """`||W||_F` of the base weight in float32 (a quantized base's layer dequantises it)."""
+        return self.weight.detach().float().norm().item()
+
     def delta_weight(self) -> torch.Tensor:
         """`scaling * B @ A` in float32, in the layout of the base weight."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -324,6 +329,19 @@ class LoRAEmbedding(LoRALayer):
 
 #: base module type -> adapter class (most specific type first when looked up along the MRO)
 ADAPTER_TYPES: dict[type[nn.Module], type[LoRALayer]] = {}
+#: package -> function registering adapter types for its modules, run the first time a module from that
+#: package is looked up (so that e.g. bitsandbytes, slow to import, is never imported for nothing)
+_LAZY_REGISTRATIONS: dict[str, Callable[[], None]] = {}
+
+
+def register_adapter_types_lazily(package: str, register: Callable[[], None]) -> None:
+    """Run `register()` (which calls `register_adapter_type`) the first time `adapter_class_for` meets a
+    module whose class is defined in `package` (e.g. `"bitsandbytes"`).
+
+    Example:
+        >>> register_adapter_types_lazily("my_quant_lib", lambda: None)
+    """
+    _LAZY_REGISTRATIONS[package] = register
 
 
 def register_adapter_type(base_type: type[nn.Module], adapter_cls: type[LoRALayer]) -> None:
@@ -349,6 +367,9 @@ def adapter_class_for(module: nn.Module) -> type[LoRALayer] | None:
     """
     if isinstance(module, LoRALayer):
         return None
+    package = type(module).__module__.split(".", 1)[0]
+    if package in _LAZY_REGISTRATIONS:
+        _LAZY_REGISTRATIONS.pop(package)()
     for cls in type(module).__mro__:
         if cls in ADAPTER_TYPES:
             return ADAPTER_TYPES[cls] if type(module).forward is cls.forward else None
@@ -387,14 +408,14 @@ def supported_types() -> str:
     """The module types that can take an adapter, for error messages.
 
     Example:
-        >>> supported_types()
-        'nn.Linear, transformers Conv1D, nn.Embedding'
+        >>> supported_types().split(", ")[:3]     # then the quantized layers, once registered
+        ['nn.Linear', 'transformers Conv1D', 'nn.Embedding']
     """
     def label(t: type) -> str:
         if t.__module__.startswith("torch.nn"):
             return f"nn.{t.__name__}"
         return f"{t.__module__.split('.')[0]} {t.__name__}"
-    return ", ".join(label(t) for t in ADAPTER_TYPES)
+    return ", ".join(label(t) for t, cls in ADAPTER_TYPES.items() if getattr(cls, "adaptable", True))
 
 
 def unsupported_target_error(name: str, module: nn.Module, targets: Any, hint: str,
@@ -416,3 +437,14 @@ register_adapter_type(nn.Linear, LoRALinear)
 if HFConv1D is not None:
     register_adapter_type(HFConv1D, LoRAConv1D)
 register_adapter_type(nn.Embedding, LoRAEmbedding)
+
+
+def _register_bitsandbytes() -> None:
+    from lightning_lora.quantization import register_bitsandbytes_adapters
+
+    register_bitsandbytes_adapters()
+
+
+# Quantized bases (lightning_lora.quantization): bitsandbytes' Linear4bit / Linear8bitLt are registered the
+# first time such a module is looked up; the NF4 layer when lightning_lora.quantization is imported.
+register_adapter_types_lazily("bitsandbytes", _register_bitsandbytes)

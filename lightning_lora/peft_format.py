@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -627,7 +628,8 @@ def _inject_and_load(model: nn.Module, network: nn.Module, prefix: str, config: 
     return [_join(prefix, n) for n in names]
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False) -> list[str]:
+def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False,
+                 quantize_base: str | None = None) -> list[str]:
     """Inject adapters into a base model and load their weights from a PEFT directory or a checkpoint.
 
     `path` is either a PEFT LoRA adapter directory (written by `save_adapter` or by PEFT's
@@ -644,6 +646,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         trainable: leave the adapters (and biases / modules_to_save per the config) trainable;
             by default every parameter of the model gets `requires_grad=False`. The train/eval
             mode of the model is not changed.
+        quantize_base: `"nf4"` stores the adapted layers of the base in NF4 first (as
+            `LoRAConfig.quantize_base`), e.g. to run a QLoRA adapter that PEFT trained on a
+            bitsandbytes 4-bit base; default: as the adapter's own config says (a `.ckpt` of a
+            QLoRA run quantizes, a PEFT directory does not). A model quantized with bitsandbytes
+            needs nothing: its layers take the adapters as they are.
 
     Returns:
         The names of the adapted modules, relative to `model`.
@@ -660,7 +667,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     """
     path = Path(path)
     if path.is_file():
-        return _load_checkpoint_adapter(model, path, trainable)
+        return _load_checkpoint_adapter(model, path, trainable, quantize_base)
     if not path.exists():
         raise AdapterFormatError(f"{path} does not exist; expected a PEFT adapter directory ({ADAPTER_CONFIG_NAME} + "
                                  f"{ADAPTER_WEIGHTS_NAME}) or an adapter-only .ckpt file.")
@@ -674,16 +681,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         raise AdapterFormatError(f"{path / ADAPTER_CONFIG_NAME}: {err}") from None
     except ValueError as err:  # a value LoRAConfig rejects (r=0, bias='x', ...)
         raise AdapterFormatError(f"{path / ADAPTER_CONFIG_NAME}: {err}") from None
+    if quantize_base is not None:
+        config = dataclasses.replace(config, quantize_base=quantize_base)
     state = {from_peft_key(k): v for k, v in tensors.items()}
     if len(state) != len(tensors):
         raise AdapterFormatError(f"{weights_path} holds the same tensor under two spellings; re-export the adapter.")
     return _inject_and_load(model, network, prefix, config, state, weights_path, trainable)
 
 
-def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool) -> list[str]:
+def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool, quantize_base: str | None = None) -> list[str]:
     ckpt = read_checkpoint(path)
     prefix, network = find_network(model)
-    return _inject_and_load(model, network, prefix, ckpt.config, ckpt.state_dict, path, trainable,
+    config = ckpt.config if quantize_base is None else dataclasses.replace(ckpt.config, quantize_base=quantize_base)
+    return _inject_and_load(model, network, prefix, config, ckpt.state_dict, path, trainable,
                             config_prefix=ckpt.model_prefix)
 
 
@@ -700,7 +710,9 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
             from lightning_lora.hub import meta_model
 
             network = meta_model(base, ckpt.task_type)
-            inject_lora(network, ckpt.config, prefix=ckpt.model_prefix)
+            # the layer kinds and shapes are those of the dense base: no need to quantize it
+            inject_lora(network, dataclasses.replace(ckpt.config, quantize_base=None, quantize_base_modules="adapted"),
+                        prefix=ckpt.model_prefix)
             emb = set(embedding_keys(network))  # carried embedding rows may be of a resized vocabulary
             expected = {k: tuple(v.shape) for k, v in lora_state_dict(network).items()}
             fits = ({k for k in expected if k not in emb} == {k for k in state if k not in emb}

@@ -389,7 +389,13 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
     state.embedding_keys = _carried_embedding_keys(model, config, skip)
     dtype = config.torch_adapter_dtype
     setattr(model, STATE_ATTR, state)
+    quantized: dict[str, nn.Module] = {}  # layers replaced by their quantized version (config.quantize_base)
     try:
+        if config.quantize_base is not None:
+            from lightning_lora.quantization import quantize_base_modules
+
+            quantize_base_modules(model, config, names, heads=sorted(output_head_names(model)), saved=saved,
+                                  skip=skip, prefix=prefix, originals=quantized)
         for name in names:
             module = model.get_submodule(name)
             cls = adapter_class_for(module)
@@ -406,6 +412,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
                 param.requires_grad_(key in trainable)
     except BaseException:
         unload(model)
+        if quantized:
+            from lightning_lora.quantization import restore_modules
+
+            restore_modules(model, quantized)
         raise
     return names
 
@@ -802,9 +812,11 @@ class MergedAdapters:
 
     states: list[tuple[str, LoRAState]]
     adapters: dict[str, torch.Tensor]
+    #: the quantized layers the merge replaced by dense ones (path -> module without adapters)
+    quantized: dict[str, nn.Module] = field(default_factory=dict)
 
 
-def merge_and_unload(model: nn.Module, keep: bool = False) -> nn.Module:
+def merge_and_unload(model: nn.Module, keep: bool = False, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Fold every adapter into its base weight and remove it; the result is a plain model again
     (exactly the base model's module types and state-dict keys). In place; returns `model`.
     PEFT's `merge_and_unload`.
@@ -815,10 +827,16 @@ def merge_and_unload(model: nn.Module, keep: bool = False) -> nn.Module:
     module gets its own merged copy, the other keeps the base weight, and transformers configs get
     `tie_word_embeddings=False`; so the merged model computes what the adapted model computed.
 
+    A quantized base (`quantize_base="nf4"`, bitsandbytes) is dequantised: each adapted weight in
+    float32 plus the delta, rounded once into `dtype`; quantized layers without adapters become dense
+    `nn.Linear` layers too (`lightning_lora.quantization.dequantize_for_merge`).
+
     Args:
         model: a model with adapters (or a module holding one).
         keep: keep the adapters on `model.lora_merged` (a `MergedAdapters`) so that
             `unmerge_and_reinject(model)` can undo the merge.
+        dtype: dtype of the dequantised weights of a quantized base (default: the dtype of the rest of
+            the model, e.g. bf16 after a `bf16-true` run); dense weights keep their dtype.
 
     Example:
         >>> from torch import nn
@@ -831,9 +849,12 @@ def merge_and_unload(model: nn.Module, keep: bool = False) -> nn.Module:
         raise LoRAError("merge_and_unload expects the model that holds the adapters, not an adapter layer; "
                         "call layer.merge() or pass the parent model.")
     states = lora_states(model)
+    from lightning_lora.quantization import dequantize_for_merge
+
+    quantized = dequantize_for_merge(model, dtype)
     if keep:
         adapters = {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(model).items() if is_lora_key(k)}
-        model.__dict__[MERGED_ATTR] = MergedAdapters(states, adapters)
+        model.__dict__[MERGED_ATTR] = MergedAdapters(states, adapters, quantized)
     owners = _parameter_owners(model)
     untied = False
     for name, layer in list(lora_layers(model)):
@@ -876,6 +897,10 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
     if not isinstance(record, MergedAdapters):
         raise LoRAError("This model was not merged with merge_and_unload(model, keep=True); there is nothing to "
                         "undo. Load the adapters into a fresh base model instead.")
+    if record.quantized:  # the quantized layers come back as they were (nothing is quantized again)
+        from lightning_lora.quantization import restore_modules
+
+        restore_modules(model, record.quantized)
     names = []
     for path, state in record.states:
         root = model.get_submodule(path) if path else model
@@ -885,9 +910,10 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
         params = dict(model.state_dict(keep_vars=True))
         for key, value in record.adapters.items():
             params[key].copy_(value)
-    for _, layer in lora_layers(model):
-        layer.merged = True
-        layer.unmerge()
+    for name, layer in lora_layers(model):
+        if name not in record.quantized:
+            layer.merged = True
+            layer.unmerge()
     del model.__dict__[MERGED_ATTR]
     return names
 
@@ -1187,7 +1213,7 @@ def weight_norms(model: nn.Module) -> dict[str, float]:
         >>> weight_norms(m)
         {'q_proj': 2.0}
     """
-    return {name: layer.weight.detach().float().norm().item() for name, layer in lora_layers(model)}
+    return {name: layer.weight_norm() for name, layer in lora_layers(model)}
 
 
 @torch.no_grad()
@@ -1209,7 +1235,7 @@ def delta_ratio(model: nn.Module, norms: dict[str, float] | None = None) -> floa
     for name, layer in lora_layers(model):
         a, b = layer.lora_A.weight.float(), layer.lora_B.weight.float()
         delta = layer.scaling * torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0)).item()
-        w = (norms or {}).get(name) or layer.weight.detach().float().norm().item()
+        w = (norms or {}).get(name) or layer.weight_norm()
         ratios.append(delta / w if w > 0 else math.inf)
     return sum(ratios) / len(ratios) if ratios else 0.0
 
