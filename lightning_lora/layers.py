@@ -395,10 +395,10 @@ def refusal_reason(module: nn.Module, parent: nn.Module | None = None) -> str | 
         child = next((n for n, m in parent.named_children() if m is module), "the child")
         return (f"its parent {type(parent).__name__} reads {child}.weight directly (a functional op), so an adapter "
                 "would never run and merging would silently change the model")
-    for cls in type(module).__mro__[1:]:
-        if cls in ADAPTER_TYPES and type(module).forward is not cls.forward:
-            return (f"{type(module).__name__} overrides {cls.__name__}.forward, so what it computes is unknown; "
-                    "register an adapter class for it with lightning_lora.layers.register_adapter_type")
+    registered = next((cls for cls in type(module).__mro__ if cls in ADAPTER_TYPES), None)
+    if registered is not None and registered is not type(module) and type(module).forward is not registered.forward:
+        return (f"{type(module).__name__} overrides {registered.__name__}.forward, so what it computes is unknown; "
+                "register an adapter class for it with lightning_lora.layers.register_adapter_type")
     if adapter_class_for(module) is None:
         return f"its type is not one of the supported types ({supported_types()})"
     return None
