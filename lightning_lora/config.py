@@ -25,6 +25,7 @@ from lightning_lora.matching import name_matches, pattern_key  # noqa: F401 (nam
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = ("gaussian", "kaiming")
+COMPUTE_DTYPE_CHOICES = ("auto", "base", "adapter")
 ADAPTER_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -80,6 +81,12 @@ class LoRAConfig:
         alpha_pattern: regex of a module path -> alpha for those modules.
         adapter_dtype: dtype of A and B (`"float32"` by default, so adapters stay fp32 on a bf16
             base); `None` keeps the base layer's dtype.
+        adapter_compute_dtype: dtype the adapter products run in. `"auto"` (default): the base's dtype
+            for a bfloat16 base (`bf16-true`) with wider adapters, as `bf16-mixed` autocast computes:
+            tensor-core GEMMs and no fp32 copy of the input, while A, B, their gradients and the
+            optimizer state stay in `adapter_dtype`; otherwise the adapters' dtype. `"base"`: the base's
+            dtype whenever it is narrower (also float16). `"adapter"`: always the adapters' dtype (fp32
+            products on a bf16 base).
 
     Example:
         >>> LoRAConfig(r=4, target_modules="all-linear", dropout=0.05).r
@@ -100,6 +107,7 @@ class LoRAConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     adapter_dtype: str | None = "float32"
+    adapter_compute_dtype: Literal["auto", "base", "adapter"] = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -133,6 +141,9 @@ class LoRAConfig:
         self.rank_pattern = self._check_pattern_dict("rank_pattern", self.rank_pattern, int)
         self.alpha_pattern = self._check_pattern_dict("alpha_pattern", self.alpha_pattern, float)
         self.adapter_dtype = _dtype_name(self.adapter_dtype)
+        if self.adapter_compute_dtype not in COMPUTE_DTYPE_CHOICES:
+            raise LoRAConfigError(f"adapter_compute_dtype={self.adapter_compute_dtype!r} is invalid; expected one of "
+                                  f"{', '.join(COMPUTE_DTYPE_CHOICES)} ('auto': bf16 products on a bf16 base).")
 
     @staticmethod
     def _check_patterns(name: str, value: Any, allow_all_linear: bool = False) -> list[str] | str | None:
