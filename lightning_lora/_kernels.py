@@ -232,6 +232,33 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def check_mask_replay(device: torch.device | str, masks: str = "auto") -> str:
+    """Check on `device` that a dropout mask drawn again from the recorded generator state is the mask of the
+    first draw, and that the generator goes on from where the draws had taken it; returns the mask source.
+
+    A self-test for a new device or torch version (the benchmark runs it on CUDA before timing anything).
+
+    Raises:
+        RuntimeError: the replayed mask or the generator state differs.
+
+    Example:
+        >>> check_mask_replay("cpu"), check_mask_replay("cpu", "philox")
+        ('lanes', 'philox')
+    """
+    device = torch.device(device)
+    x = torch.randn(64, 257, device=device)     # an odd size: the last lanes word / Philox vector is partial
+    mask = _Mask(AdapterCall(1.0, 0.1, masks=masks), device)
+    first, _ = mask.dropped(x, x.dtype)
+    after = mask.generator.get_state()
+    again, _ = mask.redrawn(x, x.dtype)
+    if not torch.equal(first, again):
+        raise RuntimeError(f"dropout mask replay ({mask.source}) on {device} drew another mask; the fused dropout "
+                           "path cannot be used here: set LoRALayer.dropout_masks or report the torch version")
+    if not torch.equal(mask.generator.get_state(), after):
+        raise RuntimeError(f"dropout mask replay ({mask.source}) on {device} did not restore the generator state")
+    return mask.source
+
+
 def fused_lora(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                call: AdapterCall) -> torch.Tensor:
     """What `FusedLoRA` computes, without autograd (inference, `no_grad`): `result + scaling * B A dropout(x)`.

@@ -14,6 +14,7 @@ from lightning_lora._kernels import (
     MASK_LEVELS,
     AdapterCall,
     FusedLoRA,
+    check_mask_replay,
     compute_dtype_for,
     dropout_threshold,
     fused_lora,
@@ -99,6 +100,11 @@ def test_replayed_draws_the_same_numbers_and_restores_the_generator():
     assert torch.equal(first, again)
     assert torch.equal(gen.get_state(), after)           # the stream goes on where it was
     assert not torch.equal(lane_drop_mask(torch.Size([7, 33]), 20000, torch.device("cpu")), first)
+
+
+@pytest.mark.parametrize("masks", SOURCES)
+def test_check_mask_replay(masks):
+    assert check_mask_replay("cpu", masks) == masks
 
 
 # ------------------------------------------------------------------------------------------- gradcheck
