@@ -295,12 +295,12 @@ class FusedLoRA(torch.autograd.Function):
     and B in the compute dtype (r-wide) and the generator state of its mask (a few bytes on CUDA);
     backward draws the mask again (see the module docstring).
 
-    Operators per call (x needing a gradient, fp32 throughout, base gradient fused), forward / backward:
-    dropout with lane masks 5 / 8 (`random_`, `lt`, `where`, `mm`, `addmm` /  `random_`, `lt`, `where`,
-    3 GEMMs with the scales as `alpha`, `masked_fill_`, the fused `addmm`); with Philox masks 3 / 6
-    (`native_dropout`, `mm`, `addmm` / `native_dropout`, 3 GEMMs, `native_dropout_backward`, `addmm`);
-    without dropout 2 / 4. A 16-bit compute dtype with fp32 adapters adds two casts of A and B in forward
-    and two of their gradients in backward.
+    Operators per call (x needing a gradient, one dtype, base gradient fused), forward / backward, where
+    one backward GEMM replaces the base layer's own input-gradient GEMM (so above the frozen base it is one
+    fewer): lane masks 5 / 9 (`random_`, `lt`, `where`, `mm`, `addmm` / `random_`, `lt`, `where`, five
+    GEMMs with the scales as `alpha`, `masked_fill_`); Philox masks 3 / 7 (`native_dropout`, `mm`, `addmm` /
+    `native_dropout`, five GEMMs, `native_dropout_backward`); no dropout 2 / 5. A bf16 compute dtype with
+    fp32 adapters adds the casts of A and B in forward and of their gradients in backward (2 / 2).
     """
 
     @staticmethod

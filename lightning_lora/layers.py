@@ -6,8 +6,9 @@ model's plus `<module>.lora_A.weight` and `<module>.lora_B.weight` (PEFT's names
 
     h = base(x) + scaling * B(A(dropout(x)))
 
-with the adapter input cast to the adapter dtype and the adapter output cast back. B starts at
-zero, so an injected model computes exactly what the base model computes.
+with the products in the base's dtype on a bf16 base with fp32 adapters (`adapter_compute_dtype="auto"`:
+A and B cast for the call, as bf16 autocast does), else in the adapters' dtype (the input cast to it,
+the output back). B starts at zero, so an injected model computes exactly what the base model computes.
 
 Example:
     >>> import torch

@@ -147,9 +147,10 @@ def test_quick_run_json_structure(quick_run):
         assert casts["floor"]["forward"] < casts["ours"]["forward"] == casts["peft"]["forward"]
         assert casts["ours"]["backward"] <= casts["peft"]["backward"] + casts["ours"]["adapted_layers"]
         # bytes saved for backward (a count, not a timing): fp32 adapters on a bf16 base keep the bf16
-        # input, not an fp32 copy (plus, with dropout, a mask) per adapter as PEFT does
+        # input, not an fp32 copy (plus, with dropout, a mask) per adapter as PEFT does; ours stays closer to
+        # the floor than PEFT (it may save less than the floor, which backpropagates into the embeddings)
         act = {k: casts[k]["saved_activation_bytes"] for k in casts}
-        assert act["floor"] < act["ours"] < act["peft"]
+        assert act["ours"] < act["peft"] and abs(act["ours"] - act["floor"]) < act["peft"] - act["floor"]
         check_counts(res, ["fp32", "bf16"], gc=False)
     targets = {t["target"] for t in report["targets"]}
     assert targets >= {"step time ours/PEFT (paired)", "merged latency / base", "operators dispatched per step ours/PEFT",
