@@ -90,7 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "counts_dtypes": None, "compile_backend": "inductor", "dtype": "fp32", "adapter_dtype": "fp32", "gradient_checkpointing": False,
     "jobs": [j for j in JOB_KINDS if j not in OPT_IN_JOBS], "timeout": 900.0, "deadline": None, "tensor_peak": True, "seed": 0,
 }
-QUICK: dict[str, Any] = {"model": "tiny-llama", "rounds": 1, "batch": 2, "seq": 16, "latency_reps": 3, "casts_seq": 8,
+QUICK: dict[str, Any] = {"model": "tiny-llama", "rounds": 1, "batch": 2, "seq": 16, "latency_reps": 3, "casts_seq": 64,
                          "paired_steps": 2, "counts_seq": 16}
 PRESETS: dict[str, dict[str, Any]] = {
     # issue 14: Llama-3-8B shape, random bf16 weights, fp32 adapters, batch 1 x 2048, AdamW, median of 8
