@@ -315,3 +315,26 @@ def test_bf16_base_fp32_adapter_casts_are_counted_and_off_the_base_path(dropout,
         assert shapes(bwd) == [(torch.bfloat16, (15, 24)), (torch.bfloat16, (3, 5, 32)), (torch.float32, (15, 32))]
     base = {layer.weight.data_ptr(), layer.bias.data_ptr()}
     assert not any(t.data_ptr() in base for t in fwd.sources + bwd.sources)
+
+
+@pytest.mark.parametrize("compute", ["auto", "adapter"])
+def test_inject_lora_passes_the_compute_dtype_to_every_layer(compute):
+    """`LoRAConfig.adapter_compute_dtype` reaches the layers: on a bf16 model with fp32 adapters, "auto"
+    saves a bf16 `h` (bf16 products), "adapter" an fp32 one."""
+    from conftest import make_tiny_llama
+    from lightning_lora import LoRAConfig, inject_lora
+    from lightning_lora.surgery import lora_layers
+
+    model = make_tiny_llama().to(torch.bfloat16).train()
+    inject_lora(model, LoRAConfig(r=4, target_modules="all-linear", adapter_compute_dtype=compute))
+    layers = [layer for _, layer in lora_layers(model)]
+    assert {layer.adapter_compute_dtype for layer in layers} == {compute}
+    assert {layer.lora_A.weight.dtype for layer in layers} == {torch.float32}
+    saved: list[torch.Tensor] = []
+    ids = torch.randint(1, 128, (2, 8))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    h = [t for t in saved if t.shape == (16, 4)]
+    assert len(h) == len(layers) and {t.dtype for t in h} == {torch.bfloat16 if compute == "auto" else torch.float32}
+    loss.backward()
+    assert all(layer.lora_B.weight.grad.dtype is torch.float32 for layer in layers)
