@@ -219,13 +219,18 @@ class _Mask:
 
 
 def _adapter_output(result: torch.Tensor, h: torch.Tensor, bc: torch.Tensor, alpha: float) -> torch.Tensor:
-    """`result + alpha * h @ bc^T`: one `addmm` when the dtypes agree, else the product added in one
-    `add` that rounds once into `result`'s dtype."""
+    """`result + alpha * h @ bc^T`: one `addmm` when the dtypes agree. Else (fp32 products on a bf16 base) on
+    CUDA one mixed-dtype `add` (the sum in fp32, rounded once into `result`'s dtype); on CPU, whose mixed-dtype
+    kernels are not vectorized (several times slower there), the product cast down and added (two roundings)."""
     flat = result.reshape(-1, result.shape[-1])
     if result.dtype == h.dtype:
         return torch.addmm(flat, h, bc.t(), alpha=alpha).view(result.shape)
     y = _mm_scaled(h, bc.t(), alpha)
-    return torch.add(flat, y, out=torch.empty_like(flat)).view(result.shape)
+    if flat.device.type == "cuda":
+        out = torch.add(flat, y, out=torch.empty_like(flat))
+    else:
+        out = flat + y.to(flat.dtype)
+    return out.view(result.shape)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
