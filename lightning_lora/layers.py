@@ -205,14 +205,16 @@ class LoRALayer(nn.Module):
         """Which adapter path `forward` takes for input `x` (see `AdapterPath`).
 
         The fused paths compute what `functional_adapter` computes (the dropout path with its own masks),
-        and are skipped where they could change behaviour: hooks on the adapter modules, autocast and a
-        subclassed dropout take the modules; other devices and `torch.compile` (which fuses the plain ops
-        itself) take the functional ops.
+        and are skipped where they could change behaviour: hooks on the adapter modules (FSDP2 units of
+        their own), adapter modules wrapped by FSDP1 (read through their wrapper, not as `.weight`),
+        autocast and a subclassed dropout take the modules; other devices and `torch.compile` (which fuses
+        the plain ops itself) take the functional ops.
         """
         if not self._fusable or not x.is_floating_point():
             return AdapterPath.MODULES
         drop = self.lora_dropout
-        if (self.lora_A._forward_hooks or self.lora_A._forward_pre_hooks or self.lora_B._forward_hooks
+        if (not isinstance(self.lora_A, nn.Linear) or not isinstance(self.lora_B, nn.Linear)  # FSDP1 units
+                or self.lora_A._forward_hooks or self.lora_A._forward_pre_hooks or self.lora_B._forward_hooks
                 or self.lora_B._forward_pre_hooks or drop._forward_hooks or drop._forward_pre_hooks
                 or (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
                 or not (isinstance(drop, nn.Identity) or type(drop) is nn.Dropout)):
