@@ -28,7 +28,11 @@ step-time targets use these paired ratios (the separate-process ratios are repor
 `latency` times inference of base / unmerged / merged; `casts` (first round only) counts dtype
 casts in one step on a bf16 base with fp32 adapters; `counts` (first round only) counts the
 operators dispatched in one training step of floor, ours and PEFT (`lightning_lora.profiling`:
-device-independent, our proxy for kernel launches).
+device-independent, our proxy for kernel launches; on CPU also ours with the CUDA dropout masks,
+`ours-philox`), and checks that ours took the adapter paths it should on the device; `compile` (first
+round only, not in the default jobs: name it with `--jobs`; in the `gpu-8b` preset) times eager and
+`torch.compile`d training steps of ours and PEFT (`lightning_lora.tasks.causal_lm.TrainingCompile`) with
+the compile time, graphs and recompiles.
 
 Configs: (a) r=8 on q_proj, v_proj, dropout 0; (b) r=16 on all linear layers, dropout 0.05. The
 `gpu-8b` preset runs (a) with gradient checkpointing and (b) without, as in issue 14.

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 #: lane dropout masks are drawn as 16-bit uniform integers: p is used rounded to a multiple of 1/65536
 MASK_LEVELS = 1 << 16

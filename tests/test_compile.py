@@ -12,13 +12,17 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from lightning_lora import LoRA, LoRAConfig, inject_lora
 from lightning_lora.layers import AdapterPath, LoRALayer
 from lightning_lora.surgery import lora_layers
 from lightning_lora.tasks import CausalLM, TaskConfigError
-from lightning_lora.tasks.causal_lm import CompileEvents, TrainingCompile, repeated_blocks
+from lightning_lora.tasks.causal_lm import (
+    CompileEvents,
+    TrainingCompile,
+    repeated_blocks,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -126,7 +126,7 @@ def test_gradcheck_float64(masks, fused_base, p):
 
 @pytest.mark.parametrize("masks", SOURCES)
 def test_gradcheck_float64_only_some_inputs_need_grad(masks):
-    x, w, a, b = _inputs()
+    x, _, a, b = _inputs()
     x = x.detach()
     result = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     f = _seeded(lambda result, a, b: FusedLoRA.apply(result, x, a, b, None, AdapterCall(2.0, 0.5, masks=masks)))
@@ -200,7 +200,7 @@ def test_bf16_input_fp32_adapters_in_either_compute_dtype(masks, cd):
 
 @pytest.mark.parametrize("masks", SOURCES)
 def test_no_grad_twin_equals_the_autograd_forward(masks):
-    x, w, a, b = _inputs(dtype=torch.float32)
+    x, _, a, b = _inputs(dtype=torch.float32)
     result = torch.randn(2, 3, 4)
     call = AdapterCall(scaling=1.5, p=0.4, masks=masks)
     torch.manual_seed(9)
@@ -212,7 +212,7 @@ def test_no_grad_twin_equals_the_autograd_forward(masks):
 
 
 def test_b_zero_gives_the_base_output_bit_for_bit():
-    x, w, a, b = _inputs(dtype=torch.float32)
+    x, _, a, b = _inputs(dtype=torch.float32)
     result = torch.randn(2, 3, 4)
     for call in (AdapterCall(2.0), AdapterCall(2.0, 0.3), AdapterCall(2.0, 0.3, masks="philox")):
         assert torch.equal(FusedLoRA.apply(result, x, a, torch.zeros_like(b), None, call), result)
@@ -221,7 +221,7 @@ def test_b_zero_gives_the_base_output_bit_for_bit():
 
 def test_backward_restores_the_generator_it_replays():
     """Backward draws the forward's mask again and leaves torch's generator where the step had taken it."""
-    x, w, a, b = _inputs(dtype=torch.float32)
+    x, _, a, b = _inputs(dtype=torch.float32)
     out = FusedLoRA.apply(torch.randn(2, 3, 4), x, a, b, None, AdapterCall(1.0, 0.5))
     before = torch.default_generator.get_state()
     out.sum().backward()

@@ -322,6 +322,7 @@ def test_inject_lora_passes_the_compute_dtype_to_every_layer(compute):
     """`LoRAConfig.adapter_compute_dtype` reaches the layers: on a bf16 model with fp32 adapters, "auto"
     saves a bf16 `h` (bf16 products), "adapter" an fp32 one."""
     from conftest import make_tiny_llama
+
     from lightning_lora import LoRAConfig, inject_lora
     from lightning_lora.surgery import lora_layers
 

@@ -187,7 +187,7 @@ class CompileEvents:
         callback_handler.register_start_callback(self._started)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         from torch._dynamo.callback import callback_handler
 
         callback_handler.remove_start_callback(self._started)
