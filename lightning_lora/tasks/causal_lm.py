@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -193,6 +194,10 @@ class CompileEvents:
         callback_handler.remove_start_callback(self._started)
 
 
+#: keyword arguments through which transformers hands a KV cache to a decoder layer
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
 def _dispatch(switch: TrainingCompile, block: torch.nn.Module, compiled: Any, *args: Any, **kwargs: Any) -> Any:
     """A block's forward: compiled in training (grad enabled, module in train mode, switch on), else eager.
 
@@ -201,6 +206,15 @@ def _dispatch(switch: TrainingCompile, block: torch.nn.Module, compiled: Any, *a
     costs the first block's input gradient in backward (a few GEMMs of one layer) and saves a compile.
     """
     if switch.enabled and block.training and torch.is_grad_enabled():
+        if any(kwargs.get(key) is not None for key in _CACHE_KWARGS):
+            # a KV cache in a training forward (transformers makes one unless `use_cache=False`): every layer
+            # updates its own slot of it, so each would compile a graph of its own
+            if not switch.warned_cache:
+                switch.warned_cache = True
+                warnings.warn("TrainingCompile: a KV cache reached the compiled layers in a training forward, so "
+                              "they run eagerly; pass use_cache=False to the model (or set "
+                              "model.config.use_cache = False) for training.", stacklevel=2)
+            return type(block).forward(block, *args, **kwargs)
         hidden = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and not hidden.requires_grad:
             hidden.requires_grad_(True)
@@ -241,6 +255,7 @@ class TrainingCompile:
         """Args: `model`; `dynamic` and `compile_kwargs` (e.g. `backend="aot_eager"`, `mode=...`) go to
         `torch.compile`."""
         self.enabled = True
+        self.warned_cache = False
         self.blocks = repeated_blocks(model)
         #: block class name -> the compiled function of its forward
         self.functions: dict[str, Any] = {}
@@ -386,7 +401,8 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             self.training_compile = TrainingCompile(model, dynamic=True, backend=backend)
 
     def _forward(self, **inputs: Any) -> Any:
-        return self.model(**inputs)
+        # a loss needs no KV cache (transformers builds one unless told; under compile it costs a graph per layer)
+        return self.model(**inputs, use_cache=False)
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
