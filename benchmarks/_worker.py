@@ -5,7 +5,7 @@ Run by `benchmarks/run.py`; not meant to be called by hand:
     python benchmarks/_worker.py '<json spec>' OUT.json
 
 The spec names the contender (floor, ours, ours-trainer, peft, full, ours-unfused, latency, casts,
-paired, counts), the LoRA config, the model, its dtype, gradient checkpointing, the device and the
+paired, counts, compile), the LoRA config, the model, its dtype, gradient checkpointing, the device and the
 sizes. The result (per-step times, memory, parameter counts, checkpoint bytes, inference latencies,
 cast counts, operators dispatched per step) is written as JSON to OUT.json.
 
@@ -401,6 +401,10 @@ def trainer_loop(model: torch.nn.Module, ids: torch.Tensor, spec: dict[str, Any]
 
 def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     kind, device = spec["contender"], spec["device"]
+    if device == "cuda" and kind == "ours" and spec["config"]["dropout"] > 0:
+        from lightning_lora._kernels import check_mask_replay
+
+        assert check_mask_replay("cuda") == "philox", "the CUDA dropout path must draw Philox masks"
     mem = Memory(device)
     model = spec_model(spec)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -537,10 +541,17 @@ def run_counts(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"batch": batch, "seq": seq, "adapter_dtype": spec.get("adapter_dtype", "fp32"),
                               "gradient_checkpointing": spec.get("gradient_checkpointing", False),
                               "optimizer": "AdamW(foreach=True)", "by_dtype": {}}
+    # on CPU, ours also with the CUDA dropout masks (Philox `native_dropout`): what the CUDA path dispatches
+    kinds = ("floor", "ours", "peft") + (("ours-philox",) if device == "cpu" and spec["config"]["dropout"] > 0 else ())
     for dtype in spec.get("counts_dtypes") or [spec.get("dtype", "fp32")]:
         counts: dict[str, Any] = {}
-        for kind in ("floor", "ours", "peft"):
-            model = prepare(spec_model({**spec, "dtype": dtype}), kind, spec)
+        for kind in kinds:
+            model = prepare(spec_model({**spec, "dtype": dtype}), "ours" if kind == "ours-philox" else kind, spec)
+            if kind == "ours-philox":
+                from lightning_lora.surgery import lora_layers
+
+                for _, layer in lora_layers(model):
+                    layer.dropout_masks = "philox"
             vocab = model.get_input_embeddings().weight.shape[0]
             ids = make_batch(vocab, batch, seq, spec["seed"], device)
             runner = Runner(model, ids, device, floor=kind == "floor", foreach=True)
@@ -549,7 +560,79 @@ def run_counts(spec: dict[str, Any]) -> dict[str, Any]:
             counts[kind] = {"adapted_layers": _adapted_layers(model), **counter.summary()}
             del model, runner, counter
             _free(device)
+        check_adapter_paths(counts, device, spec, dtype)
         result["by_dtype"][dtype] = counts
+    return result
+
+
+def check_adapter_paths(counts: dict[str, Any], device: str, spec: dict[str, Any], dtype: str) -> None:
+    """Fail loudly (the job's error, in the report) unless ours took the paths it should on this device: with
+    dropout, Philox `native_dropout` on CUDA (no `random_`) and lane masks on CPU, drawn once in forward and
+    once in backward per adapted layer; on a bf16 base with fp32 adapters (`adapter_compute_dtype="auto"`),
+    bf16 products: exactly two casts (A and B) per adapted layer in forward beyond the floor's."""
+    ours, floor = counts["ours"], counts["floor"]
+    n = ours["adapted_layers"]
+    def extra(phase: str, op: str) -> int:
+        return ours["ops"].get(phase, {}).get(op, 0) - floor["ops"].get(phase, {}).get(op, 0)
+
+    problems = []
+    if spec["config"]["dropout"] > 0:
+        source = "aten.native_dropout" if device == "cuda" else "aten.random_"
+        other = "aten.random_" if device == "cuda" else "aten.native_dropout"
+        got = [extra("forward", source), extra("backward", source), extra("forward", other), extra("backward", other)]
+        if got[0] != n or got[1] < n or got[2] or got[3]:
+            problems.append(f"dropout masks: expected {n} x {source} in forward, at least {n} in backward and no "
+                            f"{other}, got {source} {got[0]} / {got[1]}, {other} {got[2]} / {got[3]}")
+    if dtype == "bf16" and spec.get("adapter_dtype", "fp32") == "fp32":
+        casts = extra("forward", "aten._to_copy")
+        if casts != 2 * n:
+            problems.append(f"bf16 products: expected {2 * n} extra casts in forward (A and B of {n} layers), got {casts}")
+    if problems:
+        raise AssertionError(f"ours did not take the expected adapter paths on {device}: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------- torch.compile
+def run_compile(spec: dict[str, Any]) -> dict[str, Any]:
+    """Eager vs compiled training steps of ours and PEFT (plain loop, AdamW), compiled with
+    `lightning_lora.tasks.causal_lm.TrainingCompile` (each decoder layer, lengths dynamic): eager median,
+    the first compiled step (the compile), compiled median, graphs compiled, recompiles and graph breaks
+    (dynamo's counters), and the graphs a batch of another length adds afterwards (should be none)."""
+    import torch._dynamo as dynamo
+
+    from lightning_lora.tasks.causal_lm import CompileEvents, TrainingCompile
+
+    device = spec["device"]
+    other_seq = max(8, spec["seq"] // 2 + 3)
+    backend = spec.get("compile_backend") or "inductor"
+    result: dict[str, Any] = {"lengths": {"batch": spec["batch"], "seq": spec["seq"], "other_seq": other_seq},
+                              "backend": backend}
+    for kind in ("ours", "peft"):
+        dynamo.reset()
+        dynamo.utils.counters.clear()
+        model = prepare(spec_model(spec), kind, spec)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        ids = make_batch(vocab, spec["batch"], spec["seq"], spec["seed"], device)
+        runner = Runner(model, ids, device)
+        for _ in range(spec["warmup"]):
+            runner.step()
+        eager = [runner.step() for _ in range(spec["steps"])]
+        compiled = TrainingCompile(model, backend=backend)
+        with CompileEvents() as events:
+            first = runner.step()
+            for _ in range(max(spec["warmup"] - 1, 0)):
+                runner.step()
+            times = [runner.step() for _ in range(spec["steps"])]
+            graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+            runner.ids = make_batch(vocab, spec["batch"], other_seq, spec["seed"] + 1, device)
+            runner.step()
+        result[kind] = {"eager": eager, "compiled": times, "first_compiled_step_s": first, "graphs": graphs,
+                        "new_graphs_other_length": dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+                        "compiles": events.compiles, "recompiles": events.recompiles,
+                        "graph_breaks": sum(dynamo.utils.counters["graph_break"].values())}
+        compiled.remove()
+        del model, runner
+        _free(device)
+    dynamo.reset()
     return result
 
 
@@ -620,6 +703,8 @@ def main() -> None:
         result = run_paired(spec)
     elif spec["contender"] == "counts":
         result = run_counts(spec)
+    elif spec["contender"] == "compile":
+        result = run_compile(spec)
     else:
         result = run_training(spec)
     result["spec"] = spec

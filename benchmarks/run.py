@@ -28,7 +28,11 @@ step-time targets use these paired ratios (the separate-process ratios are repor
 `latency` times inference of base / unmerged / merged; `casts` (first round only) counts dtype
 casts in one step on a bf16 base with fp32 adapters; `counts` (first round only) counts the
 operators dispatched in one training step of floor, ours and PEFT (`lightning_lora.profiling`:
-device-independent, our proxy for kernel launches).
+device-independent, our proxy for kernel launches; on CPU also ours with the CUDA dropout masks,
+`ours-philox`), and checks that ours took the adapter paths it should on the device; `compile` (first
+round only, not in the default jobs: name it with `--jobs`; in the `gpu-8b` preset) times eager and
+`torch.compile`d training steps of ours and PEFT (`lightning_lora.tasks.causal_lm.TrainingCompile`) with
+the compile time, graphs and recompiles.
 
 Configs: (a) r=8 on q_proj, v_proj, dropout 0; (b) r=16 on all linear layers, dropout 0.05. The
 `gpu-8b` preset runs (a) with gradient checkpointing and (b) without, as in issue 14.
@@ -78,17 +82,19 @@ TRAIN_CONTENDERS = ("floor", "ours", "ours-trainer", "peft", "full")
 #: contenders whose measurement does not depend on the LoRA config (measured once per round and per
 #: gradient-checkpointing setting)
 CONFIG_FREE = ("floor", "full")
-JOB_KINDS = (*TRAIN_CONTENDERS, "latency", "paired", "casts", "counts")
-#: jobs whose results do not depend on timing: run in the first round only
-FIRST_ROUND_ONLY = ("casts", "counts")
+JOB_KINDS = (*TRAIN_CONTENDERS, "latency", "paired", "casts", "counts", "compile")
+#: jobs run in the first round only: those whose results do not depend on timing, and compile (minutes)
+FIRST_ROUND_ONLY = ("casts", "counts", "compile")
+#: jobs left out unless named (`--jobs`, a preset): compile takes minutes per contender on a CPU
+OPT_IN_JOBS = ("compile",)
 
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m-instruct", "rounds": 3, "steps": 3, "warmup": 1, "batch": 4, "seq": 256,
     "latency_reps": 4, "casts_seq": 256, "paired_steps": 6, "counts_batch": 1, "counts_seq": 64,
-    "counts_dtypes": None, "dtype": "fp32", "adapter_dtype": "fp32", "gradient_checkpointing": False,
-    "jobs": list(JOB_KINDS), "timeout": 900.0, "deadline": None, "tensor_peak": True, "seed": 0,
+    "counts_dtypes": None, "compile_backend": "inductor", "dtype": "fp32", "adapter_dtype": "fp32", "gradient_checkpointing": False,
+    "jobs": [j for j in JOB_KINDS if j not in OPT_IN_JOBS], "timeout": 900.0, "deadline": None, "tensor_peak": True, "seed": 0,
 }
-QUICK: dict[str, Any] = {"model": "tiny-llama", "rounds": 1, "batch": 2, "seq": 16, "latency_reps": 3, "casts_seq": 8,
+QUICK: dict[str, Any] = {"model": "tiny-llama", "rounds": 1, "batch": 2, "seq": 16, "latency_reps": 3, "casts_seq": 64,
                          "paired_steps": 2, "counts_seq": 16}
 PRESETS: dict[str, dict[str, Any]] = {
     # issue 14: Llama-3-8B shape, random bf16 weights, fp32 adapters, batch 1 x 2048, AdamW, median of 8
@@ -96,14 +102,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # checkpointing, (b) without. About 4 minutes on an H200; the deadline keeps it under 8.
     "gpu-8b": {"device": "cuda", "model": "llama-3-8b", "dtype": "bf16", "adapter_dtype": "fp32", "batch": 1,
                "seq": 2048, "warmup": 2, "steps": 8, "paired_steps": 8, "rounds": 1,
-               "jobs": ["floor", "ours", "peft", "paired", "counts"],
+               "jobs": ["floor", "ours", "peft", "paired", "counts", "compile"],
                "gradient_checkpointing": {"qv-r8": True, "all-r16-do": False},
                "counts_batch": 1, "counts_seq": 2048, "counts_dtypes": ["bf16"], "timeout": 240.0,
                "deadline": 420.0},
 }
-#: `--dry-run`: the preset's jobs on CPU at a tiny shape, written to a temporary directory
+#: `--dry-run`: the preset's jobs on CPU at a tiny shape, written to a temporary directory (compile with the
+#: aot_eager backend: the same tracing and autograd graphs; inductor's CPU code generation takes minutes)
 DRY_RUN: dict[str, Any] = {"device": "cpu", "model": "tiny-llama", "batch": 1, "seq": 32, "warmup": 1, "steps": 2,
-                           "paired_steps": 2, "counts_seq": 32, "timeout": 300.0, "deadline": None}
+                           "paired_steps": 2, "counts_seq": 32, "timeout": 300.0, "deadline": None,
+                           "compile_backend": "aot_eager"}
 
 #: targets: (name, ratio key, config or None for all, upper bound, lower bound, devices)
 TARGETS: list[tuple[str, str, str | None, float, float | None, tuple[str, ...]]] = [
@@ -121,6 +129,7 @@ TARGETS: list[tuple[str, str, str | None, float, float | None, tuple[str, ...]]]
     ("estimate / measured peak (ours)", "estimate_over_measured", "qv-r8", 1.01, 0.99, ("cuda",)),
     # both
     ("operators dispatched per step ours/PEFT", "ops_ours_over_peft", None, 1.00, None, ("cpu", "cuda")),
+    ("compiled / eager step time (ours)", "time_compiled_over_eager", None, 1.00, None, ("cuda",)),
     ("merged latency / base", "latency_merged_over_base", None, 1.03, 0.97, ("cpu", "cuda")),
     ("adapter checkpoint / (raw x1.02 + 64KB)", "ckpt_over_budget", None, 1.00, None, ("cpu", "cuda")),
     ("bf16 base: casts reading a base parameter", "casts_on_base_path", None, 0, None, ("cpu", "cuda")),
@@ -272,6 +281,31 @@ def summarise_counts(counts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def summarise_compile(result: dict[str, Any]) -> dict[str, Any]:
+    """Per contender: compile time (first compiled step minus the compiled median), eager and compiled step
+    medians, compiled/eager, graphs compiled and recompiles (also after a batch of another length); and
+    ours/PEFT compiled."""
+    rows: dict[str, Any] = {}
+    for name, r in result.items():
+        if not isinstance(r, dict) or "eager" not in r:
+            continue
+        eager, comp = statistics.median(r["eager"]), statistics.median(r["compiled"])
+        rows[name] = {"eager_s": eager, "compiled_s": comp, "compiled_over_eager": comp / eager,
+                      "first_compiled_step_s": r["first_compiled_step_s"],
+                      "compile_s": r["first_compiled_step_s"] - comp, "graphs": r["graphs"],
+                      "recompiles": r["recompiles"], "graph_breaks": r["graph_breaks"],
+                      "new_graphs_other_length": r["new_graphs_other_length"]}
+    ratios: dict[str, float] = {}
+    if "ours" in rows:
+        ratios["time_compiled_over_eager"] = rows["ours"]["compiled_over_eager"]
+        ratios["compile_seconds_ours"] = rows["ours"]["compile_s"]
+    if "peft" in rows:
+        ratios["time_compiled_over_eager_peft"] = rows["peft"]["compiled_over_eager"]
+    if "ours" in rows and "peft" in rows:
+        ratios["time_ours_over_peft_compiled"] = rows["ours"]["compiled_s"] / rows["peft"]["compiled_s"]
+    return {"contenders": rows, "ratios": ratios, "lengths": result.get("lengths"), "backend": result.get("backend")}
+
+
 def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[str],
               settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per config: contender rows, ratios, latency, paired, casts and counts, from whatever finished."""
@@ -361,6 +395,11 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
                 suffix = "" if dtype == first_dtype else f"_{dtype}"
                 for key, value in entry["ratios"].items():
                     put(key + suffix, value)
+        compiled = None
+        if raw.get(("compile", cfg)):
+            compiled = summarise_compile(raw[("compile", cfg)][0])
+            for key, value in compiled["ratios"].items():
+                put(key, value)
         if "ours-unfused" in c:
             put("time_ours_over_unfused", _ratio(med("ours"), med("ours-unfused")))
             put("mem_ours_over_unfused", _ratio(field("ours", "peak_bytes"), field("ours-unfused", "peak_bytes")))
@@ -371,7 +410,7 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
                     "gradient_checkpointing": gc_of(settings, cfg),
                     "contenders": contenders, "latency": latency, "ratios": ratios, "per_round": per_round,
                     "paired": {k: time_stats(v) if v else None for k, v in paired.items()},
-                    "paired_times": paired_times, "casts": casts, "counts": counts}
+                    "paired_times": paired_times, "casts": casts, "counts": counts, "compile": compiled}
     return out
 
 
@@ -400,7 +439,8 @@ RATIO_ORDER = ["time_ours_over_peft_paired", "time_ours_over_floor_paired", "tim
                "latency_unmerged_over_base", "latency_merged_over_base", "ckpt_ours_over_peft", "ckpt_over_budget",
                "time_ours_over_unfused", "mem_ours_over_unfused", "train_mem_ours_over_unfused",
                "casts_ours_over_peft", "casts_on_base_path", "bf16_activations_ours_over_peft",
-               "ops_ours_over_peft", "ops_ours_over_floor"]
+               "ops_ours_over_peft", "ops_ours_over_floor", "time_compiled_over_eager", "time_compiled_over_eager_peft",
+               "time_ours_over_peft_compiled", "compile_seconds_ours"]
 
 
 def _mb(n: int | None) -> str:
@@ -487,6 +527,22 @@ def counts_lines(counts: dict[str, Any]) -> list[str]:
     return lines[:-1]
 
 
+def compile_lines(compiled: dict[str, Any]) -> list[str]:
+    lengths = compiled.get("lengths") or {}
+    lines = [f"`torch.compile` (backend {compiled.get('backend', 'inductor')}; "
+             "`lightning_lora.tasks.causal_lm.TrainingCompile`: each decoder layer compiled once "
+             f"for all layers, lengths dynamic), plain loop, batch {lengths.get('batch', '?')} x {lengths.get('seq', '?')}; "
+             "compile time = first compiled step - compiled median; a batch of "
+             f"{lengths.get('other_seq', '?')} tokens afterwards must not recompile", "",
+             "| contender | eager step | compiled step | compiled/eager | compile time | graphs | recompiles | "
+             "graph breaks | new graphs, other length |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in compiled["contenders"].items():
+        lines.append(f"| {name} | {_s(row['eager_s'])} | {_s(row['compiled_s'])} | {row['compiled_over_eager']:.3f} | "
+                     f"{row['compile_s']:.1f} s | {row['graphs']} | {row['recompiles']} | {row['graph_breaks']} | "
+                     f"{row['new_graphs_other_length']} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     m, s = report["meta"], report["settings"]
     device = m["device"]
@@ -555,6 +611,8 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{_size(cc['bytes'])} | {cc['base_param_casts']} | {_size(cc['saved_activation_bytes'])} |")
         if res.get("counts"):
             lines += ["", *counts_lines(res["counts"])]
+        if res.get("compile"):
+            lines += ["", *compile_lines(res["compile"])]
         pr = res.get("per_round", {})
         if pr:
             lines += ["", "step time ratio by round (separate processes, each round's runs back to back): "
@@ -700,7 +758,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results)")
     p.add_argument("--name", default=None, help="output file stem (default: the device)")
     p.add_argument("--jobs", default=None,
-                   help=f"comma-separated jobs to run (default all): {','.join(JOB_KINDS)}")
+                   help=f"comma-separated jobs to run (default all but {','.join(OPT_IN_JOBS)}): {','.join(JOB_KINDS)}")
     p.add_argument("--merge", action="store_true",
                    help="merge the jobs run now into <out>/<name>.json (replacing those jobs' earlier results, "
                         "keeping the others and the original settings) and re-render the report")
@@ -714,6 +772,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--counts-dtypes", default=None,
                    help="comma-separated base dtypes to count operators in (default: the run's dtype, plus bf16 "
                         "on an fp32 run)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of the compile job (default inductor; --dry-run: aot_eager)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPU count, max 8)")
     p.add_argument("--latency-reps", type=int, default=None)
     p.add_argument("--paired-steps", type=int, default=None, help="timed steps per model in a paired run")
@@ -743,7 +803,8 @@ def resolve_settings(args: argparse.Namespace, previous: dict[str, Any] | None =
              "gradient_checkpointing": args.gradient_checkpointing, "rounds": args.rounds, "steps": args.steps,
              "warmup": args.warmup, "batch": args.batch, "seq": args.seq, "counts_batch": args.counts_batch,
              "counts_seq": args.counts_seq, "latency_reps": args.latency_reps, "paired_steps": args.paired_steps,
-             "timeout": args.timeout, "deadline": args.deadline, "threads": args.threads}
+             "timeout": args.timeout, "deadline": args.deadline, "threads": args.threads,
+             "compile_backend": args.compile_backend}
     s.update({k: v for k, v in flags.items() if v is not None})
     if args.jobs:
         jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
@@ -793,6 +854,11 @@ def compact(job: str, cfg: str, rnd: int, result: dict[str, Any], seconds: float
                     unmerged_over_base=round(result["unmerged_over_base"], 4))
     elif job == "casts":
         line["casts"] = {n: [result[n]["forward"], result[n]["backward"]] for n in ("floor", "ours", "peft")}
+    elif job == "compile":
+        summary = summarise_compile(result)
+        line["compile"] = {n: {"compile_s": round(r["compile_s"], 1), "compiled_over_eager": round(r["compiled_over_eager"], 3),
+                               "graphs": r["graphs"], "recompiles": r["recompiles"]}
+                           for n, r in summary["contenders"].items()}
     return line
 
 

@@ -31,6 +31,7 @@ INIT_CHOICES = ("gaussian", "kaiming")
 QUANTIZE_BASE_CHOICES = ("nf4",)
 QUANTIZE_BASE_MODULES_CHOICES = ("adapted", ALL_LINEAR)
 QUANTIZE_SAFE_INITS = ("gaussian", "kaiming")
+COMPUTE_DTYPE_CHOICES = ("auto", "base", "adapter")
 ADAPTER_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -92,6 +93,12 @@ class LoRAConfig:
             `lightning_lora.quantization`.
         quantize_base_modules: `"adapted"` (default) quantizes the adapted layers only;
             `"all-linear"` every `nn.Linear` except the output head and `modules_to_save`.
+        adapter_compute_dtype: dtype the adapter products run in. `"auto"` (default): the base's dtype
+            for a bfloat16 base (`bf16-true`) with wider adapters, as `bf16-mixed` autocast computes:
+            tensor-core GEMMs and no fp32 copy of the input, while A, B, their gradients and the
+            optimizer state stay in `adapter_dtype`; otherwise the adapters' dtype. `"base"`: the base's
+            dtype whenever it is narrower (also float16). `"adapter"`: always the adapters' dtype (fp32
+            products on a bf16 base).
 
     Example:
         >>> LoRAConfig(r=4, target_modules="all-linear", dropout=0.05).r
@@ -114,6 +121,7 @@ class LoRAConfig:
     adapter_dtype: str | None = "float32"
     quantize_base: str | None = None
     quantize_base_modules: Literal["adapted", "all-linear"] = "adapted"
+    adapter_compute_dtype: Literal["auto", "base", "adapter"] = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -147,6 +155,9 @@ class LoRAConfig:
         self.rank_pattern = self._check_pattern_dict("rank_pattern", self.rank_pattern, int)
         self.alpha_pattern = self._check_pattern_dict("alpha_pattern", self.alpha_pattern, float)
         self.adapter_dtype = _dtype_name(self.adapter_dtype)
+        if self.adapter_compute_dtype not in COMPUTE_DTYPE_CHOICES:
+            raise LoRAConfigError(f"adapter_compute_dtype={self.adapter_compute_dtype!r} is invalid; expected one of "
+                                  f"{', '.join(COMPUTE_DTYPE_CHOICES)} ('auto': bf16 products on a bf16 base).")
         self._check_quantization()
 
     def _check_quantization(self) -> None:

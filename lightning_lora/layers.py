@@ -6,8 +6,9 @@ model's plus `<module>.lora_A.weight` and `<module>.lora_B.weight` (PEFT's names
 
     h = base(x) + scaling * B(A(dropout(x)))
 
-with the adapter input cast to the adapter dtype and the adapter output cast back. B starts at
-zero, so an injected model computes exactly what the base model computes.
+with the products in the base's dtype on a bf16 base with fp32 adapters (`adapter_compute_dtype="auto"`:
+A and B cast for the call, as bf16 autocast does), else in the adapters' dtype (the input cast to it,
+the output back). B starts at zero, so an injected model computes exactly what the base model computes.
 
 Example:
     >>> import torch
@@ -33,7 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora._kernels import MASK_LEVELS, FusedLoRA, add_adapter_output, dropout_threshold
+from lightning_lora._kernels import (
+    MASK_LEVELS,
+    AdapterCall,
+    FusedLoRA,
+    compute_dtype_for,
+    dropout_threshold,
+    fused_lora,
+    mask_source,
+)
 from lightning_lora.errors import LoRAError
 
 try:  # transformers is a dependency, but keep the layers importable without it
@@ -55,17 +64,31 @@ def _share_state(src: nn.Module, dst: nn.Module, attrs: tuple[str, ...]) -> None
 class AdapterPath(enum.Enum):
     """How a `LoRALayer` computes its adapter for one call (`LoRALayer._fused_path` decides).
 
-    - `DROPOUT`: `FusedLoRA` with a dropout mask drawn from a seed (neither mask nor dropped copy kept);
-    - `CAST`: `FusedLoRA` without dropout, for adapters in a wider dtype than the input (bf16 base,
-      fp32 adapters): keeps the bf16 input rather than an fp32 copy per adapter;
-    - `ADDMM`: adapter dtype = input dtype, no dropout: `base + scaling * (x A^T) B^T` as one `addmm`;
-    - `MODULES`: the plain `lora_B(lora_A(lora_dropout(x)))` (hooks, autocast, `torch.compile`, ...).
+    The first three are `FusedLoRA` (with autograd) or `fused_lora` (without), in the compute dtype of
+    `adapter_compute_dtype`, with the base layer's input gradient fused into the adapter's when the
+    base is a plain dense Linear/Conv1D:
+
+    - `DROPOUT`: dropout in training: the mask is drawn again in backward from the recorded generator
+      state (neither mask nor dropped copy kept; Philox `native_dropout` on CUDA, lane masks on CPU);
+    - `CAST`: no dropout, the adapters in another dtype than the input (bf16 base, fp32 adapters): keeps
+      the bf16 input rather than an fp32 copy per adapter;
+    - `ADDMM`: no dropout, one dtype: `base + scaling * (x A^T) B^T` as one `addmm`;
+    - `FUNCTIONAL`: plain differentiable ops in the compute dtype (`F.dropout`, casts, two `F.linear`):
+      inside `torch.compile` (which fuses them itself), on devices other than CPU/CUDA, and for a `p`
+      too small for lane masks;
+    - `MODULES`: the plain `lora_B(lora_A(lora_dropout(x)))` in the adapter dtype (hooks on those
+      modules, autocast, a subclassed dropout).
     """
 
     DROPOUT = "dropout"
     CAST = "cast"
     ADDMM = "addmm"
+    FUNCTIONAL = "functional"
     MODULES = "modules"
+
+
+#: the paths computed by `FusedLoRA` / `fused_lora`
+FUSED_PATHS = frozenset({AdapterPath.DROPOUT, AdapterPath.CAST, AdapterPath.ADDMM})
 
 
 class LoRALayer(nn.Module):
@@ -152,52 +175,94 @@ class LoRALayer(nn.Module):
         return self.base_cls.forward(self, x)  # type: ignore[arg-type]
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`scaling * B(A(dropout(x)))` in the adapter dtype, through the `lora_A`/`lora_B` modules."""
+        """`scaling * B(A(dropout(x)))` through the `lora_A`/`lora_B` modules (their hooks run: FSDP units),
+        in the compute dtype of `adapter_compute_dtype` (narrower than the adapters: under autocast, so the
+        fp32 master weights are cast per call as in `functional_adapter`) or autocast's own."""
         a = self.lora_A.weight
-        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(a.dtype)
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type):
+            return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        cd = self.compute_dtype(x)
+        if cd != a.dtype and torch.amp.is_autocast_available(x.device.type):
+            with torch.autocast(x.device.type, dtype=cd):
+                return self.lora_B(self.lora_A(self.lora_dropout(x.to(cd)))) * self.scaling
+        return self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling
 
     #: whether `forward` may compute the adapter with the fused paths (A: (r, in), B: (out, r))
     _fusable = False
+    #: dtype policy of the adapter products (`LoRAConfig.adapter_compute_dtype`; `inject_lora` sets it)
+    adapter_compute_dtype: str = "auto"
+    #: dropout mask source of the fused paths: "auto" (Philox on CUDA, lanes on CPU), "philox" or "lanes"
+    dropout_masks: str = "auto"
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the adapter products run in for input `x` (see `lightning_lora._kernels.compute_dtype_for`).
+
+        Example:
+            >>> layer = LoRALinear(nn.Linear(4, 4).bfloat16(), r=2, alpha=2)    # fp32 adapters
+            >>> layer.compute_dtype(torch.ones(1, 4, dtype=torch.bfloat16))
+            torch.bfloat16
+        """
+        return compute_dtype_for(self.adapter_compute_dtype, x.dtype, self.lora_A.weight.dtype)
+
+    def functional_adapter(self, x: torch.Tensor) -> torch.Tensor:
+        """`scaling * B A dropout(x)` as plain differentiable ops in the compute dtype (`AdapterPath.FUNCTIONAL`)."""
+        cd = self.compute_dtype(x)
+        drop = self.lora_dropout
+        x = x.to(cd)
+        if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
+            x = F.dropout(x, drop.p, True)
+        return F.linear(F.linear(x, self.lora_A.weight.to(cd)), self.lora_B.weight.to(cd)) * self.scaling
 
     def _fused_path(self, x: torch.Tensor) -> AdapterPath:
         """Which adapter path `forward` takes for input `x` (see `AdapterPath`).
 
-        The fused paths compute what `adapter_forward` computes (the dropout path with its own masks),
+        The fused paths compute what `functional_adapter` computes (the dropout path with its own masks),
         and are skipped where they could change behaviour: hooks on the adapter modules (FSDP2 units of
-        their own), adapter modules wrapped by FSDP1 (read through their wrapper, not as `.weight`), autocast,
-        a subclassed dropout, devices other than CPU/CUDA, and inside `torch.compile` (which fuses the
-        plain path itself).
+        their own), adapter modules wrapped by FSDP1 (read through their wrapper, not as `.weight`),
+        autocast and a subclassed dropout take the modules; other devices and `torch.compile` (which fuses
+        the plain ops itself) take the functional ops.
         """
-        if not self._fusable or not x.is_floating_point() or x.device.type not in ("cpu", "cuda"):
+        if not self._fusable or not x.is_floating_point():
             return AdapterPath.MODULES
         drop = self.lora_dropout
         if (not isinstance(self.lora_A, nn.Linear) or not isinstance(self.lora_B, nn.Linear)  # FSDP1 units
                 or self.lora_A._forward_hooks or self.lora_A._forward_pre_hooks or self.lora_B._forward_hooks
                 or self.lora_B._forward_pre_hooks or drop._forward_hooks or drop._forward_pre_hooks
-                or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):
+                or (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
+                or not (isinstance(drop, nn.Identity) or type(drop) is nn.Dropout)):
             return AdapterPath.MODULES
-        if isinstance(drop, nn.Identity) or not drop.training:
-            if x.dtype == self.lora_A.weight.dtype:
-                return AdapterPath.ADDMM
-            # a bf16 base with fp32 adapters: with autograd, keep x (bf16) rather than fp32 copies
-            return AdapterPath.CAST if torch.is_grad_enabled() else AdapterPath.MODULES
-        if type(drop) is nn.Dropout and 0 < dropout_threshold(drop.p) < MASK_LEVELS:
-            return AdapterPath.DROPOUT
-        return AdapterPath.MODULES
+        if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+            return AdapterPath.FUNCTIONAL
+        if isinstance(drop, nn.Identity) or not drop.training or drop.p == 0:
+            a_dtype = self.lora_A.weight.dtype
+            return AdapterPath.ADDMM if x.dtype == a_dtype and self.compute_dtype(x) == a_dtype else AdapterPath.CAST
+        if mask_source(x.device, self.dropout_masks) == "lanes" and not 0 < dropout_threshold(drop.p) < MASK_LEVELS:
+            return AdapterPath.FUNCTIONAL
+        return AdapterPath.DROPOUT
+
+    def _fused_base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The base weight as an (out, in) matrix when `base_forward(x)` is `x @ W^T (+ bias)` with a plain
+        dense `W` in `x`'s dtype, so that `FusedLoRA` can compute the base's input gradient with its own;
+        else None."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_forward(x)
         if self.merged or not self.lora_enabled:
-            return result
+            return self.base_forward(x)
         path = self._fused_path(x)
-        if path is AdapterPath.DROPOUT or path is AdapterPath.CAST:
-            threshold = dropout_threshold(self.lora_dropout.p) if path is AdapterPath.DROPOUT else 0
-            return FusedLoRA.apply(result, x, self.lora_A.weight, self.lora_B.weight, threshold, self.scaling)
-        if path is AdapterPath.ADDMM and result.dtype == x.dtype:
-            # result + scaling * (x A^T) B^T in one kernel; its backward scales only the small tensors
-            return add_adapter_output(result, F.linear(x, self.lora_A.weight), self.lora_B.weight, self.scaling)
+        if path in FUSED_PATHS:
+            a, b = self.lora_A.weight, self.lora_B.weight
+            call = AdapterCall(self.scaling, self.lora_dropout.p if path is AdapterPath.DROPOUT else 0.0,
+                               self.compute_dtype(x), self.dropout_masks)
+            if not torch.is_grad_enabled():
+                return fused_lora(self.base_forward(x), x, a, b, call)
+            w = self._fused_base_weight(x) if x.requires_grad else None
+            # with w, the base's input gradient is computed inside FusedLoRA: the base sees x.detach()
+            result = self.base_forward(x if w is None else x.detach())
+            return FusedLoRA.apply(result, x, a, b, w, call)
+        result = self.base_forward(x)
+        if path is AdapterPath.FUNCTIONAL:
+            return result + self.functional_adapter(x).to(result.dtype)
         return result + self.adapter_forward(x).to(result.dtype)
 
     # ------------------------------------------------------------------ merge
@@ -264,6 +329,9 @@ class LoRALinear(LoRALayer):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def _fused_base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        return _dense_weight(self, x, LoRALinear, transposed=False)
+
 
 class LoRAConv1D(LoRALayer):
     """LoRA around transformers' `Conv1D` (GPT-2), whose weight is stored as (in, out).
@@ -284,6 +352,22 @@ class LoRAConv1D(LoRALayer):
 
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight().T
+
+    def _fused_base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        if HFConv1D is None or self.base_cls.forward is not HFConv1D.forward:
+            return None
+        return _dense_weight(self, x, LoRAConv1D, transposed=True)
+
+
+def _dense_weight(layer: LoRALayer, x: torch.Tensor, cls: type[LoRALayer], transposed: bool) -> torch.Tensor | None:
+    """`layer.weight` as (out, in) if `layer` computes its base exactly as `cls` does (no subclass
+    overriding `base_forward`) from a plain dense weight (no tensor subclass, e.g. a quantized one) in
+    `x`'s dtype and on its device; else None."""
+    w = layer.weight
+    if (type(layer).base_forward is not cls.base_forward or type(w) not in (nn.Parameter, torch.Tensor)
+            or w.dtype != x.dtype or w.device != x.device or w.layout != torch.strided):
+        return None
+    return w.t() if transposed else w
 
 
 class LoRAEmbedding(LoRALayer):

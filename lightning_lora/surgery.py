@@ -404,6 +404,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
                         use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype)
             _set_submodule(model, name, layer)
+            layer.adapter_compute_dtype = config.adapter_compute_dtype
         state.untied = _untie_modules_to_save(model, saved)
         state.trainable_keys = compute_trainable_keys(model, config, prefix, skip)
         trainable = set(state.trainable_keys)

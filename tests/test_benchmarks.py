@@ -22,7 +22,7 @@ CONFIGS = ["qv-r8", "all-r16-do"]
 LAYERS = {"qv-r8": 4, "all-r16-do": 14}   # adapted layers of tiny-llama (2 decoder layers)
 PRESET_JOBS = [("floor", "qv-r8"), ("ours", "qv-r8"), ("peft", "qv-r8"), ("floor", "all-r16-do"),
                ("ours", "all-r16-do"), ("peft", "all-r16-do"), ("paired", "qv-r8"), ("paired", "all-r16-do"),
-               ("counts", "qv-r8"), ("counts", "all-r16-do")]
+               ("counts", "qv-r8"), ("counts", "all-r16-do"), ("compile", "qv-r8"), ("compile", "all-r16-do")]
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import run as bench  # noqa: E402
@@ -63,8 +63,10 @@ def check_counts(res: dict, dtypes: list[str], gc: bool) -> dict:
     assert list(counts["by_dtype"]) == dtypes
     for entry in counts["by_dtype"].values():
         rows = entry["contenders"]
-        assert list(rows) == ["floor", "ours", "peft"]
-        assert [rows[n]["adapted_layers"] for n in rows] == [0, LAYERS[res_key(res)], LAYERS[res_key(res)]]
+        # on CPU the dropout config also counts ours with the CUDA (Philox) masks
+        philox = ["ours-philox"] if res["config"]["dropout"] > 0 else []
+        assert list(rows) == ["floor", "ours", "peft", *philox]
+        assert [rows[n]["adapted_layers"] for n in rows] == [0, *[LAYERS[res_key(res)]] * (len(rows) - 1)]
         for row in rows.values():
             assert row["forward"] + row["backward"] + row["optimizer"] == row["total"]
             assert row["views"] > 0
@@ -145,7 +147,8 @@ def test_quick_run_json_structure(quick_run):
         assert casts["floor"]["forward"] < casts["ours"]["forward"] == casts["peft"]["forward"]
         assert casts["ours"]["backward"] <= casts["peft"]["backward"] + casts["ours"]["adapted_layers"]
         # bytes saved for backward (a count, not a timing): fp32 adapters on a bf16 base keep the bf16
-        # input, not an fp32 copy (plus, with dropout, a mask) per adapter as PEFT does
+        # input, not an fp32 copy (plus, with dropout, a mask) per adapter as PEFT does (ours keeps bf16 copies
+        # of A and B instead, r-wide: smaller than an input of more than r tokens)
         act = {k: casts[k]["saved_activation_bytes"] for k in casts}
         assert act["floor"] < act["ours"] < act["peft"]
         check_counts(res, ["fp32", "bf16"], gc=False)
@@ -169,10 +172,14 @@ def test_quick_run_operator_counts(quick_run):
     assert qv["ours"]["forward"] < qv["peft"]["forward"] and qv["ours"]["total"] < qv["peft"]["total"]
     diff = counts["qv-r8"]["fp32"]["ours_minus_peft_per_layer"]["forward"]
     assert diff == {"aten.add": -1.0, "aten.addmm": 1.0, "aten.mm": -1.0, "aten.mul": -1.0}
-    # a bf16 base casts in the adapters (PEFT and ours alike: the input to fp32 and the output back)
+    # a bf16 base casts in the adapters (ours: A and B down in forward, their gradients up in backward)
     for cfg in CONFIGS:
         bf16 = counts[cfg]["bf16"]["contenders"]
         assert bf16["ours"]["per_layer_fwd_bwd"] > counts[cfg]["fp32"]["contenders"]["ours"]["per_layer_fwd_bwd"]
+    # the Philox (CUDA) masks: per adapted layer one native_dropout in forward where the lane masks dispatch
+    # random_, lt and where, and in backward native_dropout + native_dropout_backward for those + masked_fill_
+    do = counts["all-r16-do"]["fp32"]["contenders"]
+    assert do["ours"]["per_layer_fwd_bwd"] - do["ours-philox"]["per_layer_fwd_bwd"] == pytest.approx(4.0)
 
 
 def test_quick_run_markdown_and_stdout(quick_run):
@@ -247,6 +254,13 @@ def test_gpu_preset_dry_run(dry_run):
         assert res["contenders"]["ours"]["estimate"]["precision"] == "bf16-true"
         assert res["ratios"]["time_ours_over_peft_paired"] > 0 and res["ratios"]["estimate_over_measured"] > 0
         check_counts(res, ["bf16"], gc=cfg == "qv-r8")
+        compiled = res["compile"]
+        assert compiled["backend"] == "aot_eager" and list(compiled["contenders"]) == ["ours", "peft"]
+        for row in compiled["contenders"].values():
+            # one graph for every decoder layer, none for a batch of another length, no graph break
+            assert (row["graphs"], row["recompiles"], row["graph_breaks"], row["new_graphs_other_length"]) == (1, 0, 0, 0)
+            assert row["eager_s"] > 0 and row["compiled_s"] > 0
+        assert res["ratios"]["time_compiled_over_eager"] > 0 and res["ratios"]["time_ours_over_peft_compiled"] > 0
     # checkpointing recomputes the forward inside backward: the counts show it
     floor_gc = results["qv-r8"]["counts"]["by_dtype"]["bf16"]["contenders"]["floor"]
     floor = results["all-r16-do"]["counts"]["by_dtype"]["bf16"]["contenders"]["floor"]

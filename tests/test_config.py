@@ -23,6 +23,7 @@ def test_defaults_and_to_dict_exact():
         "bias": "none", "use_rslora": False, "init": "kaiming", "modules_to_save": None, "task_heads": True,
         "save_embedding_layers": "auto", "rank_pattern": {},
         "alpha_pattern": {}, "adapter_dtype": "float32", "quantize_base": None, "quantize_base_modules": "adapted",
+        "adapter_compute_dtype": "auto",
     }
     assert cfg.torch_adapter_dtype is torch.float32
     # the docstring example
@@ -89,6 +90,7 @@ BAD_CONFIGS = [
     ({"alpha_pattern": {"v_proj": float("inf")}}, ["alpha_pattern['v_proj']=inf", "finite number > 0"]),
     ({"adapter_dtype": "int8"}, ["adapter_dtype='int8'", "not supported", "bfloat16", "float32"]),
     ({"adapter_dtype": torch.int64}, ["adapter_dtype=torch.int64", "not supported"]),
+    ({"adapter_compute_dtype": "bf16"}, ["adapter_compute_dtype='bf16' is invalid", "auto, base, adapter"]),
 ]
 
 
@@ -137,6 +139,7 @@ valid_configs = st.builds(
     rank_pattern=st.dictionaries(_names, st.integers(1, 128), max_size=3),
     alpha_pattern=st.dictionaries(_names, _positive_floats, max_size=3),
     adapter_dtype=st.sampled_from([None, "float32", "bfloat16", "float16", "float64", "bf16", torch.float32]),
+    adapter_compute_dtype=st.sampled_from(["auto", "base", "adapter"]),
 )
 
 

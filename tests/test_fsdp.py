@@ -228,9 +228,10 @@ def test_adapters_in_units_of_their_own(full_run, checks):
         "model.model.layers.1"] + [f"model.model.layers.1.self_attn.{m}.lora_{ab}" for m in ("q_proj", "v_proj")
                                    for ab in "AB"] + ["model.lm_head"]
     assert facts["grad_bytes"] == 3584 and facts["optimizer_state_bytes"] == 7168
-    # the plain module path (hooks on the adapter units) trains as the fused kernels do (3 steps, all-linear)
+    # the plain module path (hooks on the adapter units) trains as the fused kernels do (3 steps, all-linear, fp32;
+    # the fused kernels fold the scaling into the GEMM, so fp32 rounding differs and AdamW's lr=1e-2 steps amplify it)
     assert checks["fsdp2"]["layer_vs_separate_keys"] == 28
-    assert checks["fsdp2"]["layer_vs_separate_max_diff"] <= 1e-6
+    assert checks["fsdp2"]["layer_vs_separate_max_diff"] <= 1e-5
 
 
 def test_fit_end_writes_gathered_peft_adapter_and_merged_model(sharded_run):

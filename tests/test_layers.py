@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_lora._kernels import draw_dropout_seed, dropout_drop_mask, dropout_threshold
-from lightning_lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, adapter_class_for
+from lightning_lora._kernels import dropout_threshold, lane_drop_mask
+from lightning_lora.layers import AdapterPath, LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, adapter_class_for
 
 IN, OUT, R, ALPHA = 12, 10, 4, 8.0
 
@@ -183,7 +183,7 @@ def test_dropout_applies_only_to_the_adapter_input():
     torch.manual_seed(3)
     out = layer(x)
     torch.manual_seed(3)
-    drop = dropout_drop_mask(x.shape, dropout_threshold(0.5), draw_dropout_seed(), x.device)
+    drop = lane_drop_mask(x.shape, dropout_threshold(0.5), x.device)   # what the layer draws on CPU
     assert 0.4 < drop.float().mean().item() < 0.6
     dropped = x.masked_fill(drop, 0) * 2   # kept values scaled by 1 / (1 - p)
     expected = base(x) + layer.scaling * (dropped @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
@@ -217,9 +217,15 @@ def test_fp32_adapter_on_bf16_base(kind):
     _randomize_B(layer)
     out = layer(x)
     assert out.dtype is torch.bfloat16
-    # the adapter path runs in fp32 and is rounded once, when added to the bf16 base output
-    expected = (base(x) + layer.adapter_forward(x.float()).to(torch.bfloat16))
-    assert torch.equal(out, expected)
+    # by default (adapter_compute_dtype="auto") the products run in bf16, as bf16-mixed autocast computes them
+    bf16 = base(x) + (layer.lora_B.weight.bfloat16() @ (layer.lora_A.weight.bfloat16() @ x.unsqueeze(-1))).squeeze(-1) \
+        * layer.scaling
+    torch.testing.assert_close(out, bf16, rtol=0.02, atol=0.02)
+    # with "adapter" they run in fp32 and the adapter output is rounded to bf16 and added to the base output
+    # (on CPU; on CUDA the sum is taken in fp32 and rounded once)
+    layer.adapter_compute_dtype = "adapter"
+    expected = base(x) + layer.adapter_forward(x.float()).to(torch.bfloat16)
+    assert torch.equal(layer(x), expected)
     kept = cls(factory().to(torch.bfloat16), r=R, alpha=ALPHA, adapter_dtype=None)
     assert kept.lora_A.weight.dtype is torch.bfloat16
 
@@ -288,3 +294,19 @@ def test_to_base_module_restores_type_attributes_and_mode(kind):
     assert plain.training is False
     assert list(plain.children()) == []
     assert torch.equal(plain(x), base(x))
+
+
+@pytest.mark.parametrize("policy, dtype", [("auto", torch.bfloat16), ("adapter", torch.float32)])
+def test_module_path_computes_in_the_configured_dtype(policy, dtype):
+    # the module path (hooks on lora_A / lora_B, e.g. FSDP2 units of their own) follows adapter_compute_dtype
+    # as the functional and fused paths do: bf16 products on a bf16 base with fp32 adapters under "auto"
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 8).bfloat16(), r=4, alpha=8)
+    layer.adapter_compute_dtype = policy
+    nn.init.normal_(layer.lora_B.weight)
+    layer.lora_A.register_forward_pre_hook(lambda module, args: None)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    assert layer._fused_path(x) is AdapterPath.MODULES
+    out = layer.adapter_forward(x)
+    assert out.dtype == dtype and layer.lora_A.weight.dtype == torch.float32
+    assert torch.equal(out, layer.functional_adapter(x))

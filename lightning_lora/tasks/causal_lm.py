@@ -26,7 +26,9 @@ strategy) it is built inside the Trainer's init context; `load_from_checkpoint` 
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -132,6 +134,144 @@ def prompt_from_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return ids[:learned[0]], [lab[i] for i in learned]
 
 
+# ============================================================================================ compile
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks (decoder layers: the classes a transformers model lists in
+    `_no_split_modules`), in order; `[model]` when it names none.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+        ...                                  num_attention_heads=2, vocab_size=32))
+        >>> [type(b).__name__ for b in repeated_blocks(m)]
+        ['LlamaDecoderLayer', 'LlamaDecoderLayer', 'LlamaDecoderLayer']
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    return blocks or [model]
+
+
+class CompileEvents:
+    """Counts torch.compile's (dynamo's) compilations while active: every frame compiled, and recompiles
+    (a frame compiled again because the guards of its earlier compilations failed).
+
+    Example:
+        >>> with CompileEvents() as events:
+        ...     _ = torch.compile(lambda t: t + 1, backend="eager", dynamic=True)(torch.ones(3))
+        >>> events.compiles, events.recompiles
+        (1, 0)
+    """
+
+    def __init__(self) -> None:
+        #: dynamo's compile ids ("frame/compilation of that frame") in the order they started
+        self.ids: list[str] = []
+
+    def _started(self, args: Any) -> None:
+        from torch._dynamo.callback import CallbackTrigger
+
+        if args.callback_trigger == CallbackTrigger.DYNAMO:
+            self.ids.append(str(args.compile_id))
+
+    @property
+    def compiles(self) -> int:
+        return len(self.ids)
+
+    @property
+    def recompiles(self) -> int:
+        return sum(1 for i in self.ids if i.split("/")[-1].split("_")[0].strip("[]") not in ("0", ""))
+
+    def __enter__(self) -> CompileEvents:
+        from torch._dynamo.callback import callback_handler
+
+        callback_handler.register_start_callback(self._started)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from torch._dynamo.callback import callback_handler
+
+        callback_handler.remove_start_callback(self._started)
+
+
+#: keyword arguments through which transformers hands a KV cache to a decoder layer
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _dispatch(switch: TrainingCompile, block: torch.nn.Module, compiled: Any, *args: Any, **kwargs: Any) -> Any:
+    """A block's forward: compiled in training (grad enabled, module in train mode, switch on), else eager.
+
+    The hidden states entering a block are marked as needing a gradient (for the first block of a frozen
+    model they do not): every block then runs one graph, instead of the first one compiling its own. This
+    costs the first block's input gradient in backward (a few GEMMs of one layer) and saves a compile.
+    """
+    if switch.enabled and block.training and torch.is_grad_enabled():
+        if any(kwargs.get(key) is not None for key in _CACHE_KWARGS):
+            # a KV cache in a training forward (transformers makes one unless `use_cache=False`): every layer
+            # updates its own slot of it, so each would compile a graph of its own
+            if not switch.warned_cache:
+                switch.warned_cache = True
+                warnings.warn("TrainingCompile: a KV cache reached the compiled layers in a training forward, so "
+                              "they run eagerly; pass use_cache=False to the model (or set "
+                              "model.config.use_cache = False) for training.", stacklevel=2)
+            return type(block).forward(block, *args, **kwargs)
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and not hidden.requires_grad:
+            hidden.requires_grad_(True)
+        return compiled(block, *args, **kwargs)
+    return type(block).forward(block, *args, **kwargs)
+
+
+class TrainingCompile:
+    """`torch.compile` of a model's training forward, one repeated block at a time (regional compilation).
+
+    Every block of a class runs through one compiled function of that class's `forward` (the block is an
+    argument, its parameters graph inputs), so a 30-layer model compiles about as fast as a 1-layer one,
+    instead of tracing, partitioning and lowering all 30 layers. Only training forwards (module in train
+    mode, grad enabled) are compiled; validation, `generate()` (KV cache, length-1 steps) and `no_grad`
+    code run eagerly; transformers' activation checkpointing (non-reentrant, inside the block's forward)
+    is compiled with the block, so its recomputation replays the same dropout masks.
+
+    Shapes are dynamic (`dynamic=True`): other lengths and batch sizes reuse the graph. What still makes a
+    graph of its own (each once per block class): a batch without padding next to padded ones (transformers
+    passes no attention mask then), and a batch of 1 next to larger ones (torch specializes sizes 0 and 1).
+    So a run compiles at most 3 graphs, usually 1 or 2, whatever its lengths and its depth.
+
+    The blocks get an instance attribute `forward` (parameter names, state dicts and checkpoints are
+    unchanged); `remove()` takes it away. Set `enabled = False` to run a step eagerly (`CausalLM` does for
+    the first batch of every fit: the LoRA callback's one-step probes would otherwise cost a recompile).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                                  num_attention_heads=2, vocab_size=32))
+        >>> compiled = TrainingCompile(m)
+        >>> len(compiled.blocks), sorted(compiled.functions)
+        (2, ['LlamaDecoderLayer'])
+        >>> compiled.remove()
+    """
+
+    def __init__(self, model: torch.nn.Module, dynamic: bool | None = True, **compile_kwargs: Any) -> None:
+        """Args: `model`; `dynamic` and `compile_kwargs` (e.g. `backend="aot_eager"`, `mode=...`) go to
+        `torch.compile`."""
+        self.enabled = True
+        self.warned_cache = False
+        self.blocks = repeated_blocks(model)
+        #: block class name -> the compiled function of its forward
+        self.functions: dict[str, Any] = {}
+        for block in self.blocks:
+            cls = type(block)
+            if cls.__name__ not in self.functions:
+                self.functions[cls.__name__] = torch.compile(cls.forward, dynamic=dynamic, **compile_kwargs)
+            block.forward = functools.partial(_dispatch, self, block, self.functions[cls.__name__])
+
+    def remove(self) -> None:
+        """Back to the blocks' own forward."""
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        self.blocks = []
+
+
 # ============================================================================================= module
 
 
@@ -151,8 +291,11 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear learning-rate warmup from 0 (0 = no scheduler).
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
-        compile: run the training forward through `torch.compile` (validation and generation stay
-            eager). Off by default: compiling takes minutes and needs a working compiler toolchain.
+        compile: run the training forward through `torch.compile`, one decoder layer at a time
+            (`TrainingCompile`: one compile for all layers, lengths dynamic; validation, generation and
+            the first batch of every fit stay eager). True uses torch's default backend (inductor); a
+            string names another (`"aot_eager"`: traced and differentiated, no code generation). Off by
+            default: compiling needs a working compiler toolchain and pays off only over many steps.
         generate_max_new_tokens: the most tokens generated per answer (the TensorBoard samples; and the
             before/after table of the deprecated `print_answers` shortcut).
         num_generate_examples: validation prompts answered at each validation end and logged to
@@ -181,7 +324,7 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         generate_max_new_tokens: int = 32,
         num_generate_examples: int = 4,
         print_answers: bool | None = None,
@@ -199,6 +342,9 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         for ok, message in checks:
             if not ok:
                 raise TaskConfigError(message + ".")
+        if isinstance(compile, str) and compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise TaskConfigError(f"compile={compile!r} is not a torch.compile backend; expected True (inductor), "
+                                  f"False or one of {', '.join(torch._dynamo.list_backends())}, aot_eager.")
         if dtype is not None:
             from lightning_lora.hub import parse_dtype
 
@@ -214,7 +360,9 @@ class CausalLM(LoRAMixin, pl.LightningModule):
 
         self.tokenizer = load_tokenizer(self.model_name_or_path)
         self.model: Any = None  # loaded in configure_model
-        self._compiled_forward: Any = None
+        #: the compiled training forward (`compile=True`), made in `configure_model`
+        self.training_compile: TrainingCompile | None = None
+        self._fit_batches = 0
         self.train_ppl = Perplexity()
         self.val_ppl = Perplexity()
         self._val_prompts: list[tuple[list[int], list[int]]] = []
@@ -246,14 +394,15 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             model.config.use_cache = False
         self.model = model
         if self.hparams.compile:
-            # the bound forward, not the module: parameter names (and so checkpoints) stay unchanged, the
-            # LoRA layers injected after this point are traced on the first call, and generate() stays eager
-            self._compiled_forward = torch.compile(model.forward, dynamic=True)
+            # per block and only for training forwards: parameter names (and so checkpoints) stay unchanged,
+            # the LoRA layers injected after this point are traced on the first compiled call, and
+            # validation and generate() stay eager
+            backend = self.hparams.compile if isinstance(self.hparams.compile, str) else "inductor"
+            self.training_compile = TrainingCompile(model, dynamic=True, backend=backend)
 
     def _forward(self, **inputs: Any) -> Any:
-        if self._compiled_forward is not None and self.training:
-            return self._compiled_forward(**inputs)
-        return self.model(**inputs)
+        # a loss needs no KV cache (transformers builds one unless told; under compile it costs a graph per layer)
+        return self.model(**inputs, use_cache=False)
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -279,6 +428,11 @@ class CausalLM(LoRAMixin, pl.LightningModule):
     # ------------------------------------------------------------------ steps
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.training_compile is not None:
+            # the first batch of a fit runs eagerly: the LoRA callback hooks every adapter for that one step
+            # (which adapters run), and compiling the hooks would cost a second compile once they are gone
+            self.training_compile.enabled = self._fit_batches > 0
+        self._fit_batches += 1
         loss, n = self.loss(batch)
         batch_size = batch["input_ids"].shape[0]
         self.train_ppl(loss, n)
@@ -376,6 +530,7 @@ class CausalLM(LoRAMixin, pl.LightningModule):
     def on_fit_start(self) -> None:
         """Forget the validation losses of an earlier fit."""
         self.val_loss_before = self.val_loss_after = self.val_loss_after_step = None
+        self._fit_batches = 0
 
     # ------------------------------------------------------------------ deprecated answers shortcut
     @override
