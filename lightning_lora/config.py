@@ -25,6 +25,9 @@ from lightning_lora.matching import name_matches, pattern_key  # noqa: F401 (nam
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = ("gaussian", "kaiming")
+#: initialisations that take A and B from the base weight and leave W - scaling * B A as the base (issue 17)
+BASE_INIT_CHOICES = ("pissa", "pissa_niter_N", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 ADAPTER_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -65,14 +68,26 @@ class LoRAConfig:
         exclude_modules: modules never adapted, same matching as `target_modules`.
         bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (biases of adapted layers).
         use_rslora: rank-stabilised scaling `alpha / sqrt(r)`.
-        init: `"kaiming"` (kaiming-uniform A, as PEFT) or `"gaussian"` (A ~ N(0, 1/r), the paper).
-            B is zero either way, so an injected model starts exactly equal to its base.
+        init: `"kaiming"` (kaiming-uniform A, as PEFT) or `"gaussian"` (A ~ N(0, 1/r), the paper):
+            B is zero, so an injected model starts exactly equal to its base. `"pissa"` (A, B from the
+            r principal singular vectors of W), `"pissa_niter_N"` (the same from a randomized SVD with
+            N subspace iterations) or `"olora"` (A, B from a QR decomposition of W): the base weight
+            becomes the residual `W - scaling * B A`, so the start equals the base within float
+            rounding (see `lightning_lora.init`).
         modules_to_save: whole modules (same matching) that train fully and are saved, e.g. a
             new classification head.
         rank_pattern: regex of a module path -> rank for those modules.
         alpha_pattern: regex of a module path -> alpha for those modules.
         adapter_dtype: dtype of A and B (`"float32"` by default, so adapters stay fp32 on a bf16
             base); `None` keeps the base layer's dtype.
+        use_dora: DoRA (weight-decomposed LoRA, Liu et al. 2024): a trainable magnitude per output
+            feature (`lora_magnitude_vector`) rescales the column-normalised `W + scaling * B A`
+            (Linear and `Conv1D` targets; see `lightning_lora.dora`).
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the `LoRA` callback splits the optimizer's
+            parameter groups so that B (and 1-D trainable parameters: DoRA magnitudes, biases) learn at
+            `ratio x` the group's learning rate (> 0; the paper suggests 16). None: off.
+        loraplus_lr_embedding: with `loraplus_lr_ratio`, the learning rate of embedding adapters
+            (PEFT's `create_loraplus_optimizer` default, 1e-6).
 
     Example:
         >>> LoRAConfig(r=4, target_modules="all-linear", dropout=0.05).r
@@ -86,11 +101,14 @@ class LoRAConfig:
     exclude_modules: list[str] | str | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
-    init: Literal["gaussian", "kaiming"] = "kaiming"
+    init: str = "kaiming"
     modules_to_save: list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     adapter_dtype: str | None = "float32"
+    use_dora: bool = False
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -110,8 +128,10 @@ class LoRAConfig:
             raise LoRAConfigError(f"bias={self.bias!r} is invalid; expected one of {', '.join(BIAS_CHOICES)}.")
         if not isinstance(self.use_rslora, bool):
             raise LoRAConfigError(f"use_rslora={self.use_rslora!r} is invalid; expected True or False.")
-        if self.init not in INIT_CHOICES:
-            raise LoRAConfigError(f"init={self.init!r} is invalid; expected one of {', '.join(INIT_CHOICES)}.")
+        if not isinstance(self.init, str) or not (self.init in INIT_CHOICES or self.init in ("pissa", "olora")
+                                                  or _PISSA_NITER.fullmatch(self.init)):
+            raise LoRAConfigError(f"init={self.init!r} is invalid; expected one of {', '.join(INIT_CHOICES)}, "
+                                  f"{', '.join(BASE_INIT_CHOICES)} (N an integer >= 0, e.g. 'pissa_niter_4').")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
@@ -119,6 +139,39 @@ class LoRAConfig:
         self.rank_pattern = self._check_pattern_dict("rank_pattern", self.rank_pattern, int)
         self.alpha_pattern = self._check_pattern_dict("alpha_pattern", self.alpha_pattern, float)
         self.adapter_dtype = _dtype_name(self.adapter_dtype)
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        """DoRA, LoRA+ and the base-changing initialisations (issue 17)."""
+        if not isinstance(self.use_dora, bool):
+            raise LoRAConfigError(f"use_dora={self.use_dora!r} is invalid; expected True or False.")
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+                raise LoRAConfigError(f"loraplus_lr_ratio={ratio!r} is invalid; expected a finite number > 0 (B's "
+                                      "learning rate is ratio x A's; the LoRA+ paper uses 16), or None to turn "
+                                      "LoRA+ off.")
+            self.loraplus_lr_ratio = float(ratio)
+        emb = self.loraplus_lr_embedding
+        if isinstance(emb, bool) or not isinstance(emb, (int, float)) or not math.isfinite(emb) or emb < 0:
+            raise LoRAConfigError(f"loraplus_lr_embedding={emb!r} is invalid; expected a finite learning rate >= 0, "
+                                  "e.g. 1e-6 (PEFT's default).")
+        self.loraplus_lr_embedding = float(emb)
+        if self.base_changing_init and getattr(self, "quantize_base", None):
+            raise LoRAConfigError(f"init={self.init!r} with quantize_base={getattr(self, 'quantize_base')!r} is not "
+                                  "supported: PiSSA/OLoRA take A and B from the full-precision weight and replace it by "
+                                  "the residual, which a quantized base cannot hold. Use init='kaiming' with a "
+                                  "quantized base, or drop quantize_base.")
+
+    @property
+    def base_changing_init(self) -> bool:
+        """Whether `init` replaces the base weights by a residual (PiSSA, OLoRA).
+
+        Example:
+            >>> LoRAConfig(init="pissa_niter_4").base_changing_init, LoRAConfig().base_changing_init
+            (True, False)
+        """
+        return self.init not in INIT_CHOICES
 
     @staticmethod
     def _check_patterns(name: str, value: Any, allow_all_linear: bool = False) -> list[str] | str | None:

@@ -21,7 +21,8 @@ def test_defaults_and_to_dict_exact():
     assert cfg.to_dict() == {
         "r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "exclude_modules": None,
         "bias": "none", "use_rslora": False, "init": "kaiming", "modules_to_save": None, "rank_pattern": {},
-        "alpha_pattern": {}, "adapter_dtype": "float32",
+        "alpha_pattern": {}, "adapter_dtype": "float32", "use_dora": False, "loraplus_lr_ratio": None,
+        "loraplus_lr_embedding": 1e-6,
     }
     assert cfg.torch_adapter_dtype is torch.float32
     # the docstring example
