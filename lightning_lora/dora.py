@@ -29,9 +29,14 @@ from __future__ import annotations
 import torch
 
 
+def _wide(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when any tensor is float64: the dtype DoRA's norms and merges are computed in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                 transposed: bool = False) -> torch.Tensor:
-    """`||W + scaling * B A||` per output feature, in float32, without gradient.
+    """`||W + scaling * B A||` per output feature, in float32 (float64 for float64 inputs), without gradient.
 
     Args:
         weight: the base weight, (out, in), or (in, out) with `transposed` (GPT-2's `Conv1D`).
@@ -40,15 +45,16 @@ def weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling:
         transposed: `weight` is stored as (in, out).
 
     Returns:
-        A float32 vector of length out. One (out x in) float32 temporary is allocated.
+        A float32 vector of length out. One (out x in) float32 temporary is allocated (the matrix is never
+        kept: the norm is detached).
 
     Example:
         >>> weight_norm(torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2), torch.zeros(1, 1), 1.0).tolist()
         [5.0]
     """
+    dtype = _wide(weight, a, b)
     with torch.no_grad():
-        combined = b.detach().to(device=weight.device, dtype=torch.float32) @ a.detach().to(
-            device=weight.device, dtype=torch.float32)
+        combined = b.detach().to(device=weight.device, dtype=dtype) @ a.detach().to(device=weight.device, dtype=dtype)
         combined.mul_(scaling).add_(weight.detach().T if transposed else weight.detach())
         return torch.linalg.vector_norm(combined, dim=1)
 
@@ -101,10 +107,11 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Te
         >>> w.tolist(), n.tolist()
         ([[6.0, 8.0]], [5.0])
     """
-    combined = weight.to(torch.float32) + delta.to(device=weight.device, dtype=torch.float32)
+    dtype = _wide(weight, delta)
+    combined = weight.to(dtype) + delta.to(device=weight.device, dtype=dtype)
     rows = combined.T if transposed else combined
     norm = torch.linalg.vector_norm(rows, dim=1)
-    factor = magnitude.to(device=weight.device, dtype=torch.float32) / norm
+    factor = magnitude.to(device=weight.device, dtype=dtype) / norm
     new = (rows * factor[:, None])
     return (new.T if transposed else new).to(weight.dtype), norm
 
@@ -119,10 +126,11 @@ def unmerged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.
         ...                 torch.tensor([5.0])).tolist()
         [[3.0, 4.0]]
     """
-    factor = magnitude.to(device=weight.device, dtype=torch.float32) / norm.to(weight.device)
-    w = weight.to(torch.float32)
+    dtype = _wide(weight, delta)
+    factor = magnitude.to(device=weight.device, dtype=dtype) / norm.to(device=weight.device, dtype=dtype)
+    w = weight.to(dtype)
     rows = (w.T if transposed else w) / factor[:, None]
-    return ((rows.T if transposed else rows) - delta.to(device=weight.device, dtype=torch.float32)).to(weight.dtype)
+    return ((rows.T if transposed else rows) - delta.to(device=weight.device, dtype=dtype)).to(weight.dtype)
 
 
 __all__ = ["merged_weight", "output", "unmerged_weight", "weight_norm"]
