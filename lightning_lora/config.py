@@ -157,8 +157,9 @@ class LoRAConfig:
             raise LoRAConfigError(f"loraplus_lr_embedding={emb!r} is invalid; expected a finite learning rate >= 0, "
                                   "e.g. 1e-6 (PEFT's default).")
         self.loraplus_lr_embedding = float(emb)
-        if self.base_changing_init and getattr(self, "quantize_base", None):
-            raise LoRAConfigError(f"init={self.init!r} with quantize_base={getattr(self, 'quantize_base')!r} is not "
+        quantized = getattr(self, "quantize_base", None)  # the QLoRA field, where present
+        if self.base_changing_init and quantized:
+            raise LoRAConfigError(f"init={self.init!r} with quantize_base={quantized!r} is not "
                                   "supported: PiSSA/OLoRA take A and B from the full-precision weight and replace it by "
                                   "the residual, which a quantized base cannot hold. Use init='kaiming' with a "
                                   "quantized base, or drop quantize_base.")

@@ -15,6 +15,7 @@ from lightning_lora import (
     LoRAConfig,
     LoRAConfigError,
     count_parameters,
+    dora,
     inject_lora,
     load_adapter,
     lora_parameters,
@@ -26,13 +27,12 @@ from lightning_lora import (
     unmerge_adapter,
     unmerge_and_reinject,
 )
-from lightning_lora import dora
 from lightning_lora.errors import AdapterFormatError
 from lightning_lora.layers import AdapterPath, LoRAConv1D, LoRALinear
 from lightning_lora.surgery import lora_layers
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])

@@ -32,7 +32,7 @@ from lightning_lora.peft_format import UnsupportedAdapterError, checkpoint_to_pe
 from lightning_lora.surgery import lora_layers
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
@@ -159,7 +159,7 @@ def test_save_adapter_is_a_plain_lora_delta_for_the_original_base(tmp_path, vari
             "pissa-dora": "pissa"}[variant]
     kwargs: dict = {}
     if "patterns" in variant:
-        kwargs = dict(use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3})
+        kwargs = {"use_rslora": True, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"down_proj": 3}}
     model = factory()
     inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets, init=init, use_dora="dora" in variant,
                                   **kwargs))
