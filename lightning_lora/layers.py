@@ -175,9 +175,9 @@ class LoRALayer(nn.Module):
     def _init_from_base(self, init: str, dtype: torch.dtype) -> None:
         """PiSSA / OLoRA (`lightning_lora.init`): A = A0, B = B0 from the base weight, which becomes
         `W - scaling * B0 A0`; A0, B0 are kept as the buffers `lora_init_A` / `lora_init_B`. Inside
-        `init.skip_base_init()` the buffers start at zero and the weight is left as it is."""
+        `init.skip_base_init()`, and on the meta device, the buffers start at zero and the weight is left as it is."""
         a, b = self.lora_A.weight, self.lora_B.weight
-        if base_init.base_init_skipped():
+        if base_init.base_init_skipped() or self.weight.device.type == "meta":  # no values to decompose
             a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
         else:
             a0, b0 = base_init.init_adapters(init, self.weight_oi(), self.r, self.scaling)

@@ -693,10 +693,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     if len(state) != len(tensors):
         raise AdapterFormatError(f"{weights_path} holds the same tensor under two spellings; re-export the adapter.")
     magnitudes = [k for k in state if k.endswith(".lora_magnitude_vector")]
-    if magnitudes and not config.use_dora:
-        raise AdapterFormatError(f"{weights_path} holds DoRA magnitude vectors ({magnitudes[0]}, ...) but "
-                                 f"{path / ADAPTER_CONFIG_NAME} does not say use_dora=true; the two files do not "
-                                 "belong together. Re-export the adapter.")
+    if bool(magnitudes) != config.use_dora:
+        held = f"holds DoRA magnitude vectors ({magnitudes[0]}, ...)" if magnitudes else "holds no DoRA magnitude vectors"
+        raise AdapterFormatError(f"{weights_path} {held} but {path / ADAPTER_CONFIG_NAME} says use_dora="
+                                 f"{config.use_dora}; the two files do not belong together. Re-export the adapter.")
     embedding_keys = _embedding_weight_keys(network)
     extra = {k: state.pop(k) for k in list(state) if k in embedding_keys and not is_lora_key(k)
              and not _saved_by_config(k, config, network)}

@@ -316,7 +316,7 @@ def test_peft_file_to_ours(tmp_path, factory, targets):
     assert (logits(model) - logits(pm)).abs().max().item() <= 1e-5
 
 
-def test_peft_file_with_magnitudes_but_no_use_dora_is_an_error(tmp_path):
+def test_peft_file_whose_config_and_tensors_disagree_is_an_error(tmp_path):
     pm = get_peft_model(make_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     pm.save_pretrained(str(tmp_path / "d"))
     cfg_path = tmp_path / "d" / "adapter_config.json"
@@ -324,8 +324,13 @@ def test_peft_file_with_magnitudes_but_no_use_dora_is_an_error(tmp_path):
     cfg["use_dora"] = False
     cfg_path.write_text(json.dumps(cfg))
     base = make_tiny_llama()
-    with pytest.raises(AdapterFormatError, match=r"holds DoRA magnitude vectors .*lora_magnitude_vector.* does not say "
-                                                 r"use_dora=true"):
+    with pytest.raises(AdapterFormatError, match=r"holds DoRA magnitude vectors .*lora_magnitude_vector.* says "
+                                                 r"use_dora=False"):
+        load_adapter(base, tmp_path / "d")
+    cfg["use_dora"] = True
+    cfg["target_modules"] = ["q_proj", "v_proj"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterFormatError, match=r"missing keys.*v_proj.lora_A.weight"):
         load_adapter(base, tmp_path / "d")
     assert not list(lora_layers(base))
 
@@ -337,3 +342,30 @@ def test_peft_dora_file_on_an_embedding_is_refused(tmp_path):
     with pytest.raises(AdapterFormatError, match=r"use_dora=True cannot adapt the embedding"):
         load_adapter(base, tmp_path / "e")
     assert not list(lora_layers(base))
+
+
+# ------------------------------------------------------------------------------------------------ Trainer runs
+def test_trainer_bf16_true_with_dora_and_pissa_keeps_fp32_adapters_and_checkpoints_magnitudes(tmp_path):
+    import lightning as L
+    from lit_models import TinyLlamaModule, fit
+
+    from lightning_lora import LoRA
+
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    module = TinyLlamaModule(lr=1e-2)
+    trainer = fit(module, [LoRA(r=4, use_dora=True, init="pissa", merge_on_fit_end=False), Record()], tmp_path,
+                  max_steps=8, precision="bf16-true")
+    layer = module.model.model.layers[0].self_attn.q_proj
+    assert layer.weight.dtype == torch.bfloat16
+    assert {layer.lora_A.weight.dtype, layer.lora_magnitude_vector.dtype, layer.lora_init_A.dtype} == {torch.float32}
+    assert losses[-1] < losses[0]
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    ckpt = torch.load(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
+    prefix = "model.model.layers.0.self_attn.q_proj."
+    assert sorted(k[len(prefix):] for k in ckpt["state_dict"] if k.startswith(prefix)) == [
+        "lora_A.weight", "lora_B.weight", "lora_init_A", "lora_init_B", "lora_magnitude_vector"]

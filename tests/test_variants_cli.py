@@ -33,7 +33,7 @@ def write_yaml(tmp_path, **lora_args) -> str:
 
 def test_every_variant_option_from_yaml(tmp_path):
     path = write_yaml(tmp_path, use_dora=True, loraplus_lr_ratio=16, init="pissa_niter_2")
-    cli = LoRALightningCLI(args=["fit", "--config", path, "--optimizer", "AdamW", "--optimizer.lr", "0.01",
+    cli = LoRALightningCLI(args=["fit", "--config", path, "--optimizer", "torch.optim.AdamW", "--optimizer.lr", "0.01",
                                  "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1"])
     trainer, module = cli.trainer, cli.model
     assert trainer.global_step == 3
@@ -52,7 +52,7 @@ def test_every_variant_option_from_yaml(tmp_path):
 
 def test_lightning_lora_fit_with_variants_exits_zero(tmp_path):
     path = write_yaml(tmp_path, use_dora=True, loraplus_lr_ratio=4, init="olora")
-    assert main(["fit", "--config", path, "--optimizer", "AdamW"]) == 0
+    assert main(["fit", "--config", path, "--optimizer", "torch.optim.AdamW"]) == 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -63,7 +63,7 @@ def test_lightning_lora_fit_with_variants_exits_zero(tmp_path):
 ])
 def test_bad_variant_options_are_one_line_and_exit_2(tmp_path, capsys, option, value, message):
     path = write_yaml(tmp_path, use_dora=True)
-    code = main(["fit", "--config", path, "--optimizer", "AdamW", f"--trainer.callbacks.init_args.{option}", value])
+    code = main(["fit", "--config", path, "--optimizer", "torch.optim.AdamW", f"--trainer.callbacks.init_args.{option}", value])
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and "Traceback" not in err
