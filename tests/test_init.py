@@ -343,3 +343,15 @@ def test_smollm2_step0_and_peft_init(smollm2, smollm2_path):
     for name, layer in list(lora_layers(smollm2))[:14]:
         assert torch.equal(layer.weight, sd[f"base_model.model.{name}.base_layer.weight"])
         assert torch.equal(layer.lora_A.weight, sd[f"base_model.model.{name}.lora_A.default.weight"])
+
+
+def test_mixin_load_from_checkpoint_with_pissa_and_dora(tmp_path):
+    module = TinyLlamaModule()
+    trainer = fit(module, [LoRA(r=4, init="olora", use_dora=True, merge_on_fit_end=False)], tmp_path, max_steps=3)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = TinyLlamaModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    module.eval()
+    loaded.eval()
+    assert torch.equal(logits(loaded.model), logits(module.model))
+    assert torch.equal(loaded.model.model.layers[0].self_attn.q_proj.weight,
+                       module.model.model.layers[0].self_attn.q_proj.weight)  # the same residual base
