@@ -223,11 +223,13 @@ def test_checkpoint_holds_initial_adapters_and_loads_and_exports_for_the_origina
     assert (logits(pm) - trained).abs().max().item() <= 1e-4
 
 
-def test_resume_reproduces_an_uninterrupted_pissa_run(tmp_path):
+@pytest.mark.parametrize("options", [{"init": "pissa_niter_2"}, {"use_dora": True}, {"use_dora": True, "init": "olora"}],
+                         ids=["pissa_niter", "dora", "dora-olora"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, options):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def callback():
-        return LoRA(r=4, init="pissa_niter_2", merge_on_fit_end=False)
+        return LoRA(r=4, merge_on_fit_end=False, **options)
 
     full = TinyLlamaModule(scheduler=True)
     fit(full, [callback()], tmp_path / "full", max_steps=-1, max_epochs=2)
