@@ -119,6 +119,7 @@ class LoRALayer(nn.Module):
         self.init = init
         self.use_dora = bool(use_dora)
         self._dora_merge_norm: torch.Tensor | None = None
+        self._dora_norm_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
         if base_init.is_base_changing(init):
             self._init_from_base(init, dtype)
         else:
@@ -306,8 +307,7 @@ class LoRALayer(nn.Module):
         it: the weight norm detached, dropout (in training) on the input of both the adapter and the
         `W x` part that the magnitude rescales."""
         a = self.lora_A.weight
-        scale = self.lora_magnitude_vector / dora.weight_norm(self.weight, a, self.lora_B.weight, self.scaling,
-                                                              self._weight_transposed).to(a.device)
+        scale = self.lora_magnitude_vector / self.dora_weight_norm().to(a.device)
         xa = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
         drop = self.lora_dropout
         dropped = not isinstance(drop, nn.Identity) and drop.training
@@ -320,6 +320,29 @@ class LoRALayer(nn.Module):
         else:
             base_part = result if bias is None else result - bias
         return dora.output(result, base_part, adapter, bias, scale, dropped)
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """`||W + scaling B A||` per output feature (detached, `dora.weight_norm`).
+
+        Without autograd (validation, generation) the norm is kept and reused while W, A and B are the
+        same tensors at the same version (any in-place change, `copy_`, `load_state_dict`, an optimizer
+        step, a device move gives a new one); a forward with autograd on always recomputes it and drops
+        the kept one. Token-by-token generation then costs what plain LoRA costs instead of about
+        three times as much. Values written through `.data` bypass version counting: after such an
+        edit with autograd off, call `layer._dora_norm_cache = None`.
+        """
+        w, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._dora_norm_cache = None
+            return dora.weight_norm(w, a, b, self.scaling, self._weight_transposed)
+        key = (w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(), w.device, w.dtype,
+               a.dtype, self.scaling)
+        cached = self._dora_norm_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        norm = dora.weight_norm(w, a, b, self.scaling, self._weight_transposed)
+        self._dora_norm_cache = (key, norm)
+        return norm
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:

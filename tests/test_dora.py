@@ -369,3 +369,30 @@ def test_trainer_bf16_true_with_dora_and_pissa_keeps_fp32_adapters_and_checkpoin
     prefix = "model.model.layers.0.self_attn.q_proj."
     assert sorted(k[len(prefix):] for k in ckpt["state_dict"] if k.startswith(prefix)) == [
         "lora_A.weight", "lora_B.weight", "lora_init_A", "lora_init_B", "lora_magnitude_vector"]
+
+
+def test_weight_norm_is_reused_without_autograd_and_never_stale(monkeypatch):
+    calls = []
+    real = dora.weight_norm
+    monkeypatch.setattr(dora, "weight_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 4), r=2, alpha=2.0, use_dora=True).eval()
+    x = torch.randn(3, 8)
+    calls.clear()
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first) and len(calls) == 1  # reused
+        layer.lora_B.weight.add_(0.5)  # an in-place change (as an optimizer step): a new version
+        changed = layer(x)
+    assert len(calls) == 2 and not torch.allclose(changed, first)
+    ref = reference_dora(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight,
+                         layer.lora_magnitude_vector, 1.0)
+    torch.testing.assert_close(changed, ref, atol=1e-6, rtol=0)
+    layer.load_state_dict({**layer.state_dict(), "lora_B.weight": torch.zeros(4, 2)})
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_dora(x, layer.weight, layer.bias, layer.lora_A.weight,
+                                                            torch.zeros(4, 2), layer.lora_magnitude_vector, 1.0),
+                                   atol=1e-6, rtol=0)
+    assert len(calls) == 3
+    layer(x).sum().backward()  # with autograd: recomputed, and the kept norm dropped
+    assert len(calls) == 4 and layer._dora_norm_cache is None
