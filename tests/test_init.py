@@ -329,20 +329,25 @@ def test_pissa_with_a_quantized_base_config_is_an_error():
 
 @pytest.mark.integration
 def test_smollm2_step0_and_peft_init(smollm2, smollm2_path):
-    """All linear layers of SmolLM2 at r=16: step 0 within float error of the base (measured 7.3e-5 on logits of
-    magnitude ~30: W_res is rounded to float32 once per layer, as in PEFT, whose init is bit-identical)."""
+    """SmolLM2: step 0 within float error of the base (W_res is rounded to float32 once per layer, as in PEFT:
+    with r=16 on every linear layer and the full SVD, 7.3e-5 on logits of magnitude ~30 for both), and our
+    q/v PiSSA bit-identical to PEFT's."""
     from lightning_lora.hub import load_causal_lm
 
     ids = torch.tensor([[1, 422, 1034, 314, 253, 1670, 30, 2]])
     with torch.no_grad():
         reference = smollm2(ids).logits
-    inject_lora(smollm2, LoRAConfig(r=16, alpha=32, target_modules="all-linear", init="pissa"))
+    every_linear = load_causal_lm(smollm2_path).eval()
+    inject_lora(every_linear, LoRAConfig(r=16, alpha=32, target_modules="all-linear", init="pissa_niter_4"))
     with torch.no_grad():
-        assert (smollm2(ids).logits - reference).abs().max().item() <= 2e-4
+        assert (every_linear(ids).logits - reference).abs().max().item() <= 2e-4
+    inject_lora(smollm2, LoRAConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"], init="pissa"))
+    with torch.no_grad():
+        assert (smollm2(ids).logits - reference).abs().max().item() <= 1e-4
     pm = get_peft_model(load_causal_lm(smollm2_path).eval(),
-                        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights="pissa"))
+                        LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
     sd = pm.state_dict()
-    for name, layer in list(lora_layers(smollm2))[:14]:
+    for name, layer in lora_layers(smollm2):
         assert torch.equal(layer.weight, sd[f"base_model.model.{name}.base_layer.weight"])
         assert torch.equal(layer.lora_A.weight, sd[f"base_model.model.{name}.lora_A.default.weight"])
 
