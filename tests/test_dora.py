@@ -396,3 +396,23 @@ def test_weight_norm_is_reused_without_autograd_and_never_stale(monkeypatch):
     assert len(calls) == 3
     layer(x).sum().backward()  # with autograd: recomputed, and the kept norm dropped
     assert len(calls) == 4 and layer._dora_norm_cache is None
+
+
+def test_checkpoint_export_and_load_of_a_dora_run(tmp_path):
+    from lit_models import TinyLlamaModule, fit
+
+    from lightning_lora import LoRA
+    from lightning_lora.peft_format import checkpoint_to_peft
+
+    module = TinyLlamaModule()
+    trainer = fit(module, [LoRA(r=4, use_dora=True, merge_on_fit_end=False)], tmp_path, max_steps=3)
+    trainer.save_checkpoint(tmp_path / "d.ckpt")
+    module.model.eval()
+    trained = logits(module.model)
+    fresh = make_tiny_llama()
+    load_adapter(fresh, tmp_path / "d.ckpt")
+    assert torch.equal(logits(fresh), trained)
+    checkpoint_to_peft(tmp_path / "d.ckpt", tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    pm = PeftModel.from_pretrained(make_tiny_llama(), str(tmp_path / "peft")).eval()
+    assert (logits(pm) - trained).abs().max().item() <= 1e-5
