@@ -9,7 +9,8 @@ It maps Lightning's hooks (order in DESIGN.md) to `surgery` and `checkpoint` fun
 2. Restoring a `ckpt_path` (a `load_state_dict` pre-hook): the checkpoint's LoRA config must equal
    ours and every adapter key must be present (base keys may be absent).
 3. `on_fit_start`: every optimizer is left holding exactly the trainable parameters (before its
-   state is restored); the parameter table is printed and logged.
+   state is restored), its groups split for LoRA+ when `loraplus_lr_ratio` is set
+   (`lightning_lora.loraplus`); the parameter table is printed and logged.
 4. Every `log_every_n_steps`: `lora/grad_norm` and `lora/delta_ratio`.
 5. `on_save_checkpoint`: only the adapters and `checkpoint["lightning_lora"]`.
 6. `on_fit_end`: the PEFT adapter (`adapter_dir`), the merge (`merge_on_fit_end`, reversible: a
@@ -57,6 +58,7 @@ from lightning_lora.fsdp import (
     write_merged,
 )
 from lightning_lora.quantization import host_init_context
+from lightning_lora.loraplus import apply_loraplus
 from lightning_lora.surgery import (
     MERGED_ATTR,
     AdapterProbe,
@@ -254,6 +256,9 @@ class LoRA(Callback):
         if not has_lora(pl_module):
             raise LoRAError("The LoRA callback found no adapters at fit start; was the model replaced after setup?")
         restrict_optimizers(pl_module, trainer.optimizers)
+        if self.config.loraplus_lr_ratio is not None:  # LoRA+: B (and 1-D parameters) at ratio x the group's lr
+            apply_loraplus(pl_module, trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs],
+                           self.config.loraplus_lr_ratio, self.config.loraplus_lr_embedding)
         enable_input_grads_for_checkpointing(pl_module)
         self._probed = False
         before, self._before_wrap = self._before_wrap, None

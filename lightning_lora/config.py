@@ -32,6 +32,9 @@ QUANTIZE_BASE_CHOICES = ("nf4",)
 QUANTIZE_BASE_MODULES_CHOICES = ("adapted", ALL_LINEAR)
 QUANTIZE_SAFE_INITS = ("gaussian", "kaiming")
 COMPUTE_DTYPE_CHOICES = ("auto", "base", "adapter")
+#: initialisations that take A and B from the base weight and leave W - scaling * B A as the base (issue 17)
+BASE_INIT_CHOICES = ("pissa", "pissa_niter_N", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 ADAPTER_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -72,8 +75,12 @@ class LoRAConfig:
         exclude_modules: modules never adapted, same matching as `target_modules`.
         bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (biases of adapted layers).
         use_rslora: rank-stabilised scaling `alpha / sqrt(r)`.
-        init: `"kaiming"` (kaiming-uniform A, as PEFT) or `"gaussian"` (A ~ N(0, 1/r), the paper).
-            B is zero either way, so an injected model starts exactly equal to its base.
+        init: `"kaiming"` (kaiming-uniform A, as PEFT) or `"gaussian"` (A ~ N(0, 1/r), the paper):
+            B is zero, so an injected model starts exactly equal to its base. `"pissa"` (A, B from the
+            r principal singular vectors of W), `"pissa_niter_N"` (the same from a randomized SVD with
+            N subspace iterations) or `"olora"` (A, B from a QR decomposition of W): the base weight
+            becomes the residual `W - scaling * B A`, so the start equals the base within float
+            rounding (see `lightning_lora.init`).
         modules_to_save: whole modules (same matching) that train fully and are saved, e.g. a
             new classification head. A module whose weight is tied to another (an `lm_head` tied to
             the input embedding) trains an untied copy, as in PEFT; the other module is untouched.
@@ -99,6 +106,14 @@ class LoRAConfig:
             optimizer state stay in `adapter_dtype`; otherwise the adapters' dtype. `"base"`: the base's
             dtype whenever it is narrower (also float16). `"adapter"`: always the adapters' dtype (fp32
             products on a bf16 base).
+        use_dora: DoRA (weight-decomposed LoRA, Liu et al. 2024): a trainable magnitude per output
+            feature (`lora_magnitude_vector`) rescales the column-normalised `W + scaling * B A`
+            (Linear and `Conv1D` targets; see `lightning_lora.dora`).
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the `LoRA` callback splits the optimizer's
+            parameter groups so that B (and 1-D trainable parameters: DoRA magnitudes, biases) learn at
+            `ratio x` the group's learning rate (> 0; the paper suggests 16). None: off.
+        loraplus_lr_embedding: with `loraplus_lr_ratio`, the learning rate of embedding adapters
+            (PEFT's `create_loraplus_optimizer` default, 1e-6).
 
     Example:
         >>> LoRAConfig(r=4, target_modules="all-linear", dropout=0.05).r
@@ -112,7 +127,7 @@ class LoRAConfig:
     exclude_modules: list[str] | str | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
-    init: Literal["gaussian", "kaiming"] = "kaiming"
+    init: str = "kaiming"
     modules_to_save: list[str] | None = None
     task_heads: bool = True
     save_embedding_layers: bool | Literal["auto"] = "auto"
@@ -122,6 +137,9 @@ class LoRAConfig:
     quantize_base: str | None = None
     quantize_base_modules: Literal["adapted", "all-linear"] = "adapted"
     adapter_compute_dtype: Literal["auto", "base", "adapter"] = "auto"
+    use_dora: bool = False
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -141,8 +159,10 @@ class LoRAConfig:
             raise LoRAConfigError(f"bias={self.bias!r} is invalid; expected one of {', '.join(BIAS_CHOICES)}.")
         if not isinstance(self.use_rslora, bool):
             raise LoRAConfigError(f"use_rslora={self.use_rslora!r} is invalid; expected True or False.")
-        if self.init not in INIT_CHOICES:
-            raise LoRAConfigError(f"init={self.init!r} is invalid; expected one of {', '.join(INIT_CHOICES)}.")
+        if not isinstance(self.init, str) or not (self.init in INIT_CHOICES or self.init in ("pissa", "olora")
+                                                  or _PISSA_NITER.fullmatch(self.init)):
+            raise LoRAConfigError(f"init={self.init!r} is invalid; expected one of {', '.join(INIT_CHOICES)}, "
+                                  f"{', '.join(BASE_INIT_CHOICES)} (N an integer >= 0, e.g. 'pissa_niter_4').")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
@@ -158,6 +178,7 @@ class LoRAConfig:
         if self.adapter_compute_dtype not in COMPUTE_DTYPE_CHOICES:
             raise LoRAConfigError(f"adapter_compute_dtype={self.adapter_compute_dtype!r} is invalid; expected one of "
                                   f"{', '.join(COMPUTE_DTYPE_CHOICES)} ('auto': bf16 products on a bf16 base).")
+        self._check_variants()
         self._check_quantization()
 
     def _check_quantization(self) -> None:
@@ -172,10 +193,41 @@ class LoRAConfig:
         if self.quantize_base is None and self.quantize_base_modules != "adapted":
             raise LoRAConfigError(f"quantize_base_modules={self.quantize_base_modules!r} needs quantize_base; set "
                                   "quantize_base='nf4' as well, or drop quantize_base_modules.")
+        if self.quantize_base is not None and self.use_dora:
+            raise LoRAConfigError(f"use_dora=True cannot be combined with quantize_base={self.quantize_base!r}: "
+                                  "lightning-lora implements DoRA on dense weights only; drop use_dora for a QLoRA "
+                                  "run, or drop quantize_base.")
         if self.quantize_base is not None and self.init not in QUANTIZE_SAFE_INITS:
             raise LoRAConfigError(f"init={self.init!r} cannot be combined with quantize_base={self.quantize_base!r}: "
                                   "that initialisation changes the base weights, which a quantized base cannot hold "
                                   f"exactly; use init={' or '.join(map(repr, QUANTIZE_SAFE_INITS))}, or drop quantize_base.")
+
+    def _check_variants(self) -> None:
+        """DoRA, LoRA+ and the base-changing initialisations (issue 17)."""
+        if not isinstance(self.use_dora, bool):
+            raise LoRAConfigError(f"use_dora={self.use_dora!r} is invalid; expected True or False.")
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+                raise LoRAConfigError(f"loraplus_lr_ratio={ratio!r} is invalid; expected a finite number > 0 (B's "
+                                      "learning rate is ratio x A's; the LoRA+ paper uses 16), or None to turn "
+                                      "LoRA+ off.")
+            self.loraplus_lr_ratio = float(ratio)
+        emb = self.loraplus_lr_embedding
+        if isinstance(emb, bool) or not isinstance(emb, (int, float)) or not math.isfinite(emb) or emb < 0:
+            raise LoRAConfigError(f"loraplus_lr_embedding={emb!r} is invalid; expected a finite learning rate >= 0, "
+                                  "e.g. 1e-6 (PEFT's default).")
+        self.loraplus_lr_embedding = float(emb)
+
+    @property
+    def base_changing_init(self) -> bool:
+        """Whether `init` replaces the base weights by a residual (PiSSA, OLoRA).
+
+        Example:
+            >>> LoRAConfig(init="pissa_niter_4").base_changing_init, LoRAConfig().base_changing_init
+            (True, False)
+        """
+        return self.init not in INIT_CHOICES
 
     @staticmethod
     def _check_patterns(name: str, value: Any, allow_all_linear: bool = False) -> list[str] | str | None:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lora import dora
+from lightning_lora import init as base_init
 from lightning_lora._kernels import (
     MASK_LEVELS,
     AdapterCall,
@@ -43,7 +45,7 @@ from lightning_lora._kernels import (
     fused_lora,
     mask_source,
 )
-from lightning_lora.errors import LoRAError
+from lightning_lora.errors import LoRAConfigError, LoRAError
 
 try:  # transformers is a dependency, but keep the layers importable without it
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -51,14 +53,17 @@ except Exception:  # pragma: no cover
     HFConv1D = None  # type: ignore[assignment,misc]
 
 
-def _share_state(src: nn.Module, dst: nn.Module, attrs: tuple[str, ...]) -> None:
-    """Register `src`'s own Parameter and buffer objects (not copies) and plain attributes on `dst`."""
+def _share_state(src: nn.Module, dst: nn.Module, attrs: tuple[str, ...], skip: tuple[str, ...] = ()) -> None:
+    """Register `src`'s own Parameter and buffer objects (not copies, except those named in `skip`) and
+    plain attributes on `dst`."""
     for key in attrs:
         setattr(dst, key, getattr(src, key))
     for key, param in src._parameters.items():
-        dst.register_parameter(key, param)
+        if key not in skip:
+            dst.register_parameter(key, param)
     for key, buf in src._buffers.items():
-        dst.register_buffer(key, buf, persistent=key not in src._non_persistent_buffers_set)
+        if key not in skip:
+            dst.register_buffer(key, buf, persistent=key not in src._non_persistent_buffers_set)
 
 
 class AdapterPath(enum.Enum):
@@ -78,6 +83,8 @@ class AdapterPath(enum.Enum):
       too small for lane masks;
     - `MODULES`: the plain `lora_B(lora_A(lora_dropout(x)))` in the adapter dtype (hooks on those
       modules, autocast, a subclassed dropout).
+    - `DORA`: a `use_dora=True` layer (`LoRALayer.dora_forward`: plain autograd in the adapter dtype):
+      never one of the above.
     """
 
     DROPOUT = "dropout"
@@ -85,6 +92,7 @@ class AdapterPath(enum.Enum):
     ADDMM = "addmm"
     FUNCTIONAL = "functional"
     MODULES = "modules"
+    DORA = "dora"
 
 
 #: the paths computed by `FusedLoRA` / `fused_lora`
@@ -101,6 +109,11 @@ class LoRALayer(nn.Module):
     base_cls: type[nn.Module]
     #: the base module's plain attributes that its forward needs (e.g. `in_features`)
     _base_attrs: tuple[str, ...] = ()
+    #: whether the base weight is stored as (in, out) (GPT-2's `Conv1D`) rather than (out, in)
+    _weight_transposed = False
+    #: adapter tensors registered on the layer itself (not on lora_A / lora_B), never part of the base
+    ADAPTER_TENSORS = ("lora_magnitude_vector", "lora_init_A", "lora_init_B")
+    ADAPTER_TENSORS_SUFFIXES = tuple(f".{n}" for n in ADAPTER_TENSORS)
 
     def __init__(
         self,
@@ -113,6 +126,7 @@ class LoRALayer(nn.Module):
         use_rslora: bool = False,
         init: str = "kaiming",
         adapter_dtype: torch.dtype | None = torch.float32,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if r <= 0:
@@ -134,7 +148,20 @@ class LoRALayer(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.lora_enabled = True
-        self.reset_lora_parameters(init)
+        #: the initialisation (`init`): "pissa", "pissa_niter_N" and "olora" changed the base weight
+        self.init = init
+        self.use_dora = bool(use_dora)
+        self._dora_merge_norm: torch.Tensor | None = None
+        self._dora_norm_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        if base_init.is_base_changing(init):
+            self._init_from_base(init, dtype)
+        else:
+            self.reset_lora_parameters(init)
+        if self.use_dora:
+            #: DoRA's magnitude per output feature (PEFT's key), initialised to ||W + scaling B A||
+            self.lora_magnitude_vector = nn.Parameter(
+                dora.weight_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                 self._weight_transposed).to(dtype))
         # Take the base layer's mode for the new submodules too (lora_dropout!): an adapter injected
         # into a model in eval mode must not apply dropout.
         self.train(base.training)
@@ -155,7 +182,11 @@ class LoRALayer(nn.Module):
         for name, module in self._modules.items():
             if module is not None:
                 module._apply(device_only if name in ("lora_A", "lora_B") else fn)
-        return super()._apply(fn, recurse=False)
+        own = [t for t in (getattr(self, n, None) for n in self.ADAPTER_TENSORS) if t is not None]
+        if not own:
+            return super()._apply(fn, recurse=False)
+        keep = {id(t) for t in own} | {id(t.grad) for t in own if t.grad is not None}
+        return super()._apply(lambda t: device_only(t) if id(t) in keep else fn(t), recurse=False)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -166,8 +197,76 @@ class LoRALayer(nn.Module):
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
         else:
-            raise LoRAError(f"init={init!r} is invalid; expected 'kaiming' or 'gaussian'.")
+            raise LoRAError(f"init={init!r} is invalid; expected 'kaiming' or 'gaussian' here (PiSSA/OLoRA are "
+                            "computed once, when the layer is built).")
         nn.init.zeros_(self.lora_B.weight)
+
+    def weight_oi(self) -> torch.Tensor:
+        """The base weight in (out, in) layout (a view for `Conv1D`)."""
+        return self.weight.T if self._weight_transposed else self.weight
+
+    @torch.no_grad()
+    def _init_from_base(self, init: str, dtype: torch.dtype) -> None:
+        """PiSSA / OLoRA (`lightning_lora.init`): A = A0, B = B0 from the base weight, which becomes
+        `W - scaling * B0 A0`; A0, B0 are kept as the buffers `lora_init_A` / `lora_init_B`. Inside
+        `init.skip_base_init()`, and on the meta device, the buffers start at zero and the weight is left as it is."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if base_init.base_init_skipped() or self.weight.device.type == "meta":  # no values to decompose
+            a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
+        else:
+            a0, b0 = base_init.init_adapters(init, self.weight_oi(), self.r, self.scaling)
+            a0, b0 = a0.to(device=a.device, dtype=dtype), b0.to(device=b.device, dtype=dtype)
+            self.weight.copy_(base_init.residual(self.weight, a0, b0, self.scaling, self._weight_transposed))
+        a.copy_(a0)
+        b.copy_(b0)
+        self.register_buffer("lora_init_A", a0.clone())
+        self.register_buffer("lora_init_B", b0.clone())
+
+    @torch.no_grad()
+    def load_init_adapters(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Take A0, B0 recorded by the run that trained this adapter (PiSSA / OLoRA layers only): the
+        base weight becomes `W - scaling * B0 A0` for them. The same A0, B0 change nothing (bit for bit);
+        others (computed on another device, say) are swapped within one float rounding of the weight.
+
+        Raises:
+            LoRAError: a layer without a base-changing init, or a merged one.
+        """
+        if getattr(self, "lora_init_A", None) is None:
+            raise LoRAError(f"This {type(self).__name__} was not built with a PiSSA/OLoRA init (init={self.init!r}); "
+                            "it has no initial adapters to load.")
+        cur_a, cur_b = self.lora_init_A, self.lora_init_B
+        a0 = a0.to(device=cur_a.device, dtype=cur_a.dtype)
+        b0 = b0.to(device=cur_b.device, dtype=cur_b.dtype)
+        if a0.shape != cur_a.shape or b0.shape != cur_b.shape:
+            return  # left to the strict shape checks of the caller
+        if torch.equal(a0, cur_a) and torch.equal(b0, cur_b):
+            return
+        if self.merged:
+            raise LoRAError("Cannot load PiSSA/OLoRA initial adapters into a merged layer; unmerge it first.")
+        w = self.weight
+        w.copy_(base_init.residual(base_init.residual(w, cur_a, -cur_b, self.scaling, self._weight_transposed),
+                                   a0, b0, self.scaling, self._weight_transposed))
+        cur_a.copy_(a0)
+        cur_b.copy_(b0)
+
+    @torch.no_grad()
+    def restore_base_weight(self) -> None:
+        """For a PiSSA / OLoRA layer: put `W_res + scaling * B0 A0` (the original weight within one
+        rounding) back into the base weight and forget A0, B0; a no-op for other layers."""
+        if getattr(self, "lora_init_A", None) is None:
+            return
+        if self.merged:
+            self.unmerge()
+        self.weight.copy_(base_init.residual(self.weight, self.lora_init_A, -self.lora_init_B, self.scaling,
+                                             self._weight_transposed))
+        self.lora_init_A.zero_()
+        self.lora_init_B.zero_()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        a0, b0 = state_dict.get(prefix + "lora_init_A"), state_dict.get(prefix + "lora_init_B")
+        if a0 is not None and b0 is not None and getattr(self, "lora_init_A", None) is not None:
+            self.load_init_adapters(a0, b0)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ------------------------------------------------------------------ compute
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +321,8 @@ class LoRALayer(nn.Module):
         autocast and a subclassed dropout take the modules; other devices and `torch.compile` (which fuses
         the plain ops itself) take the functional ops.
         """
+        if self.use_dora:
+            return AdapterPath.DORA
         if not self._fusable or not x.is_floating_point():
             return AdapterPath.MODULES
         drop = self.lora_dropout
@@ -247,9 +348,13 @@ class LoRALayer(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.lora_enabled:
+        if self.merged:
             return self.base_forward(x)
+        if not self.lora_enabled:
+            return self._add_init_adapters(x, self.base_forward(x))
         path = self._fused_path(x)
+        if path is AdapterPath.DORA:
+            return self.dora_forward(x, self.base_forward(x))
         if path in FUSED_PATHS:
             a, b = self.lora_A.weight, self.lora_B.weight
             call = AdapterCall(self.scaling, self.lora_dropout.p if path is AdapterPath.DROPOUT else 0.0,
@@ -264,6 +369,57 @@ class LoRALayer(nn.Module):
         if path is AdapterPath.FUNCTIONAL:
             return result + self.functional_adapter(x).to(result.dtype)
         return result + self.adapter_forward(x).to(result.dtype)
+
+    def _add_init_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """With the adapters disabled: a PiSSA / OLoRA layer adds `scaling * B0 A0 x` back, so it computes
+        its original base function (not the residual); other layers return `result`."""
+        a0 = getattr(self, "lora_init_A", None)
+        if a0 is None:
+            return result
+        h = F.linear(x.to(a0.dtype), a0)
+        return result + F.linear(h, self.lora_init_B).mul_(self.scaling).to(result.dtype)
+
+    def dora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """DoRA's output (`lightning_lora.dora`) from the base output `result = base(x)`, as PEFT computes
+        it: the weight norm detached, dropout (in training) on the input of both the adapter and the
+        `W x` part that the magnitude rescales."""
+        a = self.lora_A.weight
+        scale = self.lora_magnitude_vector / self.dora_weight_norm().to(a.device)
+        xa = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+        drop = self.lora_dropout
+        dropped = not isinstance(drop, nn.Identity) and drop.training
+        if dropped:
+            xa = drop(xa)
+        adapter = self.lora_B(self.lora_A(xa)) * self.scaling
+        bias = getattr(self, "bias", None)
+        if dropped:
+            base_part = F.linear(xa.to(result.dtype), self.weight_oi())
+        else:
+            base_part = result if bias is None else result - bias
+        return dora.output(result, base_part, adapter, bias, scale, dropped)
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """`||W + scaling B A||` per output feature (detached, `dora.weight_norm`).
+
+        Without autograd (validation, generation) the norm is kept and reused while W, A and B are the
+        same tensors at the same version (any in-place change, `copy_`, `load_state_dict`, an optimizer
+        step, a device move gives a new one); a forward with autograd on always recomputes it and drops
+        the kept one. Token-by-token generation then costs what plain LoRA costs instead of about
+        three times as much. Values written through `.data` bypass version counting: after such an
+        edit with autograd off, call `layer._dora_norm_cache = None`.
+        """
+        w, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._dora_norm_cache = None
+            return dora.weight_norm(w, a, b, self.scaling, self._weight_transposed)
+        key = (w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(), w.device, w.dtype,
+               a.dtype, self.scaling)
+        cached = self._dora_norm_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        norm = dora.weight_norm(w, a, b, self.scaling, self._weight_transposed)
+        self._dora_norm_cache = (key, norm)
+        return norm
 
     # ------------------------------------------------------------------ merge
     def weight_norm(self) -> float:
@@ -280,7 +436,12 @@ class LoRALayer(nn.Module):
         if self.merged:
             return
         w = self.weight
-        w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
+        if self.use_dora:
+            new, self._dora_merge_norm = dora.merged_weight(w, self.delta_weight(), self.lora_magnitude_vector,
+                                                            self._weight_transposed)
+            w.copy_(new)
+        else:
+            w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -295,20 +456,30 @@ class LoRALayer(nn.Module):
         if not self.merged:
             return
         w = self.weight
-        w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
+        if self.use_dora:
+            if self._dora_merge_norm is None:
+                raise LoRAError("This DoRA layer was merged elsewhere (the weight norm at merge time is unknown), so "
+                                "the merge cannot be undone; load the adapter into a fresh base model instead.")
+            w.copy_(dora.unmerged_weight(w, self.delta_weight(), self.lora_magnitude_vector, self._dora_merge_norm,
+                                         self._weight_transposed))
+            self._dora_merge_norm = None
+        else:
+            w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
         self.merged = False
 
     def to_base_module(self) -> nn.Module:
         """A plain module of the base type holding this layer's (possibly merged) parameters."""
         base = self.base_cls.__new__(self.base_cls)
         nn.Module.__init__(base)
-        _share_state(self, base, self._base_attrs)
+        _share_state(self, base, self._base_attrs, skip=self.ADAPTER_TENSORS)
         base.train(self.training)
         return base
 
     def extra_repr(self) -> str:
+        extra = (", use_dora=True" if self.use_dora else "") + (
+            f", init={self.init!r}" if base_init.is_base_changing(self.init) else "")
         return (f"base={self.base_cls.__name__}, r={self.r}, alpha={self.lora_alpha:g}, "
-                f"scaling={self.scaling:g}, merged={self.merged}")
+                f"scaling={self.scaling:g}, merged={self.merged}{extra}")
 
 
 class LoRALinear(LoRALayer):
@@ -345,6 +516,7 @@ class LoRAConv1D(LoRALayer):
 
     _base_attrs = ("nf", "nx")
     _fusable = True
+    _weight_transposed = True
 
     def __init__(self, base: nn.Module, r: int, alpha: float, **kwargs: Any) -> None:
         in_features, out_features = base.weight.shape
@@ -386,6 +558,14 @@ class LoRAEmbedding(LoRALayer):
                    "scale_grad_by_freq", "sparse")
 
     def __init__(self, base: nn.Embedding, r: int, alpha: float, **kwargs: Any) -> None:
+        if kwargs.get("use_dora"):
+            raise LoRAConfigError(f"use_dora=True cannot adapt an nn.Embedding ({base}): lightning-lora implements DoRA "
+                                  "for Linear and Conv1D layers. Leave the embedding out of target_modules (or in "
+                                  "exclude_modules), or set use_dora=False.")
+        if base_init.is_base_changing(kwargs.get("init", "kaiming")):
+            raise LoRAConfigError(f"init={kwargs['init']!r} cannot initialise an nn.Embedding adapter ({base}): "
+                                  "PiSSA/OLoRA are implemented for Linear and Conv1D layers (as in PEFT). Leave the "
+                                  "embedding out of target_modules, or use init='kaiming'.")
         kwargs["dropout"] = 0.0
         super().__init__(base, base.num_embeddings, base.embedding_dim, r, alpha, **kwargs)
 

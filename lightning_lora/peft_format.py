@@ -41,6 +41,7 @@ from lightning_lora._io import atomic_directory, check_output_dir
 from lightning_lora.checkpoint import CHECKPOINT_KEY, CHECKPOINT_VERSION, AdapterCheckpoint, read_checkpoint
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import AdapterFormatError, LoRAError, UnsupportedAdapterError, first_line
+from lightning_lora.init import converted_alpha, skip_base_init, to_plain_lora
 from lightning_lora.layers import HFConv1D, LoRAConv1D, LoRAEmbedding, LoRALayer
 from lightning_lora.matching import (
     modules_to_save_matches,
@@ -76,7 +77,7 @@ PEFT_PREFIX = "base_model.model."
 #: adapter_config.json keys we translate (everything else is checked by `_check_supported`)
 _TRANSLATED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                     "use_rslora", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights",
-                    "layers_to_transform", "layers_pattern"}
+                    "layers_to_transform", "layers_pattern", "use_dora"}
 #: keys that never change what a loaded adapter computes (bookkeeping, or handled by the layer type)
 _HARMLESS_KEYS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
                   "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
@@ -86,7 +87,6 @@ _HARMLESS_KEYS = {"task_type", "base_model_name_or_path", "revision", "inference
                   "loftq_config", "eva_config", "corda_config"}
 #: features we do not implement, with what they do (any non-default value is an error)
 _UNSUPPORTED_FEATURES = {
-    "use_dora": "DoRA (weight-decomposed LoRA, a learned magnitude vector per layer)",
     "layer_replication": "layer replication (a deeper model built from repeated base layers)",
     "lora_bias": "a trainable bias on lora_B",
     "trainable_token_indices": "trainable token indices (TrainableTokens on the embedding)",
@@ -177,6 +177,8 @@ def _layer_infos(network: nn.Module) -> dict[str, _LayerInfo]:
 def _to_peft_key(key: str, layers: dict[str, _LayerInfo]) -> str:
     """Our key (relative to the network) -> PEFT's key in adapter_model.safetensors."""
     owner, _, param = key.rpartition(".")
+    if param == "lora_magnitude_vector":  # DoRA: the same key in PEFT's files
+        return PEFT_PREFIX + key
     for ab in ("A", "B"):
         suffix = f".lora_{ab}.weight"
         if key.endswith(suffix) and key[: -len(suffix)] in layers:
@@ -280,8 +282,8 @@ def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: l
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": any(i.kind == "conv1d" for i in layers.values()),
-        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
-        "use_dora": False,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "use_dora": config.use_dora,
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -293,6 +295,33 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (NaN included), dtype and shape."""
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def _plain_lora_from_base_init(tensors: dict[str, torch.Tensor], layers: dict[str, _LayerInfo],
+                               config: LoRAConfig) -> tuple[dict[str, torch.Tensor], dict[str, _LayerInfo], LoRAConfig]:
+    """PiSSA / OLoRA adapters as a plain LoRA delta against the original base weights (PEFT's
+    `path_initial_model_for_weight_conversion`): every layer with initial adapters `lora_init_A/B`
+    gets `[A; A0]`, `[B, -B0]` at rank 2r with the alpha that keeps its scaling; the config doubles
+    r / rank_pattern, converts alpha / alpha_pattern and says `init="kaiming"`. Keys relative to the network.
+    """
+    if not config.base_changing_init:
+        return tensors, layers, config
+    out = dict(tensors)
+    new_layers = dict(layers)
+    for name, info in layers.items():
+        a0, b0 = out.pop(f"{name}.lora_init_A", None), out.pop(f"{name}.lora_init_B", None)
+        if a0 is None or b0 is None:
+            raise AdapterFormatError(f"{name} was trained with init={config.init!r} but its initial adapters "
+                                     f"({name}.lora_init_A / lora_init_B) are missing, so it cannot be converted "
+                                     "to an adapter for the original base model.")
+        a, b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        out[a], out[b] = to_plain_lora(out[a], out[b], a0, b0)
+        new_layers[name] = _LayerInfo(info.kind, 2 * info.r, converted_alpha(info.alpha, config.use_rslora))
+    plain = dataclasses.replace(
+        config, init="kaiming", r=2 * config.r, alpha=converted_alpha(config.alpha, config.use_rslora),
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: converted_alpha(v, config.use_rslora) for k, v in config.alpha_pattern.items()})
+    return out, new_layers, plain
 
 
 def _write_peft_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
@@ -356,6 +385,7 @@ def to_peft(model: nn.Module, config: LoRAConfig | None = None,
         rel[key[len(prefix) + 1:] if prefix else key] = value
     base = base_model_name_or_path or getattr(network, "name_or_path", None) or None
     saved = [m[len(prefix) + 1:] if prefix else m for path, st in states for m in (_join(path, x) for x in st.modules_to_save)]
+    rel, layers, config = _plain_lora_from_base_init(rel, layers, config)
     cfg = _peft_config_dict(config, layers, _base_module_names(network), infer_task_type(network), base,
                             saved if states else None)
     tensors = {_to_peft_key(k, layers): v for k, v in rel.items()}
@@ -490,6 +520,7 @@ def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 _LORA_KEY = re.compile(r"^(?P<owner>.*)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LORA_EMBEDDING_KEY = re.compile(r"^(?P<owner>.*)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<owner>.*)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
 
 def from_peft_key(key: str) -> str:
@@ -505,6 +536,9 @@ def from_peft_key(key: str) -> str:
         'model.layers.0.self_attn.q_proj.lora_B.weight'
     """
     key = key.removeprefix(PEFT_PREFIX)
+    m = _MAGNITUDE_KEY.match(key)
+    if m:  # DoRA: `lora_magnitude_vector` on disk, `lora_magnitude_vector.<adapter>.weight` in PEFT's memory
+        return f"{m.group('owner')}.lora_magnitude_vector"
     for pattern in (_LORA_KEY, _LORA_EMBEDDING_KEY):
         m = pattern.match(key)
         if m:
@@ -513,10 +547,11 @@ def from_peft_key(key: str) -> str:
 
 
 def _check_tensor_keys(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    dora = [k for k in tensors if "lora_magnitude_vector" in k]
-    if dora:
-        raise UnsupportedAdapterError(f"{path} holds DoRA magnitude vectors ({dora[0]}, ...); DoRA (use_dora) is not "
-                                      "supported by lightning-lora. Load this adapter with PEFT.")
+    """Keys no lightning-lora adapter can hold (our own initial PiSSA/OLoRA adapters never reach a PEFT file)."""
+    inits = [k for k in tensors if k.endswith((".lora_init_A", ".lora_init_B"))]
+    if inits:
+        raise AdapterFormatError(f"{path} holds initial-adapter tensors ({inits[0]}, ...), which PEFT files never "
+                                 "hold; re-export the adapter with save_adapter.")
 
 
 def peft_to_state_dict(directory: str | os.PathLike, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -571,6 +606,7 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
     kwargs: dict[str, Any] = dict(
         r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0) or 0.0,
         bias=cfg.get("bias", "none"), use_rslora=bool(cfg.get("use_rslora", False)),
+        use_dora=bool(cfg.get("use_dora", False)),
         init="gaussian" if isinstance(init, str) and init.lower() == "gaussian" else "kaiming",
         rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
     )
@@ -686,6 +722,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     state = {from_peft_key(k): v for k, v in tensors.items()}
     if len(state) != len(tensors):
         raise AdapterFormatError(f"{weights_path} holds the same tensor under two spellings; re-export the adapter.")
+    magnitudes = [k for k in state if k.endswith(".lora_magnitude_vector")]
+    if bool(magnitudes) != config.use_dora:
+        held = f"holds DoRA magnitude vectors ({magnitudes[0]}, ...)" if magnitudes else "holds no DoRA magnitude vectors"
+        raise AdapterFormatError(f"{weights_path} {held} but {path / ADAPTER_CONFIG_NAME} says use_dora="
+                                 f"{config.use_dora}; the two files do not belong together. Re-export the adapter.")
     return _inject_and_load(model, network, prefix, config, state, weights_path, trainable)
 
 
@@ -711,8 +752,10 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
 
             network = meta_model(base, ckpt.task_type)
             # the layer kinds and shapes are those of the dense base: no need to quantize it
-            inject_lora(network, dataclasses.replace(ckpt.config, quantize_base=None, quantize_base_modules="adapted"),
-                        prefix=ckpt.model_prefix)
+            # meta tensors: PiSSA/OLoRA initial adapters come from the checkpoint
+            with skip_base_init():
+                inject_lora(network, dataclasses.replace(ckpt.config, quantize_base=None,
+                                                         quantize_base_modules="adapted"), prefix=ckpt.model_prefix)
             emb = set(embedding_keys(network))  # carried embedding rows may be of a resized vocabulary
             expected = {k: tuple(v.shape) for k, v in lora_state_dict(network).items()}
             fits = ({k for k in expected if k not in emb} == {k for k in state if k not in emb}
@@ -773,8 +816,9 @@ def checkpoint_to_peft(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike,
     ckpt = read_checkpoint(ckpt_path)
     base = base_model_name_or_path or ckpt.base_model_name_or_path
     layers, tree, _, saved = _checkpoint_layers(ckpt, base)
-    cfg = _peft_config_dict(ckpt.config, layers, tree, ckpt.task_type, base, saved)
-    tensors = {_to_peft_key(k, layers): v for k, v in ckpt.state_dict.items()}
+    state, layers, config = _plain_lora_from_base_init(ckpt.state_dict, layers, ckpt.config)
+    cfg = _peft_config_dict(config, layers, tree, ckpt.task_type, base, saved)
+    tensors = {_to_peft_key(k, layers): v for k, v in state.items()}
     return _write_peft_dir(out, tensors, cfg, overwrite)
 
 

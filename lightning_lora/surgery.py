@@ -34,8 +34,16 @@ import torch
 from torch import nn
 
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
-from lightning_lora.errors import LoRAError
-from lightning_lora.layers import HFConv1D, LoRALayer, adapter_class_for, refusal_reason, unsupported_target_error
+from lightning_lora.errors import LoRAConfigError, LoRAError
+from lightning_lora.init import skip_base_init
+from lightning_lora.layers import (
+    HFConv1D,
+    LoRAEmbedding,
+    LoRALayer,
+    adapter_class_for,
+    refusal_reason,
+    unsupported_target_error,
+)
 from lightning_lora.matching import is_inside, modules_to_save_matches, name_matches, outermost, suffix_summary
 
 #: attribute of the module `inject_lora` was called on that holds its `LoRAState`
@@ -383,6 +391,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
                         "build one with LoRAConfig(r=..., target_modules=[...]).")
     skip = list(skip)
     names = find_target_modules(model, config, prefix, skip)
+    _check_variant_targets(model, names, config)
     saved = _modules_to_save(model, config, prefix, skip)
     state = LoRAState(config, prefix, names, saved, skipped=skip, vocab_rows=vocab_rows(model),
                       requires_grad={n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)})
@@ -402,7 +411,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             assert cls is not None
             full = _join(prefix, name)
             layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
-                        use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype)
+                        use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype,
+                        use_dora=config.use_dora)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
         state.untied = _untie_modules_to_save(model, saved)
@@ -421,6 +431,27 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
     return names
 
 
+def _check_variant_targets(model: nn.Module, names: Sequence[str], config: LoRAConfig) -> None:
+    """DoRA and PiSSA/OLoRA adapt Linear and Conv1D layers only: name the embeddings they matched."""
+    if not (config.use_dora or config.base_changing_init):
+        return
+    embeddings = [n for n in names if adapter_class_for(model.get_submodule(n)) is LoRAEmbedding]
+    if embeddings:
+        what = "use_dora=True" if config.use_dora else f"init={config.init!r}"
+        raise LoRAConfigError(f"{what} cannot adapt the embedding(s) {embeddings[:4]}: lightning-lora implements "
+                              f"{'DoRA' if config.use_dora else 'PiSSA/OLoRA'} for Linear and Conv1D layers. Add them "
+                              "to exclude_modules (or leave them out of target_modules), or drop the option.")
+    if config.use_dora:
+        from lightning_lora.quantization import LoRAQuantizedLinear
+
+        quantized = [n for n in names if issubclass(adapter_class_for(model.get_submodule(n)) or LoRALayer,
+                                                    LoRAQuantizedLinear)]
+        if quantized:
+            raise LoRAConfigError(f"use_dora=True cannot adapt the quantized layer(s) {quantized[:4]}: lightning-lora "
+                                  "implements DoRA on dense Linear and Conv1D weights only. Drop use_dora for a "
+                                  "QLoRA run, or load the base without quantization.")
+
+
 def unload(model: nn.Module) -> nn.Module:
     """Remove the adapters without merging them: the base layers come back unchanged, with the
     `requires_grad` flags they had before `inject_lora`. In place; returns `model`.
@@ -436,6 +467,7 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         if layer.merged:
             layer.unmerge()
+        layer.restore_base_weight()  # PiSSA / OLoRA: the original weight, not the residual
         _set_submodule(model, name, layer.to_base_module())
     for path, state in states:
         root = model.get_submodule(path) if path else model
@@ -538,11 +570,17 @@ def has_lora(model: nn.Module) -> bool:
 def is_lora_key(key: str) -> bool:
     """Whether a state-dict key / parameter name belongs to an adapter (`lora_A` / `lora_B`).
 
+    Adapter keys are `lora_A` / `lora_B`, DoRA's `lora_magnitude_vector` and the initial adapters of
+    PiSSA / OLoRA (`lora_init_A`, `lora_init_B`: buffers a checkpoint needs to rebuild the residual base).
+
     Example:
         >>> is_lora_key("model.layers.0.self_attn.q_proj.lora_A.weight"), is_lora_key("lm_head.weight")
         (True, False)
+        >>> is_lora_key("model.layers.0.self_attn.q_proj.lora_magnitude_vector")
+        True
     """
-    return ".lora_A." in f".{key}" or ".lora_B." in f".{key}"
+    key = f".{key}"
+    return ".lora_A." in key or ".lora_B." in key or key.endswith(LoRALayer.ADAPTER_TENSORS_SUFFIXES)
 
 
 def trainable_keys(model: nn.Module) -> list[str]:
@@ -686,6 +724,10 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                         ". Check that the adapter was trained for this model with the same LoRA config "
                         "(r, target_modules, rank_pattern).")
     with torch.no_grad():
+        for name, layer in lora_layers(model):  # PiSSA / OLoRA: the base becomes the residual of the loaded A0, B0
+            a0, b0 = state_dict.get(_join(name, "lora_init_A")), state_dict.get(_join(name, "lora_init_B"))
+            if a0 is not None and b0 is not None and getattr(layer, "lora_init_A", None) is not None:
+                layer.load_init_adapters(a0, b0)
         params = dict(model.state_dict(keep_vars=True))
         for key, value in state_dict.items():
             params[key].copy_(value)
@@ -815,6 +857,8 @@ class MergedAdapters:
     adapters: dict[str, torch.Tensor]
     #: the quantized layers the merge replaced by dense ones (path -> module without adapters)
     quantized: dict[str, nn.Module] = field(default_factory=dict)
+    #: DoRA layers: the weight norm at merge time, which undoing the merge needs
+    dora_norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def merge_and_unload(model: nn.Module, keep: bool = False, dtype: torch.dtype | str | None = None) -> nn.Module:
@@ -865,6 +909,8 @@ def merge_and_unload(model: nn.Module, keep: bool = False, dtype: torch.dtype | 
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
             untied = True
         layer.merge()
+        if keep and layer._dora_merge_norm is not None:
+            model.__dict__[MERGED_ATTR].dora_norms[name] = layer._dora_merge_norm.detach().to("cpu", copy=True)
         _set_submodule(model, name, layer.to_base_module())
     if untied:
         _untie_word_embeddings_flag(model)
@@ -905,7 +951,8 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
     names = []
     for path, state in record.states:
         root = model.get_submodule(path) if path else model
-        names += [_join(path, n) for n in inject_lora(root, state.config, prefix=state.prefix, skip=state.skipped)]
+        with skip_base_init():  # PiSSA / OLoRA: the merged weight already holds the residual base
+            names += [_join(path, n) for n in inject_lora(root, state.config, prefix=state.prefix, skip=state.skipped)]
         root.__dict__[STATE_ATTR].requires_grad = state.requires_grad
     with torch.no_grad():
         params = dict(model.state_dict(keep_vars=True))
@@ -914,6 +961,8 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
     for name, layer in lora_layers(model):
         if name not in record.quantized:
             layer.merged = True
+            if name in record.dora_norms:
+                layer._dora_merge_norm = record.dora_norms[name]
             layer.unmerge()
     del model.__dict__[MERGED_ATTR]
     return names
@@ -1195,6 +1244,7 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         row.count += 1
         row.full += layer.weight.numel()
         row.lora += layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
+        row.lora += layer.lora_magnitude_vector.numel() if layer.use_dora else 0
     trainable, total = count_parameters(model)
     states = lora_states(model)
     skipped = [_join(path, s) for path, state in states for s in state.skipped]

@@ -422,7 +422,6 @@ def edit_config(directory, **changes) -> None:
 
 @pytest.mark.parametrize("change, message", [
     (dict(peft_type="IA3"), r"peft_type='IA3' is not supported.*LoRA adapters only"),
-    (dict(use_dora=True), r"use_dora=True \(DoRA.*not supported"),
     (dict(layer_replication=[[0, 2], [1, 2]]), r"layer_replication=.*layer replication.*not supported"),
     (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa'.*changes the base weights"),
     (dict(lora_bias=True), r"lora_bias=True"),
@@ -436,17 +435,6 @@ def test_unsupported_config_is_a_clear_error(peft_dir, change, message):
         load_adapter(base, peft_dir)
     assert str(peft_dir / "adapter_config.json") in str(info.value)
     assert_untouched(base, reference)
-
-
-def test_real_dora_adapter_is_refused(tmp_path):
-    pm = get_peft_model(make_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-    pm.save_pretrained(str(tmp_path / "dora"))
-    assert any("lora_magnitude_vector" in k for k in file_keys(tmp_path / "dora")[0])
-    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
-        load_adapter(make_tiny_llama(), tmp_path / "dora")
-    edit_config(tmp_path / "dora", use_dora=False)  # a config that lies: the tensors still give it away
-    with pytest.raises(UnsupportedAdapterError, match="lora_magnitude_vector.*DoRA"):
-        load_adapter(make_tiny_llama(), tmp_path / "dora")
 
 
 def test_missing_and_corrupt_files(peft_dir, tmp_path):
