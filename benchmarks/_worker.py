@@ -4,7 +4,7 @@ Run by `benchmarks/run.py`; not meant to be called by hand:
 
     python benchmarks/_worker.py '<json spec>' OUT.json
 
-The spec names the contender (floor, ours, ours-trainer, peft, full, ours-unfused, latency, casts,
+The spec names the contender (floor, ours, ours-trainer, peft, full, ours-unfused, ours-dora, peft-dora, latency, casts,
 paired, counts, compile), the LoRA config, the model, its dtype, gradient checkpointing, the device and the
 sizes. The result (per-step times, memory, parameter counts, checkpoint bytes, inference latencies,
 cast counts, operators dispatched per step) is written as JSON to OUT.json.
@@ -203,20 +203,20 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int, device: str) -> torc
     return torch.randint(1, vocab, (batch, seq), generator=gen).to(device)
 
 
-def lora_config(spec: dict[str, Any]):
+def lora_config(spec: dict[str, Any], use_dora: bool = False):
     from lightning_lora import LoRAConfig
 
     c = spec["config"]
     return LoRAConfig(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], target_modules=c["target_modules"],
-                      adapter_dtype=ADAPTER_DTYPES[spec.get("adapter_dtype", "fp32")])
+                      adapter_dtype=ADAPTER_DTYPES[spec.get("adapter_dtype", "fp32")], use_dora=use_dora)
 
 
-def peft_config(spec: dict[str, Any]):
+def peft_config(spec: dict[str, Any], use_dora: bool = False):
     from peft import LoraConfig
 
     c = spec["config"]
     return LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=c["dropout"], target_modules=c["target_modules"],
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type="CAUSAL_LM", use_dora=use_dora)
 
 
 def _sync(device: str) -> None:
@@ -249,15 +249,15 @@ def prepare(model: torch.nn.Module, kind: str, spec: dict[str, Any]) -> torch.nn
     (ours-trainer: unchanged, the callback injects)."""
     if kind == "floor":
         model.requires_grad_(False)
-    elif kind in ("ours", "ours-unfused"):
+    elif kind in ("ours", "ours-unfused", "ours-dora"):
         from lightning_lora import inject_lora
 
-        inject_lora(model, lora_config(spec))
-    elif kind == "peft":
+        inject_lora(model, lora_config(spec, use_dora=kind == "ours-dora"))
+    elif kind in ("peft", "peft-dora"):
         from peft import get_peft_model
 
         # PEFT upcasts adapters of a bf16/fp16 base to fp32 by default (as our adapter_dtype="float32")
-        model = get_peft_model(model, peft_config(spec),
+        model = get_peft_model(model, peft_config(spec, use_dora=kind == "peft-dora"),
                                autocast_adapter_dtype=spec.get("adapter_dtype", "fp32") == "fp32")
     elif kind == "full":
         model.requires_grad_(True)
@@ -436,12 +436,12 @@ def run_training(spec: dict[str, Any]) -> dict[str, Any]:
     out["trainable_params"] = sum(p.numel() for p in trainable)
     out["raw_trainable_bytes"] = _raw_bytes(trainable)
     with tempfile.TemporaryDirectory() as tmp:
-        if kind in ("ours", "ours-unfused", "ours-trainer"):
+        if kind in ("ours", "ours-unfused", "ours-trainer", "ours-dora"):
             from lightning_lora import save_adapter
 
             save_adapter(saved_from, Path(tmp) / "adapter")
             out["checkpoint_bytes"] = (Path(tmp) / "adapter" / "adapter_model.safetensors").stat().st_size
-        elif kind == "peft":
+        elif kind in ("peft", "peft-dora"):
             model.save_pretrained(Path(tmp) / "adapter")
             out["checkpoint_bytes"] = (Path(tmp) / "adapter" / "adapter_model.safetensors").stat().st_size
         elif kind == "full":

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--device cpu|cuda] [--model NAME|PATH] [--dtype fp32|bf16] [--adapter-dtype fp32|bf16]
                              [--gradient-checkpointing] [--batch N] [--seq N] [--quick] [--out DIR] [--rounds N]
-                             [--steps N] [--jobs floor,ours,...] [--merge]
+                             [--steps N] [--jobs floor,ours,...] [--configs qv-r8,all-r16-do] [--merge]
     python benchmarks/run.py --preset gpu-8b             # the GPU recipe (one CUDA GPU, < 8 minutes)
     python benchmarks/run.py --preset gpu-8b --dry-run   # the same jobs on CPU at a tiny shape (a minute)
 
@@ -21,6 +21,8 @@ Contenders (same model, random tokens with a fixed seed, batch, sequence length,
   `on_train_batch_start` -> `on_train_batch_end`).
 - peft: `peft.get_peft_model` with the same config, the same loop.
 - full: full fine-tuning, the same loop.
+- ours-dora / peft-dora (opt-in, `--jobs ...,ours-dora,peft-dora`): ours and PEFT with `use_dora=True`,
+  the same loop: DoRA's time and memory next to plain LoRA's.
 
 Besides, per config and round: `paired` runs floor, ours and PEFT in one process, one step each
 in turn (the order rotating), so that the per-step time ratios compare neighbouring steps; the
@@ -78,7 +80,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "all-r16-do": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear",
                    "label": "r=16, all-linear, dropout 0.05"},
 }
-TRAIN_CONTENDERS = ("floor", "ours", "ours-trainer", "peft", "full")
+TRAIN_CONTENDERS = ("floor", "ours", "ours-trainer", "peft", "full", "ours-dora", "peft-dora")
 #: contenders whose measurement does not depend on the LoRA config (measured once per round and per
 #: gradient-checkpointing setting)
 CONFIG_FREE = ("floor", "full")
@@ -86,7 +88,7 @@ JOB_KINDS = (*TRAIN_CONTENDERS, "latency", "paired", "casts", "counts", "compile
 #: jobs run in the first round only: those whose results do not depend on timing, and compile (minutes)
 FIRST_ROUND_ONLY = ("casts", "counts", "compile")
 #: jobs left out unless named (`--jobs`, a preset): compile takes minutes per contender on a CPU
-OPT_IN_JOBS = ("compile",)
+OPT_IN_JOBS = ("compile", "ours-dora", "peft-dora")
 
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m-instruct", "rounds": 3, "steps": 3, "warmup": 1, "batch": 4, "seq": 256,
@@ -161,6 +163,23 @@ def label_of(settings: dict[str, Any], cfg: str) -> str:
     return CONFIGS[cfg]["label"] + (", gradient checkpointing" if gc_of(settings, cfg) else "")
 
 
+def selected_configs(flag: str | None) -> list[str]:
+    """The configs `--configs` names (in `CONFIGS` order), all of them without the flag.
+
+    Example:
+        >>> selected_configs("all-r16-do"), selected_configs(None) == list(CONFIGS)
+        (['all-r16-do'], True)
+    """
+    if not flag:
+        return list(CONFIGS)
+    names = [c.strip() for c in flag.split(",") if c.strip()]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown or not names:
+        raise SystemExit(f"--configs: unknown config(s) {', '.join(unknown) or repr(flag)}; expected some of "
+                         f"{', '.join(CONFIGS)}")
+    return [c for c in CONFIGS if c in names]
+
+
 # ---------------------------------------------------------------------- running
 def jobs_for_round(configs: list[str], ablation: bool = False, first: bool = True,
                    settings: dict[str, Any] | None = None) -> list[tuple[str, str]]:
@@ -173,7 +192,7 @@ def jobs_for_round(configs: list[str], ablation: bool = False, first: bool = Tru
         rep = representative(settings, configs, cfg)
         if "floor" in kinds and rep == cfg:
             jobs.append(("floor", cfg))
-        jobs += [(kind, cfg) for kind in ("ours", "peft", "ours-trainer") if kind in kinds]
+        jobs += [(kind, cfg) for kind in ("ours", "peft", "ours-trainer", "ours-dora", "peft-dora") if kind in kinds]
         if (ablation or "ours-unfused" in kinds) and CONFIGS[cfg]["dropout"] > 0:
             jobs.append(("ours-unfused", cfg))
     if "full" in kinds:
@@ -400,6 +419,10 @@ def summarise(raw: dict[tuple[str, str], list[dict[str, Any]]], configs: list[st
             compiled = summarise_compile(raw[("compile", cfg)][0])
             for key, value in compiled["ratios"].items():
                 put(key, value)
+        put("time_dora_over_lora_ours", _ratio(med("ours-dora"), med("ours")))
+        put("mem_dora_over_lora_ours", _ratio(field("ours-dora", "peak_bytes"), field("ours", "peak_bytes")))
+        put("time_dora_ours_over_peft", _ratio(med("ours-dora"), med("peft-dora")))
+        put("mem_dora_ours_over_peft", _ratio(field("ours-dora", "peak_bytes"), field("peft-dora", "peak_bytes")))
         if "ours-unfused" in c:
             put("time_ours_over_unfused", _ratio(med("ours"), med("ours-unfused")))
             put("mem_ours_over_unfused", _ratio(field("ours", "peak_bytes"), field("ours-unfused", "peak_bytes")))
@@ -440,7 +463,8 @@ RATIO_ORDER = ["time_ours_over_peft_paired", "time_ours_over_floor_paired", "tim
                "time_ours_over_unfused", "mem_ours_over_unfused", "train_mem_ours_over_unfused",
                "casts_ours_over_peft", "casts_on_base_path", "bf16_activations_ours_over_peft",
                "ops_ours_over_peft", "ops_ours_over_floor", "time_compiled_over_eager", "time_compiled_over_eager_peft",
-               "time_ours_over_peft_compiled", "compile_seconds_ours"]
+               "time_ours_over_peft_compiled", "compile_seconds_ours", "time_dora_over_lora_ours", "mem_dora_over_lora_ours",
+               "time_dora_ours_over_peft", "mem_dora_ours_over_peft"]
 
 
 def _mb(n: int | None) -> str:
@@ -762,6 +786,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true",
                    help="merge the jobs run now into <out>/<name>.json (replacing those jobs' earlier results, "
                         "keeping the others and the original settings) and re-render the report")
+    p.add_argument("--configs", default=None,
+                   help=f"comma-separated LoRA configs to measure (default all): {','.join(CONFIGS)}")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=None)
@@ -888,7 +914,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     changed = {k: v for k, v in settings.items() if previous and k in previous["settings"] and k != "jobs"
                and previous["settings"][k] != v}
     device = settings["device"]
-    configs = list(CONFIGS)
+    configs = selected_configs(args.configs)
+    # a merge keeps the configs of the merged report in the report
+    report_configs = [c for c in CONFIGS if c in configs or any(k[1] == c for k in raw)]
     report_meta = previous["meta"] if previous else meta(device)
     rerun = set(jobs_for_round(configs, first=True, settings=settings))
     # errors of an earlier run are kept for the jobs not re-run now
@@ -903,7 +931,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"benchmark: {settings['model']} on {device}, writing {out}/{name}.md|.json|.jsonl", file=sys.stderr, flush=True)
 
     def write(complete: bool) -> dict[str, Any]:
-        results = summarise(raw, configs, report_settings)
+        results = summarise(raw, report_configs, report_settings)
         report: dict[str, Any] = {"meta": report_meta, "settings": report_settings, "results": results,
                                   "targets": check_targets(results, device), "errors": errors, "complete": complete}
         report["raw"] = [{"contender": k[0], "config": k[1], "runs": [{kk: vv for kk, vv in r.items() if kk != "spec"}

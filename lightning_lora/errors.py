@@ -14,6 +14,8 @@ line on stderr and exits with code 2; any other exception is a bug and keeps its
 | `ModelNotFoundError` | a model that is not available offline (also a `FileNotFoundError`) |
 | `OutputExistsError` | an output directory that exists and is not empty, without `overwrite` (also a `FileExistsError`) |
 | `CommandError` | a bad command-line argument of `lightning-lora export/merge/estimate` |
+| `QuantizationError` | a quantized base that cannot be built or adapted (`quantize_base`, bitsandbytes layers) |
+| `MissingDependencyError` | torchao / bitsandbytes needed and not installed (also an `ImportError`) |
 
 Example:
     >>> from lightning_lora.errors import LoRAError, DataFormatError
@@ -109,6 +111,24 @@ class CommandError(LoRAError):
     """
 
 
+class QuantizationError(LoRAError):
+    """A quantized base that cannot be built or adapted (the message names the layer and the fix).
+
+    Example:
+        >>> issubclass(QuantizationError, LoRAError)
+        True
+    """
+
+
+class MissingDependencyError(QuantizationError, ImportError):
+    """torchao or bitsandbytes is needed and not installed; the message names the `pip install` to run.
+
+    Example:
+        >>> issubclass(MissingDependencyError, ImportError)
+        True
+    """
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (at most `limit` characters), for wrapping a library's
     error into one of ours.
@@ -122,4 +142,5 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 
 
 __all__ = ["AdapterFormatError", "CommandError", "DataFileNotFoundError", "DataFormatError", "LoRAConfigError", "LoRAError",
-           "ModelNotFoundError", "OutputExistsError", "UnsupportedAdapterError", "first_line"]
+           "MissingDependencyError", "ModelNotFoundError", "OutputExistsError", "QuantizationError",
+           "UnsupportedAdapterError", "first_line"]

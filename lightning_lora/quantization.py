@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lora.config import ADAPTER_DTYPES, ALL_LINEAR, LoRAConfig, _dtype_name
-from lightning_lora.errors import LoRAError
+from lightning_lora.errors import LoRAError, MissingDependencyError, QuantizationError
 from lightning_lora.layers import LoRALayer, LoRALinear, register_adapter_type
 from lightning_lora.matching import is_inside
 
@@ -58,24 +58,6 @@ NF4_BLOCK_SIZE = 64
 NF4_SCALER_BLOCK_SIZE = 256
 #: what to run when an optional dependency is missing
 PIP_INSTALL = "pip install 'lightning-lora[qlora]'"
-
-
-class QuantizationError(LoRAError):
-    """A quantized base that cannot be built or adapted (the message names the layer and the fix).
-
-    Example:
-        >>> issubclass(QuantizationError, LoRAError)
-        True
-    """
-
-
-class MissingDependencyError(QuantizationError, ImportError):
-    """torchao or bitsandbytes is needed and not installed; the message names the `pip install` to run.
-
-    Example:
-        >>> issubclass(MissingDependencyError, ImportError)
-        True
-    """
 
 
 # ============================================================================ optional dependencies

@@ -238,6 +238,10 @@ def test_gpu_preset_settings():
     assert (s["device"], s["model"], s["dtype"], s["seq"], s["dry_run"]) == ("cpu", "tiny-llama", "bf16", 32, True)
     with pytest.raises(SystemExit):
         bench.resolve_settings(bench.parser().parse_args(["--jobs", "ours,bogus"]))
+    with pytest.raises(SystemExit, match="--configs: unknown config.s. qv-r9; expected some of qv-r8, all-r16-do"):
+        bench.selected_configs("qv-r9,all-r16-do")
+    # DoRA's contenders are opt-in (each adds a process per config and round)
+    assert {"ours-dora", "peft-dora"} <= set(bench.JOB_KINDS) and {"ours-dora", "peft-dora"}.isdisjoint(bench.DEFAULTS["jobs"])
 
 
 def test_gpu_preset_dry_run(dry_run):
@@ -334,3 +338,23 @@ def test_injected_model_has_no_graph_breaks_under_dynamo():
         torch._dynamo.reset()
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+# ---------------------------------------------------------------------- DoRA next to LoRA (issue 17)
+def test_dora_contenders_time_and_memory_next_to_lora(tmp_path):
+    proc = _run("--quick", "--out", str(tmp_path), "--jobs", "ours,ours-dora,peft-dora", "--configs", "all-r16-do",
+                "--steps", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "cpu.json").read_text())
+    assert report["errors"] == [] and list(report["results"]) == ["all-r16-do"]
+    for cfg in ["all-r16-do"]:
+        res = report["results"][cfg]
+        c, r = res["contenders"], res["ratios"]
+        assert set(c) == {"ours", "ours-dora", "peft-dora"}
+        # DoRA trains the magnitude vectors on top of the same A and B: out_features more per adapted layer
+        assert c["ours-dora"]["trainable_params"] == c["peft-dora"]["trainable_params"] > c["ours"]["trainable_params"]
+        assert r["time_dora_over_lora_ours"] == pytest.approx(c["ours-dora"]["time"]["median_s"]
+                                                              / c["ours"]["time"]["median_s"])
+        assert r["mem_dora_ours_over_peft"] == pytest.approx(c["ours-dora"]["peak_bytes"] / c["peft-dora"]["peak_bytes"])
+    md = (tmp_path / "cpu.md").read_text()
+    assert "| time_dora_over_lora_ours |" in md and "| mem_dora_ours_over_peft |" in md

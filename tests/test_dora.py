@@ -268,7 +268,7 @@ def test_smollm2_parity_with_peft(smollm2, smollm2_path, dtype, tolerance):
     """SmolLM2, q/v DoRA: equal at init; after 10 AdamW steps equal to float64 rounding. In float32 the two
     differ by the rounding of an equivalent but differently ordered computation (ours keeps one (tokens, out)
     tensor for backward where PEFT keeps two), which Adam's normalised steps amplify: 4.6e-5 on logits of
-    magnitude ~20 (a PEFT-ordered variant of the same layer gives 0.0; see README-variants-section.md)."""
+    magnitude ~20 (a PEFT-ordered variant of the same layer gives 0.0; see README.md, "LoRA variants")."""
     from lightning_lora.hub import load_causal_lm
 
     ids = torch.tensor([[1, 422, 1034, 314, 253, 1670, 30, 2]])
