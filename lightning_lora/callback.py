@@ -40,7 +40,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_lora.checkpoint import check_adapter_keys, check_checkpoint_config, make_adapter_only
+from lightning_lora.checkpoint import (
+    check_adapter_keys,
+    check_checkpoint_config,
+    make_adapter_only,
+)
 from lightning_lora.config import LoRAConfig, with_config_fields
 from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.fsdp import (
@@ -57,8 +61,8 @@ from lightning_lora.fsdp import (
     write_adapter,
     write_merged,
 )
-from lightning_lora.quantization import host_init_context
 from lightning_lora.loraplus import apply_loraplus
+from lightning_lora.quantization import host_init_context
 from lightning_lora.surgery import (
     MERGED_ATTR,
     AdapterProbe,

@@ -43,8 +43,8 @@ from lightning_lora.surgery import (
     infer_task_type,
     is_lora_key,
     lora_state_dict,
-    state_dict_problems,
     saved_keys,
+    state_dict_problems,
     vocab_mismatch,
 )
 

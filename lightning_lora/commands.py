@@ -171,13 +171,12 @@ def verify_export(directory: str | os.PathLike, ckpt_path: str | os.PathLike, sh
     """
     from safetensors.torch import load_file
 
+    from lightning_lora.hub import meta_model
     from lightning_lora.peft_format import (
         load_adapter,
         read_adapter_config,
         read_checkpoint,
     )
-
-    from lightning_lora.hub import meta_model
 
     directory = Path(directory)
     ckpt = read_checkpoint(ckpt_path)

@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+
 def name_matches(name: str, patterns: str | Sequence[str] | None) -> bool:
     """Whether a module path matches `patterns` (our rule).
 

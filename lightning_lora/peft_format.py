@@ -38,9 +38,19 @@ import torch
 from torch import nn
 
 from lightning_lora._io import atomic_directory, check_output_dir
-from lightning_lora.checkpoint import CHECKPOINT_KEY, CHECKPOINT_VERSION, AdapterCheckpoint, read_checkpoint
+from lightning_lora.checkpoint import (
+    CHECKPOINT_KEY,
+    CHECKPOINT_VERSION,
+    AdapterCheckpoint,
+    read_checkpoint,
+)
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
-from lightning_lora.errors import AdapterFormatError, LoRAError, UnsupportedAdapterError, first_line
+from lightning_lora.errors import (
+    AdapterFormatError,
+    LoRAError,
+    UnsupportedAdapterError,
+    first_line,
+)
 from lightning_lora.init import converted_alpha, skip_base_init, to_plain_lora
 from lightning_lora.layers import HFConv1D, LoRAConv1D, LoRAEmbedding, LoRALayer
 from lightning_lora.matching import (
@@ -53,6 +63,7 @@ from lightning_lora.matching import (
 )
 from lightning_lora.surgery import (
     TASK_HEADS,
+    _without_wrappers,
     compute_trainable_keys,
     embedding_keys,
     find_network,
@@ -65,7 +76,6 @@ from lightning_lora.surgery import (
     lora_state_dict,
     lora_states,
 )
-from lightning_lora.surgery import _without_wrappers
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_NAME_BIN = "adapter_model.bin"

@@ -44,7 +44,13 @@ from lightning_lora.layers import (
     refusal_reason,
     unsupported_target_error,
 )
-from lightning_lora.matching import is_inside, modules_to_save_matches, name_matches, outermost, suffix_summary
+from lightning_lora.matching import (
+    is_inside,
+    modules_to_save_matches,
+    name_matches,
+    outermost,
+    suffix_summary,
+)
 
 #: attribute of the module `inject_lora` was called on that holds its `LoRAState`
 STATE_ATTR = "lora_state"

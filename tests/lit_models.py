@@ -6,9 +6,9 @@ import time
 
 import lightning as L
 import torch
+from conftest import make_tiny_llama
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_tiny_llama
 from lightning_lora import LoRAMixin
 
 VOCAB = 128

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,14 +16,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lit_models import BuiltInConfigureModel, TinyLlamaModule, fit
 
 from lightning_lora import LoRA, LoRAError, lora_state_dict
 from lightning_lora.checkpoint import CHECKPOINT_KEY
-from lightning_lora.surgery import restrict_optimizer
 from lightning_lora.layers import LoRALayer
-from lightning_lora.surgery import lora_layers
-
-from lit_models import BuiltInConfigureModel, TinyLlamaModule, fit
+from lightning_lora.surgery import lora_layers, restrict_optimizer
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

@@ -8,11 +8,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lit_models import Distill, EvalData, MixinTinyLlama, PlainTinyLlama, token_data
 
 from lightning_lora import LoRA, LoRAError, lora_state_dict
 from lightning_lora.surgery import has_lora, is_merged, lora_layers
-
-from lit_models import Distill, EvalData, MixinTinyLlama, PlainTinyLlama, token_data
 
 
 def trainer_for(tmp_path, callbacks, **kwargs) -> L.Trainer:

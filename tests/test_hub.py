@@ -98,9 +98,9 @@ def test_first_use_converts_into_an_empty_cache_without_llama_cpp(no_llama_cpp, 
 
 
 def test_saved_model_problem_reads_the_headers(tmp_path):
+    from conftest import make_tiny_llama
     from safetensors.torch import load_file, save_file
 
-    from conftest import make_tiny_llama
     from lightning_lora.hub import saved_model_problem
 
     model = make_tiny_llama(tie_word_embeddings=True)

@@ -10,7 +10,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_lora._kernels import dropout_threshold, lane_drop_mask
-from lightning_lora.layers import AdapterPath, LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear, adapter_class_for
+from lightning_lora.layers import (
+    AdapterPath,
+    LoRAConv1D,
+    LoRAEmbedding,
+    LoRALayer,
+    LoRALinear,
+    adapter_class_for,
+)
 
 IN, OUT, R, ALPHA = 12, 10, 4, 8.0
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from lit_models import BuiltInConfigureModel, TinyLlamaModule, fit
 
 from lightning_lora import LoRA, LoRAConfig, LoRAError
 from lightning_lora.checkpoint import CHECKPOINT_KEY
-
-from lit_models import BuiltInConfigureModel, TinyLlamaModule, fit
 
 X = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
 

@@ -27,7 +27,11 @@ from lightning_lora.peft_format import (
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict  # noqa: E402
+from peft.utils import (  # noqa: E402
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
 pytestmark = pytest.mark.filterwarnings("ignore")

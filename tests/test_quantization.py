@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_llama, randomize_lora_B
 from lightning.pytorch import Callback
 from torch import nn
 
-from conftest import make_tiny_llama, randomize_lora_B
 from lightning_lora import (
     LoRA,
     LoRAConfig,
@@ -27,7 +27,6 @@ from lightning_lora import (
     unload,
     unmerge_and_reinject,
 )
-from lightning_lora import config as config_module
 from lightning_lora.quantization import (
     LoRALinear4bit,
     LoRALinear8bitLt,

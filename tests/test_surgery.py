@@ -27,7 +27,13 @@ from lightning_lora import (
     unmerge_adapters,
 )
 from lightning_lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
-from lightning_lora.surgery import LayerRow, find_target_modules, has_lora, is_lora_key, lora_layers
+from lightning_lora.surgery import (
+    LayerRow,
+    find_target_modules,
+    has_lora,
+    is_lora_key,
+    lora_layers,
+)
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_LINEAR = ["c_attn", "c_proj", "c_fc"]

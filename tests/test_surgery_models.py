@@ -8,6 +8,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from conftest import make_tiny_gpt2, make_tiny_llama
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -36,8 +37,6 @@ from lightning_lora import (
 )
 from lightning_lora.layers import LoRAEmbedding, LoRALayer
 from lightning_lora.surgery import base_vocab_size, lora_layers, saved_keys, vocab_rows
-
-from conftest import make_tiny_gpt2, make_tiny_llama
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, pad_token_id=0)

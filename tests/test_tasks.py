@@ -12,8 +12,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from lightning_lora import LoRA
 from lightning_lora.data import InstructionDataModule
 from lightning_lora.surgery import has_lora, lora_state_dict

@@ -31,7 +31,12 @@ from lightning_lora.tasks.answers import (
     select_eval_examples,
     summary_lines,
 )
-from lightning_lora.tasks.causal_lm import CausalLM, Perplexity, num_target_tokens, prompt_from_labels
+from lightning_lora.tasks.causal_lm import (
+    CausalLM,
+    Perplexity,
+    num_target_tokens,
+    prompt_from_labels,
+)
 
 __all__ = [
     "AnswerRow",
