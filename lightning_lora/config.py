@@ -193,10 +193,6 @@ class LoRAConfig:
         if self.quantize_base is None and self.quantize_base_modules != "adapted":
             raise LoRAConfigError(f"quantize_base_modules={self.quantize_base_modules!r} needs quantize_base; set "
                                   "quantize_base='nf4' as well, or drop quantize_base_modules.")
-        if self.quantize_base is not None and self.use_dora:
-            raise LoRAConfigError(f"use_dora=True cannot be combined with quantize_base={self.quantize_base!r}: "
-                                  "lightning-lora implements DoRA on dense weights only; drop use_dora for a QLoRA "
-                                  "run, or drop quantize_base.")
         if self.quantize_base is not None and self.init not in QUANTIZE_SAFE_INITS:
             raise LoRAConfigError(f"init={self.init!r} cannot be combined with quantize_base={self.quantize_base!r}: "
                                   "that initialisation changes the base weights, which a quantized base cannot hold "

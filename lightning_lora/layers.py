@@ -159,9 +159,9 @@ class LoRALayer(nn.Module):
             self.reset_lora_parameters(init)
         if self.use_dora:
             #: DoRA's magnitude per output feature (PEFT's key), initialised to ||W + scaling B A||
+            dense, transposed = self.dora_base_weight()
             self.lora_magnitude_vector = nn.Parameter(
-                dora.weight_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                 self._weight_transposed).to(dtype))
+                dora.weight_norm(dense, self.lora_A.weight, self.lora_B.weight, self.scaling, transposed).to(dtype))
         # Take the base layer's mode for the new submodules too (lora_dropout!): an adapter injected
         # into a model in eval mode must not apply dropout.
         self.train(base.training)
@@ -204,6 +204,16 @@ class LoRALayer(nn.Module):
     def weight_oi(self) -> torch.Tensor:
         """The base weight in (out, in) layout (a view for `Conv1D`)."""
         return self.weight.T if self._weight_transposed else self.weight
+
+    def dora_base_weight(self) -> tuple[torch.Tensor, bool]:
+        """The dense base weight DoRA's norm and merge read, and whether it is stored (in, out); a
+        quantized base's layer returns its dequantised weight (QDoRA)."""
+        return self.weight, self._weight_transposed
+
+    def dora_base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`W x` without bias, in `x`'s dtype (DoRA's dropout branch)."""
+        w = self.weight_oi()
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
     @torch.no_grad()
     def _init_from_base(self, init: str, dtype: torch.dtype) -> None:
@@ -393,7 +403,7 @@ class LoRALayer(nn.Module):
         adapter = self.lora_B(self.lora_A(xa)) * self.scaling
         bias = getattr(self, "bias", None)
         if dropped:
-            base_part = F.linear(xa.to(result.dtype), self.weight_oi())
+            base_part = self.dora_base_matmul(xa.to(result.dtype))
         else:
             base_part = result if bias is None else result - bias
         return dora.output(result, base_part, adapter, bias, scale, dropped)
@@ -411,15 +421,21 @@ class LoRALayer(nn.Module):
         w, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._dora_norm_cache = None
-            return dora.weight_norm(w, a, b, self.scaling, self._weight_transposed)
-        key = (w._version, a._version, b._version, w.data_ptr(), a.data_ptr(), b.data_ptr(), w.device, w.dtype,
+            return dora.weight_norm(*self._dora_norm_args())
+        # a tensor subclass (an NF4 weight) is known by its identity instead of its storage
+        w_ptr = w.data_ptr() if type(w.data) is torch.Tensor else id(w)
+        key = (w._version, a._version, b._version, w_ptr, a.data_ptr(), b.data_ptr(), w.device, w.dtype,
                a.dtype, self.scaling)
         cached = self._dora_norm_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        norm = dora.weight_norm(w, a, b, self.scaling, self._weight_transposed)
+        norm = dora.weight_norm(*self._dora_norm_args())
         self._dora_norm_cache = (key, norm)
         return norm
+
+    def _dora_norm_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, bool]:
+        dense, transposed = self.dora_base_weight()
+        return dense, self.lora_A.weight, self.lora_B.weight, self.scaling, transposed
 
     # ------------------------------------------------------------------ merge
     def weight_norm(self) -> float:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lora import dora
 from lightning_lora.config import ADAPTER_DTYPES, ALL_LINEAR, LoRAConfig, _dtype_name
 from lightning_lora.errors import LoRAError, MissingDependencyError, QuantizationError
 from lightning_lora.layers import LoRALayer, LoRALinear, register_adapter_type
@@ -397,6 +398,17 @@ class LoRAQuantizedLinear(LoRALinear):
         w = self.weight
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
 
+    def dora_base_weight(self) -> tuple[torch.Tensor, bool]:
+        """QDoRA: the dequantised weight (float32, (out, in)) while quantized."""
+        if self.is_quantized:
+            return self.dequantized_weight(), False
+        return super().dora_base_weight()
+
+    def dora_base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_quantized:
+            return F.linear(x, self.dequantized_weight().to(x.dtype))
+        return super().dora_base_matmul(x)
+
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
     def weight_norm(self) -> float:
@@ -413,7 +425,10 @@ class LoRAQuantizedLinear(LoRALinear):
             return
         quantized = self._parameters["weight"]
         dense = self.dequantized_weight()
-        dense.add_(self.delta_weight().to(dense.device))
+        if self.use_dora:  # QDoRA: the rescaled dequantised weight; the norm is kept for a later unmerge
+            dense, self._dora_merge_norm = dora.merged_weight(dense, self.delta_weight(), self.lora_magnitude_vector)
+        else:
+            dense.add_(self.delta_weight().to(dense.device))
         self.__dict__["_quantized_weight"] = quantized
         self._parameters["weight"] = nn.Parameter(dense.to(self.dense_dtype or torch.get_default_dtype()),
                                                   requires_grad=False)
@@ -425,6 +440,7 @@ class LoRAQuantizedLinear(LoRALinear):
         if not self.merged:
             return
         self._parameters["weight"] = self.__dict__.pop("_quantized_weight")
+        self._dora_merge_norm = None
         self.merged = False
 
     def to_base_module(self) -> nn.Module:
@@ -487,8 +503,8 @@ class _LoRABitsAndBytes(LoRAQuantizedLinear):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, **kwargs: Any) -> None:
         self.check_quantized(base)
+        self.__dict__["_bnb_layer"] = base  # before the layer is built: DoRA's magnitude dequantises through it
         super().__init__(base, r, alpha, **kwargs)
-        self.__dict__["_bnb_layer"] = base
 
     @staticmethod
     def check_quantized(base: nn.Module) -> None:
@@ -512,6 +528,13 @@ class _LoRABitsAndBytes(LoRAQuantizedLinear):
         if not self.is_quantized:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
         self._synced()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias, bitsandbytes' entries
+        for name, tensor in self._own_adapter_tensors():  # DoRA's magnitude
+            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def _own_adapter_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The adapter tensors held by this layer itself (not by lora_A / lora_B), e.g. DoRA's magnitude."""
+        own = {**self._parameters, **self._buffers}
+        return [(n, own[n]) for n in self.ADAPTER_TENSORS if own.get(n) is not None]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
@@ -519,10 +542,21 @@ class _LoRABitsAndBytes(LoRAQuantizedLinear):
         if not self.is_quantized:
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                                  unexpected_keys, error_msgs)
-        own = {k: v for k, v in state_dict.items()
-               if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] not in self._modules}
+        adapter = dict(self._own_adapter_tensors())
+        own = {k: v for k, v in state_dict.items() if k.startswith(prefix)
+               and k[len(prefix):].split(".", 1)[0] not in self._modules and k[len(prefix):] not in adapter}
         base = self._synced()
         base._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for name, tensor in adapter.items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+            elif state_dict[key].shape != tensor.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)}, "
+                                  f"the shape in the current model is {tuple(tensor.shape)}.")
+            else:
+                with torch.no_grad():
+                    tensor.copy_(state_dict[key])
         for key in base._parameters:  # bitsandbytes may have replaced a Parameter
             self._parameters[key] = base._parameters[key]
 

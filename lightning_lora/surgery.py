@@ -447,15 +447,6 @@ def _check_variant_targets(model: nn.Module, names: Sequence[str], config: LoRAC
         raise LoRAConfigError(f"{what} cannot adapt the embedding(s) {embeddings[:4]}: lightning-lora implements "
                               f"{'DoRA' if config.use_dora else 'PiSSA/OLoRA'} for Linear and Conv1D layers. Add them "
                               "to exclude_modules (or leave them out of target_modules), or drop the option.")
-    if config.use_dora:
-        from lightning_lora.quantization import LoRAQuantizedLinear
-
-        quantized = [n for n in names if issubclass(adapter_class_for(model.get_submodule(n)) or LoRALayer,
-                                                    LoRAQuantizedLinear)]
-        if quantized:
-            raise LoRAConfigError(f"use_dora=True cannot adapt the quantized layer(s) {quantized[:4]}: lightning-lora "
-                                  "implements DoRA on dense Linear and Conv1D weights only. Drop use_dora for a "
-                                  "QLoRA run, or load the base without quantization.")
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -373,10 +373,11 @@ def test_host_init_context_builds_on_the_cpu_only_for_a_quantized_base():
 
 
 # ============================================================================ NF4: Lightning
-def test_lightning_bf16_true_fit_checkpoint_resume_and_merge(tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
+def test_lightning_bf16_true_fit_checkpoint_resume_and_merge(tmp_path, use_dora):
     from lit_models import TinyLlamaModule, fit
 
-    cfg = dict(r=8, alpha=16, target_modules="all-linear", quantize_base="nf4")
+    cfg = dict(r=8, alpha=16, target_modules="all-linear", quantize_base="nf4", use_dora=use_dora)
     module = TinyLlamaModule(lr=2e-2, gradient_checkpointing="non_reentrant")
     trainer = fit(module, [LoRA(**cfg, merge_on_fit_end=False)], tmp_path, max_steps=4, precision="bf16-true")
     for name, p in module.named_parameters():
@@ -388,7 +389,8 @@ def test_lightning_bf16_true_fit_checkpoint_resume_and_merge(tmp_path):
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert sorted(ckpt["state_dict"]) == sorted(lora_state_dict(module))  # adapters only, no 4-bit base
-    assert len(ckpt["state_dict"]) == 28 and all(".lora_" in k for k in ckpt["state_dict"])
+    # A and B of 14 layers, and with DoRA their magnitude vectors
+    assert len(ckpt["state_dict"]) == (42 if use_dora else 28) and all(".lora_" in k for k in ckpt["state_dict"])
     assert ckpt["lightning_lora"]["config"]["quantize_base"] == "nf4"
     trained = {k: v.clone() for k, v in lora_state_dict(module).items()}
     # resume into a fresh module: the adapters come back onto a freshly quantized base, then merge at the end
@@ -594,6 +596,76 @@ def test_peft_adapter_trained_on_bitsandbytes_loads_onto_ours_and_back(tiny_dir,
         ours_w = dense.get_submodule(name).dequantized_weight()
         bnb_w = dequantize_bnb_linear(ours.get_submodule(name)._synced())
         assert ((ours_w - bnb_w).norm() / bnb_w.norm()).item() < 0.005
+
+
+def test_qdora_on_bitsandbytes_matches_peft_both_ways(tiny_dir, tmp_path):
+    # DoRA on a 4-bit base (QDoRA), as PEFT: the magnitude and the weight norm come from the dequantised weight
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    peft_model = get_peft_model(load_bnb(tiny_dir, 4), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                   use_dora=True))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+    x = tokens()
+    with torch.no_grad():
+        expected = peft_model(x).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = load_bnb(tiny_dir, 4)
+    names = load_adapter(ours, tmp_path / "peft")
+    layer = ours.get_submodule(names[0])
+    assert isinstance(layer, LoRALinear4bit) and layer.use_dora
+    with torch.no_grad():
+        assert (ours(x).logits - expected).abs().max().item() < 1e-5
+    save_adapter(ours, tmp_path / "ours")
+    assert sorted(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
+        sorted(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    back = PeftModel.from_pretrained(load_bnb(tiny_dir, 4), tmp_path / "ours").train()
+    with torch.no_grad():
+        assert (back(x).logits - expected).abs().max().item() < 1e-5
+    # a fresh injection starts at the magnitude of the dequantised rows: the quantized base's function
+    fresh = load_bnb(tiny_dir, 4)
+    with torch.no_grad():
+        base = fresh(x).logits
+    inject_lora(fresh, LoRAConfig(r=4, alpha=8, use_dora=True))
+    layer = fresh.get_submodule(names[0])
+    assert torch.equal(layer.lora_magnitude_vector.detach(), layer.dequantized_weight().norm(dim=1))
+    with torch.no_grad():
+        assert (fresh(x).logits - base).abs().max().item() < 1e-5
+
+
+def test_qdora_on_nf4_trains_merges_and_unmerges():
+    torch.manual_seed(0)
+    model = make_tiny_llama().train()
+    x = tokens()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear", quantize_base="nf4",
+                                  use_dora=True))
+    layers = dict(lora_layers(model))
+    assert all(isinstance(m, LoRANF4Linear) and m.use_dora for m in layers.values())
+    magnitudes = [m.lora_magnitude_vector for m in layers.values()]
+    start = [m.detach().clone() for m in magnitudes]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):  # dropout on: DoRA's dropout branch multiplies by the dequantised weight
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(m, s) for m, s in zip(magnitudes, start))  # the magnitudes train
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x).logits
+        merge_and_unload(model, keep=True)
+        assert not any(is_quantized_module(m) for m in model.modules())
+        merged = model(x).logits
+        # one float32 rounding of the rescaled dequantised weights
+        assert (merged - adapted).abs().max().item() < 1e-5
+        unmerge_and_reinject(model)  # the very same 4-bit weights come back
+        assert all(isinstance(m, LoRANF4Linear) and m.is_quantized for _, m in lora_layers(model))
+        assert torch.equal(model(x).logits, adapted)
 
 
 # ============================================================================ SmolLM2 (real weights)
