@@ -556,20 +556,31 @@ def test_lightning_bf16_true_fit_on_a_bnb_model_checkpoints_only_adapters_and_re
 
 
 # ============================================================================ PEFT files
-def test_peft_adapter_trained_on_bitsandbytes_loads_onto_ours_and_back(tiny_dir, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from safetensors.torch import load_file
+def peft_adapter_on_bnb(tiny_dir, out, use_dora: bool = False) -> torch.Tensor:
+    """A PEFT adapter (q, v, r=4) on a bitsandbytes 4-bit tiny Llama with random B (and, with DoRA, moved
+    magnitudes), saved to `out`; returns PEFT's logits for `tokens()`."""
+    from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(load_bnb(tiny_dir, 4), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(load_bnb(tiny_dir, 4), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                   use_dora=use_dora))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+        expected = peft_model(tokens()).logits
+    peft_model.save_pretrained(out)
+    return expected
+
+
+def test_peft_adapter_trained_on_bitsandbytes_loads_onto_ours_and_back(tiny_dir, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    expected = peft_adapter_on_bnb(tiny_dir, tmp_path / "peft")
     x = tokens()
-    with torch.no_grad():
-        expected = peft_model(x).logits
-    peft_model.save_pretrained(tmp_path / "peft")
     # onto our adapters on the same bitsandbytes base
     ours = load_bnb(tiny_dir, 4)
     names = load_adapter(ours, tmp_path / "peft")
@@ -600,22 +611,11 @@ def test_peft_adapter_trained_on_bitsandbytes_loads_onto_ours_and_back(tiny_dir,
 
 def test_qdora_on_bitsandbytes_matches_peft_both_ways(tiny_dir, tmp_path):
     # DoRA on a 4-bit base (QDoRA), as PEFT: the magnitude and the weight norm come from the dequantised weight
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from safetensors.torch import load_file
 
-    peft_model = get_peft_model(load_bnb(tiny_dir, 4), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                   use_dora=True))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+    expected = peft_adapter_on_bnb(tiny_dir, tmp_path / "peft", use_dora=True)
     x = tokens()
-    with torch.no_grad():
-        expected = peft_model(x).logits
-    peft_model.save_pretrained(tmp_path / "peft")
     ours = load_bnb(tiny_dir, 4)
     names = load_adapter(ours, tmp_path / "peft")
     layer = ours.get_submodule(names[0])
