@@ -598,7 +598,7 @@ def write_adapter(module: nn.Module, directory: str | os.PathLike,
         >>> write_adapter(pl_module, "out/adapter")   # doctest: +SKIP
         PosixPath('out/adapter')
     """
-    from lightning_lora.peft_format import _write_peft_dir, to_peft
+    from lightning_lora.peft_format.save import _write_peft_dir, to_peft
 
     state = adapter_state_dict(module, full=True) if adapter_state is None else adapter_state
     if _rank() != 0:

@@ -1,0 +1,179 @@
+"""The PEFT on-disk format's names: file names, key prefix, config keys we translate or refuse, and the
+translation of tensor keys between our layers and PEFT's files.
+
+Example:
+    >>> from_peft_key('base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight')
+    'model.layers.0.self_attn.q_proj.lora_A.weight'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lightning_lora.layers import HFConv1D, LoRAConv1D, LoRAEmbedding, LoRALayer
+from lightning_lora.matching import (
+    pattern_key,
+)
+from lightning_lora.surgery import (
+    _without_wrappers,
+    lora_layers,
+)
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_NAME_BIN = "adapter_model.bin"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: prefix of every key in a PEFT adapter file (PeftModel.base_model.model)
+PEFT_PREFIX = "base_model.model."
+
+
+#: adapter_config.json keys we translate (everything else is checked by `_check_supported`)
+_TRANSLATED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
+                    "use_rslora", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights",
+                    "layers_to_transform", "layers_pattern", "use_dora"}
+#: keys that never change what a loaded adapter computes (bookkeeping, or handled by the layer type)
+_HARMLESS_KEYS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
+                  "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
+                  # VeLoRA only swaps the backward pass of lora_A; the forward is plain LoRA
+                  "velora_config",
+                  # ignored by PEFT unless init_lora_weights asks for them (checked separately)
+                  "loftq_config", "eva_config", "corda_config"}
+#: features we do not implement, with what they do (any non-default value is an error)
+_UNSUPPORTED_FEATURES = {
+    "layer_replication": "layer replication (a deeper model built from repeated base layers)",
+    "lora_bias": "a trainable bias on lora_B",
+    "trainable_token_indices": "trainable token indices (TrainableTokens on the embedding)",
+    "use_qalora": "QA-LoRA (pooled adapter input)",
+    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA, adapter active only after invocation tokens)",
+    "megatron_config": "Megatron parallel layers",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing between adapters",
+    "kasa_config": "KaSA (singular-value adaptation of the base weight)",
+    "monteclora_config": "MonteCLoRA (Monte Carlo sampled adapters)",
+    "lora_ga_config": "LoRA-GA initialisation (changes the base weights)",
+}
+#: init_lora_weights values whose adapters only work on a modified base model
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_SAFE_INITS = ("gaussian", "eva", "orthogonal", "mica")
+#: name components that may be an embedding (only used when the base architecture is unknown)
+_EMBEDDING_HINTS = ("emb", "wte", "wpe", "shared")
+
+
+# ====================================================================== helpers: model structure
+def _pretrained_model_class() -> type | None:
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # pragma: no cover
+        return None
+    return PreTrainedModel
+
+
+def _base_module_names(network: nn.Module) -> list[str]:
+    """Module names of the network as the base model has them (the insides of adapter layers left out)."""
+    names: list[str] = []
+    inside: list[str] = []
+    for name, module in network.named_modules():
+        name = _without_wrappers(name)  # FSDP1 / checkpoint wrappers: the wrapped module's own name
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        names.append(name)
+        if isinstance(module, LoRALayer):
+            inside.append(name)
+    return list(dict.fromkeys(names))
+
+
+def _peft_all_linear(network: nn.Module, task_type: str | None) -> list[str]:
+    """PEFT's expansion of `target_modules="all-linear"`: every Linear/Conv1D except the output layer."""
+    linear = (nn.Linear,) + ((HFConv1D,) if HFConv1D is not None else ())
+    names = list(dict.fromkeys(_without_wrappers(n) for n, m in network.named_modules() if n and isinstance(m, linear)))
+    exclude: set[str] = set()
+    cls = _pretrained_model_class()
+    if cls is not None and isinstance(network, cls):
+        out = network.get_output_embeddings()
+        if out is not None:
+            exclude.update(_without_wrappers(n) for n, m in network.named_modules() if m is out)
+        elif task_type == "SEQ_CLS":
+            for head in ("score", "classifier"):
+                if getattr(network, head, None) is not None:
+                    exclude.add(head)
+                    break
+    return [n for n in names if n not in exclude]
+
+
+def _peft_pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    key = pattern_key(name, patterns) if patterns else None
+    return patterns[key] if key is not None else default
+
+
+def _json_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+# ====================================================================== ours -> PEFT
+@dataclass
+class _LayerInfo:
+    kind: str  # "linear", "conv1d" or "embedding"
+    r: int
+    alpha: float
+
+
+def _layer_infos(network: nn.Module) -> dict[str, _LayerInfo]:
+    infos = {}
+    for name, layer in lora_layers(network):
+        kind = ("embedding" if isinstance(layer, LoRAEmbedding)
+                else "conv1d" if isinstance(layer, LoRAConv1D) else "linear")
+        infos[_without_wrappers(name)] = _LayerInfo(kind, layer.r, layer.lora_alpha)
+    return infos
+
+
+def _to_peft_key(key: str, layers: dict[str, _LayerInfo]) -> str:
+    """Our key (relative to the network) -> PEFT's key in adapter_model.safetensors."""
+    owner, _, param = key.rpartition(".")
+    if param == "lora_magnitude_vector":  # DoRA: the same key in PEFT's files
+        return PEFT_PREFIX + key
+    for ab in ("A", "B"):
+        suffix = f".lora_{ab}.weight"
+        if key.endswith(suffix) and key[: -len(suffix)] in layers:
+            name = key[: -len(suffix)]
+            if layers[name].kind == "embedding":
+                return f"{PEFT_PREFIX}{name}.lora_embedding_{ab}"
+            return PEFT_PREFIX + key
+    if owner in layers:  # a base parameter of an adapted layer (a trained bias): PEFT's layer wraps it as base_layer
+        return f"{PEFT_PREFIX}{owner}.base_layer.{param}"
+    return PEFT_PREFIX + key
+
+
+_LORA_KEY = re.compile(r"^(?P<owner>.*)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_LORA_EMBEDDING_KEY = re.compile(r"^(?P<owner>.*)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<owner>.*)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+
+
+def from_peft_key(key: str) -> str:
+    """A PEFT adapter key -> our key relative to the network.
+
+    Accepts `base_model.model.` or no prefix, `lora_A.weight` or `lora_A.<adapter>.weight`,
+    `lora_embedding_A` (-> `lora_A.weight`), and `<module>.base_layer.<param>` (-> `<module>.<param>`).
+
+    Example:
+        >>> from_peft_key("base_model.model.model.embed_tokens.lora_embedding_A")
+        'model.embed_tokens.lora_A.weight'
+        >>> from_peft_key("model.layers.0.self_attn.q_proj.lora_B.default.weight")
+        'model.layers.0.self_attn.q_proj.lora_B.weight'
+    """
+    key = key.removeprefix(PEFT_PREFIX)
+    m = _MAGNITUDE_KEY.match(key)
+    if m:  # DoRA: `lora_magnitude_vector` on disk, `lora_magnitude_vector.<adapter>.weight` in PEFT's memory
+        return f"{m.group('owner')}.lora_magnitude_vector"
+    for pattern in (_LORA_KEY, _LORA_EMBEDDING_KEY):
+        m = pattern.match(key)
+        if m:
+            return f"{m.group('owner')}.lora_{m.group('ab')}.weight"
+    return re.sub(r"\.base_layer\.([^.]+)$", r".\1", key)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
