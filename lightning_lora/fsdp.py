@@ -430,6 +430,7 @@ def shard_lora_model(module: nn.Module, mesh: Any = None, options: FSDPOptions |
             inject_lora(module, config)
         else:
             _inject_from_trainer(module)
+    refuse_dora(module)
     meta = [n for n, p in module.named_parameters() if p.is_meta]
     if meta:
         raise LoRAError(f"shard_lora_model: {len(meta)} parameters are on the meta device ({meta[0]}, ...); build the "
@@ -957,6 +958,23 @@ def fsdp1_auto_wrap_policy(module: nn.Module, layer_classes: Sequence[type] | No
     return CustomPolicy(wrap)
 
 
+def refuse_dora(module: nn.Module) -> None:
+    """DoRA is not sharded: its weight norm reads the whole base weight and both adapter factors at once,
+    and its merge rescales whole rows.
+
+    Raises:
+        LoRAError: `module` holds `use_dora=True` layers (the message names one and the ways out).
+
+    Example:
+        >>> refuse_dora(nn.Linear(2, 2))     # no DoRA layer: nothing to refuse
+    """
+    dora = next((name for name, layer in lora_layers(module) if layer.use_dora), None)
+    if dora is not None:
+        raise LoRAError(f"use_dora=True is not supported under FSDP (ModelParallelStrategy / FSDPStrategy) yet: "
+                        f"DoRA's weight norm needs the whole weight of {dora} and its adapters at once. Train DoRA "
+                        "on one device or with DDP, or drop use_dora for the sharded run.")
+
+
 def prepare_fsdp1(strategy: Any, pl_module: nn.Module) -> None:
     """Give Lightning's `FSDPStrategy` the LoRA auto-wrap policy (`fsdp1_auto_wrap_policy`) before it wraps
     the injected module, or refuse a combination that cannot work.
@@ -970,6 +988,7 @@ def prepare_fsdp1(strategy: Any, pl_module: nn.Module) -> None:
         >>> prepare_fsdp1(trainer.strategy, pl_module)   # doctest: +SKIP
     """
     refuse_presharded(pl_module)
+    refuse_dora(pl_module)
     if is_sharded(pl_module):
         raise LoRAError("The module was wrapped with FSDP in configure_model; with FSDPStrategy let the strategy "
                         "wrap it (the LoRA callback gives it an auto-wrap policy with adapter units), or use "

@@ -42,6 +42,7 @@ from lightning_lora.fsdp import (
     decoder_layers,
     fsdp1_auto_wrap_policy,
     prepare_fsdp1,
+    shard_lora_model,
     strategy_kind,
 )
 from lightning_lora.surgery import is_lora_key
@@ -507,3 +508,17 @@ def test_fsdp1_checkpoints_hold_only_adapters_and_resume_exactly(fsdp1_run, fsdp
     assert sorted(raw["state_dict"]) == ADAPTER_KEYS
     assert all(torch.equal(raw["state_dict"][k], resumed[k]) for k in ADAPTER_KEYS)
     assert read_checkpoint(fsdp1_resumed / "ckpts" / files[-1]).config.r == 4
+
+
+def test_dora_is_refused_under_fsdp_with_the_ways_out():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    message = (r"use_dora=True is not supported under FSDP \(ModelParallelStrategy / FSDPStrategy\) yet: DoRA's weight "
+               r"norm needs the whole weight of model.layers.0.self_attn.q_proj and its adapters at once. Train DoRA on "
+               r"one device or with DDP, or drop use_dora for the sharded run.")
+    with pytest.raises(LoRAError, match=message):  # FSDP2: refused before any process group or mesh is needed
+        shard_lora_model(make_tiny_llama(), config=LoRAConfig(r=2, use_dora=True))
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=2, use_dora=True))
+    with pytest.raises(LoRAError, match=message):  # FSDP1: before the strategy wraps anything
+        prepare_fsdp1(FSDPStrategy(), model)
