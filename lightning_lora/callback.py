@@ -50,16 +50,13 @@ from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.fsdp import (
     FSDPOptions,
     adapter_only_checkpoints,
+    fit_end_sharded,
+    inject_and_shard,
     is_sharded,
-    prepare_fsdp1,
-    refuse_presharded,
-    shard_lora_model,
     sharded_delta_ratio,
     sharded_grad_norm,
     sharded_weight_norms,
     strategy_kind,
-    write_adapter,
-    write_merged,
 )
 from lightning_lora.loraplus import apply_loraplus
 from lightning_lora.quantization import host_init_context
@@ -186,21 +183,9 @@ class LoRA(Callback):
         self.adapted_modules = [name for name, _ in lora_layers(pl_module)]
 
     def _inject_and_shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kind: str) -> None:
-        """Right after `configure_model` under an FSDP strategy: inject, then shard (FSDP2) or hand the
-        strategy an auto-wrap policy with adapter units (FSDP1)."""
-        refuse_presharded(pl_module)
-        self._inject(pl_module)
-        if kind == "fsdp1":  # FSDP1 flattens parameters when it wraps: count and measure them before
-            self._before_wrap = (parameter_summary(pl_module), weight_norms(pl_module))
-            prepare_fsdp1(trainer.strategy, pl_module)
-        elif not is_sharded(pl_module):
-            if not self.fsdp.auto:
-                raise LoRAError("LoRA(fsdp={'auto': False}) but configure_model did not shard the model; call "
-                                "lightning_lora.fsdp.shard_lora_model(self) at the end of configure_model.")
-            units = shard_lora_model(pl_module, options=self.fsdp)
-            kinds = {k: sum(u.kind == k for u in units) for k in ("layer", "adapters", "embedding", "head", "root")}
-            rank_zero_info("LoRA: sharded with FSDP2 (fully_shard) in " + ", ".join(
-                f"{n} {k} unit{'s' if n != 1 else ''}" for k, n in kinds.items() if n))
+        """Right after `configure_model` under an FSDP strategy (`lightning_lora.fsdp.inject_and_shard`)."""
+        self._before_wrap = inject_and_shard(trainer.strategy, pl_module, kind, lambda: self._inject(pl_module),
+                                             self.fsdp)
         self._sharded = True
 
     def _check_restored(self, trainer: pl.Trainer, module: torch.nn.Module, state_dict: dict[str, Any],
@@ -321,8 +306,8 @@ class LoRA(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted or not has_lora(pl_module):
             return
-        if is_sharded(pl_module):
-            self._fit_end_sharded(trainer, pl_module)
+        if is_sharded(pl_module):  # every rank takes part in gathering the adapters
+            fit_end_sharded(trainer.strategy, pl_module, self.adapter_dir, self.merged_dir, self.merge_on_fit_end)
             return
         if self.adapter_dir is not None and trainer.is_global_zero:
             from lightning_lora.peft_format import save_adapter
@@ -339,29 +324,6 @@ class LoRA(Callback):
             save_pretrained(pl_module, self.merged_dir)
             rank_zero_info(f"LoRA: merged model written to {self.merged_dir}")
 
-    def _fit_end_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Fit end of a sharded model (every rank calls the collectives): the adapters are gathered (never
-        the base) and written by rank 0; no merge in memory; the merged model only if it fits on rank 0."""
-        from lightning_lora.fsdp import fsdp1_adapter_state_dict
-
-        fsdp1 = strategy_kind(trainer.strategy) == "fsdp1"
-        if self.adapter_dir is not None:
-            write_adapter(pl_module, self.adapter_dir, fsdp1_adapter_state_dict(pl_module) if fsdp1 else None)
-            rank_zero_info(f"LoRA: adapter written to {self.adapter_dir} (PEFT format, gathered from the shards)")
-        offline = (f"lightning-lora merge --base <base model> --adapter {self.adapter_dir or '<adapter dir>'} "
-                   f"--out {self.merged_dir or '<merged dir>'}")
-        done = None
-        if self.merged_dir is not None:
-            done = "not supported under FSDPStrategy" if fsdp1 else write_merged(pl_module, self.merged_dir)
-            if done == "written":
-                rank_zero_info(f"LoRA: merged model written to {self.merged_dir} (gathered on rank 0)")
-            else:
-                rank_zero_warn(f"LoRA: the merged model was not written to {self.merged_dir} ({done}); merge offline "
-                               f"from the adapter: {offline}")
-        if self.merge_on_fit_end:
-            where = f"the merged model is in {self.merged_dir}" if done == "written" else f"merge offline: {offline}"
-            rank_zero_info(f"LoRA: the model is sharded (FSDP), so its adapters stay unmerged in memory (outputs are "
-                           f"the same); {where}")
 
 
 LoRA.__init__.__signature__, LoRA.__init__.__annotations__ = with_config_fields(LoRA.__init__)  # type: ignore[attr-defined]

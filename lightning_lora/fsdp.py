@@ -71,7 +71,9 @@ from lightning_lora.surgery import (
     has_lora,
     is_lora_key,
     lora_layers,
+    parameter_summary,
     saved_keys,
+    weight_norms,
 )
 
 #: `FSDPOptions.adapter_units` choices
@@ -1061,9 +1063,77 @@ def fsdp1_adapter_state_dict(model: nn.Module, rank0_only: bool = True) -> dict[
     return out
 
 
+# ====================================================================== the LoRA callback's FSDP steps
+def inject_and_shard(strategy: Any, pl_module: nn.Module, kind: str, inject: Callable[[], None],
+                     options: FSDPOptions) -> tuple[Any, dict[str, float]] | None:
+    """Right after `configure_model` under an FSDP strategy: `inject()`, then shard (FSDP2, `kind="fsdp2"`)
+    or hand the strategy an auto-wrap policy with adapter units (FSDP1, `kind="fsdp1"`).
+
+    Returns:
+        FSDP1: the parameter summary and weight norms of the full model, measured before FSDP1 flattens
+        its parameters; FSDP2: None (they are measured on the DTensors).
+
+    Raises:
+        LoRAError: the network was sharded in `configure_model`, or `options.auto` is off and
+            `configure_model` did not call `shard_lora_model`; see also `prepare_fsdp1`.
+
+    Example:
+        >>> inject_and_shard(trainer.strategy, pl_module, "fsdp2", inject, FSDPOptions())   # doctest: +SKIP
+    """
+    from lightning.pytorch.utilities import rank_zero_info
+
+    refuse_presharded(pl_module)
+    inject()
+    if kind == "fsdp1":
+        before = (parameter_summary(pl_module), weight_norms(pl_module))
+        prepare_fsdp1(strategy, pl_module)
+        return before
+    if not is_sharded(pl_module):
+        if not options.auto:
+            raise LoRAError("LoRA(fsdp={'auto': False}) but configure_model did not shard the model; call "
+                            "lightning_lora.fsdp.shard_lora_model(self) at the end of configure_model.")
+        units = shard_lora_model(pl_module, options=options)
+        kinds = {k: sum(u.kind == k for u in units) for k in ("layer", "adapters", "embedding", "head", "root")}
+        rank_zero_info("LoRA: sharded with FSDP2 (fully_shard) in " + ", ".join(
+            f"{n} {k} unit{'s' if n != 1 else ''}" for k, n in kinds.items() if n))
+    return None
+
+
+def fit_end_sharded(strategy: Any, pl_module: nn.Module, adapter_dir: str | os.PathLike | None,
+                    merged_dir: str | os.PathLike | None, merge_on_fit_end: bool) -> None:
+    """Fit end of a sharded model (every rank calls the collectives): the adapters are gathered (never
+    the base) and written by rank 0 to `adapter_dir` (PEFT format); no merge in memory; the merged model
+    goes to `merged_dir` only under FSDP2 and when it fits on rank 0 (`write_merged`), else a warning
+    names the offline `lightning-lora merge` command.
+
+    Example:
+        >>> fit_end_sharded(trainer.strategy, pl_module, "out/adapter", None, True)   # doctest: +SKIP
+    """
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    fsdp1 = strategy_kind(strategy) == "fsdp1"
+    if adapter_dir is not None:
+        write_adapter(pl_module, adapter_dir, fsdp1_adapter_state_dict(pl_module) if fsdp1 else None)
+        rank_zero_info(f"LoRA: adapter written to {adapter_dir} (PEFT format, gathered from the shards)")
+    offline = (f"lightning-lora merge --base <base model> --adapter {adapter_dir or '<adapter dir>'} "
+               f"--out {merged_dir or '<merged dir>'}")
+    done = None
+    if merged_dir is not None:
+        done = "not supported under FSDPStrategy" if fsdp1 else write_merged(pl_module, merged_dir)
+        if done == "written":
+            rank_zero_info(f"LoRA: merged model written to {merged_dir} (gathered on rank 0)")
+        else:
+            rank_zero_warn(f"LoRA: the merged model was not written to {merged_dir} ({done}); merge offline "
+                           f"from the adapter: {offline}")
+    if merge_on_fit_end:
+        where = f"the merged model is in {merged_dir}" if done == "written" else f"merge offline: {offline}"
+        rank_zero_info(f"LoRA: the model is sharded (FSDP), so its adapters stay unmerged in memory (outputs are "
+                       f"the same); {where}")
+
+
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "adapter_only_checkpoints", "adapter_state_dict",
-           "broadcast_adapters", "clean_name", "consolidate_checkpoint", "decoder_layers", "fsdp1_adapter_state_dict",
-           "fsdp1_auto_wrap_policy", "gather_adapters", "is_sharded", "load_sharded_adapters",
-           "mixed_dtype_all_gather", "prepare_fsdp1", "refuse_presharded", "restore_frozen_views", "shard_lora_model",
+           "broadcast_adapters", "clean_name", "consolidate_checkpoint", "decoder_layers", "fit_end_sharded",
+           "fsdp1_adapter_state_dict", "fsdp1_auto_wrap_policy", "gather_adapters", "inject_and_shard", "is_sharded",
+           "load_sharded_adapters", "mixed_dtype_all_gather", "prepare_fsdp1", "refuse_dora", "refuse_presharded", "restore_frozen_views", "shard_lora_model",
            "sharded_delta_ratio", "sharded_grad_norm", "sharded_weight_norms", "strategy_kind", "write_adapter",
            "write_merged"]
