@@ -19,6 +19,7 @@ import importlib
 import inspect
 import re
 import sys
+from types import MethodType
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -56,6 +57,32 @@ class LoRALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                                 "init_args": {"save_dir": "runs", "name": "lora"}}})
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """LightningCLI's `--optimizer` / `--lr_scheduler`, built when the Trainer calls
+        `configure_optimizers` rather than when the CLI starts: a network built in `configure_model`
+        (as `CausalLM` builds it) has no parameters before, and LightningCLI's own eager build fails
+        with "optimizer got an empty parameter list". The optimizer then also sees the adapters the
+        `LoRA` callback injected."""
+        import lightning.pytorch.cli as lightning_cli
+
+        inits: list[Any] = []
+        eager = lightning_cli.instantiate_class
+        lightning_cli.instantiate_class = lambda args, init: inits.append(init)  # what LightningCLI would build
+        try:
+            super()._add_configure_optimizers_method_to_model(subcommand)
+        finally:
+            lightning_cli.instantiate_class = eager
+        if not inits:  # no --optimizer given: the module's own configure_optimizers stays
+            return
+        optimizer_init, scheduler_init = inits[0], (inits[1] if len(inits) > 1 else None)
+        configure = self.configure_optimizers
+
+        def configure_optimizers(module: LightningModule) -> Any:
+            optimizer = eager(module.parameters(), optimizer_init)
+            return configure(module, optimizer, eager(optimizer, scheduler_init) if scheduler_init else None)
+
+        self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse as LightningCLI does; a parse error becomes a one-line `CommandError`."""

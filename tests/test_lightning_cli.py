@@ -40,9 +40,12 @@ def tiny_yaml(tmp_path):
     return path
 
 
-def test_cli_optimizer_and_scheduler_hold_only_adapters(tiny_yaml):
-    cli = LoRALightningCLI(args=["fit", "--config", str(tiny_yaml), "--optimizer", "torch.optim.AdamW", "--optimizer.lr", "0.01",
-                                 "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1",
+@pytest.mark.parametrize("model", ["lit_models.TinyLlamaLM", "lit_models.BuiltInConfigureModel"])
+def test_cli_optimizer_and_scheduler_hold_only_adapters(tiny_yaml, model):
+    # BuiltInConfigureModel builds its network in configure_model (as CausalLM): LightningCLI alone would
+    # build the optimizer before that, over no parameters ("optimizer got an empty parameter list")
+    cli = LoRALightningCLI(args=["fit", "--config", str(tiny_yaml), "--model", model, "--optimizer", "torch.optim.AdamW",
+                                 "--optimizer.lr", "0.01", "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1",
                                  "--lr_scheduler.gamma", "0.5"])
     trainer, module = cli.trainer, cli.model
     assert trainer.global_step == 3
