@@ -37,6 +37,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -199,7 +200,7 @@ class LoRA(Callback):
             return
         loading = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
         if loading:  # Lightning is restoring a checkpoint
-            check_checkpoint_config(loading, get_lora_config(module))
+            check_checkpoint_config(loading, get_lora_config(module), training=trainer.state.fn == TrainerFn.FITTING)
             check_adapter_keys(module, state_dict)
         elif any(is_lora_key(k) for k in state_dict):  # an adapter state dict loaded by hand
             check_adapter_keys(module, state_dict, "The state dict")

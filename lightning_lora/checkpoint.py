@@ -109,18 +109,31 @@ def checkpoint_config(checkpoint: dict[str, Any], source: str = "the checkpoint"
         raise AdapterFormatError(f"{source}: the stored LoRA config is invalid ({err}).") from None
 
 
-def check_checkpoint_config(checkpoint: dict[str, Any], config: LoRAConfig, source: str = "the checkpoint") -> None:
+#: `LoRAConfig` fields that change how adapters train, not what trained adapters compute: a checkpoint is
+#: evaluated (validate / test / predict, `load_from_checkpoint`) whatever their values
+TRAINING_ONLY_FIELDS = ("dropout", "loraplus_lr_ratio", "loraplus_lr_embedding", "adapter_compute_dtype")
+
+
+def check_checkpoint_config(checkpoint: dict[str, Any], config: LoRAConfig, source: str = "the checkpoint",
+                            training: bool = True) -> None:
     """Raise a `LoRAError` that shows both configs when the checkpoint's LoRA config differs from `config`.
+
+    Args:
+        training: the checkpoint is loaded to train on (resume); False (evaluation) ignores the
+            `TRAINING_ONLY_FIELDS`.
 
     Example:
         >>> ckpt = {"lightning_lora": {"version": 1, "config": LoRAConfig(r=4).to_dict()}}
         >>> check_checkpoint_config(ckpt, LoRAConfig(r=4))   # same: no error
+        >>> check_checkpoint_config(ckpt, LoRAConfig(r=4, loraplus_lr_ratio=16), training=False)   # evaluation
     """
     saved = checkpoint_config(checkpoint, source)
-    if saved != config:
-        diff = "\n  ".join(config.describe_differences(saved))
-        raise LoRAError(f"The LoRA config in {source} differs from this run's:\n  {diff}\n"
-                        f"this run:   {config.to_dict()}\n{source}: {saved.to_dict()}\n"
+    ignored = () if training else TRAINING_ONLY_FIELDS
+    diff = [line for line in config.describe_differences(saved) if line.split(":", 1)[0] not in ignored]
+    if diff:
+        lines = "\n  ".join(diff)
+        raise LoRAError(f"The LoRA config in {source} differs from this run's (this run's value != {source}'s):\n"
+                        f"  {lines}\nthis run:   {config.to_dict()}\n{source}: {saved.to_dict()}\n"
                         "Resume with the same LoRA settings as the run that wrote the checkpoint.")
 
 
@@ -273,6 +286,6 @@ def read_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-__all__ = ["AdapterCheckpoint", "CHECKPOINT_KEY", "CHECKPOINT_VERSION", "check_adapter_keys",
+__all__ = ["AdapterCheckpoint", "CHECKPOINT_KEY", "CHECKPOINT_VERSION", "TRAINING_ONLY_FIELDS", "check_adapter_keys",
            "check_checkpoint_config", "checkpoint_config", "checkpoint_section", "is_sharded_checkpoint",
            "make_adapter_only", "read_checkpoint", "read_sharded_checkpoint"]

@@ -114,7 +114,9 @@ class LoRAMixin:
             if is_merged(self) and not has_lora(self) and merged_config(self) == config:  # type: ignore[arg-type]
                 unmerge_and_reinject(self)  # type: ignore[arg-type]
             if has_lora(self):  # type: ignore[arg-type]
-                check_checkpoint_config(checkpoint, get_lora_config(self))  # type: ignore[arg-type]
+                trainer = getattr(self, "_trainer", None)  # no Trainer: load_from_checkpoint, to evaluate
+                fitting = trainer is not None and trainer.state.fn == "fit"
+                check_checkpoint_config(checkpoint, get_lora_config(self), training=fitting)  # type: ignore[arg-type]
             else:
                 inject_lora(self, config)  # type: ignore[arg-type]
             check_adapter_keys(self, checkpoint["state_dict"])  # type: ignore[arg-type]

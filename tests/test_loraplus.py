@@ -14,6 +14,7 @@ from lightning_lora import (
     LoRA,
     LoRAConfig,
     LoRAConfigError,
+    LoRAError,
     inject_lora,
     lora_parameters,
     lora_state_dict,
@@ -217,6 +218,28 @@ def test_resume_reproduces_an_uninterrupted_loraplus_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     groups = trainer.optimizers[0].param_groups
     assert [g["lr"] for g in groups] == pytest.approx([1e-2 * 0.25, 16e-2 * 0.25])  # StepLR per epoch, 2 epochs
+
+
+def test_evaluation_ignores_training_only_options_and_resume_does_not(tmp_path):
+    # LoRA+ (and dropout) change how adapters train, not what they compute: a plain-LoRA checkpoint is
+    # validated under a callback with LoRA+; resuming training with another LoRA+ setting is refused
+    module = TinyLlamaModule()
+    fit(module, [LoRA(r=4, merge_on_fit_end=False), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        tmp_path / "a", max_steps=2, enable_checkpointing=True)
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    from lit_models import TokenData
+
+    def validate(callback: LoRA) -> float:
+        trainer = L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            accelerator="cpu", devices=1, default_root_dir=str(tmp_path))
+        return trainer.validate(TinyLlamaModule(), datamodule=TokenData(), ckpt_path=last, verbose=False)[0]["val_loss"]
+
+    plain = validate(LoRA(r=4, merge_on_fit_end=False))
+    assert validate(LoRA(r=4, dropout=0.1, loraplus_lr_ratio=16, merge_on_fit_end=False)) == plain
+    with pytest.raises(LoRAError, match=r"differs from this run's \(this run's value != the checkpoint's\):\n"
+                                        r"  loraplus_lr_ratio: 16.0 != None"):
+        fit(TinyLlamaModule(), [LoRA(r=4, loraplus_lr_ratio=16, merge_on_fit_end=False)], tmp_path / "b",
+            max_steps=4, ckpt_path=last)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
