@@ -123,7 +123,7 @@ def init_adapters(init: str, weight: torch.Tensor, r: int, scaling: float) -> tu
     return pissa(weight, r, scaling, niter=int(m.group(1)) if m else None)
 
 
-def check_weight(init: str, weight: torch.Tensor, r: int) -> None:
+def check_weight(init: str, weight: torch.Tensor, r: int, name: str | None = None) -> None:
     """Raise a `LoRAError` when `init` cannot be computed from `weight` (quantized, or r too large).
 
     Example:
@@ -136,8 +136,9 @@ def check_weight(init: str, weight: torch.Tensor, r: int) -> None:
                         f"({type(weight).__name__}); PiSSA/OLoRA cannot start from a quantized base: use "
                         "init='kaiming', or inject before quantizing.")
     if r > min(weight.shape):
-        raise LoRAError(f"init={init!r} with r={r} needs r <= min(out, in) = {min(weight.shape)} for a weight of "
-                        f"shape {tuple(weight.shape)}; lower r (or rank_pattern for this module).")
+        where = f" of {name}" if name else ""
+        raise LoRAError(f"init={init!r} with r={r} needs r <= min(out, in) = {min(weight.shape)} for the weight{where} "
+                        f"(shape {tuple(weight.shape)}); lower r, or give this module a smaller rank with rank_pattern.")
 
 
 def residual(weight: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, scaling: float,

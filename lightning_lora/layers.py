@@ -415,8 +415,8 @@ class LoRALayer(nn.Module):
         same tensors at the same version (any in-place change, `copy_`, `load_state_dict`, an optimizer
         step, a device move gives a new one); a forward with autograd on always recomputes it and drops
         the kept one. Token-by-token generation then costs what plain LoRA costs instead of about
-        three times as much. Values written through `.data` bypass version counting: after such an
-        edit with autograd off, call `layer._dora_norm_cache = None`.
+        three times as much. Values written through `.data` (`p.data.copy_(...)`) bypass version counting:
+        after such an edit, call `forget_dora_norm()` (or `lightning_lora.surgery.forget_dora_norms(model)`).
         """
         w, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -432,6 +432,10 @@ class LoRALayer(nn.Module):
         norm = dora.weight_norm(*self._dora_norm_args())
         self._dora_norm_cache = (key, norm)
         return norm
+
+    def forget_dora_norm(self) -> None:
+        """Drop the weight norm kept for inference (`dora_weight_norm`), after an edit through `.data`."""
+        self._dora_norm_cache = None
 
     def _dora_norm_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, bool]:
         dense, transposed = self.dora_base_weight()

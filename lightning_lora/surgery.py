@@ -35,6 +35,7 @@ from torch import nn
 
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import LoRAConfigError, LoRAError
+from lightning_lora.init import check_weight as check_init_weight
 from lightning_lora.init import skip_base_init
 from lightning_lora.layers import (
     HFConv1D,
@@ -416,6 +417,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             cls = adapter_class_for(module)
             assert cls is not None
             full = _join(prefix, name)
+            if config.base_changing_init:  # PiSSA / OLoRA: a weight they cannot start from, named
+                check_init_weight(config.init, module.weight, config.rank_for(full), name=full)
             layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
                         use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype,
                         use_dora=config.use_dora)
@@ -1249,6 +1252,23 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
              for path, state in states for m in state.modules_to_save]
     carried = [k for k in (saved_keys(model) if states else []) if k not in set(trainable_keys(model))]
     return ParameterSummary(trainable, total, list(groups.values()), skipped, saved, carried)
+
+
+def forget_dora_norms(model: nn.Module) -> None:
+    """Make every DoRA layer of `model` recompute its weight norm at its next call: needed only after
+    weights were written through `.data` (which torch's version counters do not see) while the model
+    runs without autograd (`LoRALayer.dora_weight_norm` keeps the norm there).
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"], use_dora=True))
+        >>> m.q_proj.lora_B.weight.data.fill_(0.1) is not None
+        True
+        >>> forget_dora_norms(m)
+    """
+    for _, layer in lora_layers(model):
+        layer.forget_dora_norm()
 
 
 def weight_norms(model: nn.Module) -> dict[str, float]:

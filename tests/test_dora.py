@@ -398,6 +398,28 @@ def test_weight_norm_is_reused_without_autograd_and_never_stale(monkeypatch):
     assert len(calls) == 4 and layer._dora_norm_cache is None
 
 
+def test_a_write_through_data_needs_forget_dora_norms():
+    # `.data` writes are invisible to torch's version counters: the kept norm is stale until forgotten
+    from lightning_lora.surgery import forget_dora_norms
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(8, 4))
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    layer = model.q_proj.eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        layer(x)
+        layer.lora_B.weight.data.fill_(0.1)
+        stale = layer(x)
+        forget_dora_norms(model)
+        fresh = layer(x)
+    ref = reference_dora(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight,
+                         layer.lora_magnitude_vector, layer.scaling)
+    torch.testing.assert_close(fresh, ref, atol=1e-6, rtol=0)
+    assert not torch.allclose(stale, ref, atol=1e-4)
+
+
 def test_checkpoint_export_and_load_of_a_dora_run(tmp_path):
     from lit_models import TinyLlamaModule, fit
 

@@ -482,6 +482,9 @@ def test_quantize_errors_and_unquantizable_weights_noted():
         estimate_memory("smollm2-135m", quantize="nf4", precision="bf16-mixed")
     with pytest.raises(ValueError, match="quantize_modules"):
         estimate_memory("smollm2-135m", quantize="nf4", quantize_modules="some")
+    with pytest.raises(ValueError, match=r"quantize_modules='all-linear' needs quantize \(which 4-bit format\?\); "
+                                         r"add --quantize nf4"):
+        estimate_memory("smollm2-135m", quantize_modules="all-linear")
     est = estimate_memory("smollm2-135m", seq_len=64, quantize="nf4", quantize_modules="all-linear")
     # SmolLM2's attention weights (576 x 576, 192 x 576) are not multiples of 64 x 256: only the MLP is 4-bit
     assert est.qlora.quantized_weights == 30 * 3 * nf4_total(1536 * 576)

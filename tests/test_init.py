@@ -311,7 +311,8 @@ def test_embedding_and_quantized_and_too_large_rank_are_refused():
     q.q_proj.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
     with pytest.raises(LoRAError, match=r"init='pissa' needs a floating-point base weight, got torch.int8.*quantized"):
         inject_lora(q, LoRAConfig(r=2, target_modules=["q_proj"], init="pissa"))
-    with pytest.raises(LoRAError, match=r"init='pissa' with r=6 needs r <= min\(out, in\) = 4"):
+    with pytest.raises(LoRAError, match=r"init='pissa' with r=6 needs r <= min\(out, in\) = 4 for the weight of 0 "
+                                        r"\(shape \(8, 4\)\); lower r, or give this module a smaller rank with rank_pattern"):
         inject_lora(nn.Sequential(nn.Linear(4, 8)), LoRAConfig(r=6, target_modules=["0"], init="pissa"))
 
 

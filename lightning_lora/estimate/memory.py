@@ -665,6 +665,9 @@ def estimate_memory(
     if quantize_modules not in QUANTIZE_MODULES:
         raise LoRAError(f"quantize_modules={quantize_modules!r} is not supported; expected one of "
                         f"{', '.join(QUANTIZE_MODULES)}.")
+    if quantize is None and quantize_modules != "adapted":
+        raise LoRAError(f"quantize_modules={quantize_modules!r} needs quantize (which 4-bit format?); add "
+                        "--quantize nf4 (or quantize='nf4'), or drop --quantize-modules.")
     if quantize is not None and pr.mixed:
         raise LoRAError(f"quantize={quantize!r} with precision={precision!r} is not estimated: a 4-bit base is "
                         "dequantised in the compute dtype, so use bf16-true (or 16-true / 32-true).")
