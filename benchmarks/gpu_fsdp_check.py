@@ -151,7 +151,7 @@ def run_job(name: str, args: argparse.Namespace) -> dict[str, Any]:
         strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1,
                                          save_distributed_checkpoint=not file_mode)
     else:
-        cls = FSDPStrategy if cuda else _cpu_fsdp_strategy()
+        cls = FSDPStrategy if cuda else cpu_fsdp_strategy()
         # world size 1: FSDP1 runs NO_SHARD (lightning_lora.fsdp.restore_frozen_views keeps its frozen units'
         # parameters registered); the resume writes one-file checkpoints
         strategy = cls(auto_wrap_policy=layer_cls, activation_checkpointing_policy=layer_cls,
@@ -195,9 +195,10 @@ def run_job(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return facts
 
 
-def _cpu_fsdp_strategy() -> type:
-    """For `--dry-run`: Lightning's `FSDPStrategy` on CPU (Lightning refuses it there by an exact type test; FSDP1
-    itself runs on CPU with `device_id=cpu`, which Lightning does not pass)."""
+def cpu_fsdp_strategy() -> type:
+    """For `--dry-run` (and the CPU tests of `tests/fsdp_script.py`): Lightning's `FSDPStrategy` on CPU
+    (Lightning refuses it there by an exact type test; FSDP1 itself runs on CPU with `device_id=cpu`, which
+    Lightning does not pass)."""
     import torch
     from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
     from lightning.pytorch.strategies import FSDPStrategy

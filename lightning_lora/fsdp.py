@@ -66,6 +66,7 @@ from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.layers import LoRALayer
 from lightning_lora.surgery import (
     _without_wrappers,
+    embedding_of,
     find_network,
     get_lora_config,
     has_lora,
@@ -494,12 +495,8 @@ def broadcast_adapters(module: nn.Module, mesh: Any) -> None:
 
 
 def _embedding(network: nn.Module, which: str) -> nn.Module | None:
-    getter = getattr(network, f"get_{which}_embeddings", None)
-    try:
-        found = getter() if callable(getter) else None
-    except (NotImplementedError, AttributeError):
-        return None
-    return found if isinstance(found, nn.Module) and found is not network else None
+    found = embedding_of(network, which)
+    return found if found is not network else None
 
 
 def _tied(network: nn.Module) -> bool:

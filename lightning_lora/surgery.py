@@ -109,6 +109,26 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
+def embedding_of(module: nn.Module, which: str) -> nn.Module | None:
+    """What `module.get_input_embeddings()` (`which="input"`) or `get_output_embeddings()` (`"output"`)
+    returns when it is a module; None for a module without that getter, or whose getter raises
+    (transformers' base models raise `NotImplementedError` for the output embeddings).
+
+    Example:
+        >>> from torch import nn
+        >>> embedding_of(nn.Linear(2, 2), "input") is None
+        True
+    """
+    getter = getattr(module, f"get_{which}_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        found = getter()
+    except Exception:  # noqa: BLE001 - any failing getter means: no such embedding to use
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     """Paths of the output heads in `model`: what `get_output_embeddings()` returns for every model
     inside it (e.g. BERT's `cls.predictions.decoder`), and modules named like a head (`lm_head`,
@@ -120,14 +140,7 @@ def output_head_names(model: nn.Module) -> set[str]:
         >>> output_head_names(m)
         {'lm_head'}
     """
-    outs = []
-    for module in model.modules():
-        get_out = getattr(module, "get_output_embeddings", None)
-        if callable(get_out):
-            with contextlib.suppress(Exception):
-                out = get_out()
-                if isinstance(out, nn.Module):
-                    outs.append(out)
+    outs = [out for module in model.modules() if (out := embedding_of(module, "output")) is not None]
     return {name for name, module in model.named_modules()
             if any(module is o for o in outs) or name.rsplit(".", 1)[-1] in HEAD_NAMES}
 
@@ -263,13 +276,12 @@ def embedding_keys(model: nn.Module, skip: Sequence[str] = ()) -> list[str]:
     """
     keys: list[str] = []
     for path, network in _pretrained_models(model, skip):
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            with contextlib.suppress(Exception):
-                emb = getattr(network, getter)()
-                for name, module in network.named_modules():
-                    if emb is not None and module is emb:
-                        keys += [_join(_join(path, name), k) for k, v in module.named_parameters(recurse=False)
-                                 if v is not None]
+        for which in ("input", "output"):
+            emb = embedding_of(network, which)
+            for name, module in network.named_modules():
+                if emb is not None and module is emb:
+                    keys += [_join(_join(path, name), k) for k, v in module.named_parameters(recurse=False)
+                             if v is not None]
     return list(dict.fromkeys(keys))
 
 
@@ -282,10 +294,11 @@ def vocab_rows(model: nn.Module) -> int | None:
         True
     """
     for _, network in _pretrained_models(model):
-        with contextlib.suppress(Exception):
-            embedding = network.get_input_embeddings()
-            rows = getattr(embedding, "num_embeddings", None)  # FSDP1 leaves `weight` a flat shard outside forward
-            return int(rows) if isinstance(rows, int) else int(embedding.weight.shape[0])
+        embedding = embedding_of(network, "input")
+        rows = getattr(embedding, "num_embeddings", None)  # FSDP1 leaves `weight` a flat shard outside forward
+        weight = getattr(embedding, "weight", None)
+        if isinstance(rows, int) or isinstance(weight, torch.Tensor):
+            return int(rows) if isinstance(rows, int) else int(weight.shape[0])
     return None
 
 

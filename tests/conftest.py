@@ -94,3 +94,18 @@ def smollm2(smollm2_path):
     from lightning_lora.hub import load_causal_lm
 
     return load_causal_lm(smollm2_path).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, smollm2_path):
+    """A local model directory: a 2-layer Llama with SmolLM2's tokenizer (and vocabulary size)."""
+    from lightning_lora.hub import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    path = tmp_path_factory.mktemp("tiny-causal-lm")
+    model = make_tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -24,7 +24,7 @@ import torch
 from conftest import make_tiny_llama
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lit_models import TokenData
 
 from lightning_lora import LoRA
@@ -56,21 +56,11 @@ class Net(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)  # the callback leaves it holding the adapters
 
 
-class CPUFSDPStrategy(FSDPStrategy):
-    """Lightning's `FSDPStrategy` on CPU processes (FSDP1 itself runs there with gloo): a subclass, because
-    Lightning's CUDA-only check is an exact type test, whose wrapping is Lightning's `_setup_model` with
-    `device_id=cpu` (Lightning passes the device index, None on CPU, which FSDP1 refuses there)."""
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from gpu_fsdp_check import cpu_fsdp_strategy  # noqa: E402
 
-    def _setup_model(self, model):
-        from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
-                                         mixed_precision=self.mixed_precision_config,
-                                         sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
-                                         **self.kwargs)
-        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
-        return model
+#: Lightning's `FSDPStrategy` on CPU processes (FSDP1 itself runs there with gloo)
+CPUFSDPStrategy = cpu_fsdp_strategy()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,14 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _model(dropout: float = 0.1, layers: int = 2, seed: int = 0, **lora):
+def _model(dropout: float = 0.1, layers: int = 2, seed: int = 0, b_seed: int | None = None, **lora):
+    """A tiny Llama with adapters on every linear layer; with `b_seed`, B ~ N(0, 0.1) (a non-zero update)."""
     model = make_tiny_llama(seed=seed, num_hidden_layers=layers).train()
     model.config.use_cache = False
     inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=dropout, target_modules="all-linear", **lora))
+    if b_seed is not None:
+        for _, layer in lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1, generator=torch.Generator().manual_seed(b_seed))
     return model
 
 
@@ -100,9 +104,7 @@ def test_compiled_step_equals_the_eager_step():
     batch = _batch(2, 13, True)
     grads = []
     for compile_it in (False, True):
-        model = _model(dropout=0.0)
-        for _, layer in lora_layers(model):
-            torch.nn.init.normal_(layer.lora_B.weight, std=0.1, generator=torch.Generator().manual_seed(1))
+        model = _model(dropout=0.0, b_seed=1)
         if compile_it:
             TrainingCompile(model, backend="aot_eager")
         loss = model(**batch).loss
@@ -136,9 +138,7 @@ def test_checkpoint_recompute_inside_the_compiled_block_replays_the_dropout_mask
     must draw the forward's masks, so the gradients equal those without checkpointing."""
     grads = []
     for checkpointing in (False, True):
-        model = _model(dropout=0.3)
-        for _, layer in lora_layers(model):
-            torch.nn.init.normal_(layer.lora_B.weight, std=0.1, generator=torch.Generator().manual_seed(2))
+        model = _model(dropout=0.3, b_seed=2)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         TrainingCompile(model, backend="aot_eager")
@@ -182,21 +182,6 @@ def test_eval_no_grad_and_a_disabled_switch_stay_eager():
 
 
 # ---------------------------------------------------------------------- CausalLM(compile=...) in a Trainer
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_path):
-    """A local model directory: a 2-layer Llama with SmolLM2's tokenizer (and vocabulary size)."""
-    from lightning_lora.hub import load_tokenizer
-
-    tokenizer = load_tokenizer(smollm2_path)
-    path = tmp_path_factory.mktemp("tiny-compile")
-    model = make_tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.bos_token_id)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 class _Compiles(L.Callback):
     """Compile events per training batch."""
 
@@ -212,14 +197,14 @@ class _Compiles(L.Callback):
         self.per_batch.append(self._events.compiles)
 
 
-def test_causal_lm_compiles_from_the_second_batch_once(tiny_dir):
+def test_causal_lm_compiles_from_the_second_batch_once(tiny_lm_dir):
     """The first batch of a fit runs eagerly (the LoRA callback's probes hook every adapter for it), the
     second compiles, and the batches after it (other lengths) compile nothing more than their variant."""
     from lightning_lora.data import InstructionDataModule
 
-    module = CausalLM(tiny_dir, compile="aot_eager", learning_rate=1e-3, num_generate_examples=0,
+    module = CausalLM(tiny_lm_dir, compile="aot_eager", learning_rate=1e-3, num_generate_examples=0,
                       print_answers=False)
-    data = InstructionDataModule(tokenizer=tiny_dir, batch_size=4, max_length=64, system_prompt="Answer briefly.")
+    data = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4, max_length=64, system_prompt="Answer briefly.")
     compiles = _Compiles()
     trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -232,9 +217,9 @@ def test_causal_lm_compiles_from_the_second_batch_once(tiny_dir):
     assert module.training_compile is not None and torch.isfinite(trainer.callback_metrics["train_loss"])
 
 
-def test_causal_lm_refuses_an_unknown_backend(tiny_dir):
+def test_causal_lm_refuses_an_unknown_backend(tiny_lm_dir):
     with pytest.raises(TaskConfigError, match="compile='inductr' is not a torch.compile backend"):
-        CausalLM(tiny_dir, compile="inductr")
+        CausalLM(tiny_lm_dir, compile="inductr")
 
 
 # ---------------------------------------------------------------------- inductor itself

@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from lightning_lora import LoRA
 from lightning_lora.data import InstructionDataModule
@@ -34,37 +33,22 @@ from lightning_lora.tasks import (
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, smollm2_path):
-    """A local model directory: a 2-layer Llama with SmolLM2's tokenizer (and vocabulary size)."""
-    from lightning_lora.hub import load_tokenizer
-
-    tokenizer = load_tokenizer(smollm2_path)
-    path = tmp_path_factory.mktemp("tiny-causal-lm")
-    model = make_tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.bos_token_id)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture
-def module(tiny_dir):
-    m = CausalLM(tiny_dir)
+def module(tiny_lm_dir):
+    m = CausalLM(tiny_lm_dir)
     m.configure_model()
     return m
 
 
-def batch_of(tiny_dir, n=4, split="val"):
-    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=n, system_prompt="Answer briefly.")
+def batch_of(tiny_lm_dir, n=4, split="val"):
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=n, system_prompt="Answer briefly.")
     dm.setup("fit")
     loader = dm.val_dataloader() if split == "val" else dm.train_dataloader()
     return dm, next(iter(loader))
 
 
-def test_loss_is_transformers_loss_over_target_tokens(module, tiny_dir):
-    dm, batch = batch_of(tiny_dir)
+def test_loss_is_transformers_loss_over_target_tokens(module, tiny_lm_dir):
+    dm, batch = batch_of(tiny_lm_dir)
     loss, n = module.loss(batch)
     expected = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             labels=batch["labels"]).loss
@@ -83,8 +67,8 @@ def test_loss_needs_labels(module):
         module.loss({"input_ids": torch.ones(1, 3, dtype=torch.long)})
 
 
-def test_perplexity_is_exp_of_token_weighted_loss(module, tiny_dir):
-    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=3, system_prompt="Answer briefly.")
+def test_perplexity_is_exp_of_token_weighted_loss(module, tiny_lm_dir):
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=3, system_prompt="Answer briefly.")
     dm.setup("fit")
     ppl = Perplexity()
     total, count = 0.0, 0
@@ -134,8 +118,8 @@ def test_num_target_tokens():
     assert num_target_tokens(labels).item() == 5
 
 
-def test_prompt_from_labels_is_the_generation_prompt(tiny_dir):
-    dm, batch = batch_of(tiny_dir, n=3)
+def test_prompt_from_labels_is_the_generation_prompt(tiny_lm_dir):
+    dm, batch = batch_of(tiny_lm_dir, n=3)
     examples = dm.eval_examples()
     for i in range(3):
         prompt, answer = prompt_from_labels(batch["input_ids"][i], batch["attention_mask"][i], batch["labels"][i])
@@ -200,21 +184,21 @@ def test_batched_left_padded_generation_equals_one_by_one(smollm2_shared, smollm
     assert generate_answers(model, tokenizer, [], 4) == []
 
 
-def test_bad_arguments_are_clear(tiny_dir):
+def test_bad_arguments_are_clear(tiny_lm_dir):
     with pytest.raises(TaskConfigError, match="learning_rate=0"):
-        CausalLM(tiny_dir, learning_rate=0)
+        CausalLM(tiny_lm_dir, learning_rate=0)
     with pytest.raises(TaskConfigError, match="warmup_steps=-1"):
-        CausalLM(tiny_dir, warmup_steps=-1)
+        CausalLM(tiny_lm_dir, warmup_steps=-1)
     with pytest.raises(TaskConfigError, match="dtype='float8'"):
-        CausalLM(tiny_dir, dtype="float8")
+        CausalLM(tiny_lm_dir, dtype="float8")
     from lightning_lora.hub import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="not found"):
         CausalLM("no-such-model-xyz")
 
 
-def test_configure_model_once_train_mode_and_options(tiny_dir):
-    m = CausalLM(tiny_dir, gradient_checkpointing=True, dtype="bfloat16")
+def test_configure_model_once_train_mode_and_options(tiny_lm_dir):
+    m = CausalLM(tiny_lm_dir, gradient_checkpointing=True, dtype="bfloat16")
     assert m.model is None  # loaded lazily
     m.configure_model()
     model = m.model
@@ -226,10 +210,10 @@ def test_configure_model_once_train_mode_and_options(tiny_dir):
     assert m.tokenizer.pad_token_id is not None
 
 
-def test_compile_option_builds_on_cpu_and_keeps_parameter_names(tiny_dir):
-    plain = CausalLM(tiny_dir)
+def test_compile_option_builds_on_cpu_and_keeps_parameter_names(tiny_lm_dir):
+    plain = CausalLM(tiny_lm_dir)
     plain.configure_model()
-    compiled = CausalLM(tiny_dir, compile=True)
+    compiled = CausalLM(tiny_lm_dir, compile=True)
     compiled.configure_model()
     assert compiled.training_compile is not None and len(compiled.training_compile.blocks) == 2
     assert list(compiled.state_dict()) == list(plain.state_dict())
@@ -266,11 +250,11 @@ def _trainer(tmp_path, callbacks, **kwargs):
     return L.Trainer(**args)
 
 
-def test_fit_with_callback_and_load_adapter_only_checkpoint(tiny_dir, tmp_path):
+def test_fit_with_callback_and_load_adapter_only_checkpoint(tiny_lm_dir, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4, system_prompt="Answer briefly.")
-    module = CausalLM(tiny_dir, learning_rate=1e-2, generate_max_new_tokens=4, gradient_checkpointing=True)
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4, system_prompt="Answer briefly.")
+    module = CausalLM(tiny_lm_dir, learning_rate=1e-2, generate_max_new_tokens=4, gradient_checkpointing=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     report = AnswersReport(num_questions=3, max_new_tokens=4)
     trainer = _trainer(tmp_path, [LoRA(r=4, target_modules=["q_proj", "v_proj"], merge_on_fit_end=False), ckpt,
@@ -292,23 +276,23 @@ def test_fit_with_callback_and_load_adapter_only_checkpoint(tiny_dir, tmp_path):
         torch.testing.assert_close(value, trained[key])
 
 
-def test_tokenizer_mismatch_between_model_and_data_is_one_clear_error(tiny_dir, tmp_path):
+def test_tokenizer_mismatch_between_model_and_data_is_one_clear_error(tiny_lm_dir, tmp_path):
     from lightning_lora.hub import load_tokenizer
 
     other = tmp_path / "other-tokenizer"
-    tokenizer = load_tokenizer(tiny_dir)
+    tokenizer = load_tokenizer(tiny_lm_dir)
     tokenizer.add_tokens(["<brand-new-token>"])
     tokenizer.save_pretrained(other)
     dm = InstructionDataModule(tokenizer=str(other), batch_size=2)
     trainer = _trainer(tmp_path, [LoRA(r=2)])
     with pytest.raises(TaskConfigError, match="--data.tokenizer"):
-        trainer.fit(CausalLM(tiny_dir), datamodule=dm)
+        trainer.fit(CausalLM(tiny_lm_dir), datamodule=dm)
 
 
 @pytest.mark.parametrize("sanity_steps, expected", [(-1, True), (1, False), (0, False)])
-def test_val_loss_before_comes_only_from_a_full_sanity_check(tiny_dir, tmp_path, sanity_steps, expected):
-    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4)
-    module = CausalLM(tiny_dir, print_answers=False, num_generate_examples=0)
+def test_val_loss_before_comes_only_from_a_full_sanity_check(tiny_lm_dir, tmp_path, sanity_steps, expected):
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4)
+    module = CausalLM(tiny_lm_dir, print_answers=False, num_generate_examples=0)
     trainer = _trainer(tmp_path, [LoRA(r=2, merge_on_fit_end=False)], num_sanity_val_steps=sanity_steps,
                        limit_val_batches=2, limit_train_batches=1, max_epochs=1, max_steps=-1)
     trainer.fit(module, datamodule=dm)
@@ -336,13 +320,13 @@ def _prompts(dm, report):
             for ex in select_eval_examples(dm.eval_examples(), report.num_questions)]
 
 
-def test_answers_report_alone_in_a_tiny_run(tiny_dir, tmp_path, capsys):
+def test_answers_report_alone_in_a_tiny_run(tiny_lm_dir, tmp_path, capsys):
     """The callback with no LoRA callback: before = the untrained model, after = the trained one; the
     table, the two summary lines, answers.json and the TensorBoard text."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4, system_prompt="Answer briefly.")
-    module = CausalLM(tiny_dir, learning_rate=1e-2, num_generate_examples=0)
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4, system_prompt="Answer briefly.")
+    module = CausalLM(tiny_lm_dir, learning_rate=1e-2, num_generate_examples=0)
     report = AnswersReport(num_questions=3, max_new_tokens=4)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = _trainer(tmp_path, [report], logger=logger, num_sanity_val_steps=-1, limit_val_batches=2,
@@ -355,7 +339,7 @@ def test_answers_report_alone_in_a_tiny_run(tiny_dir, tmp_path, capsys):
 
     dm.setup("fit")
     prompts = _prompts(dm, report)
-    fresh = CausalLM(tiny_dir)
+    fresh = CausalLM(tiny_lm_dir)
     fresh.configure_model()
     rows = report.answer_rows()
     assert [r.base_answer for r in rows] == generate_answers(fresh.model, fresh.tokenizer, prompts, 4)
@@ -371,7 +355,7 @@ def test_answers_report_alone_in_a_tiny_run(tiny_dir, tmp_path, capsys):
     assert {k: data[k] for k in expected_summary} == expected_summary
     assert data["val_loss_before"] is not None and data["val_loss_after"] is not None
     assert (data["total"], data["val_loss_after_step"], data["global_step"], data["resumed"],
-            data["generate_max_new_tokens"], data["model"]) == (3, 2, 2, False, 4, tiny_dir)
+            data["generate_max_new_tokens"], data["model"]) == (3, 2, 2, False, 4, tiny_lm_dir)
     assert [q["question"] for q in data["questions"]] == [r.question for r in rows]
 
     lines = out.splitlines()
@@ -391,7 +375,7 @@ def test_answers_report_alone_in_a_tiny_run(tiny_dir, tmp_path, capsys):
     assert text.startswith(f"{first}\n\n{second}\n\n| question | expected | base | fine-tuned |")
 
 
-def test_answers_report_answers_after_training_before_the_merge(tiny_dir, tmp_path):
+def test_answers_report_answers_after_training_before_the_merge(tiny_lm_dir, tmp_path):
     """The fine-tuned answers are taken at train end, while the adapters are still separate (the LoRA
     callback merges at fit end): a callback that runs first at fit end sees them already there."""
     from lightning.pytorch.callbacks import Callback
@@ -404,8 +388,8 @@ def test_answers_report_answers_after_training_before_the_merge(tiny_dir, tmp_pa
         def on_fit_end(self, trainer, pl_module):
             seen["answers"], seen["lora"] = list(report._finetuned_answers), has_lora(pl_module)
 
-    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4, system_prompt="Answer briefly.")
-    module = CausalLM(tiny_dir, learning_rate=1e-2, num_generate_examples=0)
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4, system_prompt="Answer briefly.")
+    module = CausalLM(tiny_lm_dir, learning_rate=1e-2, num_generate_examples=0)
     report = AnswersReport(num_questions=2, max_new_tokens=3)
     trainer = _trainer(tmp_path, [FirstAtFitEnd(), LoRA(r=2), report], limit_train_batches=1, max_epochs=1,
                        max_steps=-1)
@@ -416,7 +400,7 @@ def test_answers_report_answers_after_training_before_the_merge(tiny_dir, tmp_pa
     assert generate_answers(module.model, module.tokenizer, _prompts(dm, report), 3) == seen["answers"]
 
 
-def test_answers_report_arguments_and_what_it_needs(tiny_dir, tmp_path, caplog):
+def test_answers_report_arguments_and_what_it_needs(tiny_lm_dir, tmp_path, caplog):
     with pytest.raises(TaskConfigError, match=r"AnswersReport\(num_questions=-1\); expected 0 \(all questions\)"):
         AnswersReport(num_questions=-1)
     with pytest.raises(TaskConfigError, match=r"AnswersReport\(max_new_tokens=0\); expected 1 or more tokens"):
@@ -441,15 +425,15 @@ def test_answers_report_arguments_and_what_it_needs(tiny_dir, tmp_path, caplog):
 
     report = AnswersReport()
     with caplog.at_level(logging.INFO):
-        _trainer(tmp_path, [report]).fit(CausalLM(tiny_dir, num_generate_examples=0),
-                                         train_dataloaders=_loader(tiny_dir))
+        _trainer(tmp_path, [report]).fit(CausalLM(tiny_lm_dir, num_generate_examples=0),
+                                         train_dataloaders=_loader(tiny_lm_dir))
     assert "AnswersReport: the datamodule has no eval_examples()/encode_prompt(); no before/after table." \
         in caplog.text
     assert report.answer_rows() == [] and report.summary is None and report.path is None
 
 
-def _loader(tiny_dir):
-    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4)
+def _loader(tiny_lm_dir):
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4)
     dm.setup("fit")
     return dm.train_dataloader()
 
@@ -461,9 +445,9 @@ def _reports(trainer):
     return [cb for cb in trainer.callbacks if isinstance(cb, AnswersReport)]
 
 
-def test_print_answers_shortcut_adds_a_report_with_a_future_warning(tiny_dir, tmp_path, capsys):
-    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4)
-    module = CausalLM(tiny_dir, num_eval_questions=2, generate_max_new_tokens=3, num_generate_examples=0)
+def test_print_answers_shortcut_adds_a_report_with_a_future_warning(tiny_lm_dir, tmp_path, capsys):
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4)
+    module = CausalLM(tiny_lm_dir, num_eval_questions=2, generate_max_new_tokens=3, num_generate_examples=0)
     trainer = _trainer(tmp_path, [LoRA(r=2, merge_on_fit_end=False)], limit_train_batches=1, max_epochs=1,
                        max_steps=-1)
     with pytest.warns(FutureWarning, match=r"CausalLM\(print_answers=\.\.\.\) adding the before/after answers "
@@ -489,9 +473,9 @@ def test_print_answers_shortcut_adds_a_report_with_a_future_warning(tiny_dir, tm
     (None, True, None),                     # the trainer's report is used as is
     (True, True, "print_answers=True"),     # set, and ignored: said so
 ])
-def test_print_answers_shortcut_off_or_ignored(tiny_dir, tmp_path, print_answers, with_report, warns):
-    dm = InstructionDataModule(tokenizer=tiny_dir, batch_size=4)
-    module = CausalLM(tiny_dir, print_answers=print_answers, num_generate_examples=0)
+def test_print_answers_shortcut_off_or_ignored(tiny_lm_dir, tmp_path, print_answers, with_report, warns):
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4)
+    module = CausalLM(tiny_lm_dir, print_answers=print_answers, num_generate_examples=0)
     own = AnswersReport(num_questions=1, max_new_tokens=2)
     trainer = _trainer(tmp_path, [own] if with_report else [], limit_train_batches=1, max_epochs=1, max_steps=-1)
     with warnings.catch_warnings(record=True) as caught:
