@@ -329,6 +329,8 @@ TRAIN_SCRIPT = textwrap.dedent("""
         json.dump({"step": trainer.global_step, "sha256": digest}, f)
     if trainer.is_global_zero:
         print("RESULT", trainer.global_step)
+    if torch.distributed.is_initialized():  # stop gloo's threads before the interpreter exits (else: std::terminate)
+        torch.distributed.destroy_process_group()
 """)
 
 

@@ -156,6 +156,8 @@ trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp", l
 trainer.fit(Distill(), torch.utils.data.DataLoader(token_data(16, 12), batch_size=4))
 if trainer.is_global_zero:
     print("RESULT", trainer.global_step)
+if torch.distributed.is_initialized():  # stop gloo's threads before the interpreter exits (else: std::terminate)
+    torch.distributed.destroy_process_group()
 """
 
 
