@@ -148,6 +148,8 @@ def main() -> None:
     if trainer.is_global_zero:
         torch.save(adapters, root / "adapters.pt")
         print("RESULT", trainer.global_step)
+    if torch.distributed.is_initialized():  # stop gloo's threads before the interpreter exits (else: std::terminate)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
