@@ -11,6 +11,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_report_header(config) -> list[str]:
+    """The dependency versions of this run, checked against pyproject's ranges and the last green CI run."""
+    from dependency_versions import report_lines
+
+    return report_lines()
+
+
 def make_tiny_llama(seed: int = 0, **overrides):
     """A 2-layer Llama (hidden 64) built in code, in eval mode, fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM

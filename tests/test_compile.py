@@ -236,3 +236,109 @@ def test_inductor_compiled_training_reuses_its_graph_for_other_lengths():
     assert events.compiles == 1 and all(torch.isfinite(torch.tensor(losses)))
     for name, layer in lora_layers(model):
         assert layer.lora_B.weight.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------ graph breaks never change the numbers
+def _lora_grads(model) -> list[torch.Tensor]:
+    return [layer.lora_A.weight.grad.clone() for _, layer in lora_layers(model)]
+
+
+def _break_in_mlp(model) -> None:
+    """A forward hook on every decoder layer's MLP that dynamo cannot trace: a graph break inside the block
+    (and inside its checkpointed region), without touching any class."""
+    for block in repeated_blocks(model):
+        block.mlp.register_forward_hook(lambda module, args, out: torch._dynamo.graph_break())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_graph_break_inside_a_block_runs_it_eagerly_with_the_same_numbers(checkpointing):
+    """A block dynamo cannot compile whole runs eagerly (one warning naming the reason): with checkpointing, a
+    break would leave the recompute outside the compiled call and draw other dropout masks."""
+    grads = []
+    for compile_it in (False, True):
+        model = _model(dropout=0.3, b_seed=2)
+        _break_in_mlp(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        compiled = TrainingCompile(model, backend="aot_eager") if compile_it else None
+        torch.manual_seed(11)
+        if compile_it:
+            with pytest.warns(UserWarning, match=r"LlamaDecoderLayer cannot be compiled as one graph .*runs "
+                                                 r"eagerly") as record, CompileEvents() as events:
+                model(**_batch(2, 10, True)).loss.backward()
+            assert len([w for w in record if "cannot be compiled" in str(w.message)]) == 1
+            assert list(compiled.eager) == ["LlamaDecoderLayer"] and "graph_break" in compiled.eager[
+                "LlamaDecoderLayer"]
+            assert events.compiles == 1               # the one refused trace; nothing after it
+        else:
+            model(**_batch(2, 10, True)).loss.backward()
+        grads.append(_lora_grads(model))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _CheckpointedBlock(torch.nn.Module):
+    """A block that checkpoints inside its own forward (as transformers >= 5.25's layers do), with a LoRA
+    target and an optional graph break inside the checkpointed region."""
+
+    def __init__(self, graph_break: bool, checkpoint: bool = True) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.graph_break = graph_break
+        self.checkpoint = checkpoint
+
+    def _inner(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(x))
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return h + x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.checkpoint:
+            return self._inner(x)
+        return torch.utils.checkpoint.checkpoint(self._inner, x, use_reentrant=False)
+
+
+class _Stack(torch.nn.Module):
+    _no_split_modules = ["_CheckpointedBlock"]
+
+    def __init__(self, graph_break: bool, checkpoint: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(_CheckpointedBlock(graph_break, checkpoint) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_a_checkpoint_inside_the_compiled_block_replays_the_masks_or_runs_eagerly(graph_break):
+    """The kind behind transformers 5.25's failure, on a model of our own: a checkpoint inside the compiled
+    block, with and without a graph break in it. Whole: compiled, the recompute replays the forward's masks (the
+    gradients equal those of the compiled block without checkpointing); broken: eager, the same numbers as
+    eager."""
+    x = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(3))
+    grads = []
+    # reference: the whole block compiled without checkpointing, or the broken block run eagerly
+    for reference in (True, False):
+        model = _Stack(graph_break, checkpoint=not (reference and not graph_break)).train()
+        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.5, target_modules=["proj"]))
+        for _, layer in lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1, generator=torch.Generator().manual_seed(2))
+        compile_it = not (reference and graph_break)
+        compiled = TrainingCompile(model, backend="aot_eager") if compile_it else None
+        torch.manual_seed(5)
+        with CompileEvents() as events:
+            if compile_it and graph_break:
+                with pytest.warns(UserWarning, match="_CheckpointedBlock cannot be compiled as one graph"):
+                    model(x).pow(2).sum().backward()
+            else:
+                model(x).pow(2).sum().backward()
+        if compile_it:
+            assert list(compiled.eager) == (["_CheckpointedBlock"] if graph_break else [])
+            assert events.compiles == 1
+        grads.append(_lora_grads(model))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
