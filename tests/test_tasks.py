@@ -490,3 +490,115 @@ def test_print_answers_shortcut_off_or_ignored(tiny_lm_dir, tmp_path, print_answ
                             "callback, which makes the before/after table; set its num_questions and "
                             "max_new_tokens instead."]
     assert _reports(trainer) == ([own] if with_report else [])
+
+
+# ------------------------------------------------------------------ a token-weighted loss per optimizer step
+class _StepGrads(L.Callback):
+    """The adapters' gradients as the optimizer (and every callback after CausalLM's rescale) sees them."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+def _examples() -> list[dict[str, torch.Tensor]]:
+    """Two examples of very different target counts (4 and 15): a mean of micro-batch means weighs them alike."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for length, prompt in ((9, 5), (20, 5)):
+        ids = torch.randint(5, 1000, (1, length), generator=gen)
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def _pad(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {k: torch.cat([torch.nn.functional.pad(b[k], (0, width - b[k].shape[1]), value=fill[k]) for b in batches])
+            for k in fill}
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_two_micro_batches_update_as_one_batch_of_both(tiny_lm_dir, tmp_path, chunked):
+    """accumulate_grad_batches=2 over [a], [b] gives the gradient of one batch [a, b]: the mean over all 19 target
+    tokens of the step, and train_loss is that mean."""
+    examples = _examples()
+    runs = []
+    for batches, accumulate in (([_pad(examples)], 1), ([examples[0], examples[1]], 2)):
+        torch.manual_seed(0)                      # the same random A in both runs
+        module = CausalLM(tiny_lm_dir, chunked_loss=chunked, num_generate_examples=0, print_answers=False)
+        grads = _StepGrads()
+        trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=[LoRA(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), grads])
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        assert len(grads.grads) == 1
+        runs.append((grads.grads[0], float(trainer.callback_metrics["train_loss"])))
+    (one, loss_one), (two, loss_two) = runs
+    assert sorted(one) == sorted(two) and len(one) == 8
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+    assert loss_one == pytest.approx(loss_two, rel=1e-6)
+    # and it is the token mean (19 targets), not the mean of the two micro-batch means
+    fresh = CausalLM(tiny_lm_dir)
+    fresh.configure_model()
+    with torch.no_grad():
+        sums = [fresh.loss_sum(b) for b in examples]
+    token_mean = float(sum(s for s, _ in sums) / sum(n for _, n in sums))
+    mean_of_means = float(sum(s / n for s, n in sums) / 2)
+    assert [int(n) for _, n in sums] == [4, 15]
+    assert loss_two == pytest.approx(token_mean, rel=1e-5) and abs(token_mean - mean_of_means) > 1e-3
+
+
+TOKEN_MEAN_DDP = """
+import sys, torch, lightning as L
+from lightning_lora import LoRA
+from lightning_lora.tasks import CausalLM
+from test_tasks import _StepGrads, _examples
+model_dir, out = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+grads = _StepGrads()
+trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=out,
+                    callbacks=[LoRA(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                    merge_on_fit_end=False), grads])
+module = CausalLM(model_dir, num_generate_examples=0, print_answers=False)
+trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_examples(), batch_size=None))
+if trainer.is_global_zero:
+    torch.save({"grads": grads.grads[0], "loss": float(trainer.callback_metrics["train_loss"])}, out + "/ddp.pt")
+if torch.distributed.is_initialized():  # stop gloo's threads before the interpreter exits (else: std::terminate)
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.integration
+def test_two_ddp_ranks_update_as_one_batch_of_both(tiny_lm_dir, tmp_path):
+    """Rank 0 learns 4 target tokens, rank 1 15: the averaged gradient is the mean over all 19 (as one process
+    with the batch of both), not the mean of the ranks' means."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    script = tmp_path / "token_mean_ddp.py"
+    script.write_text(TOKEN_MEAN_DDP)
+    env = dict(os.environ, PYTHONPATH=f"{tests}{os.pathsep}{tests.parent}")
+    res = subprocess.run([sys.executable, str(script), tiny_lm_dir, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp.pt")
+    torch.manual_seed(0)
+    module = CausalLM(tiny_lm_dir, num_generate_examples=0, print_answers=False)
+    grads = _StepGrads()
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[LoRA(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), grads])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([_pad(_examples())], batch_size=None))
+    assert sorted(ddp["grads"]) == sorted(grads.grads[0])
+    for name, g in grads.grads[0].items():
+        torch.testing.assert_close(ddp["grads"][name], g, rtol=1e-5, atol=1e-6)
+    assert ddp["loss"] == pytest.approx(float(trainer.callback_metrics["train_loss"]), rel=1e-6)

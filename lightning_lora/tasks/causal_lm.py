@@ -54,9 +54,8 @@ from lightning_lora.tasks.answers import (  # noqa: F401  (re-exported: importab
     summary_lines,
     tensorboard_writer,
 )
+from lightning_lora.tasks.loss import IGNORE_INDEX, causal_lm_loss
 
-#: label value that carries no loss (transformers' and `InstructionDataModule`'s convention)
-IGNORE_INDEX = -100
 #: `AnswersReport(num_questions=...)` of the deprecated `print_answers` shortcut when `num_eval_questions` is unset
 DEFAULT_EVAL_QUESTIONS = 24
 
@@ -353,6 +352,15 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             the first batch of every fit stay eager). True uses torch's default backend (inductor); a
             string names another (`"aot_eager"`: traced and differentiated, no code generation). Off by
             default: compiling needs a working compiler toolchain and pays off only over many steps.
+        chunked_loss: compute the loss without the full logits (`lightning_lora.tasks.loss`: the output
+            head applied to the target positions a chunk at a time, each chunk's float32 logits alive only
+            while its loss and gradient are computed); equal to transformers' loss within float rounding.
+            False: from the model's own logits. Models outside `loss.CHUNKABLE_MODEL_TYPES` always are.
+
+        Every optimizer step weights each target token of the step the same: with
+        `accumulate_grad_batches` (and across DDP/FSDP ranks), the gradient is the mean over all target
+        tokens of all micro-batches of the step (the fix transformers and Unsloth made in 2024), not the mean
+        of the micro-batches' means; `train_loss` is logged once per optimizer step as that mean.
         generate_max_new_tokens: the most tokens generated per answer (the TensorBoard samples; and the
             before/after table of the deprecated `print_answers` shortcut).
         num_generate_examples: validation prompts answered at each validation end and logged to
@@ -382,6 +390,7 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
         compile: bool | str = False,
+        chunked_loss: bool = True,
         generate_max_new_tokens: int = 32,
         num_generate_examples: int = 4,
         print_answers: bool | None = None,
@@ -420,7 +429,10 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         #: the compiled training forward (`compile=True`), made in `configure_model`
         self.training_compile: TrainingCompile | None = None
         self._fit_batches = 0
-        self.train_ppl = Perplexity()
+        # the summed loss and target tokens of the micro-batches of the current optimizer step (this rank)
+        self._step_loss_sum = torch.zeros((), dtype=torch.float64)
+        self._step_tokens = torch.zeros((), dtype=torch.long)
+        self._step_mean: torch.Tensor | None = None
         self.val_ppl = Perplexity()
         self._val_prompts: list[tuple[list[int], list[int]]] = []
         self.val_loss_before: float | None = None
@@ -473,14 +485,23 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         Raises:
             TaskConfigError: the batch has no `labels` or no `input_ids`.
         """
+        total, n = self.loss_sum(batch)
+        return total / n.clamp(min=1), n
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(summed float32 loss over the target tokens, number of target tokens)` of a batch
+        (`lightning_lora.tasks.loss.causal_lm_loss`; `position_ids` of packed batches are passed on).
+
+        Raises:
+            TaskConfigError: the batch has no `labels` or no `input_ids`.
+        """
         if not isinstance(batch, dict) or "input_ids" not in batch or "labels" not in batch:
             keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise TaskConfigError(f"CausalLM expects batches with 'input_ids', 'attention_mask' and 'labels' "
                                   f"(-100 where there is no loss), got {keys}; use "
                                   "lightning_lora.data.InstructionDataModule or a collate function that adds labels.")
-        labels = batch["labels"]
-        out = self._forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
-        return out.loss, num_target_tokens(labels)
+        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                              batch.get("position_ids"), chunked=self.hparams.get("chunked_loss", True))
 
     # ------------------------------------------------------------------ steps
     @override
@@ -490,12 +511,50 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             # (which adapters run), and compiling the hooks would cost a second compile once they are gone
             self.training_compile.enabled = self._fit_batches > 0
         self._fit_batches += 1
-        loss, n = self.loss(batch)
-        batch_size = batch["input_ids"].shape[0]
-        self.train_ppl(loss, n)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        self.log("train_ppl", self.train_ppl, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        return loss
+        total, n = self.loss_sum(batch)
+        self._step_loss_sum = self._step_loss_sum.to(total.device) + total.detach().double()
+        self._step_tokens = self._step_tokens.to(n.device) + n
+        # the sum: Lightning divides it by accumulate_grad_batches and DDP averages over ranks;
+        # on_before_optimizer_step turns the step's gradient into the mean over all its target tokens
+        return total
+
+    @override
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The step's gradient becomes the mean over every target token of the step (all micro-batches, all
+        ranks) right after the last backward, inside the closure: before callbacks see it (the LoRA callback's
+        `lora/grad_norm`), before gradient clipping and the optimizer."""
+
+        def closure() -> Any:
+            out = optimizer_closure() if optimizer_closure is not None else None
+            self._token_mean_gradients(optimizer)
+            return out
+
+        super().optimizer_step(epoch, batch_idx, optimizer, closure)
+
+    def _token_mean_gradients(self, optimizer: Any) -> None:
+        strategy = self.trainer.strategy
+        tokens = strategy.reduce(self._step_tokens.to(self.device).double(), reduce_op="sum")
+        loss_sum = strategy.reduce(self._step_loss_sum.to(self.device), reduce_op="sum")
+        self._step_loss_sum = torch.zeros((), dtype=torch.float64)
+        self._step_tokens = torch.zeros((), dtype=torch.long)
+        self._step_mean = None
+        if float(tokens) == 0:
+            return
+        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size / float(tokens)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        self._step_mean = (loss_sum / tokens).float()
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the step's mean loss per target token as `train_loss` (and its `exp` as `train_ppl`)."""
+        if self._step_mean is not None:
+            self.log("train_loss", self._step_mean, on_step=True, on_epoch=False, prog_bar=True,
+                     rank_zero_only=True)
+            self.log("train_ppl", self._step_mean.exp(), on_step=True, on_epoch=False, prog_bar=True,
+                     rank_zero_only=True)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
