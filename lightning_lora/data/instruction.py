@@ -34,6 +34,7 @@ from typing_extensions import override
 # IGNORE_INDEX, DATA_DIR, FORMATS_HINT and parse_example are imported for code that imported them from
 # here before this module was split (import them from `lightning_lora.data`)
 from lightning_lora.data.collate import PadCollator, TokenizedDataset
+from lightning_lora.data.packing import PackedCollator, pack_examples
 from lightning_lora.data.encoding import (  # noqa: F401
     IGNORE_INDEX,
     ExampleEncoder,
@@ -84,7 +85,7 @@ class InstructionDataModule(LightningDataModule):
         max_length: longer examples are truncated (one warning counts them); an example left with no
             token to learn (its response cut off entirely) is dropped, and a split left with no example
             is a `DataFormatError` that says which max_length would keep them.
-        batch_size: examples per batch (padded to the longest in the batch).
+        batch_size: examples per batch (padded to the longest in the batch); rows per batch with ``packing``.
         val_fraction: share of ``train_file`` used for validation when ``val_file`` is None
             (0 = no validation).
         seed: seeds the split and the shuffling of the training data.
@@ -93,6 +94,12 @@ class InstructionDataModule(LightningDataModule):
             otherwise (or when False) use ``prompt + "\\n" + response + eos``.
         system_prompt: a system message added to every conversation that has none (with the
             SmolLM2 template, None keeps the template's default system prompt).
+        packing: pack whole examples into rows of ``max_length`` tokens (best fit, longest first; then
+            ``batch_size`` is rows per batch), in transformers' padding-free convention: ``position_ids``
+            restart at 0 for every example, the first label of each is -100, no ``attention_mask``, so
+            no token attends across examples (`lightning_lora.data.packing`). Training and validation
+            batches are packed; `CausalLM` passes ``position_ids`` on. On data whose lengths vary a lot
+            most of a padded batch is padding: packing computes on examples instead.
 
     Example:
         >>> from lightning_lora.data import InstructionDataModule
@@ -118,6 +125,7 @@ class InstructionDataModule(LightningDataModule):
         num_workers: int = 0,
         use_chat_template: bool = True,
         system_prompt: str | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(max_length, int) or max_length < 2:
@@ -142,6 +150,7 @@ class InstructionDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.use_chat_template = use_chat_template
         self.system_prompt = system_prompt
+        self.packing = bool(packing)
         self._examples: dict[str, list[Example]] | None = None
         self._encoder: ExampleEncoder | None = None
         self.train_dataset: TokenizedDataset | None = None
@@ -345,29 +354,35 @@ class InstructionDataModule(LightningDataModule):
             rank_zero_warn(f"{empty} of {total} examples ({per_split}) have no token to learn (a causal LM learns "
                            "from the second token on) and were dropped.")
 
-    def _loader(self, dataset: TokenizedDataset, shuffle: bool, padding_side: str = "right") -> DataLoader:
+    def _loader(self, dataset: TokenizedDataset, shuffle: bool, padding_side: str = "right",
+                packed: bool = False) -> DataLoader:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        collate: PadCollator | PackedCollator = PadCollator(pad, padding_side)
+        if packed:
+            dataset = TokenizedDataset(pack_examples(dataset.items, self.max_length))
+            collate = PackedCollator(pad)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=PadCollator(pad, padding_side), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     @override
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (with a generator seeded by ``seed``), right-padded training batches."""
+        """Shuffled (with a generator seeded by ``seed``), right-padded training batches; with ``packing``,
+        batches of ``batch_size`` packed rows (`lightning_lora.data.packing`)."""
         if self.train_dataset is None:
             self.setup("fit")
         assert self.train_dataset is not None
-        return self._loader(self.train_dataset, shuffle=True)
+        return self._loader(self.train_dataset, shuffle=True, packed=self.packing)
 
     @override
     def val_dataloader(self) -> DataLoader | list:
-        """Validation batches in file order (an empty list when there is no validation data)."""
+        """Validation batches in file order (an empty list when there is no validation data); packed rows with
+        ``packing`` (the validation loss is token-weighted either way, so it is the same number)."""
         if self.val_dataset is None:
             self.setup("validate")
         assert self.val_dataset is not None
-        return self._loader(self.val_dataset, shuffle=False) if len(self.val_dataset) else []
+        return self._loader(self.val_dataset, shuffle=False, packed=self.packing) if len(self.val_dataset) else []
 
     @override
     def test_dataloader(self) -> DataLoader | list:

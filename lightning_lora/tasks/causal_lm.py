@@ -115,17 +115,26 @@ def num_target_tokens(labels: torch.Tensor) -> torch.Tensor:
 # ======================================================================= validation prompts
 
 
-def prompt_from_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       labels: torch.Tensor) -> tuple[list[int], list[int]] | None:
+def prompt_from_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                       position_ids: torch.Tensor | None = None) -> tuple[list[int], list[int]] | None:
     """Split one row of a training batch into the prompt (tokens before the first learned label)
-    and the expected answer (the learned tokens); None when the row has no learned token.
+    and the expected answer (the learned tokens); None when the row has no learned token. A packed row
+    (`position_ids` given) is read up to its second example.
 
     Example:
         >>> prompt_from_labels(torch.tensor([5, 6, 7, 8, 0]), torch.tensor([1, 1, 1, 1, 0]),
         ...                    torch.tensor([-100, -100, 7, 8, -100]))
         ([5, 6], [7, 8])
+        >>> prompt_from_labels(torch.tensor([5, 6, 7, 1, 2]), None, torch.tensor([-100, -100, 7, -100, 2]),
+        ...                    position_ids=torch.tensor([0, 1, 2, 0, 1]))
+        ([5, 6], [7])
     """
     keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    if position_ids is not None:
+        restarts = (position_ids[1:] == 0).nonzero()
+        if len(restarts):
+            keep = keep.clone()
+            keep[int(restarts[0]) + 1:] = False
     ids, lab = input_ids[keep].tolist(), labels[keep].tolist()
     learned = [i for i, label in enumerate(lab) if label != IGNORE_INDEX]
     if not learned or learned[0] == 0:
@@ -475,9 +484,11 @@ class CausalLM(LoRAMixin, pl.LightningModule):
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> Any:
-        """The transformers model's output (`logits`, and `loss` when `labels` is given)."""
-        return self._forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> Any:
+        """The transformers model's output (`logits`, and `loss` when `labels` is given); `position_ids` of
+        packed batches (`InstructionDataModule(packing=True)`) keep their examples apart."""
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        return self._forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """`(mean loss per target token, number of target tokens)` of a batch; labels come from the batch.
@@ -568,8 +579,9 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             for i in range(batch["input_ids"].shape[0]):
                 if len(self._val_prompts) >= self.hparams.num_generate_examples:
                     break
-                mask = batch.get("attention_mask")
-                pair = prompt_from_labels(batch["input_ids"][i], None if mask is None else mask[i], batch["labels"][i])
+                mask, positions = batch.get("attention_mask"), batch.get("position_ids")
+                pair = prompt_from_labels(batch["input_ids"][i], None if mask is None else mask[i], batch["labels"][i],
+                                          None if positions is None else positions[i])
                 if pair is not None:
                     self._val_prompts.append(pair)
         return loss
