@@ -55,6 +55,7 @@ from lightning_lora.tasks.answers import (  # noqa: F401  (re-exported: importab
     tensorboard_writer,
 )
 from lightning_lora.tasks.loss import IGNORE_INDEX, causal_lm_loss
+from lightning_lora.tasks.offload import OffloadActivations
 
 #: `AnswersReport(num_questions=...)` of the deprecated `print_answers` shortcut when `num_eval_questions` is unset
 DEFAULT_EVAL_QUESTIONS = 24
@@ -365,11 +366,10 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             head applied to the target positions a chunk at a time, each chunk's float32 logits alive only
             while its loss and gradient are computed); equal to transformers' loss within float rounding.
             False: from the model's own logits. Models outside `loss.CHUNKABLE_MODEL_TYPES` always are.
-
-        Every optimizer step weights each target token of the step the same: with
-        `accumulate_grad_batches` (and across DDP/FSDP ranks), the gradient is the mean over all target
-        tokens of all micro-batches of the step (the fix transformers and Unsloth made in 2024), not the mean
-        of the micro-batches' means; `train_loss` is logged once per optimizer step as that mean.
+        offload_activations: keep what the training forward saves for backward in pinned host memory
+            (`lightning_lora.tasks.offload.OffloadActivations`: copies on a side CUDA stream overlapping the
+            forward, back in backward); parameters and tensors under 1 MiB stay. Less GPU memory for longer
+            sequences, at the cost of host-device copies. The gradients are identical.
         generate_max_new_tokens: the most tokens generated per answer (the TensorBoard samples; and the
             before/after table of the deprecated `print_answers` shortcut).
         num_generate_examples: validation prompts answered at each validation end and logged to
@@ -384,6 +384,12 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             set: they are ignored then).
         num_eval_questions: deprecated with `print_answers`: the `num_questions` of the report that
             `print_answers` adds (None = 24).
+
+    Every optimizer step weights each target token of the step the same: with `accumulate_grad_batches`
+    (and across DDP/FSDP ranks), the gradient is the mean over all target tokens of all micro-batches of
+    the step (the fix transformers and Unsloth made in 2024), not the mean of the micro-batches' means;
+    `train_loss` is logged once per optimizer step as that mean. Packed batches
+    (`InstructionDataModule(packing=True)`) carry `position_ids`, which the model receives.
 
     Example:
         >>> module = CausalLM("smollm2-135m-instruct", learning_rate=1e-3, warmup_steps=10)   # doctest: +SKIP
@@ -400,6 +406,7 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         gradient_checkpointing: bool = False,
         compile: bool | str = False,
         chunked_loss: bool = True,
+        offload_activations: bool = False,
         generate_max_new_tokens: int = 32,
         num_generate_examples: int = 4,
         print_answers: bool | None = None,
@@ -442,6 +449,8 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         self._step_loss_sum = torch.zeros((), dtype=torch.float64)
         self._step_tokens = torch.zeros((), dtype=torch.long)
         self._step_mean: torch.Tensor | None = None
+        #: the offloading hooks of the last training step (`offload_activations=True`): `offloaded` counts tensors
+        self.activation_offload: OffloadActivations | None = None
         self.val_ppl = Perplexity()
         self._val_prompts: list[tuple[list[int], list[int]]] = []
         self.val_loss_before: float | None = None
@@ -522,7 +531,12 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             # (which adapters run), and compiling the hooks would cost a second compile once they are gone
             self.training_compile.enabled = self._fit_batches > 0
         self._fit_batches += 1
-        total, n = self.loss_sum(batch)
+        if self.hparams.get("offload_activations", False):
+            self.activation_offload = OffloadActivations()
+            with self.activation_offload:
+                total, n = self.loss_sum(batch)
+        else:
+            total, n = self.loss_sum(batch)
         self._step_loss_sum = self._step_loss_sum.to(total.device) + total.detach().double()
         self._step_tokens = self._step_tokens.to(n.device) + n
         # the sum: Lightning divides it by accumulate_grad_batches and DDP averages over ranks;

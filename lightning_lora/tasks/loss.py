@@ -30,8 +30,10 @@ IGNORE_INDEX = -100
 CHUNKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
                                    "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3"})
 
-#: float32 logits elements per chunk (64 Mi elements: 256 MiB, e.g. 523 tokens of a 128,256-token vocabulary)
-CHUNK_ELEMENTS = 64 * 1024 * 1024
+#: float32 logits elements per chunk (16 Mi elements: 64 MiB, e.g. 130 tokens of a 128,256-token vocabulary); a
+#: chunk's backward holds about four such tensors (the head's output, its float32 copy, the log-softmax and its
+#: gradient), so the loss adds about 256 MiB at its peak, whatever the sequence length
+CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
 def chunk_tokens_for(vocab_size: int) -> int:
@@ -39,7 +41,7 @@ def chunk_tokens_for(vocab_size: int) -> int:
 
     Example:
         >>> chunk_tokens_for(128256), chunk_tokens_for(49152), chunk_tokens_for(10 ** 7)
-        (523, 1365, 64)
+        (130, 341, 64)
     """
     return max(64, CHUNK_ELEMENTS // max(int(vocab_size), 1))
 
