@@ -58,9 +58,8 @@ def test_causal_lm_trains_the_same_with_offloading(tiny_lm_dir, tmp_path, monkey
     import lightning as L
     from test_tasks import _examples, _pad, _StepGrads
 
-    from lightning_lora import LoRA
-
     import lightning_lora.tasks.offload as offload_module
+    from lightning_lora import LoRA
 
     monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)      # the tiny model's activations are small
     runs = []

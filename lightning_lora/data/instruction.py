@@ -34,7 +34,6 @@ from typing_extensions import override
 # IGNORE_INDEX, DATA_DIR, FORMATS_HINT and parse_example are imported for code that imported them from
 # here before this module was split (import them from `lightning_lora.data`)
 from lightning_lora.data.collate import PadCollator, TokenizedDataset
-from lightning_lora.data.packing import PackedCollator, pack_examples
 from lightning_lora.data.encoding import (  # noqa: F401
     IGNORE_INDEX,
     ExampleEncoder,
@@ -52,6 +51,7 @@ from lightning_lora.data.formats import (  # noqa: F401
     read_examples,
     split_examples,
 )
+from lightning_lora.data.packing import PackedCollator, pack_examples
 from lightning_lora.errors import DataFormatError, LoRAError
 
 
