@@ -37,7 +37,9 @@ round only, not in the default jobs: name it with `--jobs`; in the `gpu-8b` pres
 the compile time, graphs and recompiles.
 
 Configs: (a) r=8 on q_proj, v_proj, dropout 0; (b) r=16 on all linear layers, dropout 0.05. The
-`gpu-8b` preset runs (a) with gradient checkpointing and (b) without, as in issue 14.
+`gpu-8b` preset runs (a) with gradient checkpointing and (b) without, as in issue 14, and then the packed +
+chunked row: `benchmarks/data_and_loss.py --preset gpu-8b` (packed vs padded useful tokens/s on an
+Alpaca-like length mix, and the memory the loss adds, chunked vs transformers'), appended to the report.
 
 Every measurement runs in its own subprocess (`benchmarks/_worker.py`) so that its memory peak is
 its own, and the contenders alternate round-robin (round 1: A B C D ..., round 2: A B C D ...), so
@@ -107,7 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                "jobs": ["floor", "ours", "peft", "paired", "counts", "compile"],
                "gradient_checkpointing": {"qv-r8": True, "all-r16-do": False},
                "counts_batch": 1, "counts_seq": 2048, "counts_dtypes": ["bf16"], "timeout": 240.0,
-               "deadline": 420.0},
+               "deadline": 420.0, "data_loss": True},
 }
 #: `--dry-run`: the preset's jobs on CPU at a tiny shape, written to a temporary directory (compile with the
 #: aot_eager backend: the same tracing and autograd graphs; inductor's CPU code generation takes minutes)
@@ -888,6 +890,29 @@ def compact(job: str, cfg: str, rnd: int, result: dict[str, Any], seconds: float
     return line
 
 
+def data_loss(settings: dict[str, Any], out: Path, name: str) -> None:
+    """The preset's packed + chunked row: `benchmarks/data_and_loss.py` (packed vs padded useful tokens/s on an
+    Alpaca-like length mix, and the loss's memory, chunked vs transformers') with the same preset, its tables
+    appended to `<name>.md` and its report put under `"data_loss"` in `<name>.json`."""
+    cmd = [sys.executable, str(HERE / "data_and_loss.py"), "--out", str(out)]
+    cmd += ["--dry-run"] if settings.get("dry_run") else ["--preset", settings.get("preset") or "gpu-8b"]
+    print("[data and loss] packed vs padded, loss memory ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1"))
+    path = out / f"{settings['device']}-data-loss.json"
+    if not path.is_file():
+        print(f"data_and_loss.py failed (exit {proc.returncode}): {proc.stderr[-1500:]}", file=sys.stderr)
+        return
+    sub = json.loads(path.read_text())
+    report = json.loads((out / f"{name}.json").read_text())
+    report["data_loss"] = {k: sub[k] for k in ("results", "errors", "settings")}
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    md = (out / f"{settings['device']}-data-loss.md").read_text()
+    tables = md.split("\n", 1)[1].replace("\n## ", "\n### ")
+    with (out / f"{name}.md").open("a") as f:
+        f.write("\n## Packed vs padded batches, loss memory (`benchmarks/data_and_loss.py`)\n" + tables)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     device_guess = args.device or ("cpu" if args.dry_run else PRESETS.get(args.preset or "", {}).get("device", "cpu"))
@@ -977,6 +1002,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "jobs": sorted(set(ran)), **_versions(), "settings": changed})
     report = write(complete=not stopped)
+    if settings.get("data_loss") and not args.merge:
+        data_loss(settings, out, name)
     plotted = plot(report, out / f"{name}.png")
     print("\n".join(["", f"## {settings['model']} on {device}: summary", "", *summary_table(report), ""]))
     met = [t for t in report["targets"]]

@@ -270,6 +270,15 @@ def test_gpu_preset_dry_run(dry_run):
     assert floor_gc["forward"] == floor["forward"] and floor_gc["backward"] > floor["backward"]
     md = (dry_run / "cpu.md").read_text()
     assert "- preset: `gpu-8b`" in md and "**--dry-run**" in md
+    # the packed + chunked row (benchmarks/data_and_loss.py, at the dry run's tiny shape)
+    data = report["data_loss"]
+    assert data["errors"] == [] and data["settings"]["dry_run"] is True
+    packing, loss = data["results"]["packing"], data["results"]["loss-memory"]
+    assert packing["packed_fill"] >= 0.9 and packing["padded_fill"] < 1 and packing["throughput_ratio"] > 0
+    assert packing["examples"] == 24 and packing["packed_batches"] < packing["examples"]
+    assert loss["vocab"] == 8192 and loss["transformers_added"] > 0 and loss["ours_added"] > 0
+    assert "## Packed vs padded batches, loss memory" in md and "| packed / padded |" in md
+    assert "| loss memory ours / transformers' |" in md
     summary = md.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
     for label in ("r=8, q_proj+v_proj, dropout 0, gradient checkpointing", "r=16, all-linear, dropout 0.05"):
         assert f"| {label} | " in summary

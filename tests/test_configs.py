@@ -95,3 +95,12 @@ def test_llama_config_fits_a_24gb_gpu(capsys):
                               "--data.tokenizer", "/models/llama3")
     assert overridden["model"]["init_args"]["model_name_or_path"] == "/models/llama3"
     assert overridden["data"]["init_args"]["tokenizer"] == "/models/llama3"
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b-lora.yaml", "llama-3-8b-qlora.yaml", "llama-3-70b-lora-fsdp.yaml",
+                                  "quickstart.yaml"])
+def test_the_gpu_configs_pack_their_data_and_the_quickstart_pads(name, capsys):
+    """Packing pays off on users' data of mixed lengths (the Llama configs); the quickstart's short demo answers
+    keep padded batches, so its printed numbers stay those of the README."""
+    data = print_config(name, capsys)["data"]["init_args"]
+    assert data["packing"] is (name != "quickstart.yaml")
