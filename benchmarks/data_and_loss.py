@@ -122,7 +122,6 @@ def alpaca_like(n: int, max_length: int, vocab: int, seed: int) -> list[dict[str
 
 def padded_batches(examples: list[dict], batch: int, seed: int) -> list[dict]:
     """`InstructionDataModule`'s batching: shuffled, `batch` examples padded to the longest."""
-    import torch
     from lightning_lora.data.collate import PadCollator
 
     order = list(range(len(examples)))
@@ -153,6 +152,7 @@ def useful_tokens(batch: dict) -> int:
 # ---------------------------------------------------------------------- jobs (in a subprocess)
 def job_packing(s: dict[str, Any]) -> dict[str, Any]:
     import torch
+
     from lightning_lora import LoRAConfig, inject_lora
     from lightning_lora.tasks.loss import causal_lm_loss
 
@@ -217,6 +217,7 @@ def _cpu_step_peak(step: Any) -> int:
 def job_loss_memory(s: dict[str, Any], way: str) -> dict[str, Any]:
     """One training step's peak (over what was live before it) with the loss computed `way`."""
     import torch
+
     from lightning_lora import LoRAConfig, inject_lora
     from lightning_lora.tasks.loss import causal_lm_loss
 
