@@ -51,7 +51,7 @@ from lightning_lora import dora
 from lightning_lora.config import ADAPTER_DTYPES, ALL_LINEAR, LoRAConfig, _dtype_name
 from lightning_lora.errors import LoRAError, MissingDependencyError, QuantizationError
 from lightning_lora.layers import LoRALayer, LoRALinear, register_adapter_type
-from lightning_lora.matching import is_inside
+from lightning_lora.matching import is_inside, name_matches
 
 #: values per NF4 block (one int8 scale each), as in QLoRA and torchtune
 NF4_BLOCK_SIZE = 64
@@ -724,17 +724,20 @@ def _join(prefix: str, name: str) -> str:
 
 
 def modules_to_quantize(model: nn.Module, config: LoRAConfig, adapted: Sequence[str], *, heads: Sequence[str] = (),
-                        saved: Sequence[str] = (), skip: Sequence[str] = ()) -> list[str]:
+                        saved: Sequence[str] = (), skip: Sequence[str] = (), prefix: str = "") -> list[str]:
     """Paths of the `nn.Linear` layers `config.quantize_base` stores in NF4, in `named_modules()` order:
-    the adapted ones, with `quantize_base_modules="all-linear"` also every other `nn.Linear` except
-    the output `heads`, `modules_to_save` (`saved`) and `skip` subtrees. Layers already quantized
-    (NF4 or bitsandbytes) and adapted Conv1D / Embedding layers are left as they are.
+    the adapted ones, with `quantize_base_modules="all-linear"` (the default) also every other
+    `nn.Linear` except the output `heads`, `modules_to_save` (`saved`), `config.exclude_modules`
+    (matched at `prefix`, as for adapters) and `skip` subtrees. Layers already quantized (NF4 or
+    bitsandbytes) and adapted Conv1D / Embedding layers are left as they are.
 
     Example:
         >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(64, 64)); m.add_module("o_proj", nn.Linear(64, 64))
-        >>> cfg = LoRAConfig(target_modules=["q_proj"], quantize_base="nf4", quantize_base_modules="all-linear")
-        >>> modules_to_quantize(m, cfg, ["q_proj"])
+        >>> modules_to_quantize(m, LoRAConfig(target_modules=["q_proj"], quantize_base="nf4"), ["q_proj"])
         ['q_proj', 'o_proj']
+        >>> cfg = LoRAConfig(target_modules=["q_proj"], exclude_modules=["o_proj"], quantize_base="nf4")
+        >>> modules_to_quantize(m, cfg, ["q_proj"])
+        ['q_proj']
     """
     if config.quantize_base is None:
         return []
@@ -747,7 +750,8 @@ def modules_to_quantize(model: nn.Module, config: LoRAConfig, adapted: Sequence[
             if isinstance(module, nn.Linear):
                 out.append(name)
         elif (config.quantize_base_modules == ALL_LINEAR and type(module) is nn.Linear and name not in heads
-              and not is_inside(name, saved) and not is_inside(name, chosen)):
+              and not is_inside(name, saved) and not is_inside(name, chosen)
+              and not name_matches(_join(prefix, name), config.exclude_modules)):
             out.append(name)
     return out
 
@@ -773,7 +777,7 @@ def quantize_base_modules(model: nn.Module, config: LoRAConfig, adapted: Sequenc
         >>> type(m.q_proj).__name__
         'NF4Linear'
     """
-    names = modules_to_quantize(model, config, adapted, heads=heads, saved=saved, skip=skip)
+    names = modules_to_quantize(model, config, adapted, heads=heads, saved=saved, skip=skip, prefix=prefix)
     if not names:
         return []
     torchao_nf4()  # a missing torchao is reported before anything changes

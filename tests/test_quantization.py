@@ -50,7 +50,7 @@ from lightning_lora.quantization import (
 )
 from lightning_lora.surgery import find_target_modules, lora_layers, output_head_names
 
-QV = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4")
+QV = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4", quantize_base_modules="adapted")
 ALL = LoRAConfig(r=4, target_modules="all-linear", quantize_base="nf4")
 
 
@@ -72,7 +72,12 @@ def quantized_paths(model: nn.Module) -> list[str]:
 # ============================================================================ config
 def test_config_fields_validate_with_clear_messages():
     assert LoRAConfig(quantize_base="NF4").quantize_base == "nf4"
-    assert LoRAConfig().quantize_base is None and LoRAConfig().quantize_base_modules == "adapted"
+    assert LoRAConfig().quantize_base is None and LoRAConfig().quantize_base_modules is None
+    # QLoRA's default: the whole frozen base in 4 bits (every Linear but the head and modules_to_save)
+    assert LoRAConfig(quantize_base="nf4").quantize_base_modules == "all-linear"
+    assert LoRAConfig(quantize_base="nf4", quantize_base_modules="adapted").quantize_base_modules == "adapted"
+    # configs written before the default changed said "adapted" without quantize_base: still "no quantization"
+    assert LoRAConfig.from_dict({**LoRAConfig().to_dict(), "quantize_base_modules": "adapted"}) == LoRAConfig()
     cases = [
         (dict(quantize_base="int4"),
          "quantize_base='int4' is invalid; expected one of 'nf4' or None (keep the base as it is)."),
@@ -161,6 +166,45 @@ def test_all_linear_quantizes_everything_but_the_head_and_modules_to_save():
     inject_lora(model, cfg)
     assert type(model.lm_head) is nn.Linear and type(model.model.layers[0].self_attn.o_proj) is nn.Linear
     assert model.model.layers[0].self_attn.o_proj.weight.requires_grad  # trained fully, so kept dense
+
+
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")
+
+
+def test_default_is_the_whole_frozen_base_in_4_bits_in_config_and_callback():
+    # issue 20 item 7: QLoRA means every linear layer but the output head, not only the adapted ones
+    assert LoRA(r=4, quantize_base="nf4").config.quantize_base_modules == "all-linear"
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4"))
+    assert quantized_paths(model) == [f"model.layers.{i}.{p}" for i in range(2) for p in LAYER_LINEARS]
+    assert type(model.lm_head) is nn.Linear
+    assert quantized_weight_bytes(model) == 2 * (2 * (2048 + 64 + 4 + 4 + 64) + 2 * (1024 + 32 + 4 + 4 + 64)
+                                                 + 3 * (4096 + 128 + 4 + 4 + 64))
+
+
+def test_all_linear_leaves_exclude_modules_dense():
+    # issue 20 item 8: exclude_modules keeps a layer out of the adapters and out of the 4-bit base
+    model = make_tiny_llama()
+    cfg = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], exclude_modules=["down_proj"], quantize_base="nf4")
+    inject_lora(model, cfg)
+    assert quantized_paths(model) == [f"model.layers.{i}.{p}" for i in range(2) for p in LAYER_LINEARS
+                                      if p != "mlp.down_proj"]
+    assert type(model.model.layers[1].mlp.down_proj) is nn.Linear
+    # a regex, matched at the prefix the callback uses (the network at "model" inside a LightningModule)
+    picked = modules_to_quantize(make_tiny_llama(), LoRAConfig(exclude_modules=r"model\.model\.layers\.1\..*",
+                                                               quantize_base="nf4"), [], heads=["lm_head"],
+                                 prefix="model")
+    assert picked == [f"model.layers.0.{p}" for p in LAYER_LINEARS]
+    # the advice of the error for a layer NF4 cannot hold works: excluding it quantizes the rest
+    net = nn.Sequential()
+    net.add_module("q_proj", nn.Linear(64, 64))
+    net.add_module("odd", nn.Linear(10, 3))
+    with pytest.raises(QuantizationError, match=r"odd has a torch.float32 weight of shape \(3, 10\).*leave that "
+                                                r"layer out \(exclude_modules\)"):
+        inject_lora(net, LoRAConfig(r=2, target_modules=["q_proj"], quantize_base="nf4"))
+    inject_lora(net, LoRAConfig(r=2, target_modules=["q_proj"], exclude_modules=["odd"], quantize_base="nf4"))
+    assert type(net.q_proj) is LoRANF4Linear and type(net.odd) is nn.Linear
 
 
 def test_quantized_forward_is_the_dequantised_weight_reference():
