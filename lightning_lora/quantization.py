@@ -351,18 +351,20 @@ class LoRAQuantizedLinear(LoRALinear):
     A subclass says how the quantized layer computes (`quantized_forward`), how its weight is
     dequantised (`dequantized_weight`) and which module it was (`quantized_base`). With
     `adapter_dtype=None` the adapters take `dense_dtype` (the dtype the weight stands for), never the
-    storage dtype of the 4/8-bit codes.
+    storage dtype of the 4/8-bit codes; a weight that keeps no record of that dtype (a bitsandbytes
+    8-bit layer without a bias) stands for `model_dtype`, the dtype of the model around it.
 
     `merge()` dequantises the weight in float32, adds the delta and rounds once into `dense_dtype`;
     the quantized weight is kept aside, so `unmerge()` restores it exactly (no re-quantisation).
     """
 
     _fusable = True
+    takes_model_dtype = True
     dense_dtype: torch.dtype | None
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, *, adapter_dtype: torch.dtype | None = torch.float32,
-                 **kwargs: Any) -> None:
-        dense = self.initial_dense_dtype(base)
+                 model_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        dense = self.initial_dense_dtype(base) or model_dtype
         super().__init__(base, r, alpha, adapter_dtype=adapter_dtype or dense or torch.get_default_dtype(), **kwargs)
         if adapter_dtype is None:  # adapters follow module-wide casts, as with a dense base
             self.keep_adapter_dtype = False

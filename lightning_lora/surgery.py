@@ -425,6 +425,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
 
             quantize_base_modules(model, config, names, heads=sorted(output_head_names(model)), saved=saved,
                                   skip=skip, prefix=prefix, originals=quantized)
+        model_dtype = floating_dtype(model) if dtype is None else None  # what adapter_dtype=None asks for
         for name in names:
             module = model.get_submodule(name)
             cls = adapter_class_for(module)
@@ -432,9 +433,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             full = _join(prefix, name)
             if config.base_changing_init:  # PiSSA / OLoRA: a weight they cannot start from, named
                 check_init_weight(config.init, module.weight, config.rank_for(full), name=full)
+            extra = {"model_dtype": model_dtype} if dtype is None and cls.takes_model_dtype else {}
             layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
                         use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype,
-                        use_dora=config.use_dora)
+                        use_dora=config.use_dora, **extra)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
         state.untied = _untie_modules_to_save(model, saved)
@@ -451,6 +453,22 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             restore_modules(model, quantized)
         raise
     return names
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating-point dtype holding most of `model`'s parameter values (by count; each tensor
+    once), None when it has none. Integer storage (bitsandbytes' 4/8-bit codes) does not count.
+
+    Example:
+        >>> from torch import nn
+        >>> floating_dtype(nn.Sequential(nn.Linear(8, 8).bfloat16(), nn.LayerNorm(8)))
+        torch.bfloat16
+    """
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 def _check_variant_targets(model: nn.Module, names: Sequence[str], config: LoRAConfig) -> None:

@@ -553,6 +553,35 @@ def test_bnb_merge_gives_a_plain_model_and_undo_restores_bitsandbytes(tiny_dir, 
         assert torch.equal(model(x).logits, adapted)
 
 
+def load_bnb_in(path, bits: int, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+             if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu", dtype=dtype).train()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("base", ["bnb-8bit", "bnb-4bit", "nf4"])
+def test_adapter_dtype_none_gives_the_models_dtype_on_a_quantized_base(tiny_dir, base, dtype):
+    # issue 20 item 9: adapter_dtype=None asks for the model's dtype, never float32 by default nor the codes' dtype
+    # (a bitsandbytes 8-bit layer without a bias keeps no record of the dtype it stands for)
+    config = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], adapter_dtype=None)
+    if base == "nf4":
+        model = make_tiny_llama().to(dtype)
+        inject_lora(model, LoRAConfig(**{**config.to_dict(), "quantize_base": "nf4"}))
+    else:
+        model = load_bnb_in(tiny_dir, 8 if base == "bnb-8bit" else 4, dtype)
+        inject_lora(model, config)
+    layers = [layer for _, layer in lora_layers(model)]
+    assert len(layers) == 4 and all(layer.is_quantized for layer in layers)
+    assert {(layer.lora_A.weight.dtype, layer.lora_B.weight.dtype, layer.dense_dtype) for layer in layers} == {
+        (dtype, dtype, dtype)}
+    randomize_lora_B(model)
+    with torch.no_grad():
+        assert model(tokens()).logits.dtype is dtype
+
+
 def test_bnb_quantized_embedding_is_refused():
     model = make_tiny_llama()
     model.model.embed_tokens = bnb_embedding4bit(model.model.embed_tokens)
