@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -187,6 +188,36 @@ def nf4_bytes(tensor: torch.Tensor) -> int:
     """
     names, _ = tensor.__tensor_flatten__()
     return sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
+
+
+def clone_nf4(tensor: torch.Tensor) -> torch.Tensor:
+    """An exact copy of an `NF4Tensor`: the same codes, scales and layout in new storage.
+
+    torchao's own `clone` dequantises and quantizes again with a scaler block of 256, which fails for
+    a weight whose block count is not a multiple of 256 (every 576 x 576 SmolLM2 projection) and is
+    not guaranteed to give the same codes. `copy.deepcopy` of our NF4 layers uses this.
+
+    Example:
+        >>> w = to_nf4(torch.randn(576, 576))
+        >>> c = clone_nf4(w)
+        >>> torch.equal(c.quantized_data, w.quantized_data), c.quantized_data is w.quantized_data
+        (True, False)
+    """
+    names, context = tensor.__tensor_flatten__()
+    inner = {name: getattr(tensor, name).clone() for name in names}
+    return type(tensor).__tensor_unflatten__(inner, context, tensor.size(), tensor.stride())
+
+
+def _deepcopy_keeping_nf4(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """`copy.deepcopy(module)` whose NF4 weights (the weight, and the 4-bit weight kept aside while
+    merged) are copied exactly with `clone_nf4` instead of torchao's re-quantizing `clone`."""
+    for param in (*module._parameters.values(), module.__dict__.get("_quantized_weight")):
+        if param is not None and is_nf4_tensor(param) and id(param) not in memo:
+            memo[id(param)] = nn.Parameter(clone_nf4(param), requires_grad=param.requires_grad)
+    new = type(module).__new__(type(module))
+    memo[id(module)] = new
+    new.__setstate__(copy.deepcopy(module.__getstate__(), memo))
+    return new
 
 
 #: 4-bit codes dequantised per step: bounds the temporaries (CPU: cache-sized; CUDA: few launches)
@@ -340,6 +371,9 @@ class NF4Linear(nn.Linear):
     def _apply(self, fn: Any, recurse: bool = True) -> NF4Linear:
         return _apply_keeping_nf4(self, fn, lambda f: super(NF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> NF4Linear:
+        return _deepcopy_keeping_nf4(self, memo)  # type: ignore[return-value]
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nf4 (dense {str(self.dense_dtype).removeprefix('torch.')})"
 
@@ -491,6 +525,9 @@ class LoRANF4Linear(LoRAQuantizedLinear):
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoRANF4Linear:
         return _apply_keeping_nf4(self, fn, lambda f: super(LoRANF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LoRANF4Linear:
+        return _deepcopy_keeping_nf4(self, memo)  # type: ignore[return-value]
 
 
 class _LoRABitsAndBytes(LoRAQuantizedLinear):
@@ -974,6 +1011,7 @@ __all__ = [
     "NF4_BLOCK_SIZE",
     "PIP_INSTALL",
     "QuantizationError",
+    "clone_nf4",
     "dequantize_bnb_linear",
     "dequantize_for_merge",
     "dequantize_module",

@@ -4,6 +4,7 @@ and the errors a user can cause."""
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
@@ -22,9 +23,11 @@ from lightning_lora import (
     inject_lora,
     load_adapter,
     lora_state_dict,
+    merge_adapter,
     merge_and_unload,
     save_adapter,
     unload,
+    unmerge_adapter,
     unmerge_and_reinject,
 )
 from lightning_lora.quantization import (
@@ -264,6 +267,68 @@ def test_module_casts_and_moves_keep_nf4_weights():
     inject_lora(other, LoRAConfig(r=4, target_modules=["q_proj"], quantize_base="nf4", adapter_dtype=None))
     other.to(torch.bfloat16)
     assert other.model.layers[0].self_attn.q_proj.lora_A.weight.dtype is torch.bfloat16
+
+
+def nf4_parts(weight: torch.Tensor) -> dict:
+    names, context = weight.__tensor_flatten__()
+    return {"context": {k: v for k, v in context.items() if k != "tensor_meta"}, "shape": tuple(weight.shape),
+            "dtype": weight.dtype, **{n: getattr(weight, n) for n in names}}
+
+
+def assert_exact_nf4_copy(copy_weight: torch.Tensor, weight: torch.Tensor) -> None:
+    mine, theirs = nf4_parts(copy_weight), nf4_parts(weight)
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(mine[key], value) and mine[key].data_ptr() != value.data_ptr(), key
+        else:
+            assert mine[key] == value, key
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 448), (192, 576), (576, 576), (1536, 576), (4096, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deepcopy_of_nf4_layers_is_exact_for_every_shape(shape, dtype):
+    # issue 20 item 5: torchao's clone re-quantizes with a scaler block of 256 and failed for 576 x 576
+    layer = NF4Linear.from_linear(nn.Linear(shape[1], shape[0], dtype=dtype))
+    assert layer.weight.scaler_block_size == scaler_block_size(shape[0] * shape[1])
+    twin = copy.deepcopy(layer)
+    assert type(twin.weight).__name__ == "NF4Tensor" and not twin.weight.requires_grad
+    assert_exact_nf4_copy(twin.weight, layer.weight)
+    assert twin.dense_dtype is dtype and torch.equal(twin.bias, layer.bias) and twin.bias is not layer.bias
+    x = torch.randn(2, shape[1], dtype=dtype)
+    assert torch.equal(twin(x), layer(x))
+
+
+def test_copies_of_a_model_with_an_nf4_base_are_exact():
+    # SmolLM2's shapes (576 x 576 attention: scaler block 216), every linear layer in NF4, adapters on q, v
+    model = make_tiny_llama(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4"))
+    randomize_lora_B(model)
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+    twin = copy.deepcopy(model)
+    pairs = [(a, b) for a, b in zip(twin.parameters(), model.parameters())]
+    assert len(pairs) == len(list(model.parameters())) == 29  # embedding, head, norms, 14 NF4 weights, 8 adapters
+    for mine, theirs in pairs:
+        if type(theirs).__name__ == "NF4Tensor":
+            assert_exact_nf4_copy(mine, theirs)
+        else:
+            assert torch.equal(mine, theirs) and mine is not theirs and mine.requires_grad == theirs.requires_grad
+    with torch.no_grad():
+        assert torch.equal(twin(x).logits, expected)
+    # a copy while merged keeps the 4-bit weight aside, and unmerges to the exact 4-bit base
+    merge_adapter(model)
+    merged = copy.deepcopy(model)
+    unmerge_adapter(merged), unmerge_adapter(model)
+    assert_exact_nf4_copy(merged.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    with torch.no_grad():
+        assert torch.equal(merged(x).logits, expected)
+    # torch's AveragedModel deep-copies the model, and its first update copies every tensor in place
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    averaged.update_parameters(model)
+    with torch.no_grad():
+        assert torch.equal(averaged.module(x).logits, expected)
 
 
 def test_training_changes_only_adapters_and_learns():
