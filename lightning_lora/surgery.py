@@ -79,6 +79,9 @@ class LoRAState:
         requires_grad: every parameter's `requires_grad` before injection (restored by `unload`).
         untied: parameters of `modules_to_save` that were shared with another module, by key, as
             they were before injection (the module trains a copy; `unload` restores the tie).
+        originals: every parameter and buffer of `modules_to_save` as it was at injection, by key
+            (PEFT's `original_module`): what `disable_lora` runs. A tied parameter is its original
+            Parameter (the one the other module still uses), any other a frozen copy.
 
     Example:
         >>> from torch import nn
@@ -98,6 +101,7 @@ class LoRAState:
     vocab_rows: int | None = None
     requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
     untied: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 # ============================================================================ finding targets
@@ -358,6 +362,15 @@ def _untie_modules_to_save(model: nn.Module, saved: Sequence[str]) -> dict[str, 
     return untied
 
 
+def _original_tensors(model: nn.Module, saved: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A frozen copy of every parameter and buffer of the `saved` modules (`modules_to_save`), by key:
+    the module PEFT keeps as `original_module`, for `disable_lora`."""
+    return {_join(path, key): tensor.detach().clone()
+            for path in saved
+            for key, tensor in [*model.get_submodule(path).named_parameters(remove_duplicate=False),
+                                *model.get_submodule(path).named_buffers(remove_duplicate=False)]}
+
+
 def compute_trainable_keys(model: nn.Module, config: LoRAConfig, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
     """The state-dict keys of an injected `model` that training with `config` changes (adapters,
     `modules_to_save`, biases per `config.bias`), in state-dict order. `inject_lora` records them in
@@ -439,7 +452,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
                         use_dora=config.use_dora, **extra)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
+        state.originals = _original_tensors(model, saved)
         state.untied = _untie_modules_to_save(model, saved)
+        state.originals.update(state.untied)  # a tied parameter's original is the one its partner still uses
         state.trainable_keys = compute_trainable_keys(model, config, prefix, skip)
         trainable = set(state.trainable_keys)
         for key, param in model.named_parameters(remove_duplicate=False):
@@ -984,7 +999,9 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
         root = model.get_submodule(path) if path else model
         with skip_base_init():  # PiSSA / OLoRA: the merged weight already holds the residual base
             names += [_join(path, n) for n in inject_lora(root, state.config, prefix=state.prefix, skip=state.skipped)]
-        root.__dict__[STATE_ATTR].requires_grad = state.requires_grad
+        new_state = root.__dict__[STATE_ATTR]
+        # what the model was before injection, not the merged model: flags, ties and modules_to_save's originals
+        new_state.requires_grad, new_state.untied, new_state.originals = state.requires_grad, state.untied, state.originals
     with torch.no_grad():
         params = dict(model.state_dict(keep_vars=True))
         for key, value in record.adapters.items():
@@ -1085,26 +1102,71 @@ def unmerge_adapters(model: nn.Module) -> None:
     unmerge_adapter(model)
 
 
+def _swap_in_originals(model: nn.Module, swapped: list[tuple[dict[str, Any], str, Any]]) -> None:
+    """Put the original parameters and buffers of every `modules_to_save` in place (PEFT's
+    `original_module`), moved to the device and dtype the trained ones have now (the moved copy is
+    kept for the next call); appends `(dict, name, trained)` to `swapped` as it goes, to put back."""
+    for path, state in lora_states(model):
+        root = model.get_submodule(path) if path else model
+        for key, original in list(state.originals.items()):
+            owner_path, _, name = key.rpartition(".")
+            owner = root.get_submodule(owner_path) if owner_path else root
+            table = owner._parameters if name in owner._parameters else owner._buffers
+            current = table[name]
+            if current is None or current is original:
+                continue
+            if current.shape != original.shape:
+                raise LoRAError(f"disable_lora: {_join(path, key)} has shape {tuple(current.shape)} but had "
+                                f"{tuple(original.shape)} when the adapters were injected (a vocabulary resized after "
+                                "inject_lora?), so the base function is not defined for it; resize the embeddings "
+                                "before injecting.")
+            if not isinstance(original, nn.Parameter):
+                moved = original.to(device=current.device, dtype=current.dtype)
+                state.originals[key] = moved  # moved once, not at every call
+                original = nn.Parameter(moved, requires_grad=False) if table is owner._parameters else moved
+            swapped.append((table, name, current))
+            table[name] = original
+
+
 @contextlib.contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the adapters are bypassed and the model computes its base function.
+    """Inside the block the model computes its base function, as PEFT's `disable_adapter()`: the
+    adapters are bypassed (merged ones unmerged for the block) and every `modules_to_save` (task
+    heads included) runs as it was at injection, not the trained copy. Trained biases
+    (`bias="all"` / `"lora_only"`) stay as trained, as in PEFT.
+
+    Raises:
+        LoRAError: the adapters were merged into the weights by `merge_and_unload(keep=True)` (the
+            base function is gone until `unmerge_and_reinject(model)`).
 
     Example:
         >>> from torch import nn
-        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
-        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4)); m.add_module("head", nn.Linear(4, 2))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["head"]))
+        >>> with torch.no_grad():
+        ...     _ = m.head.weight.add_(1.0)                # training changes the head
         >>> with disable_lora(m):
-        ...     m.q_proj.lora_enabled
-        False
+        ...     m.q_proj.lora_enabled, m.head.weight.requires_grad    # the original head runs
+        (False, False)
+        >>> m.head.weight.requires_grad                    # the trained one is back
+        True
     """
+    if is_merged(model):
+        raise LoRAError("disable_lora: the adapters of this model are merged into its weights (merge_and_unload, "
+                        "e.g. at the end of fit), so it no longer has a base function to switch to; call "
+                        "unmerge_and_reinject(model) first, or use the base model.")
     layers = [layer for _, layer in lora_layers(model)]
     states = [(layer.lora_enabled, layer.merged) for layer in layers]
-    for layer in layers:
-        layer.unmerge()
-        layer.lora_enabled = False
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
     try:
+        for layer in layers:
+            layer.unmerge()
+            layer.lora_enabled = False
+        _swap_in_originals(model, swapped)
         yield model
     finally:
+        for table, name, trained in reversed(swapped):
+            table[name] = trained
         for layer, (enabled, merged) in zip(layers, states):
             layer.lora_enabled = enabled
             if merged:
