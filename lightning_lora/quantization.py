@@ -286,24 +286,38 @@ def nf4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 # ============================================================================ the NF4 base layer
-def _apply_keeping_nf4(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
-                       apply: Callable[[Callable[[torch.Tensor], torch.Tensor]], nn.Module]) -> nn.Module:
-    """`module._apply(fn)` that moves NF4 weights between devices but never dequantises them.
+def is_quantized_storage(tensor: Any) -> bool:
+    """Whether `tensor` holds quantized codes that a dtype cast must never touch: a torchao
+    `NF4Tensor`, or a bitsandbytes 4-bit weight once quantized (whatever its storage dtype: uint8, or
+    bfloat16 / float32 with `bnb_4bit_quant_storage`, as FSDP-QLoRA setups load it).
 
-    torchao's `NF4Tensor.to(dtype)` returns a dense tensor, so `model.to(torch.bfloat16)`,
-    `.half()` or Lightning's `bf16-true` conversion would silently turn a 4-bit weight back into a
-    full one. Here a dtype cast instead changes `module.dense_dtype` (the dtype the weight stands for,
-    used when it is dequantised for a merge); the 4-bit codes stay as they are.
+    Example:
+        >>> is_quantized_storage(to_nf4(torch.randn(64, 64))), is_quantized_storage(torch.zeros(2))
+        (True, False)
     """
-    nf4 = [p for p in list(module._parameters.values()) + [module.__dict__.get("_quantized_weight")]
-           if p is not None and is_nf4_tensor(p)]
-    if not nf4:
+    return is_nf4_tensor(tensor) or bool(getattr(tensor, "bnb_quantized", False))
+
+
+def _apply_keeping_quantized(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
+                             apply: Callable[[Callable[[torch.Tensor], torch.Tensor]], nn.Module]) -> nn.Module:
+    """`module._apply(fn)` that moves quantized weights between devices but never casts them.
+
+    torchao's `NF4Tensor.to(dtype)` returns a dense tensor, and a bitsandbytes 4-bit weight stored in
+    a float dtype would have its packed codes converted as numbers, so `model.to(torch.bfloat16)`,
+    `.half()` or Lightning's `bf16-true` / `16-true` conversion would silently turn a 4-bit weight into
+    a full one or into garbage. Here a dtype cast instead changes `module.dense_dtype` where the
+    module has one (the dtype the weight stands for, used when it is dequantised for a merge); the
+    codes stay as they are. Everything else (bias, adapters) gets `fn`.
+    """
+    quantized = [p for p in list(module._parameters.values()) + [module.__dict__.get("_quantized_weight")]
+                 if p is not None and is_quantized_storage(p)]
+    if not quantized:
         return apply(fn)
-    dense = module.dense_dtype or torch.get_default_dtype()
-    probe = fn(torch.zeros((), dtype=dense, device=nf4[0].device))
-    if probe.is_floating_point():
+    dense = getattr(module, "dense_dtype", None) or torch.get_default_dtype()
+    probe = fn(torch.zeros((), dtype=dense, device=quantized[0].device))
+    if probe.is_floating_point() and hasattr(module, "dense_dtype"):
         module.dense_dtype = probe.dtype
-    ids = {id(p) for p in nf4}
+    ids = {id(p) for p in quantized}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
         if id(t) in ids:
@@ -311,8 +325,10 @@ def _apply_keeping_nf4(module: nn.Module, fn: Callable[[torch.Tensor], torch.Ten
         return fn(t)
 
     stash = module.__dict__.get("_quantized_weight")
-    if stash is not None and is_nf4_tensor(stash) and stash.device != probe.device:
-        module.__dict__["_quantized_weight"] = nn.Parameter(stash.to(probe.device), requires_grad=False)
+    if stash is not None and is_quantized_storage(stash) and stash.device != probe.device:
+        moved = stash.to(probe.device)
+        module.__dict__["_quantized_weight"] = (moved if isinstance(moved, nn.Parameter)
+                                                else nn.Parameter(moved, requires_grad=False))
     return apply(keep)
 
 
@@ -369,7 +385,7 @@ class NF4Linear(nn.Linear):
         return nf4_linear(x, self.weight, self.bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> NF4Linear:
-        return _apply_keeping_nf4(self, fn, lambda f: super(NF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
+        return _apply_keeping_quantized(self, fn, lambda f: super(NF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NF4Linear:
         return _deepcopy_keeping_nf4(self, memo)  # type: ignore[return-value]
@@ -524,7 +540,7 @@ class LoRANF4Linear(LoRAQuantizedLinear):
         return layer
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoRANF4Linear:
-        return _apply_keeping_nf4(self, fn, lambda f: super(LoRANF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
+        return _apply_keeping_quantized(self, fn, lambda f: super(LoRANF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LoRANF4Linear:
         return _deepcopy_keeping_nf4(self, memo)  # type: ignore[return-value]
@@ -559,6 +575,9 @@ class _LoRABitsAndBytes(LoRAQuantizedLinear):
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._synced().forward(x)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _LoRABitsAndBytes:
+        return _apply_keeping_quantized(self, fn, lambda f: super(_LoRABitsAndBytes, self)._apply(f, recurse))  # type: ignore[return-value]
 
     def quantized_base(self) -> nn.Module:
         return self._synced()
@@ -707,6 +726,90 @@ def register_bitsandbytes_adapters() -> None:
 
 
 register_adapter_type(NF4Linear, LoRANF4Linear)
+
+
+# ============================================================================ casts and bitsandbytes layers without adapters
+# bitsandbytes' Linear4bit lets every module-wide cast reach its weight: `model.to(torch.float16)` (Lightning's
+# 16-true / bf16-true conversion) converts the packed 4-bit codes as numbers when they are stored in a float dtype
+# (`bnb_4bit_quant_storage=torch.bfloat16`), which silently corrupts the layer (or crashes in bitsandbytes for
+# float32 storage). torch's `Module._apply` has no hook, and wrapping the layer in a module of ours would change
+# its type for everything that checks `isinstance(m, bnb.nn.Linear4bit)` (transformers, PEFT, this package). So
+# the layers without adapters get a subclass of their own class that only overrides `_apply`
+# (`_apply_keeping_quantized`): this is the one place where this package replaces an attribute (`__class__`) of
+# an object it does not own, and `unguard_quantized_storage` is its undo (`unload` calls it). Adapted layers need
+# none of this: `LoRALinear4bit` is ours.
+
+#: bitsandbytes class -> its subclass that keeps quantized storage under casts
+_CAST_SAFE: dict[type, type] = {}
+_CAST_SAFE_PREFIX = "_CastSafe"
+
+
+def _cast_safe_apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    base = type(self)._lora_guarded_class
+    return _apply_keeping_quantized(self, fn, lambda f: base._apply(self, f, recurse))
+
+
+def _cast_safe_class(cls: type) -> type:
+    """The subclass of bitsandbytes' `cls` that keeps its quantized weight under casts (made once; its
+    name is the class's own, so the model prints as before; pickles as `quantization._CastSafe<name>`)."""
+    if cls not in _CAST_SAFE:
+        _CAST_SAFE[cls] = type(cls.__name__, (cls,), {
+            "_apply": _cast_safe_apply, "_lora_guarded_class": cls, "__module__": __name__,
+            "__qualname__": f"{_CAST_SAFE_PREFIX}{cls.__name__}"})
+    return _CAST_SAFE[cls]
+
+
+def __getattr__(name: str) -> Any:
+    """`_CastSafe<bitsandbytes class>` (for unpickling a model whose layers were guarded)."""
+    if name.startswith(_CAST_SAFE_PREFIX):
+        cls = getattr(bitsandbytes().nn, name.removeprefix(_CAST_SAFE_PREFIX), None)
+        if isinstance(cls, type):
+            return _cast_safe_class(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def guard_quantized_storage(model: nn.Module, skip: Sequence[str] = ()) -> list[str]:
+    """Make module-wide casts (`.to(dtype)`, `.half()`, `.bfloat16()`, Lightning's precision plugins)
+    leave the quantized weights of `model`'s bitsandbytes 4-bit layers without adapters as they are,
+    whatever their storage dtype; device moves still reach them. `inject_lora` calls this (outside
+    `skip`); `unguard_quantized_storage` undoes it. Adapter layers and NF4 layers keep their codes
+    by themselves.
+
+    Returns:
+        The paths of the layers guarded now.
+
+    Example:
+        >>> guard_quantized_storage(nn.Linear(2, 2))      # no bitsandbytes layer: nothing to do
+        []
+    """
+    guarded = []
+    for name, module in model.named_modules():
+        if is_inside(name, skip) or not _bnb_module(module, "Linear4bit"):
+            continue
+        cls = type(module)
+        if getattr(cls, "_lora_guarded_class", None) is None:
+            module.__class__ = _cast_safe_class(cls)
+            guarded.append(name)
+    return guarded
+
+
+def unguard_quantized_storage(model: nn.Module) -> list[str]:
+    """Undo `guard_quantized_storage`: the layers get their bitsandbytes class back.
+
+    Returns:
+        The paths of the layers given back their class.
+
+    Example:
+        >>> unguard_quantized_storage(nn.Linear(2, 2))
+        []
+    """
+    restored = []
+    for name, module in model.named_modules():
+        original = getattr(type(module), "_lora_guarded_class", None)
+        if original is not None:
+            module.__class__ = original
+            restored.append(name)
+    return restored
 
 
 # ============================================================================ whole-model operations
@@ -1017,8 +1120,10 @@ __all__ = [
     "dequantize_module",
     "dequantize_nf4",
     "host_init_context",
+    "guard_quantized_storage",
     "is_nf4_tensor",
     "is_quantized_module",
+    "is_quantized_storage",
     "merge_dtype",
     "modules_to_quantize",
     "nf4_bytes",
@@ -1030,4 +1135,5 @@ __all__ = [
     "scaler_block_size",
     "to_nf4",
     "torchao_nf4",
+    "unguard_quantized_storage",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -452,6 +453,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
                         use_dora=config.use_dora, **extra)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
+        if "bitsandbytes" in sys.modules:  # casts must not reach the codes of bitsandbytes layers without adapters
+            from lightning_lora.quantization import guard_quantized_storage
+
+            guard_quantized_storage(model, skip)
         state.originals = _original_tensors(model, saved)
         state.untied = _untie_modules_to_save(model, saved)
         state.originals.update(state.untied)  # a tied parameter's original is the one its partner still uses
@@ -524,6 +529,10 @@ def unload(model: nn.Module) -> nn.Module:
         for key, flag in state.requires_grad.items():
             if key in params:
                 params[key].requires_grad_(flag)
+        if "bitsandbytes" in sys.modules:
+            from lightning_lora.quantization import unguard_quantized_storage
+
+            unguard_quantized_storage(root)
         with contextlib.suppress(AttributeError):
             delattr(root, STATE_ATTR)
     return model

@@ -22,6 +22,7 @@ from lightning_lora import (
     LoRAError,
     inject_lora,
     load_adapter,
+    load_lora_state_dict,
     lora_state_dict,
     merge_adapter,
     merge_and_unload,
@@ -262,6 +263,16 @@ def test_module_casts_and_moves_keep_nf4_weights():
     assert layer.dense_dtype is torch.float16 and type(layer.weight).__name__ == "NF4Tensor"
     model.float().to("cpu")
     assert layer.dense_dtype is torch.float32 and type(layer.weight).__name__ == "NF4Tensor"
+    # NF4 layers without adapters (the default quantizes every linear layer) keep their codes too, under every cast
+    qv = make_tiny_llama()
+    inject_lora(qv, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4"))
+    plain = qv.model.layers[0].mlp.down_proj
+    assert type(plain) is NF4Linear
+    codes = plain.weight.quantized_data.clone()
+    for cast in (lambda m: m.to(torch.float16), lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.float()):
+        cast(nn.ModuleDict({"model": qv}))
+        assert type(plain.weight).__name__ == "NF4Tensor" and torch.equal(plain.weight.quantized_data, codes)
+    assert plain.dense_dtype is torch.float32
     # adapters that follow the base (adapter_dtype=None) take the dense dtype, never the codes' dtype
     other = make_tiny_llama()
     inject_lora(other, LoRAConfig(r=4, target_modules=["q_proj"], quantize_base="nf4", adapter_dtype=None))
@@ -656,6 +667,103 @@ def test_bnb_quantized_embedding_is_refused():
                               "it out of target_modules, or keep it unquantized when loading (BitsAndBytesConfig("
                               "llm_int8_skip_modules=[...]) naming it).")
     assert not any(isinstance(m, LoRANF4Linear) for m in model.modules()) and not hasattr(model, "lora_state")
+
+
+def load_bnb4_stored_in(path, storage: torch.dtype):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_quant_storage=storage)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu").train()
+
+
+def codes_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every quantized weight's stored codes (bitsandbytes 4-bit, 8-bit) as bytes (codes stored in a float dtype
+    are NaN bit patterns too), by layer path."""
+    return {n: m.weight.data.view(torch.uint8).clone() for n, m in model.named_modules()
+            if n and is_quantized_module(m)}
+
+
+def cast_dense_only(model: nn.Module, dtype: torch.dtype) -> None:
+    """What a cast should do: every floating-point tensor but the quantized codes (and the float32 adapters) in
+    `dtype`."""
+    for name, module in model.named_modules():
+        if ".lora_" in f".{name}":
+            continue
+        for key, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and not getattr(p, "bnb_quantized", False):
+                p.data = p.data.to(dtype)
+        for key, b in module._buffers.items():
+            if b is not None and b.is_floating_point():
+                module._buffers[key] = b.to(dtype)
+
+
+CASTS = {"to-fp16": lambda m: m.to(torch.float16), "to-bf16": lambda m: m.to(dtype=torch.bfloat16),
+         "half": lambda m: m.half(), "bfloat16": lambda m: m.bfloat16()}
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.uint8], ids=["bf16", "fp32", "uint8"])
+def test_casts_never_touch_bnb_4bit_codes_adapted_or_not(tiny_dir, storage, cast):
+    # issue 20 item 2: with the codes stored in a float dtype a cast converted them as numbers (bf16 storage under
+    # 16-true: logits 0.73 off; fp32 storage under bf16: a crash in bitsandbytes)
+    model, reference = load_bnb4_stored_in(tiny_dir, storage), load_bnb4_stored_in(tiny_dir, storage)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_B(model)
+    codes = codes_of(model)
+    assert len(codes) == 14 and {m.weight.dtype for n, m in model.named_modules() if n in codes} == {storage}
+    box = nn.ModuleDict({"model": model})  # as Lightning casts the LightningModule holding the network
+    CASTS[cast](box)
+    dtype = model.model.norm.weight.dtype
+    assert dtype is (torch.float16 if cast in ("to-fp16", "half") else torch.bfloat16)
+    after = codes_of(model)
+    assert after.keys() == codes.keys() and all(torch.equal(after[n], c) for n, c in codes.items())
+    assert {m.weight.dtype for n, m in model.named_modules() if n in codes} == {storage}
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"  # prints as bitsandbytes' layer
+    assert model.model.layers[0].self_attn.q_proj.lora_A.weight.dtype is torch.float32  # adapter_dtype
+    # the logits are those of the same model with only its dense tensors cast, bit for bit
+    inject_lora(reference, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    load_lora_state_dict(reference, lora_state_dict(model))
+    cast_dense_only(reference, dtype)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference(x).logits)
+    # unload gives bitsandbytes' own class back
+    unload(model)
+    assert all(type(m) in (bitsandbytes().nn.Linear4bit,) for n, m in model.named_modules() if n in codes)
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
+def test_casts_never_touch_bnb_8bit_codes(tiny_dir, cast):
+    model = load_bnb(tiny_dir, 8)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    codes = codes_of(model)
+    scales = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".SCB")}
+    assert len(codes) == 14 and len(scales) == 14
+    assert {m.weight.dtype for n, m in model.named_modules() if n in codes} == {torch.int8}
+    CASTS[cast](nn.ModuleDict({"model": model}))
+    assert all(torch.equal(codes_of(model)[n], c) for n, c in codes.items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in scales.items())
+
+
+@pytest.mark.parametrize(("storage", "precision"), [(torch.bfloat16, "16-true"), (torch.float32, "bf16-true")],
+                         ids=["bf16-storage-16-true", "fp32-storage-bf16-true"])
+def test_lightning_precision_leaves_bnb_4bit_codes_alone(tiny_dir, tmp_path, storage, precision):
+    from lit_models import TinyLlamaModule, fit
+
+    class Bnb(TinyLlamaModule):
+        def __init__(self):
+            super().__init__(lr=2e-2)
+            self.model = load_bnb4_stored_in(tiny_dir, storage)
+
+    module = Bnb()
+    codes = codes_of(module.model)
+    fit(module, [LoRA(r=4, merge_on_fit_end=False)], tmp_path, max_steps=2, precision=precision)
+    after = codes_of(module.model)
+    assert len(after) == 14 and all(torch.equal(after[n], c) for n, c in codes.items())
+    assert {m.weight.dtype for n, m in module.model.named_modules() if n in codes} == {storage}
+    assert module.model.model.norm.weight.dtype is (torch.float16 if precision == "16-true" else torch.bfloat16)
+    assert all(layer.lora_B.weight.abs().sum() > 0 for _, layer in lora_layers(module))  # it trained
 
 
 def test_bnb_layer_not_quantized_yet_is_refused():
