@@ -4,8 +4,9 @@ QLoRA (Dettmers et al. 2023) keeps the frozen base weights in 4 bits and trains 
 in higher precision. Two routes lead there:
 
 * `LoRAConfig(quantize_base="nf4")` (also `LoRA(quantize_base="nf4")` and the YAML key): `inject_lora`
-  replaces every adapted `nn.Linear` (with `quantize_base_modules="all-linear"`, every `nn.Linear`
-  except the output head and `modules_to_save`) by an `NF4Linear`, whose weight is a torchao
+  replaces every `nn.Linear` except the output head, `modules_to_save` and `exclude_modules` (the whole
+  frozen base, `quantize_base_modules="all-linear"`, the default; `"adapted"`: only the adapted ones)
+  by an `NF4Linear`, whose weight is a torchao
   `NF4Tensor`: 4-bit NormalFloat codes in blocks of 64 values, one int8 scale per block, the scales
   quantized again per group of up to 256 blocks ("double quantisation"). The adapter around it is a
   `LoRANF4Linear`. The forward dequantises the weight on the fly into the input's dtype (torchao's
@@ -17,8 +18,8 @@ in higher precision. Two routes lead there:
 
 In both, the state-dict keys are the base model's (`...q_proj.weight`, plus bitsandbytes' own
 `weight.absmax`, ... for its layers), adapter-only checkpoints hold no base weight, injection changes
-no output bit (B starts at zero), module-wide casts (`bf16-true`, `.half()`) leave the 4-bit weights
-as they are, and `merge_and_unload` dequantises each weight in float32, adds the delta and rounds once
+no output bit (B starts at zero), module-wide casts (`bf16-true`, `16-true`, `.half()`) leave the 4-bit
+weights as they are (also bitsandbytes codes stored in a float dtype, see `guard_quantized_storage`), and `merge_and_unload` dequantises each weight in float32, adds the delta and rounds once
 into a plain `nn.Linear` (in the dtype the rest of the model has, or the `dtype=` asked for).
 
 torchao (`quantize_base="nf4"`) and bitsandbytes are optional: `pip install 'lightning-lora[qlora]'`.
