@@ -249,7 +249,8 @@ def estimate_for(spec: dict[str, Any], smollm2_dir: str | None = None) -> Any:
                           batch_size=spec["batch"], seq_len=spec["seq"], gradient_checkpointing=spec["gc"],
                           optimizer=spec["optimizer"], optimizer_impl=spec["impl"],
                           quantize="nf4" if spec["mode"] == "qlora" else None,
-                          quantize_modules=spec["quantize_modules"], use_dora=spec["mode"] == "peft-dora")
+                          quantize_modules=spec["quantize_modules"] if spec["mode"] == "qlora" else None,
+                          use_dora=spec["mode"] == "peft-dora")
     return getattr(est, {"peft-lora": "lora", "peft-dora": "lora"}.get(spec["mode"], spec["mode"]))
 
 
