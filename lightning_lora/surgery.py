@@ -1137,6 +1137,13 @@ def _swap_in_originals(model: nn.Module, swapped: list[tuple[dict[str, Any], str
             table[name] = original
 
 
+def _fsdp_wrapped(model: nn.Module) -> bool:
+    """Whether FSDP (FSDP2's `fully_shard` or FSDP1's wrapper) manages any part of `model` (checked by
+    class, without importing torch.distributed)."""
+    return any(cls.__name__ in ("FSDPModule", "FullyShardedDataParallel") and cls.__module__.startswith("torch.distributed")
+               for module in model.modules() for cls in type(module).__mro__)
+
+
 @contextlib.contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base function, as PEFT's `disable_adapter()`: the
@@ -1146,7 +1153,8 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 
     Raises:
         LoRAError: the adapters were merged into the weights by `merge_and_unload(keep=True)` (the
-            base function is gone until `unmerge_and_reinject(model)`).
+            base function is gone until `unmerge_and_reinject(model)`); the model has
+            `modules_to_save` and is sharded with FSDP (their parameters cannot be swapped).
 
     Example:
         >>> from torch import nn
@@ -1166,6 +1174,12 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
                         "unmerge_and_reinject(model) first, or use the base model.")
     layers = [layer for _, layer in lora_layers(model)]
     states = [(layer.lora_enabled, layer.merged) for layer in layers]
+    saved = [_join(path, m) for path, state in lora_states(model) if state.originals for m in state.modules_to_save]
+    if saved and _fsdp_wrapped(model):
+        raise LoRAError(f"disable_lora cannot run the original modules_to_save {saved[:4]} of a model sharded with FSDP "
+                        "(FSDP owns their parameters, so they cannot be swapped for the originals); compute the base "
+                        "outputs with an unsharded copy of the base model, or train without modules_to_save "
+                        "(task_heads=False).")
     swapped: list[tuple[dict[str, Any], str, Any]] = []
     try:
         for layer in layers:
