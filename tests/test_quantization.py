@@ -733,6 +733,29 @@ def test_casts_never_touch_bnb_4bit_codes_adapted_or_not(tiny_dir, storage, cast
     assert all(type(m) in (bitsandbytes().nn.Linear4bit,) for n, m in model.named_modules() if n in codes)
 
 
+def test_guarded_bnb_layers_copy_pickle_and_keep_their_type(tiny_dir):
+    import io
+
+    model = load_bnb4_stored_in(tiny_dir, torch.bfloat16)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, bitsandbytes().nn.Linear4bit) and type(layer) is not bitsandbytes().nn.Linear4bit
+    assert type(layer).__name__ == "Linear4bit" and type(layer).forward is bitsandbytes().nn.Linear4bit.forward
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert type(twin.model.layers[0].mlp.down_proj) is type(layer)
+        nn.ModuleDict({"model": twin}).half()  # still guarded (transformers refuses .half() on the model itself)
+        assert codes_of(twin).keys() == codes_of(model).keys()
+        assert all(torch.equal(codes_of(twin)[n], c) for n, c in codes_of(model).items())
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(model)(x).logits, expected)
+
+
 @pytest.mark.parametrize("cast", sorted(CASTS))
 def test_casts_never_touch_bnb_8bit_codes(tiny_dir, cast):
     model = load_bnb(tiny_dir, 8)
