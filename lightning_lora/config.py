@@ -94,12 +94,13 @@ class LoRAConfig:
         alpha_pattern: regex of a module path -> alpha for those modules.
         adapter_dtype: dtype of A and B (`"float32"` by default, so adapters stay fp32 on a bf16
             base); `None` keeps the base layer's dtype.
-        quantize_base: `"nf4"` stores the frozen weight of every adapted `nn.Linear` as a 4-bit
-            NormalFloat tensor (QLoRA; torchao, blocks of 64, double-quantised scales), dequantised
-            on the fly in the compute dtype; `None` (default) keeps the base as it is. See
-            `lightning_lora.quantization`.
-        quantize_base_modules: `"adapted"` (default) quantizes the adapted layers only;
-            `"all-linear"` every `nn.Linear` except the output head and `modules_to_save`.
+        quantize_base: `"nf4"` stores the frozen base weights as 4-bit NormalFloat tensors (QLoRA;
+            torchao, blocks of 64, double-quantised scales), dequantised on the fly in the compute
+            dtype; `None` (default) keeps the base as it is. See `lightning_lora.quantization`.
+        quantize_base_modules: which `nn.Linear` layers `quantize_base` stores in 4 bits.
+            `"all-linear"` (the default with `quantize_base`, QLoRA's whole frozen base): every
+            `nn.Linear` except the output head, `modules_to_save` and `exclude_modules`;
+            `"adapted"`: the adapted layers only. `None` without `quantize_base`.
         adapter_compute_dtype: dtype the adapter products run in. `"auto"` (default): the base's dtype
             for a bfloat16 base (`bf16-true`) with wider adapters, as `bf16-mixed` autocast computes:
             tensor-core GEMMs and no fp32 copy of the input, while A, B, their gradients and the
@@ -135,7 +136,7 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     adapter_dtype: str | None = "float32"
     quantize_base: str | None = None
-    quantize_base_modules: Literal["adapted", "all-linear"] = "adapted"
+    quantize_base_modules: Literal["adapted", "all-linear"] | None = None
     adapter_compute_dtype: Literal["auto", "base", "adapter"] = "auto"
     use_dora: bool = False
     loraplus_lr_ratio: float | None = None
@@ -187,12 +188,16 @@ class LoRAConfig:
         if self.quantize_base is not None and self.quantize_base not in QUANTIZE_BASE_CHOICES:
             raise LoRAConfigError(f"quantize_base={self.quantize_base!r} is invalid; expected one of "
                                   f"{', '.join(map(repr, QUANTIZE_BASE_CHOICES))} or None (keep the base as it is).")
-        if self.quantize_base_modules not in QUANTIZE_BASE_MODULES_CHOICES:
+        if self.quantize_base_modules is not None and self.quantize_base_modules not in QUANTIZE_BASE_MODULES_CHOICES:
             raise LoRAConfigError(f"quantize_base_modules={self.quantize_base_modules!r} is invalid; expected "
                                   f"{' or '.join(map(repr, QUANTIZE_BASE_MODULES_CHOICES))}.")
-        if self.quantize_base is None and self.quantize_base_modules != "adapted":
-            raise LoRAConfigError(f"quantize_base_modules={self.quantize_base_modules!r} needs quantize_base; set "
-                                  "quantize_base='nf4' as well, or drop quantize_base_modules.")
+        if self.quantize_base is None:
+            if self.quantize_base_modules == ALL_LINEAR:
+                raise LoRAConfigError(f"quantize_base_modules={self.quantize_base_modules!r} needs quantize_base; set "
+                                      "quantize_base='nf4' as well, or drop quantize_base_modules.")
+            self.quantize_base_modules = None  # configs written before the default changed say "adapted"
+        elif self.quantize_base_modules is None:
+            self.quantize_base_modules = ALL_LINEAR  # QLoRA: the whole frozen base in 4 bits
         if self.quantize_base is not None and self.init not in QUANTIZE_SAFE_INITS:
             raise LoRAConfigError(f"init={self.init!r} cannot be combined with quantize_base={self.quantize_base!r}: "
                                   "that initialisation changes the base weights, which a quantized base cannot hold "

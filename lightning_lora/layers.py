@@ -114,6 +114,10 @@ class LoRALayer(nn.Module):
     #: adapter tensors registered on the layer itself (not on lora_A / lora_B), never part of the base
     ADAPTER_TENSORS = ("lora_magnitude_vector", "lora_init_A", "lora_init_B")
     ADAPTER_TENSORS_SUFFIXES = tuple(f".{n}" for n in ADAPTER_TENSORS)
+    #: whether the constructor takes `model_dtype=` (the floating dtype of the model around the layer):
+    #: layers whose stored weight's dtype is not the dtype they compute in (quantized bases) need it
+    #: for `adapter_dtype=None`
+    takes_model_dtype = False
 
     def __init__(
         self,

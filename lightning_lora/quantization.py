@@ -4,8 +4,9 @@ QLoRA (Dettmers et al. 2023) keeps the frozen base weights in 4 bits and trains 
 in higher precision. Two routes lead there:
 
 * `LoRAConfig(quantize_base="nf4")` (also `LoRA(quantize_base="nf4")` and the YAML key): `inject_lora`
-  replaces every adapted `nn.Linear` (with `quantize_base_modules="all-linear"`, every `nn.Linear`
-  except the output head and `modules_to_save`) by an `NF4Linear`, whose weight is a torchao
+  replaces every `nn.Linear` except the output head, `modules_to_save` and `exclude_modules` (the whole
+  frozen base, `quantize_base_modules="all-linear"`, the default; `"adapted"`: only the adapted ones)
+  by an `NF4Linear`, whose weight is a torchao
   `NF4Tensor`: 4-bit NormalFloat codes in blocks of 64 values, one int8 scale per block, the scales
   quantized again per group of up to 256 blocks ("double quantisation"). The adapter around it is a
   `LoRANF4Linear`. The forward dequantises the weight on the fly into the input's dtype (torchao's
@@ -17,8 +18,8 @@ in higher precision. Two routes lead there:
 
 In both, the state-dict keys are the base model's (`...q_proj.weight`, plus bitsandbytes' own
 `weight.absmax`, ... for its layers), adapter-only checkpoints hold no base weight, injection changes
-no output bit (B starts at zero), module-wide casts (`bf16-true`, `.half()`) leave the 4-bit weights
-as they are, and `merge_and_unload` dequantises each weight in float32, adds the delta and rounds once
+no output bit (B starts at zero), module-wide casts (`bf16-true`, `16-true`, `.half()`) leave the 4-bit
+weights as they are (also bitsandbytes codes stored in a float dtype, see `guard_quantized_storage`), and `merge_and_unload` dequantises each weight in float32, adds the delta and rounds once
 into a plain `nn.Linear` (in the dtype the rest of the model has, or the `dtype=` asked for).
 
 torchao (`quantize_base="nf4"`) and bitsandbytes are optional: `pip install 'lightning-lora[qlora]'`.
@@ -38,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +53,7 @@ from lightning_lora import dora
 from lightning_lora.config import ADAPTER_DTYPES, ALL_LINEAR, LoRAConfig, _dtype_name
 from lightning_lora.errors import LoRAError, MissingDependencyError, QuantizationError
 from lightning_lora.layers import LoRALayer, LoRALinear, register_adapter_type
-from lightning_lora.matching import is_inside
+from lightning_lora.matching import is_inside, name_matches
 
 #: values per NF4 block (one int8 scale each), as in QLoRA and torchtune
 NF4_BLOCK_SIZE = 64
@@ -189,6 +191,36 @@ def nf4_bytes(tensor: torch.Tensor) -> int:
     return sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
 
 
+def clone_nf4(tensor: torch.Tensor) -> torch.Tensor:
+    """An exact copy of an `NF4Tensor`: the same codes, scales and layout in new storage.
+
+    torchao's own `clone` dequantises and quantizes again with a scaler block of 256, which fails for
+    a weight whose block count is not a multiple of 256 (every 576 x 576 SmolLM2 projection) and is
+    not guaranteed to give the same codes. `copy.deepcopy` of our NF4 layers uses this.
+
+    Example:
+        >>> w = to_nf4(torch.randn(576, 576))
+        >>> c = clone_nf4(w)
+        >>> torch.equal(c.quantized_data, w.quantized_data), c.quantized_data is w.quantized_data
+        (True, False)
+    """
+    names, context = tensor.__tensor_flatten__()
+    inner = {name: getattr(tensor, name).clone() for name in names}
+    return type(tensor).__tensor_unflatten__(inner, context, tensor.size(), tensor.stride())
+
+
+def _deepcopy_keeping_nf4(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """`copy.deepcopy(module)` whose NF4 weights (the weight, and the 4-bit weight kept aside while
+    merged) are copied exactly with `clone_nf4` instead of torchao's re-quantizing `clone`."""
+    for param in (*module._parameters.values(), module.__dict__.get("_quantized_weight")):
+        if param is not None and is_nf4_tensor(param) and id(param) not in memo:
+            memo[id(param)] = nn.Parameter(clone_nf4(param), requires_grad=param.requires_grad)
+    new = type(module).__new__(type(module))
+    memo[id(module)] = new
+    new.__setstate__(copy.deepcopy(module.__getstate__(), memo))
+    return new
+
+
 #: 4-bit codes dequantised per step: bounds the temporaries (CPU: cache-sized; CUDA: few launches)
 _DEQUANT_CHUNK_BYTES = {"cpu": 1 << 16}
 _DEQUANT_CHUNK_BYTES_DEFAULT = 1 << 22
@@ -255,24 +287,38 @@ def nf4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 # ============================================================================ the NF4 base layer
-def _apply_keeping_nf4(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
-                       apply: Callable[[Callable[[torch.Tensor], torch.Tensor]], nn.Module]) -> nn.Module:
-    """`module._apply(fn)` that moves NF4 weights between devices but never dequantises them.
+def is_quantized_storage(tensor: Any) -> bool:
+    """Whether `tensor` holds quantized codes that a dtype cast must never touch: a torchao
+    `NF4Tensor`, or a bitsandbytes 4-bit weight once quantized (whatever its storage dtype: uint8, or
+    bfloat16 / float32 with `bnb_4bit_quant_storage`, as FSDP-QLoRA setups load it).
 
-    torchao's `NF4Tensor.to(dtype)` returns a dense tensor, so `model.to(torch.bfloat16)`,
-    `.half()` or Lightning's `bf16-true` conversion would silently turn a 4-bit weight back into a
-    full one. Here a dtype cast instead changes `module.dense_dtype` (the dtype the weight stands for,
-    used when it is dequantised for a merge); the 4-bit codes stay as they are.
+    Example:
+        >>> is_quantized_storage(to_nf4(torch.randn(64, 64))), is_quantized_storage(torch.zeros(2))
+        (True, False)
     """
-    nf4 = [p for p in list(module._parameters.values()) + [module.__dict__.get("_quantized_weight")]
-           if p is not None and is_nf4_tensor(p)]
-    if not nf4:
+    return is_nf4_tensor(tensor) or bool(getattr(tensor, "bnb_quantized", False))
+
+
+def _apply_keeping_quantized(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
+                             apply: Callable[[Callable[[torch.Tensor], torch.Tensor]], nn.Module]) -> nn.Module:
+    """`module._apply(fn)` that moves quantized weights between devices but never casts them.
+
+    torchao's `NF4Tensor.to(dtype)` returns a dense tensor, and a bitsandbytes 4-bit weight stored in
+    a float dtype would have its packed codes converted as numbers, so `model.to(torch.bfloat16)`,
+    `.half()` or Lightning's `bf16-true` / `16-true` conversion would silently turn a 4-bit weight into
+    a full one or into garbage. Here a dtype cast instead changes `module.dense_dtype` where the
+    module has one (the dtype the weight stands for, used when it is dequantised for a merge); the
+    codes stay as they are. Everything else (bias, adapters) gets `fn`.
+    """
+    quantized = [p for p in list(module._parameters.values()) + [module.__dict__.get("_quantized_weight")]
+                 if p is not None and is_quantized_storage(p)]
+    if not quantized:
         return apply(fn)
-    dense = module.dense_dtype or torch.get_default_dtype()
-    probe = fn(torch.zeros((), dtype=dense, device=nf4[0].device))
-    if probe.is_floating_point():
+    dense = getattr(module, "dense_dtype", None) or torch.get_default_dtype()
+    probe = fn(torch.zeros((), dtype=dense, device=quantized[0].device))
+    if probe.is_floating_point() and hasattr(module, "dense_dtype"):
         module.dense_dtype = probe.dtype
-    ids = {id(p) for p in nf4}
+    ids = {id(p) for p in quantized}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
         if id(t) in ids:
@@ -280,8 +326,10 @@ def _apply_keeping_nf4(module: nn.Module, fn: Callable[[torch.Tensor], torch.Ten
         return fn(t)
 
     stash = module.__dict__.get("_quantized_weight")
-    if stash is not None and is_nf4_tensor(stash) and stash.device != probe.device:
-        module.__dict__["_quantized_weight"] = nn.Parameter(stash.to(probe.device), requires_grad=False)
+    if stash is not None and is_quantized_storage(stash) and stash.device != probe.device:
+        moved = stash.to(probe.device)
+        module.__dict__["_quantized_weight"] = (moved if isinstance(moved, nn.Parameter)
+                                                else nn.Parameter(moved, requires_grad=False))
     return apply(keep)
 
 
@@ -338,7 +386,10 @@ class NF4Linear(nn.Linear):
         return nf4_linear(x, self.weight, self.bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> NF4Linear:
-        return _apply_keeping_nf4(self, fn, lambda f: super(NF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
+        return _apply_keeping_quantized(self, fn, lambda f: super(NF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NF4Linear:
+        return _deepcopy_keeping_nf4(self, memo)  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nf4 (dense {str(self.dense_dtype).removeprefix('torch.')})"
@@ -351,18 +402,20 @@ class LoRAQuantizedLinear(LoRALinear):
     A subclass says how the quantized layer computes (`quantized_forward`), how its weight is
     dequantised (`dequantized_weight`) and which module it was (`quantized_base`). With
     `adapter_dtype=None` the adapters take `dense_dtype` (the dtype the weight stands for), never the
-    storage dtype of the 4/8-bit codes.
+    storage dtype of the 4/8-bit codes; a weight that keeps no record of that dtype (a bitsandbytes
+    8-bit layer without a bias) stands for `model_dtype`, the dtype of the model around it.
 
     `merge()` dequantises the weight in float32, adds the delta and rounds once into `dense_dtype`;
     the quantized weight is kept aside, so `unmerge()` restores it exactly (no re-quantisation).
     """
 
     _fusable = True
+    takes_model_dtype = True
     dense_dtype: torch.dtype | None
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, *, adapter_dtype: torch.dtype | None = torch.float32,
-                 **kwargs: Any) -> None:
-        dense = self.initial_dense_dtype(base)
+                 model_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        dense = self.initial_dense_dtype(base) or model_dtype
         super().__init__(base, r, alpha, adapter_dtype=adapter_dtype or dense or torch.get_default_dtype(), **kwargs)
         if adapter_dtype is None:  # adapters follow module-wide casts, as with a dense base
             self.keep_adapter_dtype = False
@@ -488,7 +541,10 @@ class LoRANF4Linear(LoRAQuantizedLinear):
         return layer
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoRANF4Linear:
-        return _apply_keeping_nf4(self, fn, lambda f: super(LoRANF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
+        return _apply_keeping_quantized(self, fn, lambda f: super(LoRANF4Linear, self)._apply(f, recurse))  # type: ignore[return-value]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LoRANF4Linear:
+        return _deepcopy_keeping_nf4(self, memo)  # type: ignore[return-value]
 
 
 class _LoRABitsAndBytes(LoRAQuantizedLinear):
@@ -520,6 +576,9 @@ class _LoRABitsAndBytes(LoRAQuantizedLinear):
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._synced().forward(x)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _LoRABitsAndBytes:
+        return _apply_keeping_quantized(self, fn, lambda f: super(_LoRABitsAndBytes, self)._apply(f, recurse))  # type: ignore[return-value]
 
     def quantized_base(self) -> nn.Module:
         return self._synced()
@@ -670,6 +729,90 @@ def register_bitsandbytes_adapters() -> None:
 register_adapter_type(NF4Linear, LoRANF4Linear)
 
 
+# ============================================================================ casts and bitsandbytes layers without adapters
+# bitsandbytes' Linear4bit lets every module-wide cast reach its weight: `model.to(torch.float16)` (Lightning's
+# 16-true / bf16-true conversion) converts the packed 4-bit codes as numbers when they are stored in a float dtype
+# (`bnb_4bit_quant_storage=torch.bfloat16`), which silently corrupts the layer (or crashes in bitsandbytes for
+# float32 storage). torch's `Module._apply` has no hook, and wrapping the layer in a module of ours would change
+# its type for everything that checks `isinstance(m, bnb.nn.Linear4bit)` (transformers, PEFT, this package). So
+# the layers without adapters get a subclass of their own class that only overrides `_apply`
+# (`_apply_keeping_quantized`): this is the one place where this package replaces an attribute (`__class__`) of
+# an object it does not own, and `unguard_quantized_storage` is its undo (`unload` calls it). Adapted layers need
+# none of this: `LoRALinear4bit` is ours.
+
+#: bitsandbytes class -> its subclass that keeps quantized storage under casts
+_CAST_SAFE: dict[type, type] = {}
+_CAST_SAFE_PREFIX = "_CastSafe"
+
+
+def _cast_safe_apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    base = type(self)._lora_guarded_class
+    return _apply_keeping_quantized(self, fn, lambda f: base._apply(self, f, recurse))
+
+
+def _cast_safe_class(cls: type) -> type:
+    """The subclass of bitsandbytes' `cls` that keeps its quantized weight under casts (made once; its
+    name is the class's own, so the model prints as before; pickles as `quantization._CastSafe<name>`)."""
+    if cls not in _CAST_SAFE:
+        _CAST_SAFE[cls] = type(cls.__name__, (cls,), {
+            "_apply": _cast_safe_apply, "_lora_guarded_class": cls, "__module__": __name__,
+            "__qualname__": f"{_CAST_SAFE_PREFIX}{cls.__name__}"})
+    return _CAST_SAFE[cls]
+
+
+def __getattr__(name: str) -> Any:
+    """`_CastSafe<bitsandbytes class>` (for unpickling a model whose layers were guarded)."""
+    if name.startswith(_CAST_SAFE_PREFIX):
+        cls = getattr(bitsandbytes().nn, name.removeprefix(_CAST_SAFE_PREFIX), None)
+        if isinstance(cls, type):
+            return _cast_safe_class(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def guard_quantized_storage(model: nn.Module, skip: Sequence[str] = ()) -> list[str]:
+    """Make module-wide casts (`.to(dtype)`, `.half()`, `.bfloat16()`, Lightning's precision plugins)
+    leave the quantized weights of `model`'s bitsandbytes 4-bit layers without adapters as they are,
+    whatever their storage dtype; device moves still reach them. `inject_lora` calls this (outside
+    `skip`); `unguard_quantized_storage` undoes it. Adapter layers and NF4 layers keep their codes
+    by themselves.
+
+    Returns:
+        The paths of the layers guarded now.
+
+    Example:
+        >>> guard_quantized_storage(nn.Linear(2, 2))      # no bitsandbytes layer: nothing to do
+        []
+    """
+    guarded = []
+    for name, module in model.named_modules():
+        if is_inside(name, skip) or not _bnb_module(module, "Linear4bit"):
+            continue
+        cls = type(module)
+        if getattr(cls, "_lora_guarded_class", None) is None:
+            module.__class__ = _cast_safe_class(cls)
+            guarded.append(name)
+    return guarded
+
+
+def unguard_quantized_storage(model: nn.Module) -> list[str]:
+    """Undo `guard_quantized_storage`: the layers get their bitsandbytes class back.
+
+    Returns:
+        The paths of the layers given back their class.
+
+    Example:
+        >>> unguard_quantized_storage(nn.Linear(2, 2))
+        []
+    """
+    restored = []
+    for name, module in model.named_modules():
+        original = getattr(type(module), "_lora_guarded_class", None)
+        if original is not None:
+            module.__class__ = original
+            restored.append(name)
+    return restored
+
+
 # ============================================================================ whole-model operations
 def is_quantized_module(module: nn.Module) -> bool:
     """Whether `module` holds a quantized weight: an `NF4Linear`, a bitsandbytes 4/8-bit Linear, or
@@ -724,17 +867,20 @@ def _join(prefix: str, name: str) -> str:
 
 
 def modules_to_quantize(model: nn.Module, config: LoRAConfig, adapted: Sequence[str], *, heads: Sequence[str] = (),
-                        saved: Sequence[str] = (), skip: Sequence[str] = ()) -> list[str]:
+                        saved: Sequence[str] = (), skip: Sequence[str] = (), prefix: str = "") -> list[str]:
     """Paths of the `nn.Linear` layers `config.quantize_base` stores in NF4, in `named_modules()` order:
-    the adapted ones, with `quantize_base_modules="all-linear"` also every other `nn.Linear` except
-    the output `heads`, `modules_to_save` (`saved`) and `skip` subtrees. Layers already quantized
-    (NF4 or bitsandbytes) and adapted Conv1D / Embedding layers are left as they are.
+    the adapted ones, with `quantize_base_modules="all-linear"` (the default) also every other
+    `nn.Linear` except the output `heads`, `modules_to_save` (`saved`), `config.exclude_modules`
+    (matched at `prefix`, as for adapters) and `skip` subtrees. Layers already quantized (NF4 or
+    bitsandbytes) and adapted Conv1D / Embedding layers are left as they are.
 
     Example:
         >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(64, 64)); m.add_module("o_proj", nn.Linear(64, 64))
-        >>> cfg = LoRAConfig(target_modules=["q_proj"], quantize_base="nf4", quantize_base_modules="all-linear")
-        >>> modules_to_quantize(m, cfg, ["q_proj"])
+        >>> modules_to_quantize(m, LoRAConfig(target_modules=["q_proj"], quantize_base="nf4"), ["q_proj"])
         ['q_proj', 'o_proj']
+        >>> cfg = LoRAConfig(target_modules=["q_proj"], exclude_modules=["o_proj"], quantize_base="nf4")
+        >>> modules_to_quantize(m, cfg, ["q_proj"])
+        ['q_proj']
     """
     if config.quantize_base is None:
         return []
@@ -747,7 +893,8 @@ def modules_to_quantize(model: nn.Module, config: LoRAConfig, adapted: Sequence[
             if isinstance(module, nn.Linear):
                 out.append(name)
         elif (config.quantize_base_modules == ALL_LINEAR and type(module) is nn.Linear and name not in heads
-              and not is_inside(name, saved) and not is_inside(name, chosen)):
+              and not is_inside(name, saved) and not is_inside(name, chosen)
+              and not name_matches(_join(prefix, name), config.exclude_modules)):
             out.append(name)
     return out
 
@@ -773,7 +920,7 @@ def quantize_base_modules(model: nn.Module, config: LoRAConfig, adapted: Sequenc
         >>> type(m.q_proj).__name__
         'NF4Linear'
     """
-    names = modules_to_quantize(model, config, adapted, heads=heads, saved=saved, skip=skip)
+    names = modules_to_quantize(model, config, adapted, heads=heads, saved=saved, skip=skip, prefix=prefix)
     if not names:
         return []
     torchao_nf4()  # a missing torchao is reported before anything changes
@@ -968,13 +1115,16 @@ __all__ = [
     "NF4_BLOCK_SIZE",
     "PIP_INSTALL",
     "QuantizationError",
+    "clone_nf4",
     "dequantize_bnb_linear",
     "dequantize_for_merge",
     "dequantize_module",
     "dequantize_nf4",
     "host_init_context",
+    "guard_quantized_storage",
     "is_nf4_tensor",
     "is_quantized_module",
+    "is_quantized_storage",
     "merge_dtype",
     "modules_to_quantize",
     "nf4_bytes",
@@ -986,4 +1136,5 @@ __all__ = [
     "scaler_block_size",
     "to_nf4",
     "torchao_nf4",
+    "unguard_quantized_storage",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class LoRAState:
         requires_grad: every parameter's `requires_grad` before injection (restored by `unload`).
         untied: parameters of `modules_to_save` that were shared with another module, by key, as
             they were before injection (the module trains a copy; `unload` restores the tie).
+        originals: every parameter and buffer of `modules_to_save` as it was at injection, by key
+            (PEFT's `original_module`): what `disable_lora` runs. A tied parameter is its original
+            Parameter (the one the other module still uses), any other a frozen copy.
 
     Example:
         >>> from torch import nn
@@ -98,6 +102,7 @@ class LoRAState:
     vocab_rows: int | None = None
     requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
     untied: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 # ============================================================================ finding targets
@@ -358,6 +363,15 @@ def _untie_modules_to_save(model: nn.Module, saved: Sequence[str]) -> dict[str, 
     return untied
 
 
+def _original_tensors(model: nn.Module, saved: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A frozen copy of every parameter and buffer of the `saved` modules (`modules_to_save`), by key:
+    the module PEFT keeps as `original_module`, for `disable_lora`."""
+    return {_join(path, key): tensor.detach().clone()
+            for path in saved
+            for key, tensor in [*model.get_submodule(path).named_parameters(remove_duplicate=False),
+                                *model.get_submodule(path).named_buffers(remove_duplicate=False)]}
+
+
 def compute_trainable_keys(model: nn.Module, config: LoRAConfig, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
     """The state-dict keys of an injected `model` that training with `config` changes (adapters,
     `modules_to_save`, biases per `config.bias`), in state-dict order. `inject_lora` records them in
@@ -425,6 +439,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
 
             quantize_base_modules(model, config, names, heads=sorted(output_head_names(model)), saved=saved,
                                   skip=skip, prefix=prefix, originals=quantized)
+        model_dtype = floating_dtype(model) if dtype is None else None  # what adapter_dtype=None asks for
         for name in names:
             module = model.get_submodule(name)
             cls = adapter_class_for(module)
@@ -432,12 +447,19 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             full = _join(prefix, name)
             if config.base_changing_init:  # PiSSA / OLoRA: a weight they cannot start from, named
                 check_init_weight(config.init, module.weight, config.rank_for(full), name=full)
+            extra = {"model_dtype": model_dtype} if dtype is None and cls.takes_model_dtype else {}
             layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
                         use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype,
-                        use_dora=config.use_dora)
+                        use_dora=config.use_dora, **extra)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
+        if "bitsandbytes" in sys.modules:  # casts must not reach the codes of bitsandbytes layers without adapters
+            from lightning_lora.quantization import guard_quantized_storage
+
+            guard_quantized_storage(model, skip)
+        state.originals = _original_tensors(model, saved)
         state.untied = _untie_modules_to_save(model, saved)
+        state.originals.update(state.untied)  # a tied parameter's original is the one its partner still uses
         state.trainable_keys = compute_trainable_keys(model, config, prefix, skip)
         trainable = set(state.trainable_keys)
         for key, param in model.named_parameters(remove_duplicate=False):
@@ -451,6 +473,22 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             restore_modules(model, quantized)
         raise
     return names
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating-point dtype holding most of `model`'s parameter values (by count; each tensor
+    once), None when it has none. Integer storage (bitsandbytes' 4/8-bit codes) does not count.
+
+    Example:
+        >>> from torch import nn
+        >>> floating_dtype(nn.Sequential(nn.Linear(8, 8).bfloat16(), nn.LayerNorm(8)))
+        torch.bfloat16
+    """
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 def _check_variant_targets(model: nn.Module, names: Sequence[str], config: LoRAConfig) -> None:
@@ -491,6 +529,10 @@ def unload(model: nn.Module) -> nn.Module:
         for key, flag in state.requires_grad.items():
             if key in params:
                 params[key].requires_grad_(flag)
+        if "bitsandbytes" in sys.modules:
+            from lightning_lora.quantization import unguard_quantized_storage
+
+            unguard_quantized_storage(root)
         with contextlib.suppress(AttributeError):
             delattr(root, STATE_ATTR)
     return model
@@ -966,7 +1008,9 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
         root = model.get_submodule(path) if path else model
         with skip_base_init():  # PiSSA / OLoRA: the merged weight already holds the residual base
             names += [_join(path, n) for n in inject_lora(root, state.config, prefix=state.prefix, skip=state.skipped)]
-        root.__dict__[STATE_ATTR].requires_grad = state.requires_grad
+        new_state = root.__dict__[STATE_ATTR]
+        # what the model was before injection, not the merged model: flags, ties and modules_to_save's originals
+        new_state.requires_grad, new_state.untied, new_state.originals = state.requires_grad, state.untied, state.originals
     with torch.no_grad():
         params = dict(model.state_dict(keep_vars=True))
         for key, value in record.adapters.items():
@@ -1067,26 +1111,85 @@ def unmerge_adapters(model: nn.Module) -> None:
     unmerge_adapter(model)
 
 
+def _swap_in_originals(model: nn.Module, swapped: list[tuple[dict[str, Any], str, Any]]) -> None:
+    """Put the original parameters and buffers of every `modules_to_save` in place (PEFT's
+    `original_module`), moved to the device and dtype the trained ones have now (the moved copy is
+    kept for the next call); appends `(dict, name, trained)` to `swapped` as it goes, to put back."""
+    for path, state in lora_states(model):
+        root = model.get_submodule(path) if path else model
+        for key, original in list(state.originals.items()):
+            owner_path, _, name = key.rpartition(".")
+            owner = root.get_submodule(owner_path) if owner_path else root
+            table = owner._parameters if name in owner._parameters else owner._buffers
+            current = table[name]
+            if current is None or current is original:
+                continue
+            if current.shape != original.shape:
+                raise LoRAError(f"disable_lora: {_join(path, key)} has shape {tuple(current.shape)} but had "
+                                f"{tuple(original.shape)} when the adapters were injected (a vocabulary resized after "
+                                "inject_lora?), so the base function is not defined for it; resize the embeddings "
+                                "before injecting.")
+            if not isinstance(original, nn.Parameter):
+                moved = original.to(device=current.device, dtype=current.dtype)
+                state.originals[key] = moved  # moved once, not at every call
+                original = nn.Parameter(moved, requires_grad=False) if table is owner._parameters else moved
+            swapped.append((table, name, current))
+            table[name] = original
+
+
+def _fsdp_wrapped(model: nn.Module) -> bool:
+    """Whether FSDP (FSDP2's `fully_shard` or FSDP1's wrapper) manages any part of `model` (checked by
+    class, without importing torch.distributed)."""
+    return any(cls.__name__ in ("FSDPModule", "FullyShardedDataParallel") and cls.__module__.startswith("torch.distributed")
+               for module in model.modules() for cls in type(module).__mro__)
+
+
 @contextlib.contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the adapters are bypassed and the model computes its base function.
+    """Inside the block the model computes its base function, as PEFT's `disable_adapter()`: the
+    adapters are bypassed (merged ones unmerged for the block) and every `modules_to_save` (task
+    heads included) runs as it was at injection, not the trained copy. Trained biases
+    (`bias="all"` / `"lora_only"`) stay as trained, as in PEFT.
+
+    Raises:
+        LoRAError: the adapters were merged into the weights by `merge_and_unload(keep=True)` (the
+            base function is gone until `unmerge_and_reinject(model)`); the model has
+            `modules_to_save` and is sharded with FSDP (their parameters cannot be swapped).
 
     Example:
         >>> from torch import nn
-        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
-        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4)); m.add_module("head", nn.Linear(4, 2))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["head"]))
+        >>> with torch.no_grad():
+        ...     _ = m.head.weight.add_(1.0)                # training changes the head
         >>> with disable_lora(m):
-        ...     m.q_proj.lora_enabled
-        False
+        ...     m.q_proj.lora_enabled, m.head.weight.requires_grad    # the original head runs
+        (False, False)
+        >>> m.head.weight.requires_grad                    # the trained one is back
+        True
     """
+    if is_merged(model):
+        raise LoRAError("disable_lora: the adapters of this model are merged into its weights (merge_and_unload, "
+                        "e.g. at the end of fit), so it no longer has a base function to switch to; call "
+                        "unmerge_and_reinject(model) first, or use the base model.")
     layers = [layer for _, layer in lora_layers(model)]
     states = [(layer.lora_enabled, layer.merged) for layer in layers]
-    for layer in layers:
-        layer.unmerge()
-        layer.lora_enabled = False
+    saved = [_join(path, m) for path, state in lora_states(model) if state.originals for m in state.modules_to_save]
+    if saved and _fsdp_wrapped(model):
+        raise LoRAError(f"disable_lora cannot run the original modules_to_save {saved[:4]} of a model sharded with FSDP "
+                        "(FSDP owns their parameters, so they cannot be swapped for the originals); compute the base "
+                        "outputs with an unsharded copy of the base model, or train without modules_to_save "
+                        "(task_heads=False).")
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
     try:
+        for layer in layers:
+            layer.unmerge()
+            layer.lora_enabled = False
+        _swap_in_originals(model, swapped)
         yield model
     finally:
+        for table, name, trained in reversed(swapped):
+            table[name] = trained
         for layer, (enabled, merged) in zip(layers, states):
             layer.lora_enabled = enabled
             if merged:

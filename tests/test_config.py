@@ -22,7 +22,7 @@ def test_defaults_and_to_dict_exact():
         "r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "exclude_modules": None,
         "bias": "none", "use_rslora": False, "init": "kaiming", "modules_to_save": None, "task_heads": True,
         "save_embedding_layers": "auto", "rank_pattern": {},
-        "alpha_pattern": {}, "adapter_dtype": "float32", "quantize_base": None, "quantize_base_modules": "adapted",
+        "alpha_pattern": {}, "adapter_dtype": "float32", "quantize_base": None, "quantize_base_modules": None,
         "adapter_compute_dtype": "auto", "use_dora": False, "loraplus_lr_ratio": None, "loraplus_lr_embedding": 1e-6,
     }
     assert cfg.torch_adapter_dtype is torch.float32

@@ -249,7 +249,8 @@ def estimate_for(spec: dict[str, Any], smollm2_dir: str | None = None) -> Any:
                           batch_size=spec["batch"], seq_len=spec["seq"], gradient_checkpointing=spec["gc"],
                           optimizer=spec["optimizer"], optimizer_impl=spec["impl"],
                           quantize="nf4" if spec["mode"] == "qlora" else None,
-                          quantize_modules=spec["quantize_modules"], use_dora=spec["mode"] == "peft-dora")
+                          quantize_modules=spec["quantize_modules"] if spec["mode"] == "qlora" else None,
+                          use_dora=spec["mode"] == "peft-dora")
     return getattr(est, {"peft-lora": "lora", "peft-dora": "lora"}.get(spec["mode"], spec["mode"]))
 
 
@@ -456,8 +457,11 @@ def test_llama3_8b_qlora_under_10_gib_lora_unchanged():
 
     kw = dict(r=8, target_modules=["q_proj", "v_proj"], precision="bf16-true", batch_size=1, seq_len=2048,
               gradient_checkpointing=True)
-    est = estimate_memory("llama-3-8b", quantize="nf4", quantize_modules="all-linear", **kw)
+    est = estimate_memory("llama-3-8b", quantize="nf4", **kw)  # the default: every linear layer but the head
+    assert est.to_dict()["settings"]["quantize_modules"] == "all-linear"
+    assert est.to_dict() == estimate_memory("llama-3-8b", quantize="nf4", quantize_modules="all-linear", **kw).to_dict()
     assert format_bytes(est.lora.total) == "18.46 GiB"  # the LoRA column is the same as without --quantize
+    assert format_bytes(est.qlora.total) == "8.82 GiB"
     assert est.qlora.total <= 10 * GIB < est.lora.total
     four_bit = 32 * sum(nf4_layout(o * i, 2).total for o, i in LLAMA3_8B.values())
     assert est.qlora.quantized_weights == four_bit
@@ -467,6 +471,7 @@ def test_llama3_8b_qlora_under_10_gib_lora_unchanged():
         est.lora.trainable_params, est.lora.gradients, est.lora.optimizer)
     assert est.qlora.dequant_temp == dequant_transient("nf4", 14336 * 4096, 2, 2)
     adapted = estimate_memory("llama-3-8b", quantize="bnb-nf4", quantize_modules="adapted", **kw).qlora
+    assert format_bytes(adapted.total) == "17.54 GiB"  # only q, v in 4 bits: the frozen MLP stays bf16
     from lightning_lora.estimate import bnb_nf4_layout
 
     assert adapted.quantized_weights == 32 * (bnb_nf4_layout(4096 * 4096).total + bnb_nf4_layout(1024 * 4096).total)
@@ -612,12 +617,11 @@ def test_cli_qlora_dora_and_fsdp(capsys):
     from lightning_lora.cli import main
     from lightning_lora.estimate import estimate_memory, format_bytes
 
-    argv = ["estimate", "--model", "llama-3-8b", "--gradient-checkpointing", "--quantize", "nf4",
-            "--quantize-modules", "all-linear"]
+    argv = ["estimate", "--model", "llama-3-8b", "--gradient-checkpointing", "--quantize", "nf4"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     est = estimate_memory("llama-3-8b", gradient_checkpointing=True, quantize="nf4", quantize_modules="all-linear")
-    assert "QLoRA (nf4, all-linear)" in out and "of which 4-bit" in out
+    assert "QLoRA (nf4, all-linear)" in out and "of which 4-bit" in out  # --quantize-modules' default
     peak_row = next(line for line in out.splitlines() if "peak total" in line)
     assert format_bytes(est.lora.total) in peak_row and format_bytes(est.qlora.total) in peak_row
     assert main(["estimate", "--model", "llama-3-8b", "--use-dora"]) == 0

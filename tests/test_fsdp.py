@@ -522,3 +522,42 @@ def test_dora_is_refused_under_fsdp_with_the_ways_out():
     inject_lora(model, LoRAConfig(r=2, use_dora=True))
     with pytest.raises(LoRAError, match=message):  # FSDP1: before the strategy wraps anything
         prepare_fsdp1(FSDPStrategy(), model)
+
+
+DISABLE_UNDER_FSDP2 = """
+import os, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from conftest import make_tiny_llama
+from lightning_lora import LoRAConfig, LoRAError, disable_lora, inject_lora
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+x = torch.randint(1, 128, (2, 8))
+for saved in (["lm_head"], None):
+    model = make_tiny_llama()
+    with torch.no_grad():
+        base = model(x).logits
+    inject_lora(model, LoRAConfig(r=4, modules_to_save=saved))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B.weight.fill_(0.1)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    try:
+        with disable_lora(model), torch.no_grad():
+            print("equal", torch.equal(model(x).logits, base))
+    except LoRAError as err:
+        print("refused", err)
+dist.destroy_process_group()
+"""
+
+
+def test_disable_lora_under_fsdp2_refuses_modules_to_save_and_runs_the_base_without():
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1", PORT="29517")
+    res = subprocess.run([sys.executable, "-c", DISABLE_UNDER_FSDP2], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == [
+        "refused disable_lora cannot run the original modules_to_save ['lm_head'] of a model sharded with FSDP (FSDP "
+        "owns their parameters, so they cannot be swapped for the originals); compute the base outputs with an "
+        "unsharded copy of the base model, or train without modules_to_save (task_heads=False).",
+        "equal True"]

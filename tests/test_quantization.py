@@ -4,6 +4,7 @@ and the errors a user can cause."""
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
@@ -21,10 +22,13 @@ from lightning_lora import (
     LoRAError,
     inject_lora,
     load_adapter,
+    load_lora_state_dict,
     lora_state_dict,
+    merge_adapter,
     merge_and_unload,
     save_adapter,
     unload,
+    unmerge_adapter,
     unmerge_and_reinject,
 )
 from lightning_lora.quantization import (
@@ -50,7 +54,7 @@ from lightning_lora.quantization import (
 )
 from lightning_lora.surgery import find_target_modules, lora_layers, output_head_names
 
-QV = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4")
+QV = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4", quantize_base_modules="adapted")
 ALL = LoRAConfig(r=4, target_modules="all-linear", quantize_base="nf4")
 
 
@@ -72,7 +76,12 @@ def quantized_paths(model: nn.Module) -> list[str]:
 # ============================================================================ config
 def test_config_fields_validate_with_clear_messages():
     assert LoRAConfig(quantize_base="NF4").quantize_base == "nf4"
-    assert LoRAConfig().quantize_base is None and LoRAConfig().quantize_base_modules == "adapted"
+    assert LoRAConfig().quantize_base is None and LoRAConfig().quantize_base_modules is None
+    # QLoRA's default: the whole frozen base in 4 bits (every Linear but the head and modules_to_save)
+    assert LoRAConfig(quantize_base="nf4").quantize_base_modules == "all-linear"
+    assert LoRAConfig(quantize_base="nf4", quantize_base_modules="adapted").quantize_base_modules == "adapted"
+    # configs written before the default changed said "adapted" without quantize_base: still "no quantization"
+    assert LoRAConfig.from_dict({**LoRAConfig().to_dict(), "quantize_base_modules": "adapted"}) == LoRAConfig()
     cases = [
         (dict(quantize_base="int4"),
          "quantize_base='int4' is invalid; expected one of 'nf4' or None (keep the base as it is)."),
@@ -163,6 +172,45 @@ def test_all_linear_quantizes_everything_but_the_head_and_modules_to_save():
     assert model.model.layers[0].self_attn.o_proj.weight.requires_grad  # trained fully, so kept dense
 
 
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")
+
+
+def test_default_is_the_whole_frozen_base_in_4_bits_in_config_and_callback():
+    # issue 20 item 7: QLoRA means every linear layer but the output head, not only the adapted ones
+    assert LoRA(r=4, quantize_base="nf4").config.quantize_base_modules == "all-linear"
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4"))
+    assert quantized_paths(model) == [f"model.layers.{i}.{p}" for i in range(2) for p in LAYER_LINEARS]
+    assert type(model.lm_head) is nn.Linear
+    assert quantized_weight_bytes(model) == 2 * (2 * (2048 + 64 + 4 + 4 + 64) + 2 * (1024 + 32 + 4 + 4 + 64)
+                                                 + 3 * (4096 + 128 + 4 + 4 + 64))
+
+
+def test_all_linear_leaves_exclude_modules_dense():
+    # issue 20 item 8: exclude_modules keeps a layer out of the adapters and out of the 4-bit base
+    model = make_tiny_llama()
+    cfg = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], exclude_modules=["down_proj"], quantize_base="nf4")
+    inject_lora(model, cfg)
+    assert quantized_paths(model) == [f"model.layers.{i}.{p}" for i in range(2) for p in LAYER_LINEARS
+                                      if p != "mlp.down_proj"]
+    assert type(model.model.layers[1].mlp.down_proj) is nn.Linear
+    # a regex, matched at the prefix the callback uses (the network at "model" inside a LightningModule)
+    picked = modules_to_quantize(make_tiny_llama(), LoRAConfig(exclude_modules=r"model\.model\.layers\.1\..*",
+                                                               quantize_base="nf4"), [], heads=["lm_head"],
+                                 prefix="model")
+    assert picked == [f"model.layers.0.{p}" for p in LAYER_LINEARS]
+    # the advice of the error for a layer NF4 cannot hold works: excluding it quantizes the rest
+    net = nn.Sequential()
+    net.add_module("q_proj", nn.Linear(64, 64))
+    net.add_module("odd", nn.Linear(10, 3))
+    with pytest.raises(QuantizationError, match=r"odd has a torch.float32 weight of shape \(3, 10\).*leave that "
+                                                r"layer out \(exclude_modules\)"):
+        inject_lora(net, LoRAConfig(r=2, target_modules=["q_proj"], quantize_base="nf4"))
+    inject_lora(net, LoRAConfig(r=2, target_modules=["q_proj"], exclude_modules=["odd"], quantize_base="nf4"))
+    assert type(net.q_proj) is LoRANF4Linear and type(net.odd) is nn.Linear
+
+
 def test_quantized_forward_is_the_dequantised_weight_reference():
     torch.manual_seed(0)
     lin = nn.Linear(256, 128)
@@ -215,11 +263,83 @@ def test_module_casts_and_moves_keep_nf4_weights():
     assert layer.dense_dtype is torch.float16 and type(layer.weight).__name__ == "NF4Tensor"
     model.float().to("cpu")
     assert layer.dense_dtype is torch.float32 and type(layer.weight).__name__ == "NF4Tensor"
+    # NF4 layers without adapters (the default quantizes every linear layer) keep their codes too, under every cast
+    qv = make_tiny_llama()
+    inject_lora(qv, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4"))
+    plain = qv.model.layers[0].mlp.down_proj
+    assert type(plain) is NF4Linear
+    codes = plain.weight.quantized_data.clone()
+    for cast in (lambda m: m.to(torch.float16), lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.float()):
+        cast(nn.ModuleDict({"model": qv}))
+        assert type(plain.weight).__name__ == "NF4Tensor" and torch.equal(plain.weight.quantized_data, codes)
+    assert plain.dense_dtype is torch.float32
     # adapters that follow the base (adapter_dtype=None) take the dense dtype, never the codes' dtype
     other = make_tiny_llama()
     inject_lora(other, LoRAConfig(r=4, target_modules=["q_proj"], quantize_base="nf4", adapter_dtype=None))
     other.to(torch.bfloat16)
     assert other.model.layers[0].self_attn.q_proj.lora_A.weight.dtype is torch.bfloat16
+
+
+def nf4_parts(weight: torch.Tensor) -> dict:
+    names, context = weight.__tensor_flatten__()
+    return {"context": {k: v for k, v in context.items() if k != "tensor_meta"}, "shape": tuple(weight.shape),
+            "dtype": weight.dtype, **{n: getattr(weight, n) for n in names}}
+
+
+def assert_exact_nf4_copy(copy_weight: torch.Tensor, weight: torch.Tensor) -> None:
+    mine, theirs = nf4_parts(copy_weight), nf4_parts(weight)
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(mine[key], value) and mine[key].data_ptr() != value.data_ptr(), key
+        else:
+            assert mine[key] == value, key
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 448), (192, 576), (576, 576), (1536, 576), (4096, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deepcopy_of_nf4_layers_is_exact_for_every_shape(shape, dtype):
+    # issue 20 item 5: torchao's clone re-quantizes with a scaler block of 256 and failed for 576 x 576
+    layer = NF4Linear.from_linear(nn.Linear(shape[1], shape[0], dtype=dtype))
+    assert layer.weight.scaler_block_size == scaler_block_size(shape[0] * shape[1])
+    twin = copy.deepcopy(layer)
+    assert type(twin.weight).__name__ == "NF4Tensor" and not twin.weight.requires_grad
+    assert_exact_nf4_copy(twin.weight, layer.weight)
+    assert twin.dense_dtype is dtype and torch.equal(twin.bias, layer.bias) and twin.bias is not layer.bias
+    x = torch.randn(2, shape[1], dtype=dtype)
+    assert torch.equal(twin(x), layer(x))
+
+
+def test_copies_of_a_model_with_an_nf4_base_are_exact():
+    # SmolLM2's shapes (576 x 576 attention: scaler block 216), every linear layer in NF4, adapters on q, v
+    model = make_tiny_llama(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4"))
+    randomize_lora_B(model)
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+    twin = copy.deepcopy(model)
+    pairs = [(a, b) for a, b in zip(twin.parameters(), model.parameters())]
+    assert len(pairs) == len(list(model.parameters())) == 29  # embedding, head, norms, 14 NF4 weights, 8 adapters
+    for mine, theirs in pairs:
+        if type(theirs).__name__ == "NF4Tensor":
+            assert_exact_nf4_copy(mine, theirs)
+        else:
+            assert torch.equal(mine, theirs) and mine is not theirs and mine.requires_grad == theirs.requires_grad
+    with torch.no_grad():
+        assert torch.equal(twin(x).logits, expected)
+    # a copy while merged keeps the 4-bit weight aside, and unmerges to the exact 4-bit base
+    merge_adapter(model)
+    merged = copy.deepcopy(model)
+    unmerge_adapter(merged), unmerge_adapter(model)
+    assert_exact_nf4_copy(merged.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    with torch.no_grad():
+        assert torch.equal(merged(x).logits, expected)
+    # torch's AveragedModel deep-copies the model, and its first update copies every tensor in place
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    averaged.update_parameters(model)
+    with torch.no_grad():
+        assert torch.equal(averaged.module(x).logits, expected)
 
 
 def test_training_changes_only_adapters_and_learns():
@@ -509,6 +629,35 @@ def test_bnb_merge_gives_a_plain_model_and_undo_restores_bitsandbytes(tiny_dir, 
         assert torch.equal(model(x).logits, adapted)
 
 
+def load_bnb_in(path, bits: int, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+             if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu", dtype=dtype).train()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("base", ["bnb-8bit", "bnb-4bit", "nf4"])
+def test_adapter_dtype_none_gives_the_models_dtype_on_a_quantized_base(tiny_dir, base, dtype):
+    # issue 20 item 9: adapter_dtype=None asks for the model's dtype, never float32 by default nor the codes' dtype
+    # (a bitsandbytes 8-bit layer without a bias keeps no record of the dtype it stands for)
+    config = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], adapter_dtype=None)
+    if base == "nf4":
+        model = make_tiny_llama().to(dtype)
+        inject_lora(model, LoRAConfig(**{**config.to_dict(), "quantize_base": "nf4"}))
+    else:
+        model = load_bnb_in(tiny_dir, 8 if base == "bnb-8bit" else 4, dtype)
+        inject_lora(model, config)
+    layers = [layer for _, layer in lora_layers(model)]
+    assert len(layers) == 4 and all(layer.is_quantized for layer in layers)
+    assert {(layer.lora_A.weight.dtype, layer.lora_B.weight.dtype, layer.dense_dtype) for layer in layers} == {
+        (dtype, dtype, dtype)}
+    randomize_lora_B(model)
+    with torch.no_grad():
+        assert model(tokens()).logits.dtype is dtype
+
+
 def test_bnb_quantized_embedding_is_refused():
     model = make_tiny_llama()
     model.model.embed_tokens = bnb_embedding4bit(model.model.embed_tokens)
@@ -518,6 +667,126 @@ def test_bnb_quantized_embedding_is_refused():
                               "it out of target_modules, or keep it unquantized when loading (BitsAndBytesConfig("
                               "llm_int8_skip_modules=[...]) naming it).")
     assert not any(isinstance(m, LoRANF4Linear) for m in model.modules()) and not hasattr(model, "lora_state")
+
+
+def load_bnb4_stored_in(path, storage: torch.dtype):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_quant_storage=storage)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu").train()
+
+
+def codes_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every quantized weight's stored codes (bitsandbytes 4-bit, 8-bit) as bytes (codes stored in a float dtype
+    are NaN bit patterns too), by layer path."""
+    return {n: m.weight.data.view(torch.uint8).clone() for n, m in model.named_modules()
+            if n and is_quantized_module(m)}
+
+
+def cast_dense_only(model: nn.Module, dtype: torch.dtype) -> None:
+    """What a cast should do: every floating-point tensor but the quantized codes (and the float32 adapters) in
+    `dtype`."""
+    for name, module in model.named_modules():
+        if ".lora_" in f".{name}":
+            continue
+        for key, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and not getattr(p, "bnb_quantized", False):
+                p.data = p.data.to(dtype)
+        for key, b in module._buffers.items():
+            if b is not None and b.is_floating_point():
+                module._buffers[key] = b.to(dtype)
+
+
+CASTS = {"to-fp16": lambda m: m.to(torch.float16), "to-bf16": lambda m: m.to(dtype=torch.bfloat16),
+         "half": lambda m: m.half(), "bfloat16": lambda m: m.bfloat16()}
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.uint8], ids=["bf16", "fp32", "uint8"])
+def test_casts_never_touch_bnb_4bit_codes_adapted_or_not(tiny_dir, storage, cast):
+    # issue 20 item 2: with the codes stored in a float dtype a cast converted them as numbers (bf16 storage under
+    # 16-true: logits 0.73 off; fp32 storage under bf16: a crash in bitsandbytes)
+    model, reference = load_bnb4_stored_in(tiny_dir, storage), load_bnb4_stored_in(tiny_dir, storage)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_B(model)
+    codes = codes_of(model)
+    assert len(codes) == 14 and {m.weight.dtype for n, m in model.named_modules() if n in codes} == {storage}
+    box = nn.ModuleDict({"model": model})  # as Lightning casts the LightningModule holding the network
+    CASTS[cast](box)
+    dtype = model.model.norm.weight.dtype
+    assert dtype is (torch.float16 if cast in ("to-fp16", "half") else torch.bfloat16)
+    after = codes_of(model)
+    assert after.keys() == codes.keys() and all(torch.equal(after[n], c) for n, c in codes.items())
+    assert {m.weight.dtype for n, m in model.named_modules() if n in codes} == {storage}
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"  # prints as bitsandbytes' layer
+    assert model.model.layers[0].self_attn.q_proj.lora_A.weight.dtype is torch.float32  # adapter_dtype
+    # the logits are those of the same model with only its dense tensors cast, bit for bit
+    inject_lora(reference, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    load_lora_state_dict(reference, lora_state_dict(model))
+    cast_dense_only(reference, dtype)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference(x).logits)
+    # unload gives bitsandbytes' own class back
+    unload(model)
+    assert all(type(m) in (bitsandbytes().nn.Linear4bit,) for n, m in model.named_modules() if n in codes)
+
+
+def test_guarded_bnb_layers_copy_pickle_and_keep_their_type(tiny_dir):
+    import io
+
+    model = load_bnb4_stored_in(tiny_dir, torch.bfloat16)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, bitsandbytes().nn.Linear4bit) and type(layer) is not bitsandbytes().nn.Linear4bit
+    assert type(layer).__name__ == "Linear4bit" and type(layer).forward is bitsandbytes().nn.Linear4bit.forward
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert type(twin.model.layers[0].mlp.down_proj) is type(layer)
+        nn.ModuleDict({"model": twin}).half()  # still guarded (transformers refuses .half() on the model itself)
+        assert codes_of(twin).keys() == codes_of(model).keys()
+        assert all(torch.equal(codes_of(twin)[n], c) for n, c in codes_of(model).items())
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(model)(x).logits, expected)
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
+def test_casts_never_touch_bnb_8bit_codes(tiny_dir, cast):
+    model = load_bnb(tiny_dir, 8)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    codes = codes_of(model)
+    scales = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".SCB")}
+    assert len(codes) == 14 and len(scales) == 14
+    assert {m.weight.dtype for n, m in model.named_modules() if n in codes} == {torch.int8}
+    CASTS[cast](nn.ModuleDict({"model": model}))
+    assert all(torch.equal(codes_of(model)[n], c) for n, c in codes.items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in scales.items())
+
+
+@pytest.mark.parametrize(("storage", "precision"), [(torch.bfloat16, "16-true"), (torch.float32, "bf16-true")],
+                         ids=["bf16-storage-16-true", "fp32-storage-bf16-true"])
+def test_lightning_precision_leaves_bnb_4bit_codes_alone(tiny_dir, tmp_path, storage, precision):
+    from lit_models import TinyLlamaModule, fit
+
+    class Bnb(TinyLlamaModule):
+        def __init__(self):
+            super().__init__(lr=2e-2)
+            self.model = load_bnb4_stored_in(tiny_dir, storage)
+
+    module = Bnb()
+    codes = codes_of(module.model)
+    fit(module, [LoRA(r=4, merge_on_fit_end=False)], tmp_path, max_steps=2, precision=precision)
+    after = codes_of(module.model)
+    assert len(after) == 14 and all(torch.equal(after[n], c) for n, c in codes.items())
+    assert {m.weight.dtype for n, m in module.model.named_modules() if n in codes} == {storage}
+    assert module.model.model.norm.weight.dtype is (torch.float16 if precision == "16-true" else torch.bfloat16)
+    assert all(layer.lora_B.weight.abs().sum() > 0 for _, layer in lora_layers(module))  # it trained
 
 
 def test_bnb_layer_not_quantized_yet_is_refused():

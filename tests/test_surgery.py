@@ -21,10 +21,13 @@ from lightning_lora import (
     load_lora_state_dict,
     lora_parameters,
     lora_state_dict,
+    merge_adapter,
     merge_adapters,
+    merge_and_unload,
     merge_lora,
     parameter_summary,
     unmerge_adapters,
+    unmerge_and_reinject,
 )
 from lightning_lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from lightning_lora.surgery import (
@@ -391,6 +394,141 @@ def test_disable_lora():
         assert (_logits(model, ids) - base).abs().max() < 1e-5
     assert all(layer.merged for _, layer in lora_layers(model))
     assert (_logits(model, ids) - adapted).abs().max() < 1e-5
+
+
+def _train_saved_modules(model: nn.Module, seed: int = 2) -> None:
+    """What training does to `modules_to_save`: every parameter and float buffer changes, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for path in model.lora_state.modules_to_save:
+            for t in [*model.get_submodule(path).parameters(), *model.get_submodule(path).buffers()]:
+                if t.is_floating_point():
+                    t.add_(torch.randn(t.shape, generator=gen) * 0.5)
+
+
+def test_disable_lora_runs_the_original_task_head_as_peft_does():
+    # issue 20 item 1: a trained score head (added to modules_to_save by default) stayed in use
+    model = _make_tiny_llama_cls()
+    base_model = copy.deepcopy(model)
+    ids = _ids(128)
+    base = model(ids).logits.detach()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert model.lora_state.modules_to_save == ["score"]
+    randomize_lora_B(model)
+    _train_saved_modules(model)
+    trained = model(ids).logits.detach()
+    assert not torch.allclose(trained, base, atol=1e-2)
+    score = model.score.weight
+    with disable_lora(model):
+        assert torch.equal(model(ids).logits, base)
+        assert model.score.weight is not score and not model.score.weight.requires_grad
+    assert model.score.weight is score and score.requires_grad  # the trained head, for the optimizer
+    assert torch.equal(model(ids).logits, trained)
+    # PEFT's disable_adapter() on the same trained model gives the same numbers, bit for bit
+    twin = _peft_twin(base_model, model, r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                      task_type="SEQ_CLS")
+    with torch.no_grad():
+        twin.base_model.model.score.modules_to_save["default"].weight.copy_(score)
+        assert torch.equal(twin(ids).logits, trained)
+        with twin.disable_adapter():
+            assert torch.equal(twin(ids).logits, base)
+
+
+def test_disable_lora_runs_original_modules_to_save_with_buffers():
+    # an MLP with modules_to_save=["lin1"] (was 1.2 off), and a module with buffers (BatchNorm running stats)
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(lin1=nn.Linear(8, 16), norm=nn.BatchNorm1d(16), act=nn.ReLU(),
+                                      q_proj=nn.Linear(16, 16), out=nn.Linear(16, 4))).eval()
+    x = torch.randn(5, 8)
+    base = model(x).detach()
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lin1", "norm"]))
+    assert sorted(model.lora_state.originals) == ["lin1.bias", "lin1.weight", "norm.bias", "norm.num_batches_tracked",
+                                                  "norm.running_mean", "norm.running_var", "norm.weight"]
+    randomize_lora_B(model)
+    _train_saved_modules(model)
+    trained = model(x).detach()
+    assert (trained - base).abs().max() > 0.1
+    with disable_lora(model):
+        assert torch.equal(model(x), base)
+    assert torch.equal(model(x), trained)
+    # the originals follow device and dtype casts of the model (moved once, then reused)
+    model.double()
+    with disable_lora(model):
+        assert torch.allclose(model(x.double()), base.double(), atol=1e-6)
+        assert model.lin1.weight.dtype is torch.float64
+    assert model.lora_state.originals["lin1.weight"].dtype is torch.float64
+    assert torch.allclose(model(x.double()), trained.double(), atol=1e-6)
+
+
+def test_disable_lora_with_tied_modules_to_save_and_a_resized_vocabulary():
+    # lm_head tied to embed_tokens trains an untied copy; inside disable_lora the tie (the original) is back
+    model = make_tiny_llama(tie_word_embeddings=True)
+    model.resize_token_embeddings(136)  # added tokens: the embeddings are carried with the adapters
+    ids = _ids(136)
+    base = _logits(model, ids)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    assert model.lora_state.embedding_keys == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    randomize_lora_B(model)
+    _train_saved_modules(model)
+    trained = _logits(model, ids)
+    assert not torch.allclose(trained, base, atol=1e-2)
+    with disable_lora(model):
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # the original, tied Parameter
+        assert torch.equal(_logits(model, ids), base)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(_logits(model, ids), trained)
+    # embeddings carried for the resized vocabulary but not trained: the resized base runs
+    plain = make_tiny_llama()
+    plain.resize_token_embeddings(136)
+    base = _logits(plain, ids)
+    inject_lora(plain, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert plain.lora_state.embedding_keys == ["model.embed_tokens.weight", "lm_head.weight"]
+    randomize_lora_B(plain)
+    with disable_lora(plain):
+        assert torch.equal(_logits(plain, ids), base)
+    # resized after injection: a tied original is the live embedding (resized too, so it runs); an untied
+    # module_to_save's frozen copy cannot run on the new vocabulary, said so
+    model.resize_token_embeddings(140)
+    with disable_lora(model):
+        assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.shape == (140, 64)
+    untied = make_tiny_llama()
+    inject_lora(untied, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["norm", "lm_head"]))
+    trained_norm = untied.model.norm.weight
+    untied.resize_token_embeddings(140)
+    with pytest.raises(LoRAError) as err, disable_lora(untied):
+        pass
+    assert str(err.value) == ("disable_lora: lm_head.weight has shape (140, 64) but had (128, 64) when the adapters "
+                              "were injected (a vocabulary resized after inject_lora?), so the base function is not "
+                              "defined for it; resize the embeddings before injecting.")
+    assert untied.lm_head.weight.shape == (140, 64) and all(layer.lora_enabled for _, layer in lora_layers(untied))
+    assert untied.model.norm.weight is trained_norm  # swapped in before the error, put back
+
+
+def test_disable_lora_after_merges():
+    model = _make_tiny_llama_cls()
+    ids = _ids(128)
+    base = model(ids).logits.detach()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_B(model)
+    _train_saved_modules(model)
+    # merged but kept (merge_adapter): unmerged for the block, the original head runs
+    merge_adapter(model)
+    with disable_lora(model):
+        assert (model(ids).logits - base).abs().max() < 1e-5
+    assert all(layer.merged for _, layer in lora_layers(model))
+    # merged and unloaded (merge_and_unload(keep=True), as at the end of fit): refused, then undone
+    trained = model(ids).logits.detach()
+    merge_and_unload(model, keep=True)
+    with pytest.raises(LoRAError) as err, disable_lora(model):
+        pass
+    assert str(err.value) == ("disable_lora: the adapters of this model are merged into its weights "
+                              "(merge_and_unload, e.g. at the end of fit), so it no longer has a base function to "
+                              "switch to; call unmerge_and_reinject(model) first, or use the base model.")
+    unmerge_and_reinject(model)
+    assert (model(ids).logits - trained).abs().max() < 1e-5
+    with disable_lora(model):  # the originals of injection, not the merged model's head
+        assert (model(ids).logits - base).abs().max() < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- PEFT parity

@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="add a QLoRA column: frozen linear weights in 4 bits, nf4 (torchao to_nf4) or bnb-nf4 "
                         "(bitsandbytes, double quantisation)")
-    p.add_argument("--quantize-modules", choices=QUANTIZE_MODULES, default="adapted",
-                   help="which linear weights are 4-bit: adapted (default) or all-linear (all but the output head)")
+    p.add_argument("--quantize-modules", choices=QUANTIZE_MODULES, default=None,
+                   help="which linear weights are 4-bit: all-linear (default: all but the output head) or adapted")
     p.add_argument("--use-dora", action="store_true",
                    help="DoRA adapters: a trainable magnitude per output feature, and its activations")
     p.add_argument("--devices", type=int, default=1, help="GPUs in the run; numbers are then per GPU (default 1)")

@@ -604,7 +604,7 @@ def estimate_memory(
     optimizer_impl: str = "foreach",
     adapter_dtype: str | None = "float32",
     quantize: str | None = None,
-    quantize_modules: str = "adapted",
+    quantize_modules: str | None = None,
     use_dora: bool = False,
     devices: int = 1,
     strategy: str = "auto",
@@ -630,8 +630,9 @@ def estimate_memory(
         adapter_dtype: dtype of the LoRA matrices (`LoRAConfig.adapter_dtype`, fp32 by default).
         quantize: `None`, `"nf4"` (torchao `to_nf4`) or `"bnb-nf4"` (bitsandbytes `Params4bit`, double
             quantisation): adds a QLoRA column (`Estimate.qlora`) whose frozen linear weights are 4-bit.
-        quantize_modules: `"adapted"` (the adapted linear layers' weights) or `"all-linear"` (every
-            linear layer except the output head, as QLoRA is usually run).
+        quantize_modules: `"all-linear"` (the default with `quantize`, as `LoRAConfig` does: every
+            linear layer except the output head, QLoRA's whole frozen base) or `"adapted"` (the adapted
+            linear layers' weights only).
         use_dora: the adapters are DoRA: one trainable magnitude per output feature of every adapted
             layer (adapter dtype), the base and adapter outputs kept for backward, and the weight norm
             computed in each forward (PEFT's algorithm).
@@ -662,12 +663,14 @@ def estimate_memory(
             raise LoRAError(f"{key}={value!r} is invalid; expected an integer > 0.")
     if quantize is not None and quantize not in QUANTIZE:
         raise LoRAError(f"quantize={quantize!r} is not supported; expected one of {', '.join(QUANTIZE)} (or none).")
-    if quantize_modules not in QUANTIZE_MODULES:
+    if quantize_modules is not None and quantize_modules not in QUANTIZE_MODULES:
         raise LoRAError(f"quantize_modules={quantize_modules!r} is not supported; expected one of "
                         f"{', '.join(QUANTIZE_MODULES)}.")
-    if quantize is None and quantize_modules != "adapted":
+    if quantize is None and quantize_modules is not None:
         raise LoRAError(f"quantize_modules={quantize_modules!r} needs quantize (which 4-bit format?); add "
                         "--quantize nf4 (or quantize='nf4'), or drop --quantize-modules.")
+    if quantize is not None and quantize_modules is None:
+        quantize_modules = "all-linear"  # QLoRA: the whole frozen base in 4 bits, as LoRAConfig's default
     if quantize is not None and pr.mixed:
         raise LoRAError(f"quantize={quantize!r} with precision={precision!r} is not estimated: a 4-bit base is "
                         "dequantised in the compute dtype, so use bf16-true (or 16-true / 32-true).")

@@ -273,8 +273,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         trainable: leave the adapters (and biases / modules_to_save per the config) trainable;
             by default every parameter of the model gets `requires_grad=False`. The train/eval
             mode of the model is not changed.
-        quantize_base: `"nf4"` stores the adapted layers of the base in NF4 first (as
-            `LoRAConfig.quantize_base`), e.g. to run a QLoRA adapter that PEFT trained on a
+        quantize_base: `"nf4"` stores the base in NF4 first (as `LoRAConfig.quantize_base`: every
+            linear layer but the output head and `modules_to_save`, or what a `.ckpt`'s config
+            says in `quantize_base_modules`), e.g. to run a QLoRA adapter that PEFT trained on a
             bitsandbytes 4-bit base; default: as the adapter's own config says (a `.ckpt` of a
             QLoRA run quantizes, a PEFT directory does not). A model quantized with bitsandbytes
             needs nothing: its layers take the adapters as they are.
