@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.errors import AdapterFormatError, LoRAError, first_line
+from lightning_lora.errors import AdapterFormatError, LoRAError, first_line, listed
 from lightning_lora.surgery import (
     find_network,
     get_lora_config,
@@ -225,7 +225,7 @@ def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
             continue
         state[key[len(prefix) + 1:] if prefix else key] = value
     if outside:
-        raise AdapterFormatError(f"{path}: state_dict keys {outside[:4]} are outside the model at {prefix!r}; "
+        raise AdapterFormatError(f"{path}: state_dict keys ({len(outside)}) {listed(outside)} are outside the model at {prefix!r}; "
                                  "expected only adapter keys of that model.")
     if not any(is_lora_key(k) for k in state):
         raise AdapterFormatError(f"{path} holds no LoRA adapter weights (no '*.lora_A.weight' keys).")

@@ -33,7 +33,7 @@ from lightning_lora.checkpoint import (
     make_adapter_only,
 )
 from lightning_lora.config import LoRAConfig
-from lightning_lora.errors import LoRAError
+from lightning_lora.errors import LoRAError, listed
 from lightning_lora.surgery import (
     get_lora_config,
     has_lora,
@@ -132,7 +132,7 @@ class LoRAMixin:
             unexpected = sorted(set(state_dict) - own)
             if strict and unexpected:
                 raise LoRAError(f"Unexpected keys in the adapter state dict ({len(unexpected)}): "
-                                f"{', '.join(unexpected[:10])}. Was it written for another model?")
+                                f"{listed(unexpected)}. Was it written for another model?")
             check_adapter_keys(self, state_dict, "The state dict")  # type: ignore[arg-type]
             super().load_state_dict(state_dict, strict=False, assign=assign)  # type: ignore[misc]
             return _IncompatibleKeys([], unexpected)
