@@ -31,6 +31,7 @@ from lightning_lora.checkpoint import (
     check_checkpoint_config,
     checkpoint_config,
     make_adapter_only,
+    restore_base_keys,
 )
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import LoRAError, listed
@@ -117,6 +118,8 @@ class LoRAMixin:
                 trainer = getattr(self, "_trainer", None)  # no Trainer: load_from_checkpoint, to evaluate
                 fitting = trainer is not None and trainer.state.fn == "fit"
                 check_checkpoint_config(checkpoint, get_lora_config(self), training=fitting)  # type: ignore[arg-type]
+                if fitting:  # copies of the module stored by averaging callbacks, which load them strictly
+                    restore_base_keys(checkpoint, self)  # type: ignore[arg-type]
             else:
                 inject_lora(self, config)  # type: ignore[arg-type]
             check_adapter_keys(self, checkpoint["state_dict"])  # type: ignore[arg-type]
