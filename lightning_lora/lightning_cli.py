@@ -218,8 +218,8 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
 
 #: Lightning configuration errors whose message does not say what to change: (words in it, the fix)
 LIGHTNING_FIXES = (
-    ("has no logger", "give the Trainer a logger (remove --trainer.logger false / `logger: false` from the config) "
-                      "or remove the callback that logs"),
+    ("has no logger", ("give the Trainer a logger (remove --trainer.logger false / `logger: false` from the config) "
+                       "or remove the callback that logs")),
 )
 
 

@@ -259,14 +259,14 @@ def test_data_user_errors_through_fit_are_one_line_and_exit_2(tmp_path, tiny_yam
 # ------------------------------------------------------------------ Lightning's own configuration errors (issue 20, item 10)
 @pytest.mark.parametrize(("extra", "expected"), [
     (["--trainer.logger", "false"],
-     "lightning-lora fit: error: Lightning: Cannot use `LearningRateMonitor` callback with `Trainer` that has no "
-     "logger. Fix: give the Trainer a logger (remove --trainer.logger false / `logger: false` from the config) or "
-     "remove the callback that logs."),
+     ("lightning-lora fit: error: Lightning: Cannot use `LearningRateMonitor` callback with `Trainer` that has no "
+      "logger. Fix: give the Trainer a logger (remove --trainer.logger false / `logger: false` from the config) or "
+      "remove the callback that logs.")),
     (["--trainer.accelerator", "mps"],
-     "lightning-lora fit: error: Lightning: `MPSAccelerator` can not run on your system since the accelerator is not "
-     "available. The following accelerator(s) is available and can be passed into `accelerator` argument of "
-     "`Trainer`: ['cpu']. Fix: change the Trainer, callback, model or data option it names in the config or on the "
-     "command line (--print_config shows the resolved config)."),
+     ("lightning-lora fit: error: Lightning: `MPSAccelerator` can not run on your system since the accelerator is "
+      "not available. The following accelerator(s) is available and can be passed into `accelerator` argument of "
+      "`Trainer`: ['cpu']. Fix: change the Trainer, callback, model or data option it names in the config or on the "
+      "command line (--print_config shows the resolved config).")),
 ])
 def test_lightning_configuration_errors_are_one_line_and_exit_2(tmp_path, tiny_yaml, monkeypatch, capsys, extra,
                                                                 expected):
