@@ -199,7 +199,7 @@ def test_resume_from_distributed_checkpoint_equals_uninterrupted_run(sharded_run
     assert not all(torch.equal(step2[k.removeprefix("model.")], full[k]) for k in full)  # steps 3-4 changed them
 
 
-@pytest.mark.parametrize("run", ["sharded_run", "full_run"])
+@pytest.mark.parametrize("run", ["sharded_run", "full_run", "fsdp1_run"])
 def test_weights_only_checkpoint_is_adapter_only_with_the_lora_section_and_exports(run, request, tmp_path):
     # issue 20 item 3: Lightning writes weights-only checkpoints without callbacks' on_save_checkpoint
     from lightning_lora.commands import export_main
@@ -207,7 +207,8 @@ def test_weights_only_checkpoint_is_adapter_only_with_the_lora_section_and_expor
     out = request.getfixturevalue(run)
     [path] = (out / "weights").iterdir()
     assert path.name == "epoch=1-step=4.ckpt"
-    ckpt = read_sharded_checkpoint(path) if run == "sharded_run" else torch.load(path, weights_only=True)
+    assert is_sharded_checkpoint(path) is (run != "full_run")
+    ckpt = read_sharded_checkpoint(path) if is_sharded_checkpoint(path) else torch.load(path, weights_only=True)
     assert sorted(ckpt["state_dict"]) == ADAPTER_KEYS and "optimizer_states" not in ckpt
     assert ckpt[CHECKPOINT_KEY]["config"]["r"] == 4 and ckpt[CHECKPOINT_KEY]["model_prefix"] == "model"
     adapters = torch.load(out / "adapters.pt", weights_only=True)
