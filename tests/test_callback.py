@@ -511,3 +511,14 @@ def test_resume_with_an_averaging_callback_equals_an_uninterrupted_run(tmp_path,
     assert trainer.global_step == 8
     assert_same(adapters(resumed), adapters(full))
     assert_same(ckpt["state_dict"], full_ckpt["state_dict"])
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["LoRA-first", "LoRA-last"])
+def test_averaging_callback_with_a_network_built_in_configure_model(tmp_path, lora_first):
+    # WeightAveraging calls configure_model itself in its setup, before or after LoRA's
+    module, trainer, history, ckpt = averaged_fit(tmp_path, "EMAWeightAveraging", lora_first,
+                                                  module_cls=BuiltInConfigureModel)
+    assert trainer.global_step == 8 and len(history.steps) == 8
+    average = expected_average("EMAWeightAveraging", history)
+    assert_same(ckpt["state_dict"], average)
+    assert_same(adapters(module), average)
