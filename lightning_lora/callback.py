@@ -4,7 +4,7 @@ It maps Lightning's hooks (order in DESIGN.md) to `surgery` and `checkpoint` fun
 
 1. `setup`: adapters are injected into the module's networks and the base is frozen; a network built
    in `configure_model` (or the module's own `setup`) is injected right after `configure_model`
-   (`_inject_after_configure_model`, the one wrapped method: no hook runs between `configure_model`
+   (`_inject_after_configure_model`, the one wrapped method of the module: no hook runs between `configure_model`
    and the restore of a `ckpt_path`).
 2. Restoring a `ckpt_path` (a `load_state_dict` pre-hook): the checkpoint's LoRA config must equal
    ours and every adapter key must be present (base keys may be absent).
