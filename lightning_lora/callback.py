@@ -4,7 +4,7 @@ It maps Lightning's hooks (order in DESIGN.md) to `surgery` and `checkpoint` fun
 
 1. `setup`: adapters are injected into the module's networks and the base is frozen; a network built
    in `configure_model` (or the module's own `setup`) is injected right after `configure_model`
-   (`_inject_after_configure_model`, the one wrapped method: no hook runs between `configure_model`
+   (`_inject_after_configure_model`, the one wrapped method of the module: no hook runs between `configure_model`
    and the restore of a `ckpt_path`).
 2. Restoring a `ckpt_path` (a `load_state_dict` pre-hook): the checkpoint's LoRA config must equal
    ours and every adapter key must be present (base keys may be absent).
@@ -12,7 +12,8 @@ It maps Lightning's hooks (order in DESIGN.md) to `surgery` and `checkpoint` fun
    state is restored), its groups split for LoRA+ when `loraplus_lr_ratio` is set
    (`lightning_lora.loraplus`); the parameter table is printed and logged.
 4. Every `log_every_n_steps`: `lora/grad_norm` and `lora/delta_ratio`.
-5. `on_save_checkpoint`: only the adapters and `checkpoint["lightning_lora"]`.
+5. Every checkpoint the Trainer writes (`Strategy.save_checkpoint`, `_adapter_only_checkpoints`), weights-only
+   ones and those edited by averaging callbacks included: only the adapters and `checkpoint["lightning_lora"]`.
 6. `on_fit_end`: the PEFT adapter (`adapter_dir`), the merge (`merge_on_fit_end`, reversible: a
    later `validate/test/predict(ckpt_path=...)` or `fit` undoes it) and the merged model (`merged_dir`).
 
@@ -36,7 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -45,6 +46,7 @@ from lightning_lora.checkpoint import (
     check_adapter_keys,
     check_checkpoint_config,
     make_adapter_only,
+    restore_base_keys,
 )
 from lightning_lora.config import LoRAConfig, with_config_fields
 from lightning_lora.errors import LoRAConfigError, LoRAError
@@ -97,6 +99,54 @@ def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Callabl
 
     pl_module.__dict__["configure_model"] = configure_model
     return lambda: pl_module.__dict__.pop("configure_model", None)
+
+
+#: Lightning callbacks that copy the module in their `setup` (to average it): listed before `LoRA`, their
+#: `setup` is run again once the adapters are injected, so that their copy has the adapters too
+MODULE_COPYING_CALLBACKS: tuple[type[Callback], ...] = (WeightAveraging, StochasticWeightAveraging)
+
+
+def _adapter_only_checkpoints(strategy: Any) -> None:
+    """Make every checkpoint written through `strategy` adapter-only while its LightningModule has adapters.
+
+    Why a replacement (`strategy.save_checkpoint` / `load_checkpoint`, instance attributes): Lightning writes
+    weights-only checkpoints (`ModelCheckpoint(save_weights_only=True)`, `trainer.save_checkpoint(path,
+    weights_only=True)`) without calling any callback's `on_save_checkpoint`, and callbacks that average the
+    module (`WeightAveraging`, `StochasticWeightAveraging`) put copies of it into the checkpoint after, or
+    before, ours, depending on their order in the list; `save_checkpoint` receives every checkpoint dict last,
+    whatever wrote it (`checkpoint.make_adapter_only`). On load, when training resumes from a checkpoint that
+    holds such copies, their base keys are filled in from the module (`checkpoint.restore_base_keys`) because
+    those callbacks load them strictly. Installed once per strategy and left in place (no undo at teardown): a
+    checkpoint is often saved after `fit` (`trainer.save_checkpoint`), and the wrappers pass everything through
+    once the module has no adapters (merged, or another module). FSDP strategies keep their own loading
+    (`fsdp.adapter_only_checkpoints`); only saving is wrapped there.
+    """
+    if getattr(strategy.__dict__.get("save_checkpoint"), "_lightning_lora", False):
+        return
+    original_save = strategy.save_checkpoint
+
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        module = strategy.lightning_module
+        if module is not None and has_lora(module):
+            make_adapter_only(checkpoint, module, get_lora_config(module))
+        original_save(checkpoint, filepath, storage_options=storage_options)
+
+    save_checkpoint._lightning_lora = True  # type: ignore[attr-defined]
+    strategy.save_checkpoint = save_checkpoint
+    if strategy_kind(strategy) is not None:
+        return
+    original_load = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = original_load(checkpoint_path, weights_only=weights_only)
+        module = strategy.lightning_module
+        trainer = getattr(module, "_trainer", None)
+        if (module is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING
+                and has_lora(module) and not is_merged(module) and isinstance(checkpoint, dict)):
+            restore_base_keys(checkpoint, module)
+        return checkpoint
+
+    strategy.load_checkpoint = load_checkpoint
 
 
 class LoRA(Callback):
@@ -205,8 +255,18 @@ class LoRA(Callback):
         elif any(is_lora_key(k) for k in state_dict):  # an adapter state dict loaded by hand
             check_adapter_keys(module, state_dict, "The state dict")
 
+    def _recopy_earlier_averaging(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Averaging callbacks listed before this one copied the module before it had adapters: run their
+        `setup` again so that their copy is of the injected module (any callback order works)."""
+        if stage != "fit" or self not in trainer.callbacks:
+            return
+        for callback in trainer.callbacks[:trainer.callbacks.index(self)]:
+            if isinstance(callback, MODULE_COPYING_CALLBACKS):
+                callback.setup(trainer, pl_module, stage)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _adapter_only_checkpoints(trainer.strategy)
         previous = pl_module._strict_loading
         pl_module.strict_loading = False  # adapter-only checkpoints; adapter keys are checked by the pre-hook
         self._undo = [lambda: setattr(pl_module, "_strict_loading", previous)]
@@ -223,6 +283,7 @@ class LoRA(Callback):
             return
         try:
             self._inject(pl_module)
+            self._recopy_earlier_averaging(trainer, pl_module, stage)
         except LoRAError as err:
             if "matched no module" not in str(err) or not callable(getattr(pl_module, "configure_model", None)):
                 raise
@@ -296,13 +357,7 @@ class LoRA(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    # ------------------------------------------------------------------ checkpoints and fit end
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        if has_lora(pl_module):  # once merged, a plain model is saved whole
-            make_adapter_only(checkpoint, pl_module, self.config)
-
+    # ------------------------------------------------------------------ fit end (checkpoints: _adapter_only_checkpoints)
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted or not has_lora(pl_module):

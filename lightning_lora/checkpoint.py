@@ -4,7 +4,10 @@ A Lightning checkpoint written with the `LoRA` callback (or a `LoRAMixin` module
 Lightning's own entries (optimizer states, loops, callbacks, ...):
 
 * `state_dict`: only the keys LoRA training changes (`...q_proj.lora_A.weight`, trained biases,
-  `modules_to_save`), keyed as the LightningModule's state dict; no base weight;
+  `modules_to_save`), keyed as the LightningModule's state dict; no base weight; the same for every
+  other copy of the module's state that a callback stores (`module_copies`: `WeightAveraging`'s
+  `current_model_state`, `StochasticWeightAveraging`'s `average_model_state`); weights-only
+  checkpoints included;
 * `checkpoint["lightning_lora"]` (`CHECKPOINT_KEY`): `{"version": 1, "config": LoRAConfig.to_dict(),
   "model_prefix": "model", "base_model_name_or_path": ..., "task_type": "CAUSAL_LM"}`;
   `model_prefix` is the path of the transformers model inside the LightningModule.
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.errors import AdapterFormatError, LoRAError, first_line
+from lightning_lora.errors import AdapterFormatError, LoRAError, first_line, listed
 from lightning_lora.surgery import (
     find_network,
     get_lora_config,
@@ -71,16 +74,80 @@ def checkpoint_section(module: nn.Module, config: LoRAConfig | None = None) -> d
             "base_model_name_or_path": name, "task_type": infer_task_type(network)}
 
 
+#: how deep `module_copies` looks: the checkpoint's entries, `callbacks`, one callback's state
+COPY_DEPTH = 3
+
+
+def module_copies(checkpoint: dict[str, Any], keys: set[str]) -> list[tuple[dict[Any, Any], Any]]:
+    """Where `checkpoint` holds state dicts of the module besides its `state_dict`: every non-empty dict
+    whose keys are all in `keys` (the module's state-dict keys), up to `COPY_DEPTH` levels down, as
+    `(container, name)` pairs. Callbacks that copy or average the module store them:
+    `WeightAveraging`'s `current_model_state`, `StochasticWeightAveraging`'s `average_model_state`.
+
+    Example:
+        >>> ckpt = {"state_dict": {"w": 1}, "current_model_state": {"w": 2},
+        ...         "callbacks": {"SWA": {"average_model_state": {"w": 3}, "n_averaged": 4}}}
+        >>> [name for _, name in module_copies(ckpt, {"w"})]
+        ['current_model_state', 'average_model_state']
+    """
+    found: list[tuple[dict[Any, Any], Any]] = []
+
+    def walk(tree: dict[Any, Any], depth: int) -> None:
+        for name, value in tree.items():
+            if not isinstance(value, dict) or (tree is checkpoint and name == "state_dict"):
+                continue
+            if value and all(isinstance(k, str) and k in keys for k in value):
+                found.append((tree, name))
+            elif depth > 1:
+                walk(value, depth - 1)
+
+    walk(checkpoint, COPY_DEPTH)
+    return found
+
+
 def make_adapter_only(checkpoint: dict[str, Any], module: nn.Module, config: LoRAConfig | None = None) -> None:
-    """Keep only the keys LoRA training changes in `checkpoint["state_dict"]` and add the LoRA section.
+    """Keep only the keys LoRA training changes in `checkpoint["state_dict"]` and in every other copy of
+    the module's state in it (`module_copies`), and add the LoRA section.
 
     Raises:
         LoRAError: `module` has no adapters.
     """
     keys = saved_keys(module)
     state = checkpoint.get("state_dict", {})
+    for tree, name in module_copies(checkpoint, set(state) | set(keys)):
+        tree[name] = {k: tree[name][k] for k in keys if k in tree[name]}
     checkpoint["state_dict"] = {k: state[k] for k in keys if k in state}
     checkpoint[CHECKPOINT_KEY] = checkpoint_section(module, config)
+
+
+def restore_base_keys(checkpoint: dict[str, Any], module: nn.Module) -> int:
+    """Before resuming training from an adapter-only checkpoint that holds copies of the module
+    (`module_copies`, written with an averaging callback), add `module`'s base tensors (not copies:
+    the frozen base is the same in every copy) to `state_dict` and to each copy, so that callbacks
+    which load them strictly (`WeightAveraging`, `StochasticWeightAveraging`) find every key. Adapter
+    keys are never added (a missing one stays an error). Returns the number of copies completed.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_lora import inject_lora
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> ckpt = {"state_dict": m.state_dict()}; make_adapter_only(ckpt, m)
+        >>> ckpt["current_model_state"] = dict(ckpt["state_dict"])
+        >>> restore_base_keys(ckpt, m), sorted(ckpt["current_model_state"]) == sorted(m.state_dict())
+        (1, True)
+    """
+    own = module.state_dict()
+    copies = module_copies(checkpoint, set(own))
+    if not copies:
+        return 0
+    trained = set(saved_keys(module))
+    base = {k: v for k, v in own.items() if k not in trained}
+    for state in [checkpoint.get("state_dict"), *(tree[name] for tree, name in copies)]:
+        if isinstance(state, dict):
+            for key, value in base.items():
+                state.setdefault(key, value)
+    return len(copies)
 
 
 def checkpoint_config(checkpoint: dict[str, Any], source: str = "the checkpoint") -> LoRAConfig:
@@ -225,7 +292,7 @@ def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
             continue
         state[key[len(prefix) + 1:] if prefix else key] = value
     if outside:
-        raise AdapterFormatError(f"{path}: state_dict keys {outside[:4]} are outside the model at {prefix!r}; "
+        raise AdapterFormatError(f"{path}: state_dict keys ({len(outside)}) {listed(outside)} are outside the model at {prefix!r}; "
                                  "expected only adapter keys of that model.")
     if not any(is_lora_key(k) for k in state):
         raise AdapterFormatError(f"{path} holds no LoRA adapter weights (no '*.lora_A.weight' keys).")
@@ -288,4 +355,4 @@ def read_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = ["AdapterCheckpoint", "CHECKPOINT_KEY", "CHECKPOINT_VERSION", "TRAINING_ONLY_FIELDS", "check_adapter_keys",
            "check_checkpoint_config", "checkpoint_config", "checkpoint_section", "is_sharded_checkpoint",
-           "make_adapter_only", "read_checkpoint", "read_sharded_checkpoint"]
+           "make_adapter_only", "module_copies", "read_checkpoint", "read_sharded_checkpoint", "restore_base_keys"]

@@ -36,7 +36,7 @@ from typing import Any
 from rich.console import Console
 
 from lightning_lora.cli import ArgumentParser, one_line, run_command
-from lightning_lora.errors import AdapterFormatError, CommandError, LoRAError
+from lightning_lora.errors import AdapterFormatError, CommandError, LoRAError, listed
 
 MERGE_DTYPES = ("fp32", "bf16", "fp16")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -74,10 +74,14 @@ def _offline() -> None:
         hf_logging.disable_progress_bar()
 
 
+#: longest message of another library kept in one of ours (our own key lists name 3 keys: `errors.listed`)
+MESSAGE_LIMIT = 600
+
+
 def _first_line(err: BaseException) -> str:
-    """`cli.one_line`, cut at 300 characters (a key list can be long)."""
+    """`cli.one_line`, cut at `MESSAGE_LIMIT` characters (another library's message can be long)."""
     text = one_line(err)
-    return text[:300] + ("..." if len(text) > 300 else "")
+    return text[:MESSAGE_LIMIT] + ("..." if len(text) > MESSAGE_LIMIT else "")
 
 
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -365,14 +369,17 @@ def merge_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _adapter_task_type(adapter: str) -> str | None:
+def _adapter_origin(adapter: str) -> tuple[str | None, str | None]:
+    """The task type and the base model an adapter (checkpoint or PEFT directory) records."""
     from lightning_lora.peft_format import read_adapter_config, read_checkpoint
 
     path = Path(adapter)
     if path.is_file():
-        return read_checkpoint(path).task_type
+        ckpt = read_checkpoint(path)
+        return ckpt.task_type, ckpt.base_model_name_or_path
     if path.is_dir():
-        return read_adapter_config(path).get("task_type")
+        cfg = read_adapter_config(path)
+        return cfg.get("task_type"), cfg.get("base_model_name_or_path") or None
     raise AdapterFormatError(f"adapter {adapter} does not exist; pass an adapter-only .ckpt file or a PEFT adapter "
                              "directory.")
 
@@ -395,8 +402,8 @@ def _check_finite(model: Any, logits: Any, adapter: str, dtype: str) -> None:
 
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad or not bool(torch.isfinite(logits).all()):
-        where = (f"non-finite weights (inf or nan) in {len(bad)} tensor(s): {', '.join(bad[:3])}"
-                 f"{', ...' if len(bad) > 3 else ''}") if bad else "non-finite logits (inf or nan)"
+        where = (f"non-finite weights (inf or nan) in {len(bad)} tensor(s): {listed(bad)}" if bad
+                 else "non-finite logits (inf or nan)")
         fix = ("check the adapter (a training run that diverged leaves nan in it)" if dtype == "fp32"
                else "check the adapter, or merge with --dtype fp32")
         raise CommandError(f"the merged model has {where}: the adapter {adapter} holds non-finite values, or the "
@@ -428,14 +435,20 @@ def merge_main(argv: list[str] | None = None) -> int:
             if _same_path(value, out) and Path(value).exists():
                 raise CommandError(f"--out {out} is the same as {name}; write the merged model to another directory.")
         _check_output(out, args.overwrite)
-        task_type = _adapter_task_type(args.adapter)
+        task_type, recorded_base = _adapter_origin(args.adapter)
         if task_type not in (None, "CAUSAL_LM"):
             raise CommandError(f"adapter {args.adapter} has task_type={task_type!r}; merge writes causal language "
                                "models (task_type CAUSAL_LM). Merge it in Python with merge_lora instead.")
         with _step(console, f"Loading base model {args.base} ({args.dtype})"):
             model = _load_base(args.base, args.dtype)
         with _step(console, f"Loading adapter {args.adapter}"):
-            names = load_adapter(model, args.adapter)
+            try:
+                names = load_adapter(model, args.adapter)
+            except LoRAError as err:
+                if recorded_base is None or _same_path(recorded_base, args.base):
+                    raise
+                raise CommandError(f"{one_line(err)} The adapter was trained on {recorded_base}: pass --base "
+                                   f"{recorded_base}.") from None
         with _step(console, f"Merging {len(names)} adapter layers"):
             merge_lora(model)
             make_serializable(model)

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class LoRAError(ValueError):
     """A user error (bad option, path, data or file); the message says what was wrong, what was
@@ -129,6 +131,23 @@ class MissingDependencyError(QuantizationError, ImportError):
     """
 
 
+#: how many items an error message names from a long list (keys, modules, tensors) before "... and N more"
+SHOWN = 3
+
+
+def listed(items: Sequence[str], shown: int = SHOWN, sep: str = ", ") -> str:
+    """The first `shown` of `items` and how many more, for a one-line error message.
+
+    Example:
+        >>> listed(["a", "b", "c", "d", "e"])
+        'a, b, c ... and 2 more'
+        >>> listed(["a", "b"], sep="; ")
+        'a; b'
+    """
+    more = len(items) - shown
+    return sep.join(items[:shown]) + (f" ... and {more} more" if more > 0 else "")
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (at most `limit` characters), for wrapping a library's
     error into one of ours.
@@ -143,4 +162,4 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 
 __all__ = ["AdapterFormatError", "CommandError", "DataFileNotFoundError", "DataFormatError", "LoRAConfigError", "LoRAError",
            "MissingDependencyError", "ModelNotFoundError", "OutputExistsError", "QuantizationError",
-           "UnsupportedAdapterError", "first_line"]
+           "UnsupportedAdapterError", "first_line", "listed"]

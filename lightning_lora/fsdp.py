@@ -723,7 +723,7 @@ def adapter_only_checkpoints(strategy: Any, pl_module: nn.Module) -> Callable[[]
             return adapter_state_dict(pl_module, full=not getattr(strategy, "_save_distributed_checkpoint", True))
         if getattr(strategy, "_state_dict_type", "full") == "full":
             return fsdp1_adapter_state_dict(pl_module)
-        return original_state_dict()  # FSDP1 sharded: shard views, no gather; on_save_checkpoint keeps the adapters
+        return original_state_dict()  # FSDP1 sharded: shard views, no gather; the callback keeps the adapters
 
     def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(strategy.broadcast(checkpoint_path))

@@ -22,11 +22,12 @@ import sys
 from types import MethodType
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_lora.cli import LIGHTNING_SUBCOMMANDS, run_guarded
+from lightning_lora.cli import LIGHTNING_SUBCOMMANDS, one_line, run_guarded, user_error
 from lightning_lora.errors import CommandError
 
 _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":')
@@ -203,7 +204,40 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     prog = f"lightning-lora {args[0]}" if args and args[0] in LIGHTNING_SUBCOMMANDS else "lightning-lora"
-    return run_guarded(prog, lambda: LoRALightningCLI(args=argv, parser_kwargs={"exit_on_error": False}))
+
+    def body() -> None:
+        try:
+            LoRALightningCLI(args=argv, parser_kwargs={"exit_on_error": False})
+        except MisconfigurationException as err:
+            if user_error(err) is not None:  # ours, chained behind Lightning's: shown as it is
+                raise
+            raise CommandError(lightning_error_line(err)) from None
+
+    return run_guarded(prog, body)
 
 
-__all__ = ["LoRALightningCLI", "TensorBoardLogger", "argument_error_line", "run_lightning_cli"]
+#: Lightning configuration errors whose message does not say what to change: (words in it, the fix)
+LIGHTNING_FIXES = (
+    ("has no logger", ("give the Trainer a logger (remove --trainer.logger false / `logger: false` from the config) "
+                       "or remove the callback that logs")),
+)
+
+
+def lightning_error_line(err: MisconfigurationException) -> str:
+    """One line for a configuration error that Lightning raised during the run (a callback that needs a
+    logger, a bad Trainer option, ...): Lightning's message and what to change.
+
+    Example:
+        >>> lightning_error_line(MisconfigurationException(
+        ...     "Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger."))   # doctest: +ELLIPSIS
+        'Lightning: Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger. Fix: give the ...'
+    """
+    message = one_line(err)
+    fix = next((fix for words, fix in LIGHTNING_FIXES if words in message),
+               "change the Trainer, callback, model or data option it names in the config or on the command line "
+               "(--print_config shows the resolved config)")
+    return f"Lightning: {message}{'' if message.endswith('.') else '.'} Fix: {fix}."
+
+
+__all__ = ["LIGHTNING_FIXES", "LoRALightningCLI", "TensorBoardLogger", "argument_error_line", "lightning_error_line",
+           "run_lightning_cli"]

@@ -20,6 +20,8 @@ Two ways in:
   ...), in a fixed order, so a resumed run's optimizer state fits them; the learning-rate entries of
   the group (`lr`, `initial_lr`, `max_lr`, `min_lr`) are scaled, and every scheduler of the optimizer
   gets its per-group lists (`base_lrs`, `_last_lr`, `lr_lambdas`, `min_lrs`, ...) expanded to match.
+  Options that must be unique per group (`name`, which `LearningRateMonitor` logs under) stay on the A
+  part and get a suffix on the others (`"decoder"` -> `"decoder/lora_B"`, `"decoder/embedding"`).
   Groups that carry a `"loraplus"` entry were split already and are left alone.
 
 Unlike PEFT's `create_loraplus_optimizer`, which builds a new optimizer with `weight_decay` set to
@@ -56,6 +58,11 @@ GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 SCHEDULER_GROUP_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums",
                          "max_momentums")
 SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "min_lrs", "max_lrs")
+#: keys of a param group whose value must be unique among an optimizer's groups (`LearningRateMonitor`
+#: refuses duplicated names): the A part keeps the value, the others get the kind's suffix
+UNIQUE_GROUP_KEYS = ("name",)
+#: the suffix of a unique group option per kind (PEFT's `lora_B` / `embedding` naming)
+KIND_SUFFIX = {"A": "", "B": "/lora_B", "embedding": "/embedding"}
 #: the entry LoRA+ adds to each param group it builds (its kind)
 GROUP_TAG = "loraplus"
 
@@ -101,7 +108,8 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float, lr_embeddin
         lr: A's learning rate.
         ratio: B's learning rate over A's (> 0).
         lr_embedding: learning rate of embedding adapters.
-        **options: other entries for every group (e.g. `weight_decay=0.0`).
+        **options: other entries for every group (e.g. `weight_decay=0.0`); a `name` gets the kind's
+            suffix on the B and embedding groups (`unique_options`).
 
     Example:
         >>> from lightning_lora import LoRAConfig, inject_lora
@@ -117,8 +125,22 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float, lr_embeddin
     for kind in KINDS:
         params = [p for p in lora_parameters(model) if kinds.get(id(p)) == kind]
         if params:
-            groups.append({**options, "params": params, "lr": rates[kind], GROUP_TAG: kind})
+            groups.append({**options, **unique_options(options, kind), "params": params, "lr": rates[kind],
+                           GROUP_TAG: kind})
     return groups
+
+
+def unique_options(group: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The options of `group` for its `kind` part: every `UNIQUE_GROUP_KEYS` entry that is a string gets
+    the kind's suffix (`KIND_SUFFIX`), so the parts of one group never share a name.
+
+    Example:
+        >>> unique_options({"name": "decoder", "weight_decay": 0.1}, "B")
+        {'name': 'decoder/lora_B'}
+        >>> unique_options({"name": "decoder"}, "A")
+        {'name': 'decoder'}
+    """
+    return {key: group[key] + KIND_SUFFIX[kind] for key in UNIQUE_GROUP_KEYS if isinstance(group.get(key), str)}
 
 
 def _scaled(value: Any, factor: float) -> Any:
@@ -173,6 +195,7 @@ def split_param_groups(optimizer: torch.optim.Optimizer, kinds: dict[int, str], 
             else:
                 factor = lr_embedding / float(reference) if float(reference) != 0 else 1.0
             split = {k: (_scaled(v, factor) if k in GROUP_LR_KEYS else v) for k, v in group.items() if k != "params"}
+            split.update(unique_options(group, kind))
             split["params"] = buckets[kind]
             split[GROUP_TAG] = kind
             new.append(split)
@@ -219,4 +242,5 @@ def apply_loraplus(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]
         split_param_groups(optimizer, kinds, ratio, lr_embedding, schedulers)
 
 
-__all__ = ["GROUP_TAG", "apply_loraplus", "loraplus_param_groups", "parameter_kinds", "split_param_groups"]
+__all__ = ["GROUP_TAG", "KIND_SUFFIX", "UNIQUE_GROUP_KEYS", "apply_loraplus", "loraplus_param_groups",
+           "parameter_kinds", "split_param_groups", "unique_options"]

@@ -31,9 +31,10 @@ from lightning_lora.checkpoint import (
     check_checkpoint_config,
     checkpoint_config,
     make_adapter_only,
+    restore_base_keys,
 )
 from lightning_lora.config import LoRAConfig
-from lightning_lora.errors import LoRAError
+from lightning_lora.errors import LoRAError, listed
 from lightning_lora.surgery import (
     get_lora_config,
     has_lora,
@@ -117,6 +118,8 @@ class LoRAMixin:
                 trainer = getattr(self, "_trainer", None)  # no Trainer: load_from_checkpoint, to evaluate
                 fitting = trainer is not None and trainer.state.fn == "fit"
                 check_checkpoint_config(checkpoint, get_lora_config(self), training=fitting)  # type: ignore[arg-type]
+                if fitting:  # copies of the module stored by averaging callbacks, which load them strictly
+                    restore_base_keys(checkpoint, self)  # type: ignore[arg-type]
             else:
                 inject_lora(self, config)  # type: ignore[arg-type]
             check_adapter_keys(self, checkpoint["state_dict"])  # type: ignore[arg-type]
@@ -132,7 +135,7 @@ class LoRAMixin:
             unexpected = sorted(set(state_dict) - own)
             if strict and unexpected:
                 raise LoRAError(f"Unexpected keys in the adapter state dict ({len(unexpected)}): "
-                                f"{', '.join(unexpected[:10])}. Was it written for another model?")
+                                f"{listed(unexpected)}. Was it written for another model?")
             check_adapter_keys(self, state_dict, "The state dict")  # type: ignore[arg-type]
             super().load_state_dict(state_dict, strict=False, assign=assign)  # type: ignore[misc]
             return _IncompatibleKeys([], unexpected)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
-from lightning_lora.errors import LoRAConfigError, LoRAError
+from lightning_lora.errors import LoRAConfigError, LoRAError, listed
 from lightning_lora.init import check_weight as check_init_weight
 from lightning_lora.init import skip_base_init
 from lightning_lora.layers import (
@@ -734,14 +734,16 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def state_dict_problems(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor],
                         unexpected: bool) -> list[str]:
     """Missing, (optionally) unexpected and mis-shaped keys of `state_dict` against `expected`, one
-    summary line per kind (at most 10 keys shown each); empty when it fits.
+    short summary per kind (the first few keys and how many more: `errors.listed`); empty when it fits.
 
     Example:
         >>> state_dict_problems({"a": torch.zeros(2)}, {"a": torch.zeros(3), "b": torch.zeros(1)}, unexpected=True)
         ['unexpected keys (1): b', 'shape mismatches (1): a: checkpoint (3,) vs model (2,)']
+        >>> state_dict_problems({f"k{i}": torch.zeros(1) for i in range(5)}, {}, unexpected=False)
+        ['missing adapter keys (5): k0, k1, k2 ... and 2 more']
     """
-    def listed(kind: str, items: list[str], sep: str = ", ") -> str:
-        return f"{kind} ({len(items)}): {sep.join(items[:10])}{' ...' if len(items) > 10 else ''}"
+    def summary(kind: str, items: list[str], sep: str = ", ") -> str:
+        return f"{kind} ({len(items)}): {listed(items, sep=sep)}"
 
     missing = sorted(k for k in expected if k not in state_dict)
     extra = sorted(k for k in state_dict if k not in expected) if unexpected else []
@@ -749,11 +751,11 @@ def state_dict_problems(expected: dict[str, torch.Tensor], state_dict: dict[str,
                     for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape))
     parts = []
     if missing:
-        parts.append(listed("missing adapter keys" if not unexpected else "missing keys", missing))
+        parts.append(summary("missing adapter keys" if not unexpected else "missing keys", missing))
     if extra:
-        parts.append(listed("unexpected keys", extra))
+        parts.append(summary("unexpected keys", extra))
     if shapes:
-        parts.append(listed("shape mismatches", shapes, "; "))
+        parts.append(summary("shape mismatches", shapes, "; "))
     return parts
 
 
@@ -830,7 +832,7 @@ def inject_and_load(model: nn.Module, config: LoRAConfig, state_dict: dict[str, 
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape) if k in own else 'absent'}"
            for k, v in base_tensors.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
     if bad:
-        raise LoRAError(f"base tensors do not fit this model ({'; '.join(bad[:6])}).")
+        raise LoRAError(f"base tensors do not fit this model ({len(bad)}: {listed(bad, sep='; ')}).")
     names = inject_lora(model, config, prefix=prefix)
     saved = {k: own[k].detach().clone() for k in base_tensors}
     try:

@@ -137,7 +137,9 @@ def main() -> None:
                         gradient_clip_val=clip or None,  # Lightning clips no norm under FSDP1
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                         callbacks=[lora, probe, ModelCheckpoint(dirpath=str(root / "ckpts"), every_n_train_steps=1,
-                                                                save_top_k=-1)])
+                                                                save_top_k=-1),
+                                   ModelCheckpoint(dirpath=str(root / "weights"), every_n_train_steps=max_steps,
+                                                   save_weights_only=True)])
     module = Net()
     trainer.fit(module, datamodule=TokenData(n=16), ckpt_path=None if ckpt == "none" else ckpt)
     adapters = gather_adapters(module)  # every rank: full tensors

@@ -14,12 +14,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    EMAWeightAveraging,
+    ModelCheckpoint,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
 from lightning.pytorch.loggers import TensorBoardLogger
-from lit_models import BuiltInConfigureModel, TinyLlamaModule, fit
+from lit_models import BuiltInConfigureModel, EvalData, MixinTinyLlama, PlainTinyLlama, TinyLlamaModule, fit
+from torch.optim.swa_utils import get_ema_avg_fn, get_swa_avg_fn
 
-from lightning_lora import LoRA, LoRAError, lora_state_dict
-from lightning_lora.checkpoint import CHECKPOINT_KEY
+from lightning_lora import LoRA, LoRAConfig, LoRAError, lora_state_dict
+from lightning_lora.checkpoint import CHECKPOINT_KEY, read_checkpoint
 from lightning_lora.layers import LoRALayer
 from lightning_lora.surgery import lora_layers, restrict_optimizer
 
@@ -382,3 +388,137 @@ def test_ddp_ranks_hold_identical_adapters(tmp_path):
     ranks = [json.loads((tmp_path / f"result-rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] == 3
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
+
+
+# ---------------------------------------------------------------------------------------- weights-only checkpoints
+# (issue 20, item 3: Lightning writes them without calling callbacks' on_save_checkpoint)
+def quiet_trainer(callbacks=()) -> L.Trainer:
+    return L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                     devices=1, callbacks=list(callbacks))
+
+
+def eval_loss(module, ckpt_path=None, callbacks=()) -> float:
+    return quiet_trainer(callbacks).validate(module, datamodule=EvalData(), ckpt_path=ckpt_path,
+                                             verbose=False)[0]["val_loss"]
+
+
+@pytest.mark.parametrize("how", ["ModelCheckpoint(save_weights_only=True)", "trainer.save_checkpoint(weights_only=True)"])
+def test_weights_only_checkpoints_are_adapter_only_and_every_loader_reads_them(tmp_path, capsys, how):
+    from conftest import make_tiny_llama
+
+    from lightning_lora.cli import main
+
+    module = PlainTinyLlama()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_weights_only=True)
+    trainer = fit(module, [LoRA(r=4, merge_on_fit_end=False), saver], tmp_path, max_steps=4,
+                  enable_checkpointing=True)
+    path = Path(saver.best_model_path)
+    if how.startswith("trainer"):
+        path = tmp_path / "weights.ckpt"
+        trainer.save_checkpoint(path, weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    trained = adapters(module)
+    assert len(trained) == 8 and sorted(ckpt["state_dict"]) == sorted(trained)
+    assert all(torch.equal(ckpt["state_dict"][k], trained[k]) for k in trained)
+    assert ckpt[CHECKPOINT_KEY]["config"] == LoRAConfig(r=4).to_dict() and "optimizer_states" not in ckpt
+    # every loader: validate with ckpt_path (a fresh module), load_from_checkpoint, read_checkpoint, export, merge
+    assert eval_loss(PlainTinyLlama(), path, [LoRA(r=4)]) == eval_loss(module)
+    loaded = MixinTinyLlama.load_from_checkpoint(path)
+    assert all(torch.equal(v, trained[k]) for k, v in lora_state_dict(loaded).items())
+    assert read_checkpoint(path).config == LoRAConfig(r=4) and len(read_checkpoint(path).state_dict) == 8
+    assert main(["export", str(path), str(tmp_path / "peft")]) == 0
+    make_tiny_llama(seed=0, vocab_size=256).save_pretrained(tmp_path / "base")
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(path), "--out",
+                 str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- averaging callbacks
+# (issue 20, item 4: callbacks that copy or average the module)
+AVERAGING = {
+    "EMAWeightAveraging": lambda: EMAWeightAveraging(decay=0.5),
+    "WeightAveraging": lambda: WeightAveraging(),  # the equal average (SWA) after every step
+    "StochasticWeightAveraging": lambda: StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1),
+}
+
+
+class History(L.Callback):
+    """The adapters at every epoch start and after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.epoch_starts: list[dict[str, torch.Tensor]] = []
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_starts.append(adapters(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(adapters(pl_module))
+
+
+def expected_average(kind: str, history: History) -> dict[str, torch.Tensor]:
+    """What the averaging callback computes from the adapters it sees (SWA: at epoch starts; the others:
+    after every step), with torch's own averaging functions."""
+    values = history.epoch_starts if kind == "StochasticWeightAveraging" else history.steps
+    fn = get_ema_avg_fn(0.5) if kind == "EMAWeightAveraging" else get_swa_avg_fn()
+    average = dict(values[0])
+    for n, value in enumerate(values[1:], start=1):
+        average = {k: fn(average[k], value[k], torch.tensor(n)) for k in average}
+    return average
+
+
+def averaged_fit(tmp_path, kind: str, lora_first: bool = True, module_cls=PlainTinyLlama, **kwargs):
+    """Fit with `LoRA` and an averaging callback (a plain LightningModule: only the callback makes the
+    checkpoints adapter-only); returns the module, trainer, adapter history and last checkpoint."""
+    lora, averaging, history = LoRA(r=4, merge_on_fit_end=False), AVERAGING[kind](), History()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    module = module_cls()
+    callbacks = [lora, averaging] if lora_first else [averaging, lora]
+    kwargs = {"max_steps": -1, "max_epochs": 2, **kwargs}
+    trainer = fit(module, [*callbacks, history, saver], tmp_path, enable_checkpointing=True, **kwargs)
+    return module, trainer, history, torch.load(saver.last_model_path, map_location="cpu", weights_only=True)
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["LoRA-first", "LoRA-last"])
+@pytest.mark.parametrize("kind", list(AVERAGING))
+def test_averaging_callbacks_average_the_adapters_in_adapter_only_checkpoints(tmp_path, kind, lora_first):
+    module, trainer, history, ckpt = averaged_fit(tmp_path, kind, lora_first)
+    assert trainer.global_step == 8
+    average = expected_average(kind, history)
+    if kind == "StochasticWeightAveraging":  # the callback's state holds the average, state_dict the model
+        [state] = [s for s in ckpt["callbacks"].values() if "average_model_state" in s]
+        assert_same(state["average_model_state"], average)
+        assert_same(ckpt["state_dict"], history.steps[-1])
+    else:  # state_dict holds the average, current_model_state the model
+        assert_same(ckpt["state_dict"], average)
+        assert_same(ckpt["current_model_state"], history.steps[-1])
+    assert ckpt[CHECKPOINT_KEY]["config"] == LoRAConfig(r=4).to_dict()
+    assert_same(adapters(module), average)  # at train end the callback puts the average into the model
+    assert_same(base_weights(module), base_weights(PlainTinyLlama()))
+
+
+@pytest.mark.parametrize("module_cls", [PlainTinyLlama, MixinTinyLlama], ids=["plain", "mixin"])
+@pytest.mark.parametrize("kind", list(AVERAGING))
+def test_resume_with_an_averaging_callback_equals_an_uninterrupted_run(tmp_path, kind, module_cls):
+    full, _, _, full_ckpt = averaged_fit(tmp_path / "full", kind, module_cls=module_cls)
+    averaged_fit(tmp_path / "first", kind, module_cls=module_cls, max_steps=4)  # stops after epoch 0 (4 steps)
+    resumed, trainer, _, ckpt = averaged_fit(tmp_path / "resumed", kind, module_cls=module_cls,
+                                             ckpt_path=str(tmp_path / "first" / "ckpts" / "last.ckpt"))
+    assert trainer.global_step == 8
+    assert_same(adapters(resumed), adapters(full))
+    assert_same(ckpt["state_dict"], full_ckpt["state_dict"])
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["LoRA-first", "LoRA-last"])
+def test_averaging_callback_with_a_network_built_in_configure_model(tmp_path, lora_first):
+    # WeightAveraging calls configure_model itself in its setup, before or after LoRA's
+    module, trainer, history, ckpt = averaged_fit(tmp_path, "EMAWeightAveraging", lora_first,
+                                                  module_cls=BuiltInConfigureModel)
+    assert trainer.global_step == 8 and len(history.steps) == 8
+    average = expected_average("EMAWeightAveraging", history)
+    assert_same(ckpt["state_dict"], average)
+    assert_same(adapters(module), average)

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
-from lightning_lora import LoRAConfig, LoRAError
-from lightning_lora.checkpoint import TRAINING_ONLY_FIELDS, check_checkpoint_config
+from lightning_lora import LoRAConfig, LoRAError, inject_lora
+from lightning_lora.checkpoint import (
+    TRAINING_ONLY_FIELDS,
+    check_checkpoint_config,
+    make_adapter_only,
+    restore_base_keys,
+)
 
 SAVED = LoRAConfig(r=4, dropout=0.05)
 CHECKPOINT = {"lightning_lora": {"version": 1, "config": SAVED.to_dict()}}
@@ -30,3 +37,39 @@ def test_fields_that_change_the_function_are_checked_when_evaluating_too(field, 
     for training in (False, True):
         with pytest.raises(LoRAError, match=rf"  {field}: "):
             check_checkpoint_config(CHECKPOINT, run, training=training)
+
+
+# ------------------------------------------------------------------ copies of the module (issue 20, item 4)
+def injected() -> nn.Module:
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(4, 4))
+    model.add_module("norm", nn.LayerNorm(4))
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    return model
+
+
+def test_every_copy_of_the_module_in_a_checkpoint_becomes_adapter_only():
+    model = injected()
+    full = model.state_dict()
+    ckpt = {"state_dict": dict(full), "current_model_state": dict(full), "averaging_state": {"n_averaged": 3},
+            "callbacks": {"SWA": {"average_model_state": dict(full), "n_averaged": torch.tensor(3)}},
+            "hyper_parameters": {"lr": 0.1}}
+    make_adapter_only(ckpt, model)
+    adapter_keys = ["q_proj.lora_A.weight", "q_proj.lora_B.weight"]
+    assert sorted(ckpt["state_dict"]) == sorted(ckpt["current_model_state"]) == adapter_keys
+    assert sorted(ckpt["callbacks"]["SWA"]["average_model_state"]) == adapter_keys
+    assert ckpt["averaging_state"] == {"n_averaged": 3} and ckpt["hyper_parameters"] == {"lr": 0.1}
+    assert ckpt["callbacks"]["SWA"]["n_averaged"].item() == 3
+
+
+def test_restore_base_keys_fills_copies_with_the_base_but_never_an_adapter_key():
+    model = injected()
+    ckpt = {"state_dict": model.state_dict()}
+    make_adapter_only(ckpt, model)
+    assert restore_base_keys(ckpt, model) == 0 and len(ckpt["state_dict"]) == 2  # no copy: nothing added
+    ckpt["current_model_state"] = {"q_proj.lora_A.weight": ckpt["state_dict"]["q_proj.lora_A.weight"]}
+    assert restore_base_keys(ckpt, model) == 1
+    base = ["norm.bias", "norm.weight", "q_proj.bias", "q_proj.weight"]
+    assert sorted(ckpt["current_model_state"]) == sorted([*base, "q_proj.lora_A.weight"])  # lora_B stays missing
+    assert sorted(ckpt["state_dict"]) == sorted([*base, "q_proj.lora_A.weight", "q_proj.lora_B.weight"])
+    assert ckpt["state_dict"]["q_proj.weight"].data_ptr() == model.q_proj.weight.data_ptr()  # not a copy

@@ -346,7 +346,9 @@ def test_export_for_a_base_it_does_not_fit_exits_2_and_writes_nothing(tmp_path, 
         f"adapter_config.json names: {tmp_path / 'peft' / 'adapter_model.safetensors'}: The adapter state dict does "
         "not fit this model: shape mismatches (8): model.layers.0.self_attn.q_proj.lora_A.weight: checkpoint (2, 64) "
         "vs model (2, 32);")
-    assert line.endswith(" Pass --base-model naming the model the adapter was trained on.")
+    assert line.endswith("model.layers.0.self_attn.v_proj.lora_A.weight: checkpoint (2, 64) vs model (2, 32) ... and 5 "
+                         "more. Check that the adapter was trained for this model with the same LoRA config (r, "
+                         "target_modules, rank_pattern). Pass --base-model naming the model the adapter was trained on.")
     assert snapshot(tmp_path) == before  # no output directory, no temporary directory
     # the right base: the same checkpoint exports and says what was checked
     code, _, err = run(capsys, "export", tmp_path / "a.ckpt", tmp_path / "peft", "--base-model", tiny_base_dir)
@@ -398,7 +400,7 @@ def _bad_adapter(tmp_path, problem: str) -> Path:
                     "merged weights overflow fp32; check the adapter (a training run that diverged leaves nan in it).")),
     ("overflow", "fp16", ("the merged model has non-finite weights (inf or nan) in 4 tensor(s): "
                          "model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.v_proj.weight, "
-                         "model.layers.1.self_attn.q_proj.weight, ...: the adapter {adapter} holds non-finite values, "
+                         "model.layers.1.self_attn.q_proj.weight ... and 1 more: the adapter {adapter} holds non-finite values, "
                          "or the merged weights overflow fp16; check the adapter, or merge with --dtype fp32.")),
 ])
 def test_merge_that_gives_an_unusable_model_exits_2_and_writes_nothing(tmp_path, capsys, tiny_base_dir, problem,
@@ -459,3 +461,28 @@ def test_merge_base_that_is_not_a_model_exits_2(tmp_path, capsys, tiny_adapter):
     assert_user_error(code, err, "merge", f"--base {base}: cannot load a causal language model from it (",
                       "pass a transformers model directory with config.json and weights.")
     assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a base of another shape: one short line with the fix (issue 20, item 10)
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recorded", [True, False])
+def test_merge_onto_a_base_of_another_shape_is_one_short_line(tmp_path, capsys, tiny_base_dir, small_base_dir,
+                                                              recorded):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir) if recorded else make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_lora_B(model)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    code, _, err = run(capsys, "merge", "--base", small_base_dir, "--adapter", adapter, "--out", tmp_path / "merged")
+    assert_user_error(code, err, "merge")
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    fix = f" The adapter was trained on {tiny_base_dir}: pass --base {tiny_base_dir}." if recorded else ""
+    assert line == (
+        f"lightning-lora merge: error: {adapter / 'adapter_model.safetensors'}: The adapter state dict does not fit "
+        "this model: shape mismatches (28): model.layers.0.mlp.down_proj.lora_A.weight: checkpoint (4, 128) vs model "
+        "(4, 64); model.layers.0.mlp.down_proj.lora_B.weight: checkpoint (64, 4) vs model (32, 4); "
+        "model.layers.0.mlp.gate_proj.lora_A.weight: checkpoint (4, 64) vs model (4, 32) ... and 25 more. Check that "
+        "the adapter was trained for this model with the same LoRA config (r, target_modules, rank_pattern)." + fix)
+    assert not (tmp_path / "merged").exists()

@@ -33,6 +33,7 @@ from lightning_lora.checkpoint import (
     CHECKPOINT_KEY,
     is_sharded_checkpoint,
     read_checkpoint,
+    read_sharded_checkpoint,
 )
 from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.fsdp import (
@@ -196,6 +197,25 @@ def test_resume_from_distributed_checkpoint_equals_uninterrupted_run(sharded_run
     assert _facts(resumed_run)[0]["sha256"] == _facts(resumed_run)[1]["sha256"] == _facts(sharded_run)[0]["sha256"]
     step2 = read_checkpoint(sharded_run / "ckpts" / STEP_DIRS[1]).state_dict
     assert not all(torch.equal(step2[k.removeprefix("model.")], full[k]) for k in full)  # steps 3-4 changed them
+
+
+@pytest.mark.parametrize("run", ["sharded_run", "full_run", "fsdp1_run"])
+def test_weights_only_checkpoint_is_adapter_only_with_the_lora_section_and_exports(run, request, tmp_path):
+    # issue 20 item 3: Lightning writes weights-only checkpoints without callbacks' on_save_checkpoint
+    from lightning_lora.commands import export_main
+
+    out = request.getfixturevalue(run)
+    [path] = (out / "weights").iterdir()
+    assert path.name == "epoch=1-step=4.ckpt"
+    assert is_sharded_checkpoint(path) is (run != "full_run")
+    ckpt = read_sharded_checkpoint(path) if is_sharded_checkpoint(path) else torch.load(path, weights_only=True)
+    assert sorted(ckpt["state_dict"]) == ADAPTER_KEYS and "optimizer_states" not in ckpt
+    assert ckpt[CHECKPOINT_KEY]["config"]["r"] == 4 and ckpt[CHECKPOINT_KEY]["model_prefix"] == "model"
+    adapters = torch.load(out / "adapters.pt", weights_only=True)
+    assert all(torch.equal(ckpt["state_dict"][k], adapters[k]) for k in ADAPTER_KEYS)
+    assert export_main([str(path), str(tmp_path / "peft")]) == 0
+    exported = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert all(torch.equal(exported[f"base_model.model.{k.removeprefix('model.')}"], adapters[k]) for k in adapters)
 
 
 def test_consolidated_checkpoint_file_is_adapter_only_and_exports_to_peft(full_run, tmp_path):

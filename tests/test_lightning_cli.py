@@ -254,3 +254,26 @@ def test_data_user_errors_through_fit_are_one_line_and_exit_2(tmp_path, tiny_yam
     else:
         assert line == f"lightning-lora fit: error: {message}"
     assert not [line for line in lines if "Traceback" in line or "ValueError" in line]
+
+
+# ------------------------------------------------------------------ Lightning's own configuration errors (issue 20, item 10)
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--trainer.logger", "false"],
+     ("lightning-lora fit: error: Lightning: Cannot use `LearningRateMonitor` callback with `Trainer` that has no "
+      "logger. Fix: give the Trainer a logger (remove --trainer.logger false / `logger: false` from the config) or "
+      "remove the callback that logs.")),
+    (["--trainer.accelerator", "mps"],
+     ("lightning-lora fit: error: Lightning: `MPSAccelerator` can not run on your system since the accelerator is "
+      "not available. The following accelerator(s) is available and can be passed into `accelerator` argument of "
+      "`Trainer`: ['cpu']. Fix: change the Trainer, callback, model or data option it names in the config or on the "
+      "command line (--print_config shows the resolved config).")),
+])
+def test_lightning_configuration_errors_are_one_line_and_exit_2(tmp_path, tiny_yaml, monkeypatch, capsys, extra,
+                                                                expected):
+    cfg = yaml.safe_load(tiny_yaml.read_text())
+    cfg["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"})
+    code, err, _ = run_command_line(monkeypatch, capsys, "fit", "--config", write_yaml(tmp_path, cfg),
+                                    "--optimizer", "torch.optim.AdamW", *extra)
+    assert code == 2
+    assert not any("Traceback" in line for line in err)
+    assert error_lines(err) == [expected]

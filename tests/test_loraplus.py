@@ -263,3 +263,52 @@ def test_ratio_is_normalised_and_round_trips():
     assert LoRAConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(LoRAConfigError, match="loraplus_lr_ratio=0"):
         loraplus_param_groups(make_tiny_llama(), lr=1e-3, ratio=0)
+
+
+# ------------------------------------------------------------------------------------------------ named groups
+class NamedGroups(TinyLlamaModule):
+    """Two named param groups (decay / no decay), as LearningRateMonitor users name them."""
+
+    names: tuple[str | None, str | None] = ("decay", "no_decay")
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.named_parameters() if n.endswith("weight")]
+        no_decay = [p for n, p in self.named_parameters() if not n.endswith("weight")]
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        for group, name in zip(groups, self.names):
+            if name is not None:
+                group["name"] = name
+        return torch.optim.AdamW(groups, lr=1e-2)
+
+
+class UnnamedGroups(NamedGroups):
+    names = (None, None)
+
+
+@pytest.mark.parametrize(("module_cls", "expected"), [
+    (NamedGroups, ["lr-AdamW/decay", "lr-AdamW/decay/lora_B", "lr-AdamW/decay/embedding", "lr-AdamW/no_decay"]),
+    (UnnamedGroups, ["lr-AdamW/pg1", "lr-AdamW/pg2", "lr-AdamW/pg3", "lr-AdamW/pg4"]),
+])
+def test_split_groups_keep_unique_names_for_learning_rate_monitor(tmp_path, module_cls, expected):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    monitor = LearningRateMonitor(logging_interval="step")
+    lora = LoRA(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], loraplus_lr_ratio=16,
+                loraplus_lr_embedding=1e-4, merge_on_fit_end=False)
+    trainer = fit(module_cls(), [lora, monitor], tmp_path, max_steps=2, logger=CSVLogger(str(tmp_path)),
+                  log_every_n_steps=1)
+    groups = trainer.optimizers[0].param_groups
+    names = [None] * 4 if module_cls is UnnamedGroups else ["decay", "decay/lora_B", "decay/embedding", "no_decay"]
+    assert [(g["loraplus"], g.get("name"), g["weight_decay"]) for g in groups] == list(zip(
+        ["A", "B", "embedding", "A"], names, [0.1, 0.1, 0.1, 0.0]))
+    assert list(monitor.lrs) == expected
+    assert [monitor.lrs[k][-1] for k in expected] == pytest.approx([1e-2, 16e-2, 1e-4, 1e-2])
+
+
+def test_param_groups_for_your_own_optimizer_get_unique_names():
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    groups = loraplus_param_groups(model, lr=1e-3, ratio=8, name="adapters", weight_decay=0.0)
+    assert [(g["loraplus"], g["name"], g["weight_decay"]) for g in groups] == [
+        ("A", "adapters", 0.0), ("B", "adapters/lora_B", 0.0), ("embedding", "adapters/embedding", 0.0)]

@@ -25,6 +25,7 @@ from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import (
     AdapterFormatError,
     LoRAError,
+    listed,
 )
 from lightning_lora.init import converted_alpha, skip_base_init, to_plain_lora
 from lightning_lora.matching import (
@@ -86,7 +87,7 @@ def _choose_targets(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: lis
             if all(peft_selects(n, targets, exclude, modules_to_save) for n in adapted):
                 return targets, exclude
     raise AdapterFormatError(
-        f"Cannot describe the adapted modules {adapted[:6]}{' ...' if len(adapted) > 6 else ''} with PEFT's "
+        f"Cannot describe the adapted modules {listed(adapted)} with PEFT's "
         "target_modules: a module in modules_to_save contains an adapted layer, which PEFT does not allow. "
         "Remove it from modules_to_save or from target_modules.")
 
@@ -234,7 +235,7 @@ def to_peft(model: nn.Module, config: LoRAConfig | None = None,
         raise LoRAError("This model has no LoRA adapters; call inject_lora(model, LoRAConfig(...)) first.")
     outside = [n for n, _ in lora_layers(model) if prefix and not n.startswith(prefix + ".")]
     if outside:
-        raise AdapterFormatError(f"Adapter layers {outside[:4]} are outside the transformers model at {prefix!r}; "
+        raise AdapterFormatError(f"Adapter layers {listed(outside)} are outside the transformers model at {prefix!r}; "
                                  "the PEFT format can only describe adapters inside one model.")
     states = lora_states(model)
     if states:
