@@ -154,7 +154,7 @@ def job_packing(s: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from lightning_lora import LoRAConfig, inject_lora
-    from lightning_lora.tasks.loss import causal_lm_loss
+    from lightning_lora.loss import causal_lm_loss
 
     device = s["device"]
     model = build(s["packing_model"], device, s["dtype"])
@@ -219,7 +219,7 @@ def job_loss_memory(s: dict[str, Any], way: str) -> dict[str, Any]:
     import torch
 
     from lightning_lora import LoRAConfig, inject_lora
-    from lightning_lora.tasks.loss import causal_lm_loss
+    from lightning_lora.loss import causal_lm_loss
 
     device = s["device"]
     model = build(s["loss_model"], device, s["dtype"])

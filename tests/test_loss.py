@@ -1,4 +1,4 @@
-"""`lightning_lora.tasks.loss`: the chunked, summed causal LM loss against transformers' own loss (values and
+"""`lightning_lora.loss`: the chunked, summed causal LM loss against transformers' own loss (values and
 gradients, per architecture), what it keeps alive (no full logits), and the fallback for other models."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import torch
 from conftest import randomize_lora_B
 
 from lightning_lora import LoRAConfig, inject_lora
-from lightning_lora.surgery import lora_layers
-from lightning_lora.tasks.loss import (
+from lightning_lora.loss import (
     causal_lm_loss,
     chunkable,
     chunked_cross_entropy,
     shifted_targets,
 )
+from lightning_lora.surgery import lora_layers
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=97, max_position_embeddings=64, pad_token_id=0)

@@ -1,4 +1,4 @@
-"""`lightning_lora.tasks.offload.OffloadActivations`: which saved tensors move, and identical gradients (on CPU the
+"""`lightning_lora.offload.OffloadActivations`: which saved tensors move, and identical gradients (on CPU the
 hooks copy to other host tensors and back: the mechanism runs, the numbers must not change)."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import torch
 from conftest import make_tiny_llama, randomize_lora_B
 
 from lightning_lora import LoRAConfig, inject_lora
+from lightning_lora.loss import causal_lm_loss
+from lightning_lora.offload import OffloadActivations
 from lightning_lora.surgery import lora_layers
 from lightning_lora.tasks import CausalLM
-from lightning_lora.tasks.loss import causal_lm_loss
-from lightning_lora.tasks.offload import OffloadActivations
 
 
 def _grads(offload: bool, checkpointing: bool = False):
@@ -58,7 +58,7 @@ def test_causal_lm_trains_the_same_with_offloading(tiny_lm_dir, tmp_path, monkey
     import lightning as L
     from test_tasks import _examples, _pad, _StepGrads
 
-    import lightning_lora.tasks.offload as offload_module
+    import lightning_lora.offload as offload_module
     from lightning_lora import LoRA
 
     monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 0)      # the tiny model's activations are small

@@ -15,8 +15,8 @@ from lightning_lora import LoRA
 from lightning_lora.data import InstructionDataModule
 from lightning_lora.data.packing import PackedCollator, pack_examples, packing_fill
 from lightning_lora.errors import DataFormatError
+from lightning_lora.loss import causal_lm_loss
 from lightning_lora.tasks import CausalLM
-from lightning_lora.tasks.loss import causal_lm_loss
 
 
 def _examples(n: int, seed: int = 0, vocab: int = 128, lengths=(3, 40)) -> list[dict]:

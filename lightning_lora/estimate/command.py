@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=1, help="GPUs in the run; numbers are then per GPU (default 1)")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="auto (one device, or DDP over several), ddp, or fsdp (sharded weights, gradients, optimizer)")
+    p.add_argument("--chunked-loss", action="store_true",
+                   help="the loss as CausalLM computes it by default (chunked cross-entropy: no vocabulary-sized "
+                        "tensor kept) instead of transformers' own loss")
     p.add_argument("--per-layer", action="store_true", help="also show parameters per adapted module")
     p.add_argument("--json", action="store_true", help="print every number as JSON (bytes, parameters)")
     return p
@@ -79,7 +82,7 @@ def _run(args: argparse.Namespace) -> None:
                           gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
                           optimizer_impl=args.optimizer_impl, quantize=args.quantize,
                           quantize_modules=args.quantize_modules, use_dora=args.use_dora, devices=args.devices,
-                          strategy=args.strategy)
+                          strategy=args.strategy, chunked_loss=args.chunked_loss)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
         return

@@ -57,6 +57,7 @@ from lightning_lora.estimate.quantize import (
 )
 from lightning_lora.estimate.report import Estimate, MemoryBreakdown
 from lightning_lora.estimate.sharding import Layout, in_flight, shard_bytes
+from lightning_lora.loss import chunk_tokens_for
 from lightning_lora.surgery import (
     count_parameters,
     inject_lora,
@@ -395,8 +396,14 @@ class _Timeline:
 
 
 def _timeline(sh: _Shape, pr: _Precision, layer_mods: list[dict[str, _Mod]], head: _Mod, embed_grad: bool,
-              full: bool, batch: int, seq: int, checkpointing: bool, grads: _Grads) -> _Timeline:
-    """Activation bytes over one step: at the loss's backward, and in the last and first layer's backward."""
+              full: bool, batch: int, seq: int, checkpointing: bool, grads: _Grads,
+              chunked_loss: bool = False) -> _Timeline:
+    """Activation bytes over one step: at the loss's backward, and in the last and first layer's backward.
+
+    With `chunked_loss` (`lightning_lora.loss`, `CausalLM`'s default) nothing of vocabulary size is kept:
+    the hidden states of the target positions (counted as every position) are gathered and kept, and the loss's
+    backward holds one chunk's logits: the head's output in the compute dtype, its float32 copy, the
+    log-softmax and its gradient (float32)."""
     n = batch * seq
     layers: list[_LayerCost] = []
     grad = embed_grad
@@ -411,10 +418,15 @@ def _timeline(sh: _Shape, pr: _Precision, layer_mods: list[dict[str, _Mod]], hea
         head_tok += head.adapter_bytes * head.r
     if head.r and head.dora:
         head_tok += (2 if pr.mixed else pr.compute) * sh.vocab + (2 if pr.mixed else head.adapter_bytes) * sh.vocab
-    head_tok += 4 * sh.vocab + 8 + (8 if full else 0)
+    if chunked_loss:
+        head_tok += pr.resid * sh.hidden + 8 + (8 if full else 0)  # gathered target hidden states, targets
+        chunk = min(n, chunk_tokens_for(sh.vocab))
+        loss_transient = chunk * sh.vocab * ((pr.compute if pr.compute < 4 else 0) + 12)
+    else:
+        head_tok += 4 * sh.vocab + 8 + (8 if full else 0)
+        loss_transient = 8 * sh.vocab * n  # backward: fp32 grad of the log-probs and of the logits
     fixed = 2 * head.weight_numel if pr.mixed else 0  # lm_head's 16-bit copy under autocast
     fixed += 2 * seq * sh.head_dim * pr.resid  # rotary cos/sin, shared by all layers
-    loss_transient = 8 * sh.vocab * n  # backward: fp32 grad of the log-probs and of the logits
     head_temp = head.quant_temp
     if head.r and head.dora:
         head_temp = max(head_temp, dora_norm_temp(head.in_features, head.out_features, head.r, head.adapter_bytes,
@@ -549,7 +561,7 @@ def _fsdp_in_flight(params: Sequence[_Param], n_layers: int) -> int:
 
 
 def _breakdown(model: torch.nn.Module, sh: _Shape, pr: _Precision, *, is_full: bool, batch_size: int, seq_len: int,
-               checkpointing: bool, optimizer: str, optimizer_impl: str, layout: Layout,
+               checkpointing: bool, optimizer: str, optimizer_impl: str, layout: Layout, chunked_loss: bool = False,
                quantized: dict[int, str] | None = None, dora: bool = False) -> MemoryBreakdown:
     quantized = quantized or {}
     by_id, buffers = _inventory(model)
@@ -561,7 +573,8 @@ def _breakdown(model: torch.nn.Module, sh: _Shape, pr: _Precision, *, is_full: b
     trainable_params = [p for p in params if p.trainable]
     grads = _grads(params, layout)
     layers, head, embed_grad = _module_maps(model, sh, pr, is_full, quantized, dora)
-    timeline = _timeline(sh, pr, layers, head, embed_grad, is_full, batch_size, seq_len, checkpointing, grads)
+    timeline = _timeline(sh, pr, layers, head, embed_grad, is_full, batch_size, seq_len, checkpointing, grads,
+                         chunked_loss)
     step_temp = _step_temp(optimizer, optimizer_impl, trainable_params, layout)
     if sh.tied and is_full:  # autograd adds the embedding's gradient to lm_head's: both, then their sum
         emb = model.get_input_embeddings().weight
@@ -608,6 +621,7 @@ def estimate_memory(
     use_dora: bool = False,
     devices: int = 1,
     strategy: str = "auto",
+    chunked_loss: bool = False,
 ) -> Estimate:
     """Parameters and peak training memory of a full fine-tune, LoRA and (with `quantize`) QLoRA.
 
@@ -638,6 +652,9 @@ def estimate_memory(
             computed in each forward (PEFT's algorithm).
         devices: GPUs in the run; every number is then per GPU.
         strategy: `"auto"` (one device, or DDP when `devices > 1`), `"ddp"` or `"fsdp"` (FSDP2 shards).
+        chunked_loss: the loss as `CausalLM` computes it by default (`lightning_lora.loss`: no
+            vocabulary-sized tensor kept, one chunk's logits at a time) instead of transformers' own loss
+            (float32 logits of every position, and their gradient), which is the default here.
 
     Returns:
         An `Estimate` with each column's `MemoryBreakdown` and the per-module parameter rows.
@@ -682,7 +699,7 @@ def estimate_memory(
     model = build_meta_model(config, pr.param)
     sh.attn = str(getattr(model.config, "_attn_implementation", None) or sh.attn)
     common = dict(batch_size=batch_size, seq_len=seq_len, checkpointing=gradient_checkpointing, optimizer=optimizer,
-                  optimizer_impl=optimizer_impl, layout=layout)
+                  optimizer_impl=optimizer_impl, layout=layout, chunked_loss=bool(chunked_loss))
 
     full = _breakdown(model, sh, pr, is_full=True, **common)  # every parameter trains
     inject_lora(model, lora_config)  # on meta; counts are exact
@@ -709,6 +726,7 @@ def estimate_memory(
                 "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": bool(gradient_checkpointing),
                 "optimizer": optimizer, "optimizer_impl": optimizer_impl, "adapter_dtype": lora_config.adapter_dtype,
                 "quantize": quantize, "quantize_modules": quantize_modules, "use_dora": bool(use_dora),
+                "chunked_loss": bool(chunked_loss),
                 "devices": layout.devices, "strategy": layout.strategy}
     cfg = {"model_type": getattr(config, "model_type", None), "hidden_size": sh.hidden,
            "intermediate_size": sh.intermediate, "num_hidden_layers": sh.layers, "num_attention_heads": sh.heads,

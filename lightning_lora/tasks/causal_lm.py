@@ -38,7 +38,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_lora.loss import IGNORE_INDEX, causal_lm_loss
 from lightning_lora.mixin import LoRAMixin
+from lightning_lora.offload import OffloadActivations
 from lightning_lora.tasks._errors import TaskConfigError
 from lightning_lora.tasks.answers import (  # noqa: F401  (re-exported: importable from here as before)
     ANSWERS_FILE,
@@ -54,8 +56,6 @@ from lightning_lora.tasks.answers import (  # noqa: F401  (re-exported: importab
     summary_lines,
     tensorboard_writer,
 )
-from lightning_lora.tasks.loss import IGNORE_INDEX, causal_lm_loss
-from lightning_lora.tasks.offload import OffloadActivations
 
 #: `AnswersReport(num_questions=...)` of the deprecated `print_answers` shortcut when `num_eval_questions` is unset
 DEFAULT_EVAL_QUESTIONS = 24
@@ -362,12 +362,12 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             the first batch of every fit stay eager). True uses torch's default backend (inductor); a
             string names another (`"aot_eager"`: traced and differentiated, no code generation). Off by
             default: compiling needs a working compiler toolchain and pays off only over many steps.
-        chunked_loss: compute the loss without the full logits (`lightning_lora.tasks.loss`: the output
+        chunked_loss: compute the loss without the full logits (`lightning_lora.loss`: the output
             head applied to the target positions a chunk at a time, each chunk's float32 logits alive only
             while its loss and gradient are computed); equal to transformers' loss within float rounding.
             False: from the model's own logits. Models outside `loss.CHUNKABLE_MODEL_TYPES` always are.
         offload_activations: keep what the training forward saves for backward in pinned host memory
-            (`lightning_lora.tasks.offload.OffloadActivations`: copies on a side CUDA stream overlapping the
+            (`lightning_lora.offload.OffloadActivations`: copies on a side CUDA stream overlapping the
             forward, back in backward); parameters and tensors under 1 MiB stay. Less GPU memory for longer
             sequences, at the cost of host-device copies. The gradients are identical.
         generate_max_new_tokens: the most tokens generated per answer (the TensorBoard samples; and the
@@ -510,7 +510,7 @@ class CausalLM(LoRAMixin, pl.LightningModule):
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """`(summed float32 loss over the target tokens, number of target tokens)` of a batch
-        (`lightning_lora.tasks.loss.causal_lm_loss`; `position_ids` of packed batches are passed on).
+        (`lightning_lora.loss.causal_lm_loss`; `position_ids` of packed batches are passed on).
 
         Raises:
             TaskConfigError: the batch has no `labels` or no `input_ids`.
