@@ -344,13 +344,15 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
             types.append(gguf.TokenType.UNUSED)
         else:
             tokens.append(token)
-            if index in added:
+            if spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):  # llama.cpp's byte fallback needs them typed BYTE
+                types.append(gguf.TokenType.BYTE)
+            elif index == tokenizer.unk_token_id:
+                types.append(gguf.TokenType.UNKNOWN if spm else gguf.TokenType.CONTROL)
+            elif index in added:
                 types.append(gguf.TokenType.CONTROL if (added[index].special or index in special_ids)
                              else gguf.TokenType.USER_DEFINED)
-            elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
-                types.append(gguf.TokenType.BYTE)
             elif index in special_ids:
-                types.append(gguf.TokenType.UNKNOWN if index == tokenizer.unk_token_id else gguf.TokenType.CONTROL)
+                types.append(gguf.TokenType.CONTROL)
             else:
                 types.append(gguf.TokenType.NORMAL)
         scores.append(-float(index))  # SentencePiece-BPE vocabularies are ordered by merge rank

@@ -145,6 +145,38 @@ def test_tiny_model_round_trips_through_transformers_gguf_loader(tmp_path, token
             assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= set(tensors)
 
 
+def test_byte_fallback_tokenizer_is_written_as_llama_cpp_sentencepiece_vocabulary(tmp_path):
+    """Llama 2 / Mistral / Gemma style: BPE with byte fallback -> `tokenizer.ggml.model = llama`, byte tokens typed
+    BYTE, scores by merge rank; transformers' reader rebuilds a tokenizer that encodes the same ids."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import LlamaTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Hello world! [INST] [/INST]"] * 20,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = LlamaTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        chat_template="{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] "
+                      "+ ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+    model = make_tiny_llama(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    tokens = check_input_ids(tokenizer)
+    path = write_model_gguf(model, tokenizer, tmp_path / "spm.gguf", "f32")
+    checked = verify_model_gguf(path, reference_logits(model, tokens), "f32", tokenizer, tokens=tokens)
+    assert checked.endswith("same tokenizer and chat template")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_bos_token"] is True
+    types = dict(zip(fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"], strict=True))
+    assert types["<0x41>"] == gguf.TokenType.BYTE and types["<s>"] == gguf.TokenType.CONTROL
+    assert types["<unk>"] == gguf.TokenType.UNKNOWN
+    assert fields["tokenizer.ggml.scores"][:3] == [0.0, -1.0, -2.0]
+    assert Path(write_modelfile(path, tokenizer)).read_text().count("[INST]") >= 2
+
+
 def test_llama_q_k_rows_are_permuted_and_gemma_norms_offset_as_llama_cpp_writes_them(tmp_path, tokenizer):
     llama = tiny_model("llama", len(tokenizer))
     path = write_model_gguf(llama, tokenizer, tmp_path / "llama.gguf", "f32")
