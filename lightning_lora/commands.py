@@ -570,6 +570,7 @@ def _merge_gguf(args: argparse.Namespace, console: Console, out: Path, model: An
                            "directory with the tokenizer files (tokenizer.json).")
     tokens = check_input_ids(tokenizer)
     expected = reference_logits(model, tokens)
+    config = model.config
     name = Path(str(args.base).rstrip("/")).name
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         target = tmp / f"model.{args.outtype}.gguf"
@@ -579,7 +580,7 @@ def _merge_gguf(args: argparse.Namespace, console: Console, out: Path, model: An
             write_modelfile(target, tokenizer)
         del model
         with _step(console, "Checking the GGUF with transformers' GGUF loader"):
-            checked = verify_model_gguf(target, expected, args.outtype, tokenizer, tokens=tokens)
+            checked = verify_model_gguf(target, expected, args.outtype, tokenizer, tokens=tokens, config=config)
         size = target.stat().st_size
         console.print(f"  {checked}", soft_wrap=True)
     console.print(f"Wrote [bold]{out / target.name}[/bold] ({size / 2**20:.1f} MiB) and {out / 'Modelfile'}",

@@ -189,6 +189,64 @@ def _config_value(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def rope_scaling(config: Any) -> dict[str, Any] | None:
+    """The rotary scaling of a config's full-attention layers (`rope_parameters`, or the older
+    `rope_scaling`), or None when it is the default (unscaled) rotary embedding.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> rope_scaling(LlamaConfig()) is None
+        True
+    """
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope.get("full_attention"), Mapping):
+        rope = rope["full_attention"]
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    return None if kind in (None, "default") else {**rope, "rope_type": kind}
+
+
+def _rope_problem(config: Any, arch: str) -> str | None:
+    scaling = rope_scaling(config)
+    if scaling is None or scaling["rope_type"] in ("linear", "yarn") or (
+            scaling["rope_type"] == "llama3" and arch == "llama"):
+        return None
+    return (f"rope_type={scaling['rope_type']!r} rotary scaling is not written (written: linear, yarn, and llama3 for "
+            "Llama)")
+
+
+def llama3_rope_freqs(config: Any) -> np.ndarray:
+    """llama.cpp's `rope_freqs.weight` for Llama 3.1's `rope_type="llama3"`: per rotary frequency, the factor
+    it is divided by (1 for high frequencies, `factor` for low ones, blended in between), as its converter
+    computes it.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256, rope_scaling={
+        ...     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        ...     "original_max_position_embeddings": 64})
+        >>> llama3_rope_freqs(cfg)[[0, -1]].tolist()
+        [1.0, 8.0]
+    """
+    rope = rope_scaling(config) or {}
+    head_dim = int(_config_value(config, "head_dim", default=config.hidden_size // config.num_attention_heads))
+    base = float(rope.get("rope_theta", _config_value(config, "rope_theta", default=10000.0)))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    factors = []
+    for freq in 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
 def tensor_plan(model: torch.nn.Module) -> list[TensorPlan]:
     """Every tensor a model's GGUF holds: its state-dict key, llama.cpp's name and transform. Works on a
     model on the meta device (names and shapes only). The output projection is left out when it is tied
@@ -262,6 +320,13 @@ def _add_hparams(writer: Any, config: Any, arch: str) -> None:
     theta = theta if theta is not None else _config_value(config, "rope_theta")
     if theta is not None:
         writer.add_rope_freq_base(float(theta))
+    scaling = rope_scaling(config)
+    if scaling is not None and scaling["rope_type"] in ("linear", "yarn"):
+        gguf = require_gguf()
+        writer.add_rope_scaling_type(gguf.RopeScalingType(scaling["rope_type"]))
+        writer.add_rope_scaling_factor(float(scaling.get("factor", 1.0)))
+        if scaling.get("original_max_position_embeddings"):
+            writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
     else:
@@ -483,7 +548,7 @@ def check_writable(config: Any) -> str:
         'qwen2'
     """
     arch = gguf_architecture(config)
-    problem = readback_problem(config)
+    problem = _rope_problem(config, arch) or readback_problem(config)
     if problem:
         raise UnsupportedArchitectureError(f"cannot write a verifiable GGUF of this model: {problem}.")
     return arch
@@ -536,6 +601,9 @@ def write_model_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.Path
             _copy_tokenizer(writer, tokenizer_gguf, int(model.config.vocab_size))
         else:
             _add_tokenizer(writer, tokenizer, int(model.config.vocab_size))
+        scaling = rope_scaling(model.config)
+        if scaling is not None and scaling["rope_type"] == "llama3":
+            writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(model.config))
         for plan in plans:
             weights = plan.to_gguf(state[plan.hf_name].detach().to("cpu", torch.float32).numpy())
             data, raw_dtype = _encode(weights, outtype, gguf)
@@ -597,8 +665,12 @@ def reference_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tens
         return model(tokens.to(device)).logits.float().cpu()
 
 
-def load_gguf_model(path: str | os.PathLike) -> Any:
+def load_gguf_model(path: str | os.PathLike, rope_parameters: Mapping[str, Any] | None = None) -> Any:
     """`AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)` in float32, offline, in eval mode.
+
+    transformers' GGUF reader does not read rotary scaling back (`rope.scaling.*`, `rope_freqs.weight`);
+    `rope_parameters` (the merged model's) is then passed to it, so that the comparison covers every other
+    tensor and key (the scaling keys themselves are tested against transformers' rotary functions).
 
     Example:
         >>> load_gguf_model("out/model.f16.gguf").config.model_type   # doctest: +SKIP
@@ -607,8 +679,9 @@ def load_gguf_model(path: str | os.PathLike) -> Any:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    extra = {} if rope_parameters is None else {"rope_parameters": dict(rope_parameters)}
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                local_files_only=True).eval()
+                                                local_files_only=True, **extra).eval()
 
 
 def _check_tokenizer(path: Path, tokenizer: Any) -> str:
@@ -627,7 +700,7 @@ def _check_tokenizer(path: Path, tokenizer: Any) -> str:
 
 
 def verify_model_gguf(path: str | os.PathLike, expected: torch.Tensor, outtype: str, tokenizer: Any = None,
-                      tokens: torch.Tensor | None = None) -> str:
+                      tokens: torch.Tensor | None = None, config: Any = None) -> str:
     """Check that a model GGUF reads back with transformers' GGUF loader and computes `expected`.
 
     Args:
@@ -637,6 +710,8 @@ def verify_model_gguf(path: str | os.PathLike, expected: torch.Tensor, outtype: 
         tokenizer: when given, the tokenizer read back must encode test texts to the same ids and carry
             the same chat template.
         tokens: the input ids (default: `check_input_ids(tokenizer)` with a tokenizer, else 1, 2, ...).
+        config: the merged model's config; its rotary scaling, when it has one, is given to the reader
+            (`load_gguf_model`).
 
     Returns:
         What was checked, for the progress line.
@@ -650,8 +725,9 @@ def verify_model_gguf(path: str | os.PathLike, expected: torch.Tensor, outtype: 
         'reloads with from_pretrained(gguf_file=...): logits cosine 0.999638 (>= 0.999) on 42 tokens, same tokenizer ...'
     """
     path = Path(path)
+    rope = None if config is None or rope_scaling(config) is None else config.rope_parameters
     try:
-        reloaded = load_gguf_model(path)
+        reloaded = load_gguf_model(path, rope)
     except Exception as err:  # noqa: BLE001 - whatever stops transformers' GGUF loader
         raise GGUFVerificationError(f"{path} does not reload with transformers' GGUF loader ({type(err).__name__}: "
                                     f"{first_line(err)}).") from None
@@ -725,7 +801,7 @@ def save_merged_gguf(module: torch.nn.Module, path: str | os.PathLike, outtype: 
     scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}.gguf")
     try:
         write_model_gguf(network, tokenizer, scratch, outtype, overwrite=True)
-        checked = verify_model_gguf(scratch, expected, outtype, tokenizer, tokens=tokens)
+        checked = verify_model_gguf(scratch, expected, outtype, tokenizer, tokens=tokens, config=network.config)
         os.replace(scratch, target)
     finally:
         scratch.unlink(missing_ok=True)
@@ -1022,7 +1098,7 @@ def check_adapter_gguf(path: str | os.PathLike, adapter_dir: str | os.PathLike, 
 
 __all__ = ["CHECK_MESSAGES", "MIN_COSINE", "OUTTYPES", "SUPPORTED_ARCHITECTURES", "GGUFVerificationError", "TensorPlan",
            "UnsupportedArchitectureError", "base_gguf_tensors", "check_adapter_gguf", "check_input_ids", "check_outtype", "check_writable",
-           "gguf_architecture", "load_gguf_model", "logits_cosine", "ollama_template", "read_adapter_gguf",
-           "readback_problem", "reference_logits", "require_gguf", "save_merged_gguf", "tensor_plan", "verify_model_gguf", "write_adapter_gguf", "write_model_gguf",
+           "gguf_architecture", "llama3_rope_freqs", "load_gguf_model", "logits_cosine", "ollama_template", "read_adapter_gguf",
+           "readback_problem", "reference_logits", "rope_scaling", "require_gguf", "save_merged_gguf", "tensor_plan", "verify_model_gguf", "write_adapter_gguf", "write_model_gguf",
            "write_modelfile"]
 

@@ -454,3 +454,41 @@ def test_callback_gguf_options_are_validated():
         LoRA(merged_gguf="m.gguf", merge_on_fit_end=False)
     with pytest.raises(ValueError, match="gguf_outtype='q4_k' is invalid; expected one of f32, f16, bf16, q8_0"):
         LoRA(merged_gguf="m.gguf", gguf_outtype="q4_k")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rotary scaling
+# ---------------------------------------------------------------------------------------------------------------------
+def test_llama3_rope_freqs_and_linear_scaling_are_written_as_llama_cpp_reads_them(tmp_path, tokenizer):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    model = make_tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256, rope_parameters=llama3)
+    tokens = check_input_ids(tokenizer)
+    path = write_model_gguf(model, tokenizer, tmp_path / "llama3.gguf", "f32")
+    checked = verify_model_gguf(path, reference_logits(model, tokens), "f32", tokenizer, tokens, config=model.config)
+    assert "cosine 1.000000" in checked
+    stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    # llama.cpp divides each rotary frequency by rope_freqs: the ratio of transformers' default and llama3 ones
+    default, _ = ROPE_INIT_FUNCTIONS["linear"](type(model.config)(**{**model.config.to_dict(), "rope_parameters": {
+        "rope_type": "linear", "factor": 1.0, "rope_theta": 10000.0}}))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config)
+    np.testing.assert_allclose(stored["rope_freqs.weight"], (default / scaled).numpy(), rtol=1e-5)
+    assert stored["rope_freqs.weight"].shape == (8,) and stored["rope_freqs.weight"][-1] == 8.0
+
+    import transformers
+
+    qwen2 = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=256,
+        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})).eval()
+    path = write_model_gguf(qwen2, tokenizer, tmp_path / "qwen2.gguf", "f32")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
+    assert fields["qwen2.rope.scaling.type"] == "linear" and fields["qwen2.rope.scaling.factor"] == 4.0
+    checked = verify_model_gguf(path, reference_logits(qwen2, tokens), "f32", tokenizer, tokens, config=qwen2.config)
+    assert "cosine 1.000000" in checked
+
+    qwen2.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0}
+    with pytest.raises(UnsupportedArchitectureError, match="rope_type='longrope' rotary scaling is not written"):
+        write_model_gguf(qwen2, tokenizer, tmp_path / "x.gguf")
