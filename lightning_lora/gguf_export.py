@@ -654,15 +654,26 @@ def check_input_ids(tokenizer: Any) -> torch.Tensor:
 
 
 def reference_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The float32 logits of `model` on `tokens` (no gradient, on the model's device, returned on CPU).
+    """The logits of `model` on `tokens`, computed in float32 (a 16-bit model is cast to float32 for the call
+    and back, which restores its weights exactly), in eval mode, returned on CPU: what the float32 model read
+    back from a GGUF must reproduce.
 
     Example:
         >>> reference_logits(model, check_input_ids(tokenizer)).shape   # doctest: +SKIP
         torch.Size([1, 42, 49152])
     """
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return model(tokens.to(device)).logits.float().cpu()
+    parameter = next(model.parameters())
+    dtype, was_training = parameter.dtype, model.training
+    model.eval()
+    try:
+        if dtype != torch.float32:
+            model.to(torch.float32)
+        with torch.no_grad():
+            return model(tokens.to(parameter.device)).logits.float().cpu()
+    finally:
+        if dtype != torch.float32:
+            model.to(dtype)
+        model.train(was_training)
 
 
 def load_gguf_model(path: str | os.PathLike, rope_parameters: Mapping[str, Any] | None = None) -> Any:
@@ -788,16 +799,8 @@ def save_merged_gguf(module: torch.nn.Module, path: str | os.PathLike, outtype: 
     target = Path(path).expanduser().absolute()
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} already exists; pass overwrite=True to replace it.")
-    dtype = next(network.parameters()).dtype
-    was_training = network.training
-    network.eval()
     tokens = check_input_ids(tokenizer)
-    try:
-        network.to(torch.float32)  # exact round trip back to a 16-bit dtype below
-        expected = reference_logits(network, tokens)
-    finally:
-        network.to(dtype)
-        network.train(was_training)
+    expected = reference_logits(network, tokens)
     scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}.gguf")
     try:
         write_model_gguf(network, tokenizer, scratch, outtype, overwrite=True)

@@ -492,3 +492,50 @@ def test_llama3_rope_freqs_and_linear_scaling_are_written_as_llama_cpp_reads_the
     qwen2.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0}
     with pytest.raises(UnsupportedArchitectureError, match="rope_type='longrope' rotary scaling is not written"):
         write_model_gguf(qwen2, tokenizer, tmp_path / "x.gguf")
+
+
+def test_merge_in_bf16_is_compared_in_float32(tmp_path, capsys, tiny_dirs):
+    base, adapter, _ = tiny_dirs
+    code = main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "bf16"),
+                 "--dtype", "bf16", "--format", "gguf", "--outtype", "bf16"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert float(err.split("logits cosine ")[1].split()[0]) >= 0.9999999  # bf16 weights, exact in the file
+    assert reader_tensors(tmp_path / "bf16" / "model.bf16.gguf")["blk.0.attn_q.weight"][0] == "BF16"
+
+
+def test_export_format_gguf_errors_exit_2_and_write_nothing(tmp_path, capsys, tokenizer, tiny_dirs):
+    base, adapter, _ = tiny_dirs
+    config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj"])
+    _checkpoint(tmp_path / "nobase.ckpt", tiny_model("llama", len(tokenizer)), config, None)
+    other = write_model_gguf(make_tiny_llama(hidden_size=32, vocab_size=len(tokenizer)), tokenizer,
+                             tmp_path / "other.gguf", "f32")
+    cases = [
+        (["export", str(tmp_path / "nobase.ckpt"), str(tmp_path / "o1"), "--format", "gguf"],
+         "names no base model; pass --base-model"),
+        (["export", str(adapter), str(tmp_path / "o2"), "--format", "gguf", "--base-gguf", str(other)],
+         "other.gguf: has blk.0.ffn_down.weight of shape (32, 128), the adapter needs (64, 128)"),
+        (["export", str(tmp_path / "missing"), str(tmp_path / "o3"), "--format", "gguf"], "does not exist"),
+    ]
+    for argv, needle in cases:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        line = next(line for line in err.splitlines() if line.startswith("lightning-lora export: error:"))
+        assert needle in line, line
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("o1", "o2", "o3", ".o"))]
+
+
+def test_check_adapter_gguf_catches_a_file_that_does_not_hold_the_adapter(tmp_path, tokenizer):
+    meta = tiny_model("llama", len(tokenizer))
+    adapters = []
+    for seed in (0, 1):
+        model = tiny_model("llama", len(tokenizer))
+        torch.manual_seed(seed)
+        inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+        randomize_lora_B(model, seed=seed + 1)
+        adapters.append(save_adapter(model, tmp_path / f"a{seed}"))
+    path = write_adapter_gguf(adapters[0], tmp_path / "a0.gguf", meta)
+    assert "2 adapted layers" in check_adapter_gguf(path, adapters[0], meta)
+    with pytest.raises(ValueError, match="the update llama.cpp applies for blk.0.attn_q.weight differs"):
+        check_adapter_gguf(path, adapters[1], meta)
