@@ -83,7 +83,6 @@ from lightning_lora.surgery import (
     weight_norms,
 )
 
-
 #: `gguf_outtype` values (`gguf_export.OUTTYPES`; repeated here so the callback imports no gguf code)
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 

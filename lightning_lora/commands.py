@@ -376,9 +376,17 @@ def _bundled_gguf_file(base: str | None) -> str | None:
 def _export_gguf(args: argparse.Namespace, console: Console, out: Path) -> None:
     """`export --format gguf`: checkpoint or PEFT directory -> OUT_DIR/adapter.<outtype>.gguf, checked."""
     from lightning_lora._io import atomic_directory
-    from lightning_lora.gguf_export import check_adapter_gguf, require_gguf, write_adapter_gguf
+    from lightning_lora.gguf_export import (
+        check_adapter_gguf,
+        require_gguf,
+        write_adapter_gguf,
+    )
     from lightning_lora.hub import meta_model
-    from lightning_lora.peft_format import checkpoint_to_peft, read_adapter_config, read_checkpoint
+    from lightning_lora.peft_format import (
+        checkpoint_to_peft,
+        read_adapter_config,
+        read_checkpoint,
+    )
 
     require_gguf()
     source = Path(args.ckpt)

@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from safetensors.torch import load_file
 
 from lightning_lora.errors import (
@@ -363,9 +362,11 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     gpt2 = any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in parts)
     if regexes:
         try:
-            from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+                GGUF_PRE_TOKENIZER_SPLITS,
+            )
         except ImportError:  # an older transformers: no table to match against
-            GGUF_PRE_TOKENIZER_SPLITS = {}  # noqa: N806
+            GGUF_PRE_TOKENIZER_SPLITS = {}
         for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
             if regex == regexes[0]:
                 return name
@@ -819,16 +820,16 @@ _OLLAMA_TEMPLATES: list[tuple[str, str, list[str]]] = [
      "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
      ["<|im_start|>", "<|im_end|>"]),
     ("<|start_header_id|>",
-     "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
-     "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+     ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+      "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"),
      ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
-    ("<start_of_turn>",
-     "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n"
-     "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
+    ("<start_of_turn>",  # Gemma has no system turn: its template puts a system message into a user turn
+     ("{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
+      "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"),
      ["<start_of_turn>", "<end_of_turn>"]),
     ("[INST]",
-     "{{- range .Messages }}{{ if eq .Role \"user\" }}[INST] {{ .Content }} [/INST]{{ else if eq .Role "
-     "\"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}",
+     ("{{- range .Messages }}{{ if eq .Role \"user\" }}[INST] {{ .Content }} [/INST]{{ else if eq .Role "
+      "\"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}"),
      ["[INST]", "[/INST]"]),
 ]
 
@@ -1099,9 +1100,34 @@ def check_adapter_gguf(path: str | os.PathLike, adapter_dir: str | os.PathLike, 
             "tensors, each giving the adapter's update")
 
 
-__all__ = ["CHECK_MESSAGES", "MIN_COSINE", "OUTTYPES", "SUPPORTED_ARCHITECTURES", "GGUFVerificationError", "TensorPlan",
-           "UnsupportedArchitectureError", "base_gguf_tensors", "check_adapter_gguf", "check_input_ids", "check_outtype", "check_writable",
-           "gguf_architecture", "llama3_rope_freqs", "load_gguf_model", "logits_cosine", "ollama_template", "read_adapter_gguf",
-           "readback_problem", "reference_logits", "rope_scaling", "require_gguf", "save_merged_gguf", "tensor_plan", "verify_model_gguf", "write_adapter_gguf", "write_model_gguf",
-           "write_modelfile"]
+__all__ = [
+    "CHECK_MESSAGES",
+    "MIN_COSINE",
+    "OUTTYPES",
+    "SUPPORTED_ARCHITECTURES",
+    "GGUFVerificationError",
+    "TensorPlan",
+    "UnsupportedArchitectureError",
+    "base_gguf_tensors",
+    "check_adapter_gguf",
+    "check_input_ids",
+    "check_outtype",
+    "check_writable",
+    "gguf_architecture",
+    "llama3_rope_freqs",
+    "load_gguf_model",
+    "logits_cosine",
+    "ollama_template",
+    "read_adapter_gguf",
+    "readback_problem",
+    "reference_logits",
+    "require_gguf",
+    "rope_scaling",
+    "save_merged_gguf",
+    "tensor_plan",
+    "verify_model_gguf",
+    "write_adapter_gguf",
+    "write_model_gguf",
+    "write_modelfile",
+]
 

@@ -18,7 +18,7 @@ from lightning_lora.commands import merged_logits
 from lightning_lora.peft_format import save_adapter
 
 gguf = pytest.importorskip("gguf")
-from lightning_lora.gguf_export import (  # noqa: E402 - after the importorskip
+from lightning_lora.gguf_export import (
     MIN_COSINE,
     SUPPORTED_ARCHITECTURES,
     UnsupportedArchitectureError,
@@ -64,9 +64,9 @@ def tiny_model(kind: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     norm offset and the bias mapping are exercised."""
     import transformers
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=2)
+    common = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": vocab_size, "max_position_embeddings": 256, "bos_token_id": 1,
+              "eos_token_id": 2, "pad_token_id": 2}
     torch.manual_seed(seed)
     if kind == "llama":
         model = make_tiny_llama(seed, **common)
@@ -148,7 +148,14 @@ def test_tiny_model_round_trips_through_transformers_gguf_loader(tmp_path, token
 def test_byte_fallback_tokenizer_is_written_as_llama_cpp_sentencepiece_vocabulary(tmp_path):
     """Llama 2 / Mistral / Gemma style: BPE with byte fallback -> `tokenizer.ggml.model = llama`, byte tokens typed
     BYTE, scores by merge rank; transformers' reader rebuilds a tokenizer that encodes the same ids."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        processors,
+        trainers,
+    )
     from transformers import LlamaTokenizerFast
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
@@ -505,7 +512,7 @@ def test_merge_in_bf16_is_compared_in_float32(tmp_path, capsys, tiny_dirs):
 
 
 def test_export_format_gguf_errors_exit_2_and_write_nothing(tmp_path, capsys, tokenizer, tiny_dirs):
-    base, adapter, _ = tiny_dirs
+    _, adapter, _ = tiny_dirs
     config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj"])
     _checkpoint(tmp_path / "nobase.ckpt", tiny_model("llama", len(tokenizer)), config, None)
     other = write_model_gguf(make_tiny_llama(hidden_size=32, vocab_size=len(tokenizer)), tokenizer,
