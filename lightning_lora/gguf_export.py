@@ -246,6 +246,24 @@ def llama3_rope_freqs(config: Any) -> np.ndarray:
     return np.asarray(factors, dtype=np.float32)
 
 
+def _tied_output_key(model: torch.nn.Module) -> str | None:
+    """The state-dict key of the output projection when it is the input embedding (the same tensor, or
+    equal values: a merge can leave a tied pair as two copies), else None. A trained untied copy
+    (`modules_to_save` on a tied head) is written as `output.weight` even where the config says tied."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None:
+        return None
+    name = next((n for n, m in model.named_modules() if m is outputs), None)
+    w_in, w_out = inputs.weight, outputs.weight
+    if w_out is w_in:
+        tied = True
+    elif w_out.is_meta or w_in.is_meta:
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    else:
+        tied = w_out.shape == w_in.shape and (w_out.data_ptr() == w_in.data_ptr() or torch.equal(w_out, w_in))
+    return f"{name}.weight" if tied and name is not None else None
+
+
 def tensor_plan(model: torch.nn.Module) -> list[TensorPlan]:
     """Every tensor a model's GGUF holds: its state-dict key, llama.cpp's name and transform. Works on a
     model on the meta device (names and shapes only). The output projection is left out when it is tied
@@ -265,11 +283,11 @@ def tensor_plan(model: torch.nn.Module) -> list[TensorPlan]:
     name_map = gguf.get_tensor_name_map(arch_id, int(config.num_hidden_layers))
     n_head = int(config.num_attention_heads)
     n_kv = int(_config_value(config, "num_key_value_heads", default=n_head))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied_key = _tied_output_key(model)
     plans, unnamed = [], []
     seen: set[int] = set()
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if tied and key == "lm_head.weight":
+        if key == tied_key:
             continue
         if id(tensor) in seen:
             continue
@@ -293,7 +311,8 @@ def tensor_plan(model: torch.nn.Module) -> list[TensorPlan]:
     if unnamed:
         raise UnsupportedArchitectureError(
             f"{len(unnamed)} tensor(s) of this {config.model_type} model have no llama.cpp name: "
-            f"{', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''}; the GGUF would be incomplete. "
+            f"{', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''}; the GGUF would be incomplete"
+            f"{' (llama.cpp has no output head apart from the embedding for ' + arch + ')' if 'lm_head.weight' in unnamed else ''}. "
             f"Supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)} (their standard layers).")
     return plans
 

@@ -213,6 +213,11 @@ def test_unsupported_architectures_and_adapters_are_refused(tmp_path, tokenizer,
     qwen3.config.head_dim = 16
     with pytest.raises(UnsupportedArchitectureError, match="head_dim=16: transformers' GGUF reader assumes"):
         write_model_gguf(qwen3, tokenizer, tmp_path / "x.gguf")
+    gemma = tiny_model("gemma2", len(tokenizer))
+    gemma.lm_head.weight = torch.nn.Parameter(gemma.lm_head.weight.detach() + 0.01)  # untied, trained
+    with pytest.raises(UnsupportedArchitectureError, match=r"lm_head.weight; the GGUF would be incomplete \(llama.cpp "
+                                                           r"has no output head apart from the embedding for gemma2\)"):
+        write_model_gguf(gemma, tokenizer, tmp_path / "x.gguf")
     llama = tiny_model("llama", len(tokenizer))
     inject_lora(llama, LoRAConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="still has LoRA adapters; merge them first"):
@@ -546,3 +551,18 @@ def test_check_adapter_gguf_catches_a_file_that_does_not_hold_the_adapter(tmp_pa
     assert "2 adapted layers" in check_adapter_gguf(path, adapters[0], meta)
     with pytest.raises(ValueError, match="the update llama.cpp applies for blk.0.attn_q.weight differs"):
         check_adapter_gguf(path, adapters[1], meta)
+
+
+def test_a_trained_copy_of_a_tied_head_is_written_as_output_weight(tmp_path, tokenizer):
+    """`modules_to_save=["lm_head"]` on a tied model trains an untied copy: the GGUF must carry it."""
+    model = make_tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "output.weight" not in reader_tensors(write_model_gguf(model, tokenizer, tmp_path / "tied.gguf", "f32"))
+    inject_lora(model, LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lm_head" in n and p.requires_grad).add_(0.05)
+    merge_and_unload(model)
+    tokens = check_input_ids(tokenizer)
+    path = write_model_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    assert "output.weight" in reader_tensors(path)
+    assert "cosine 1.000000" in verify_model_gguf(path, reference_logits(model, tokens), "f32", tokens=tokens)
