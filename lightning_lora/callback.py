@@ -163,6 +163,10 @@ class LoRA(Callback):
                                   f"{', '.join(GGUF_OUTTYPES)}, e.g. gguf_outtype='q8_0'.")
         self.merge_on_fit_end, self.adapter_dir, self.merged_dir = merge_on_fit_end, adapter_dir, merged_dir
         self.merged_gguf, self.gguf_outtype = merged_gguf, gguf_outtype
+        if merged_gguf is not None:  # a missing gguf package fails here, not after training
+            from lightning_lora.gguf_export import require_gguf
+
+            require_gguf()
         self.log_every_n_steps = log_every_n_steps
         self.networks = [networks] if isinstance(networks, str) else (list(networks) if networks else None)
         self.fsdp = FSDPOptions.coerce(fsdp)
@@ -347,9 +351,8 @@ class LoRA(Callback):
             save_pretrained(pl_module, self.merged_dir)
             rank_zero_info(f"LoRA: merged model written to {self.merged_dir}")
         if self.merged_gguf is not None and trainer.is_global_zero:
-            from lightning_lora.gguf_export import require_gguf, save_merged_gguf
+            from lightning_lora.gguf_export import save_merged_gguf
 
-            require_gguf()
             checked = save_merged_gguf(pl_module, self.merged_gguf, self.gguf_outtype)
             rank_zero_info(f"LoRA: merged GGUF ({self.gguf_outtype}) written to {self.merged_gguf} with an Ollama "
                            f"Modelfile; it {checked}")

@@ -987,9 +987,10 @@ def write_adapter_gguf(adapter_dir: str | os.PathLike, path: str | os.PathLike, 
     ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     extra = [k for k in state if ".lora_A." not in k and ".lora_B." not in k]
     if extra:
-        raise UnsupportedAdapterError(f"{adapter_dir} holds non-LoRA tensors ({', '.join(extra[:3])}); llama.cpp's LoRA "
-                                      "GGUF carries lora_a/lora_b pairs only. Merge it instead: lightning-lora merge "
-                                      "--format gguf.")
+        raise UnsupportedAdapterError(f"{adapter_dir} holds tensors other than linear lora_A/lora_B pairs "
+                                      f"({', '.join(extra[:3])}: embedding adapters or saved modules); llama.cpp's "
+                                      "LoRA GGUF carries lora_a/lora_b pairs of linear layers only. Merge it instead: "
+                                      "lightning-lora merge --format gguf.")
     out = _AtomicFile.open(path, overwrite)
     try:
         writer = gguf.GGUFWriter(None, arch)

@@ -384,7 +384,8 @@ def test_adapter_gguf_folds_rslora_and_rank_pattern_and_permutes_b(tmp_path, tok
 def test_adapter_gguf_refuses_what_llama_cpp_cannot_apply(tmp_path, tokenizer):
     meta = tiny_model("llama", len(tokenizer))
     for name, config in (("dora", LoRAConfig(r=2, use_dora=True, target_modules=["q_proj"])),
-                         ("saved", LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))):
+                         ("saved", LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+                         ("embedding", LoRAConfig(r=2, target_modules=["q_proj", "embed_tokens"]))):
         model = tiny_model("llama", len(tokenizer))
         inject_lora(model, config)
         adapter = save_adapter(model, tmp_path / name)
@@ -566,3 +567,18 @@ def test_a_trained_copy_of_a_tied_head_is_written_as_output_weight(tmp_path, tok
     path = write_model_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
     assert "output.weight" in reader_tensors(path)
     assert "cosine 1.000000" in verify_model_gguf(path, reference_logits(model, tokens), "f32", tokens=tokens)
+
+
+def test_missing_gguf_package_is_a_clear_error_before_training(monkeypatch):
+    import sys
+
+    from lightning_lora import LoRA
+    from lightning_lora.errors import MissingDependencyError
+    from lightning_lora.gguf_export import require_gguf
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(MissingDependencyError, match="needs the gguf package, which is not installed; install it "
+                                                     "with: pip install gguf"):
+        require_gguf()
+    with pytest.raises(MissingDependencyError):
+        LoRA(merged_gguf="m.gguf")
