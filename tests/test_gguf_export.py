@@ -582,3 +582,27 @@ def test_missing_gguf_package_is_a_clear_error_before_training(monkeypatch):
         require_gguf()
     with pytest.raises(MissingDependencyError):
         LoRA(merged_gguf="m.gguf")
+
+
+@pytest.mark.parametrize(("split", "pre"), [("_LLAMA3_SPLIT", "llama3"), ("_QWEN2_SPLIT", "qwen2")])
+def test_llama3_and_qwen2_style_pre_tokenizers_get_llama_cpp_names(tmp_path, split, pre):
+    """Byte-level BPE with a split regex (Llama 3, Qwen2): `tokenizer.ggml.pre` is the llama.cpp name whose regex
+    it is, and the tokenizer transformers rebuilds from the file encodes the same ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import gguf_tokenizer_mapping
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(getattr(gguf_tokenizer_mapping, split)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog 12345.", "Hello world! naïve"] * 20,
+                            trainers.BpeTrainer(vocab_size=320, special_tokens=["<|end|>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>")
+    model = make_tiny_llama(vocab_size=len(tokenizer))
+    tokens = check_input_ids(tokenizer)
+    path = write_model_gguf(model, tokenizer, tmp_path / "m.gguf", "f16")
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == pre
+    assert verify_model_gguf(path, reference_logits(model, tokens), "f16", tokenizer, tokens).endswith("same tokenizer")
