@@ -299,7 +299,8 @@ def export_parser() -> argparse.ArgumentParser:
         prog="lightning-lora export",
         description="Convert an adapter-only Lightning checkpoint (written with the LoRA callback) into a PEFT "
                     "adapter directory (adapter_model.safetensors + adapter_config.json) that "
-                    "peft.PeftModel.from_pretrained(base, OUT_DIR) loads. The result is checked to load onto the "
+                    "peft.PeftModel.from_pretrained(base, OUT_DIR) loads, or with --format gguf (also from a PEFT "
+                    "directory) into llama.cpp's LoRA-adapter GGUF. The result is checked to load onto the "
                     "base model it names before the command reports success.",
         epilog="example: lightning-lora export lightning_logs/version_0/checkpoints/last.ckpt out/adapter")
     parser.add_argument("ckpt", metavar="CKPT", help="adapter-only .ckpt file, or the distributed checkpoint "
@@ -314,8 +315,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="peft",
                         help="peft: a PEFT adapter directory (default); gguf: llama.cpp's LoRA-adapter GGUF "
                              "(OUT_DIR/adapter.<outtype>.gguf, for llama-server --lora / Ollama's ADAPTER)")
-    parser.add_argument("--outtype", choices=ADAPTER_GGUF_OUTTYPES, default="f32",
-                        help="tensor type of the adapter GGUF (default: f32)")
+    parser.add_argument("--outtype", choices=ADAPTER_GGUF_OUTTYPES, default=None,
+                        help="tensor type of the adapter GGUF (default: f32; with --format gguf only)")
     parser.add_argument("--base-gguf", metavar="FILE", default=None,
                         help="a GGUF of the base model to check the adapter's tensor names and shapes against "
                              "(default: the bundled file for smollm2-135m-instruct, else the base model's layout)")
@@ -341,6 +342,7 @@ def export_main(argv: list[str] | None = None) -> int:
         _check_output(out, args.overwrite)
         from lightning_lora.checkpoint import is_sharded_checkpoint
 
+        _gguf_options(args, "f32", ("outtype", "base_gguf"))
         if args.format == "gguf":
             _export_gguf(args, console, out)
             return
@@ -360,6 +362,16 @@ def export_main(argv: list[str] | None = None) -> int:
         console.print(f"Wrote PEFT adapter to [bold]{out}[/bold]")
 
     return run_command("lightning-lora export", export_parser(), argv, body)
+
+
+def _gguf_options(args: argparse.Namespace, default_outtype: str, options: tuple[str, ...]) -> None:
+    """GGUF-only options given without `--format gguf` are an error; `--outtype` gets its default."""
+    if args.format != "gguf":
+        given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name, None) is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)} only apply with --format gguf; add --format gguf, or drop them.")
+    elif args.outtype is None:
+        args.outtype = default_outtype
 
 
 def _bundled_gguf_file(base: str | None) -> str | None:
@@ -451,8 +463,8 @@ def merge_parser() -> argparse.ArgumentParser:
                         help="hf: a transformers directory (default); gguf: one llama.cpp GGUF file "
                              "(OUT_DIR/model.<outtype>.gguf, tokenizer and chat template inside) and an Ollama "
                              "Modelfile")
-    parser.add_argument("--outtype", choices=GGUF_OUTTYPES, default="f16",
-                        help="tensor type of the GGUF (default: f16; 1-D tensors stay f32)")
+    parser.add_argument("--outtype", choices=GGUF_OUTTYPES, default=None,
+                        help="tensor type of the GGUF (default: f16; 1-D tensors stay f32; with --format gguf only)")
     return parser
 
 
@@ -519,6 +531,7 @@ def merge_main(argv: list[str] | None = None) -> int:
             if _same_path(value, out) and Path(value).exists():
                 raise CommandError(f"--out {out} is the same as {name}; write the merged model to another directory.")
         _check_output(out, args.overwrite)
+        _gguf_options(args, "f16", ("outtype",))
         if args.format == "gguf":
             from lightning_lora.gguf_export import require_gguf
 

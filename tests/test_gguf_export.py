@@ -539,6 +539,19 @@ def test_export_format_gguf_errors_exit_2_and_write_nothing(tmp_path, capsys, to
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("o1", "o2", "o3", ".o"))]
 
 
+def test_gguf_options_without_format_gguf_are_an_error(tmp_path, capsys, tiny_dirs):
+    base, adapter, _ = tiny_dirs
+    for argv, prog, needle in (
+            (["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m"), "--outtype",
+              "q8_0"], "merge", "--outtype only apply with --format gguf; add --format gguf, or drop them."),
+            (["export", str(adapter), str(tmp_path / "e"), "--base-gguf", "x.gguf"], "export",
+             "--base-gguf only apply with --format gguf")):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and f"lightning-lora {prog}: error: {needle}" in err, err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "e").exists()
+
+
 def test_check_adapter_gguf_catches_a_file_that_does_not_hold_the_adapter(tmp_path, tokenizer):
     meta = tiny_model("llama", len(tokenizer))
     adapters = []
