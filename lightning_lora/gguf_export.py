@@ -536,7 +536,6 @@ def _write(writer: Any, path: Path) -> None:
 
 def _model_name(model: torch.nn.Module) -> str:
     name = str(getattr(model, "name_or_path", "") or getattr(model.config, "name_or_path", "") or "")
-    # transformers' reader takes a file named exactly "mistral" for an architecture gguf-py does not have
     return Path(name.rstrip("/")).name or f"{model.config.model_type}-merged"
 
 
@@ -612,7 +611,9 @@ def write_model_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.Path
     try:
         writer = gguf.GGUFWriter(None, arch)
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or _model_name(model))
+        name = name or _model_name(model)
+        # transformers' reader takes a file named exactly "mistral" for an architecture gguf-py does not have
+        writer.add_name(f"{name}-merged" if name == "mistral" else name)
         _add_hparams(writer, model.config, arch)
         writer.add_file_type(OUTTYPES[outtype])
         if outtype == "q8_0":
