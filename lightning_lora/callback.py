@@ -15,7 +15,8 @@ It maps Lightning's hooks (order in DESIGN.md) to `surgery` and `checkpoint` fun
 5. Every checkpoint the Trainer writes (`Strategy.save_checkpoint`, `_adapter_only_checkpoints`), weights-only
    ones and those edited by averaging callbacks included: only the adapters and `checkpoint["lightning_lora"]`.
 6. `on_fit_end`: the PEFT adapter (`adapter_dir`), the merge (`merge_on_fit_end`, reversible: a
-   later `validate/test/predict(ckpt_path=...)` or `fit` undoes it) and the merged model (`merged_dir`).
+   later `validate/test/predict(ckpt_path=...)` or `fit` undoes it), the merged model (`merged_dir`) and its
+   verified llama.cpp / Ollama GGUF (`merged_gguf`, `gguf_outtype`).
 
 Under `ModelParallelStrategy` (FSDP2) and `FSDPStrategy` (FSDP1) `lightning_lora.fsdp` does the sharded
 parts: inject after `configure_model` then shard (FSDP2) or give the strategy an auto-wrap policy with
@@ -83,6 +84,9 @@ from lightning_lora.surgery import (
     unmerge_and_reinject,
     weight_norms,
 )
+
+#: `gguf_outtype` values (`gguf_export.OUTTYPES`; repeated here so the callback imports no gguf code)
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Callable[[], None],
@@ -162,6 +166,12 @@ class LoRA(Callback):
         adapter_dir: if set, the final adapter is written there in PEFT format.
         merged_dir: if set, the merged model is written there with `save_pretrained` (needs a
             transformers model inside the module, and `merge_on_fit_end=True`).
+        merged_gguf: if set, the merged model is also written to this `.gguf` file for llama.cpp /
+            Ollama (rank 0, atomically, read back with transformers' GGUF loader and compared with the
+            merged model first; an Ollama `Modelfile` next to it). Needs `merge_on_fit_end=True`, a
+            supported architecture (`gguf_export.SUPPORTED_ARCHITECTURES`), the module's `tokenizer`
+            and the `gguf` package; not under FSDP (use `lightning-lora merge --format gguf`).
+        gguf_outtype: tensor type of `merged_gguf`: `f32`, `f16` (default), `bf16` or `q8_0`.
         log_every_n_steps: how often `lora/grad_norm` and `lora/delta_ratio` are logged.
         networks: paths of the submodules to adapt (e.g. `["student"]`); default: the whole module
             except direct children frozen before setup (a teacher), which are named in the summary.
@@ -183,7 +193,8 @@ class LoRA(Callback):
     """
 
     def __init__(self, *, merge_on_fit_end: bool = True, adapter_dir: str | None = None,
-                 merged_dir: str | None = None, log_every_n_steps: int = 50, networks: list[str] | None = None,
+                 merged_dir: str | None = None, merged_gguf: str | None = None, gguf_outtype: str = "f16",
+                 log_every_n_steps: int = 50, networks: list[str] | None = None,
                  fsdp: dict[str, Any] | bool | None = None, **config: Any) -> None:
         super().__init__()
         if isinstance(config.get("target_modules"), tuple):
@@ -194,7 +205,18 @@ class LoRA(Callback):
         if merged_dir is not None and not merge_on_fit_end:
             raise LoRAConfigError("merged_dir is set but merge_on_fit_end=False; set merge_on_fit_end=True to write "
                                   "the merged model, or drop merged_dir.")
+        if merged_gguf is not None and not merge_on_fit_end:
+            raise LoRAConfigError("merged_gguf is set but merge_on_fit_end=False; set merge_on_fit_end=True to write "
+                                  "the merged GGUF, or drop merged_gguf.")
+        if gguf_outtype not in GGUF_OUTTYPES:
+            raise LoRAConfigError(f"gguf_outtype={gguf_outtype!r} is invalid; expected one of "
+                                  f"{', '.join(GGUF_OUTTYPES)}, e.g. gguf_outtype='q8_0'.")
         self.merge_on_fit_end, self.adapter_dir, self.merged_dir = merge_on_fit_end, adapter_dir, merged_dir
+        self.merged_gguf, self.gguf_outtype = merged_gguf, gguf_outtype
+        if merged_gguf is not None:  # a missing gguf package fails here, not after training
+            from lightning_lora.gguf_export import require_gguf
+
+            require_gguf()
         self.log_every_n_steps = log_every_n_steps
         self.networks = [networks] if isinstance(networks, str) else (list(networks) if networks else None)
         self.fsdp = FSDPOptions.coerce(fsdp)
@@ -364,6 +386,10 @@ class LoRA(Callback):
             return
         if is_sharded(pl_module):  # every rank takes part in gathering the adapters
             fit_end_sharded(trainer.strategy, pl_module, self.adapter_dir, self.merged_dir, self.merge_on_fit_end)
+            if self.merged_gguf is not None:
+                rank_zero_warn(f"LoRA: merged_gguf={self.merged_gguf!r} is not written for a sharded model; write it "
+                               "from the adapter with: lightning-lora merge --base BASE --adapter ADAPTER_DIR --out "
+                               "DIR --format gguf")
             return
         if self.adapter_dir is not None and trainer.is_global_zero:
             from lightning_lora.peft_format import save_adapter
@@ -379,6 +405,12 @@ class LoRA(Callback):
 
             save_pretrained(pl_module, self.merged_dir)
             rank_zero_info(f"LoRA: merged model written to {self.merged_dir}")
+        if self.merged_gguf is not None and trainer.is_global_zero:
+            from lightning_lora.gguf_export import save_merged_gguf
+
+            checked = save_merged_gguf(pl_module, self.merged_gguf, self.gguf_outtype)
+            rank_zero_info(f"LoRA: merged GGUF ({self.gguf_outtype}) written to {self.merged_gguf} with an Ollama "
+                           f"Modelfile; it {checked}")
 
 
 

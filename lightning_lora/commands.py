@@ -3,15 +3,22 @@
     lightning-lora export CKPT OUT_DIR [--overwrite] [--base-model NAME]
         adapter-only Lightning checkpoint -> PEFT adapter directory
 
+    lightning-lora export CKPT_OR_ADAPTER OUT_DIR --format gguf [--outtype f32|f16|bf16] [--base-model NAME]
+        adapter-only checkpoint or PEFT adapter directory -> llama.cpp's LoRA-adapter GGUF (OUT_DIR/adapter.<outtype>.gguf)
+
     lightning-lora merge --base MODEL --adapter (CKPT|PEFT_DIR) --out OUT_DIR [--dtype bf16|fp16|fp32] [--overwrite]
         base model + adapter -> a plain transformers model directory (safetensors) and its tokenizer
+        [--format gguf --outtype f32|f16|bf16|q8_0]: one llama.cpp GGUF file (OUT_DIR/model.<outtype>.gguf) with the
+        tokenizer and chat template, and an Ollama Modelfile next to it
 
 Before either command reports success it checks that what it wrote is usable as it claims, inside
 the temporary directory that is then renamed into place: an exported adapter loads onto the base
 model its `adapter_config.json` names (that architecture built on the meta device, when it is
 available offline) and holds exactly the checkpoint's tensors; a merged model reloads with
 `AutoModelForCausalLM.from_pretrained` and computes the same finite logits as the merged model in
-memory. User errors (missing files, an existing output directory, an adapter that does not fit, an
+memory (a GGUF: it reloads with `from_pretrained(gguf_file=...)`, computes the merged model's logits within
+the cosine threshold of its outtype and encodes text as the original tokenizer; an adapter GGUF: its
+pairs are named and shaped as the base GGUF's tensors and give the adapter's update). User errors (missing files, an existing output directory, an adapter that does not fit, an
 output that fails its check) print one line on stderr and return exit code 2, and nothing is left
 behind. Progress goes to stderr.
 
@@ -27,6 +34,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -39,6 +47,10 @@ from lightning_lora.cli import ArgumentParser, one_line, run_command
 from lightning_lora.errors import AdapterFormatError, CommandError, LoRAError, listed
 
 MERGE_DTYPES = ("fp32", "bf16", "fp16")
+MERGE_FORMATS = ("hf", "gguf")
+EXPORT_FORMATS = ("peft", "gguf")
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+ADAPTER_GGUF_OUTTYPES = ("f32", "f16", "bf16")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: token ids fed to a merged model and to its reloaded copy to compare their logits
 CHECK_TOKENS = 8
@@ -291,17 +303,27 @@ def export_parser() -> argparse.ArgumentParser:
         prog="lightning-lora export",
         description="Convert an adapter-only Lightning checkpoint (written with the LoRA callback) into a PEFT "
                     "adapter directory (adapter_model.safetensors + adapter_config.json) that "
-                    "peft.PeftModel.from_pretrained(base, OUT_DIR) loads. The result is checked to load onto the "
+                    "peft.PeftModel.from_pretrained(base, OUT_DIR) loads, or with --format gguf (also from a PEFT "
+                    "directory) into llama.cpp's LoRA-adapter GGUF. The result is checked to load onto the "
                     "base model it names before the command reports success.",
         epilog="example: lightning-lora export lightning_logs/version_0/checkpoints/last.ckpt out/adapter")
     parser.add_argument("ckpt", metavar="CKPT", help="adapter-only .ckpt file, or the distributed checkpoint "
-                                                     "directory of an FSDP run")
+                                                     "directory of an FSDP run (with --format gguf also a PEFT "
+                                                     "adapter directory)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must not exist or be empty, unless "
                                                            "--overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--base-model", metavar="NAME", default=None,
                         help="base model written to adapter_config.json (default: the one recorded in the "
                              "checkpoint); when available offline its architecture is used to check the adapter")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="peft",
+                        help="peft: a PEFT adapter directory (default); gguf: llama.cpp's LoRA-adapter GGUF "
+                             "(OUT_DIR/adapter.<outtype>.gguf, for llama-server --lora / Ollama's ADAPTER)")
+    parser.add_argument("--outtype", choices=ADAPTER_GGUF_OUTTYPES, default=None,
+                        help="tensor type of the adapter GGUF (default: f32; with --format gguf only)")
+    parser.add_argument("--base-gguf", metavar="FILE", default=None,
+                        help="a GGUF of the base model to check the adapter's tensor names and shapes against "
+                             "(default: the bundled file for smollm2-135m-instruct, else the base model's layout)")
     return parser
 
 
@@ -324,6 +346,10 @@ def export_main(argv: list[str] | None = None) -> int:
         _check_output(out, args.overwrite)
         from lightning_lora.checkpoint import is_sharded_checkpoint
 
+        _gguf_options(args, "f32", ("outtype", "base_gguf"))
+        if args.format == "gguf":
+            _export_gguf(args, console, out)
+            return
         if not Path(args.ckpt).is_file() and not is_sharded_checkpoint(args.ckpt):
             raise CommandError(f"checkpoint {args.ckpt} does not exist or is not a file; pass the .ckpt written "
                                "with the LoRA callback.")
@@ -340,6 +366,77 @@ def export_main(argv: list[str] | None = None) -> int:
         console.print(f"Wrote PEFT adapter to [bold]{out}[/bold]")
 
     return run_command("lightning-lora export", export_parser(), argv, body)
+
+
+def _gguf_options(args: argparse.Namespace, default_outtype: str, options: tuple[str, ...]) -> None:
+    """GGUF-only options given without `--format gguf` are an error; `--outtype` gets its default."""
+    if args.format != "gguf":
+        given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name, None) is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)} only apply with --format gguf; add --format gguf, or drop them.")
+    elif args.outtype is None:
+        args.outtype = default_outtype
+
+
+def _bundled_gguf_file(base: str | None) -> str | None:
+    """The bundled GGUF file of a bundled base model name (llama.cpp's own output), else None."""
+    from lightning_lora.hub import BUNDLED_MODELS, bundled_gguf
+
+    if base is None or str(base).lower() not in BUNDLED_MODELS:
+        return None
+    with contextlib.suppress(LoRAError):
+        return os.path.join(*bundled_gguf(str(base).lower()))
+    return None
+
+
+def _export_gguf(args: argparse.Namespace, console: Console, out: Path) -> None:
+    """`export --format gguf`: checkpoint or PEFT directory -> OUT_DIR/adapter.<outtype>.gguf, checked."""
+    from lightning_lora._io import atomic_directory
+    from lightning_lora.gguf_export import (
+        check_adapter_gguf,
+        require_gguf,
+        write_adapter_gguf,
+    )
+    from lightning_lora.hub import meta_model
+    from lightning_lora.peft_format import (
+        checkpoint_to_peft,
+        read_adapter_config,
+        read_checkpoint,
+    )
+
+    require_gguf()
+    source = Path(args.ckpt)
+    if not source.exists():
+        raise CommandError(f"adapter {args.ckpt} does not exist; pass an adapter-only .ckpt file or a PEFT adapter "
+                           "directory.")
+    with tempfile.TemporaryDirectory(prefix="lightning-lora-peft-") as scratch:
+        if source.is_dir() and (source / "adapter_config.json").is_file():
+            peft_dir = source
+            base = args.base_model or read_adapter_config(peft_dir).get("base_model_name_or_path")
+        else:
+            with _step(console, f"Converting {args.ckpt} to a PEFT adapter"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peft_dir = Path(scratch) / "adapter"
+                checkpoint_to_peft(args.ckpt, peft_dir, overwrite=True, base_model_name_or_path=args.base_model)
+            base = args.base_model or read_checkpoint(args.ckpt).base_model_name_or_path
+        if not base:
+            raise CommandError(f"{args.ckpt} names no base model; pass --base-model (the model the adapter was "
+                               "trained on): the GGUF's tensor names come from its architecture.")
+        network = meta_model(str(base))
+        if network is None:
+            raise CommandError(f"base model {base} is not available offline; pass --base-model naming a local "
+                               "transformers directory of the model the adapter was trained on.")
+        base_gguf = args.base_gguf or _bundled_gguf_file(str(base))
+        if base_gguf is not None and not Path(base_gguf).is_file():
+            raise CommandError(f"--base-gguf {base_gguf} does not exist; pass the .gguf file of the base model.")
+        with atomic_directory(out, overwrite=args.overwrite) as tmp:
+            target = tmp / f"adapter.{args.outtype}.gguf"
+            with _step(console, f"Writing llama.cpp LoRA adapter ({args.outtype})"):
+                write_adapter_gguf(peft_dir, target, network, args.outtype, base_gguf=base_gguf)
+            with _step(console, "Checking the adapter GGUF"):
+                checked = check_adapter_gguf(target, peft_dir, network, base_gguf=base_gguf)
+            console.print(f"  {checked}" + (f" (checked against {base_gguf})" if base_gguf else ""), soft_wrap=True)
+    console.print(f"Wrote llama.cpp LoRA adapter to [bold]{out / target.name}[/bold]")
 
 
 # ====================================================================== merge
@@ -366,6 +463,12 @@ def merge_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=MERGE_DTYPES, default="fp32",
                         help="dtype the base is loaded, merged and written in (default: fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--format", choices=MERGE_FORMATS, default="hf",
+                        help="hf: a transformers directory (default); gguf: one llama.cpp GGUF file "
+                             "(OUT_DIR/model.<outtype>.gguf, tokenizer and chat template inside) and an Ollama "
+                             "Modelfile")
+    parser.add_argument("--outtype", choices=GGUF_OUTTYPES, default=None,
+                        help="tensor type of the GGUF (default: f16; 1-D tensors stay f32; with --format gguf only)")
     return parser
 
 
@@ -435,12 +538,21 @@ def merge_main(argv: list[str] | None = None) -> int:
             if _same_path(value, out) and Path(value).exists():
                 raise CommandError(f"--out {out} is the same as {name}; write the merged model to another directory.")
         _check_output(out, args.overwrite)
+        _gguf_options(args, "f16", ("outtype",))
+        if args.format == "gguf":
+            from lightning_lora.gguf_export import require_gguf
+
+            require_gguf()
         task_type, recorded_base = _adapter_origin(args.adapter)
         if task_type not in (None, "CAUSAL_LM"):
             raise CommandError(f"adapter {args.adapter} has task_type={task_type!r}; merge writes causal language "
                                "models (task_type CAUSAL_LM). Merge it in Python with merge_lora instead.")
         with _step(console, f"Loading base model {args.base} ({args.dtype})"):
             model = _load_base(args.base, args.dtype)
+        if args.format == "gguf":
+            from lightning_lora.gguf_export import check_writable
+
+            check_writable(model.config)  # before the merge: an unsupported architecture fails fast
         with _step(console, f"Loading adapter {args.adapter}"):
             try:
                 names = load_adapter(model, args.adapter)
@@ -458,6 +570,9 @@ def merge_main(argv: list[str] | None = None) -> int:
         tokenizer = None
         with contextlib.suppress(Exception):  # a base without a tokenizer is fine: write the model only
             tokenizer = load_tokenizer(args.base)
+        if args.format == "gguf":
+            _merge_gguf(args, console, out, model, tokenizer)
+            return
         with atomic_directory(out, overwrite=args.overwrite) as tmp:
             with _step(console, f"Writing merged model to {out}"):
                 model.save_pretrained(tmp)
@@ -470,6 +585,40 @@ def merge_main(argv: list[str] | None = None) -> int:
         console.print(f"Wrote merged model{' and tokenizer' if tokenizer is not None else ''} to [bold]{out}[/bold]")
 
     return run_command("lightning-lora merge", merge_parser(), argv, body)
+
+
+def _merge_gguf(args: argparse.Namespace, console: Console, out: Path, model: Any, tokenizer: Any) -> None:
+    """`merge --format gguf`: the merged model -> OUT_DIR/model.<outtype>.gguf + Modelfile, verified on a
+    chat prompt (`gguf_export.check_input_ids`)."""
+    from lightning_lora._io import atomic_directory
+    from lightning_lora.gguf_export import (
+        check_input_ids,
+        reference_logits,
+        verify_model_gguf,
+        write_model_gguf,
+        write_modelfile,
+    )
+
+    if tokenizer is None:
+        raise CommandError(f"--base {args.base} has no tokenizer; a GGUF carries its tokenizer. Pass a base model "
+                           "directory with the tokenizer files (tokenizer.json).")
+    tokens = check_input_ids(tokenizer)
+    expected = reference_logits(model, tokens)
+    config = model.config
+    name = Path(str(args.base).rstrip("/")).name
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        target = tmp / f"model.{args.outtype}.gguf"
+        with _step(console, f"Writing GGUF ({args.outtype})"):
+            write_model_gguf(model, tokenizer, target, args.outtype, name=name,
+                             tokenizer_gguf=_bundled_gguf_file(args.base))
+            write_modelfile(target, tokenizer)
+        del model
+        with _step(console, "Checking the GGUF with transformers' GGUF loader"):
+            checked = verify_model_gguf(target, expected, args.outtype, tokenizer, tokens=tokens, config=config)
+        size = target.stat().st_size
+        console.print(f"  {checked}", soft_wrap=True)
+    console.print(f"Wrote [bold]{out / target.name}[/bold] ({size / 2**20:.1f} MiB) and {out / 'Modelfile'}",
+                  soft_wrap=True)
 
 
 __all__ = ["CommandError", "export_main", "export_parser", "merge_main", "merge_parser", "merged_logits",

@@ -15,7 +15,9 @@ line on stderr and exits with code 2; any other exception is a bug and keeps its
 | `OutputExistsError` | an output directory that exists and is not empty, without `overwrite` (also a `FileExistsError`) |
 | `CommandError` | a bad command-line argument of `lightning-lora export/merge/estimate` |
 | `QuantizationError` | a quantized base that cannot be built or adapted (`quantize_base`, bitsandbytes layers) |
-| `MissingDependencyError` | torchao / bitsandbytes needed and not installed (also an `ImportError`) |
+| `MissingDependencyError` | torchao / bitsandbytes / gguf needed and not installed (also an `ImportError`) |
+| `UnsupportedArchitectureError` | a model GGUF export cannot write (the message lists the supported architectures) |
+| `GGUFVerificationError` | a written GGUF that does not read back as the model or adapter it was written from |
 
 Example:
     >>> from lightning_lora.errors import LoRAError, DataFormatError
@@ -131,6 +133,24 @@ class MissingDependencyError(QuantizationError, ImportError):
     """
 
 
+class UnsupportedArchitectureError(LoRAError):
+    """A model whose architecture cannot be written as GGUF (the message lists the supported ones).
+
+    Example:
+        >>> issubclass(UnsupportedArchitectureError, LoRAError)
+        True
+    """
+
+
+class GGUFVerificationError(LoRAError):
+    """A GGUF file that does not read back as what was written (the message says how it differs).
+
+    Example:
+        >>> issubclass(GGUFVerificationError, LoRAError)
+        True
+    """
+
+
 #: how many items an error message names from a long list (keys, modules, tensors) before "... and N more"
 SHOWN = 3
 
@@ -160,6 +180,6 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return text.splitlines()[0][:limit] if text else ""
 
 
-__all__ = ["AdapterFormatError", "CommandError", "DataFileNotFoundError", "DataFormatError", "LoRAConfigError", "LoRAError",
-           "MissingDependencyError", "ModelNotFoundError", "OutputExistsError", "QuantizationError",
-           "UnsupportedAdapterError", "first_line", "listed"]
+__all__ = ["AdapterFormatError", "CommandError", "DataFileNotFoundError", "DataFormatError", "GGUFVerificationError",
+           "LoRAConfigError", "LoRAError", "MissingDependencyError", "ModelNotFoundError", "OutputExistsError",
+           "QuantizationError", "UnsupportedAdapterError", "UnsupportedArchitectureError", "first_line", "listed"]
