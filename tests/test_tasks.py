@@ -587,6 +587,9 @@ def test_two_ddp_ranks_update_as_one_batch_of_both(tiny_lm_dir, tmp_path):
     script = tmp_path / "token_mean_ddp.py"
     script.write_text(TOKEN_MEAN_DDP)
     env = dict(os.environ, PYTHONPATH=f"{tests}{os.pathsep}{tests.parent}")
+    # an earlier seed_everything in this process (a config's seed_everything) leaves PL_GLOBAL_SEED set, and DDP
+    # reseeds every rank with it at setup: the random A would differ from the reference's
+    env.pop("PL_GLOBAL_SEED", None)
     res = subprocess.run([sys.executable, str(script), tiny_lm_dir, str(tmp_path)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
