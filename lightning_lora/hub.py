@@ -183,9 +183,9 @@ def _hub_error(repo: str, revision: str | None, err: Exception) -> ModelNotFound
     if offline or isinstance(err, LocalEntryNotFoundError):
         why, fix = (("HF_HUB_OFFLINE=1 forbids downloading it", "unset HF_HUB_OFFLINE") if offline else
                     (f"{hub_constants.ENDPOINT} could not be reached", "connect and retry"))
-        return ModelNotFoundError(f"Model {spec!r} is not in the Hugging Face cache ({cache}) and {why}: {fix}, or run "
-                                  f"`{download}` on a connected machine and copy its cache here"
-                                  f"{'' if offline else ' ' + cause}.")
+        return ModelNotFoundError(f"Model {spec!r} was not found: not a local directory, not in the Hugging Face cache "
+                                  f"({cache}), and {why}: {fix}, or run `{download}` on a connected machine and copy "
+                                  f"its cache here{'' if offline else ' ' + cause}.")
     if isinstance(err, EntryNotFoundError):
         return ModelNotFoundError(f"Model {spec!r} has no config.json: it is not a transformers model repository; "
                                   f"pass the id of a transformers model.")

@@ -174,7 +174,8 @@ def _edit(directory: Path, **changes) -> None:
     ("no_config", ["adapter_config.json is missing"]),
     ("shape", ["shape mismatches", "lora_A.weight"]),
     ("missing_adapter", ["does not exist"]),
-    ("missing_base", ["'some-org/not-a-cached-model' is not in the Hugging Face cache", "HF_HUB_OFFLINE=1",
+    ("missing_base", ["'some-org/not-a-cached-model' was not found: not a local directory, not in the Hugging Face "
+                      "cache", "HF_HUB_OFFLINE=1 forbids downloading it",
                       "hf download some-org/not-a-cached-model"]),
 ])
 def test_merge_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, tiny_base_dir, tiny_adapter, problem, needles):

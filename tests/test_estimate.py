@@ -724,5 +724,5 @@ def test_cli_hub_id_fetches_config_json_only(capsys, local_hub, monkeypatch, tin
     assert json.loads(capsys.readouterr().out) == data
     assert main(["estimate", "--model", "other-org/not-cached"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [err] and "Model 'other-org/not-cached' is not in the Hugging Face cache" in err
+    assert err.splitlines() == [err] and "Model 'other-org/not-cached' was not found: not a local directory, not in the Hugging Face cache" in err
     assert "HF_HUB_OFFLINE=1 forbids downloading it" in err and "hf download other-org/not-cached" in err

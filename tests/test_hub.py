@@ -160,9 +160,9 @@ def test_offline_and_not_cached_is_one_line_naming_the_cache_and_the_download(lo
         with pytest.raises(ModelNotFoundError) as err:
             load(HUB_REPO)
         assert str(err.value) == (
-            f"Model '{HUB_REPO}' is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading "
-            f"it: unset HF_HUB_OFFLINE, or run `hf download {HUB_REPO}` on a connected machine and copy its cache "
-            "here.")
+            f"Model '{HUB_REPO}' was not found: not a local directory, not in the Hugging Face cache ({cache}), and "
+            f"HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE, or run `hf download {HUB_REPO}` on a "
+            "connected machine and copy its cache here.")
     with pytest.raises(ModelNotFoundError, match=r"run `hf download tiny-org/tiny-llama --revision v2` on a "):
         hub.load_causal_lm(HUB_REPO, revision="v2")
     assert _repo_requests(local_hub) == []  # offline means no request at all
@@ -178,9 +178,9 @@ def test_an_unreachable_hub_is_one_line(local_hub, tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError) as err:
         hub.load_causal_lm(HUB_REPO)
     assert str(err.value).startswith(
-        f"Model '{HUB_REPO}' is not in the Hugging Face cache ({tmp_path / 'hf-home' / 'hub'}) and {url} could not be "
-        f"reached: connect and retry, or run `hf download {HUB_REPO}` on a connected machine and copy its cache here "
-        "(LocalEntryNotFoundError: ")
+        f"Model '{HUB_REPO}' was not found: not a local directory, not in the Hugging Face cache "
+        f"({tmp_path / 'hf-home' / 'hub'}), and {url} could not be reached: connect and retry, or run "
+        f"`hf download {HUB_REPO}` on a connected machine and copy its cache here (LocalEntryNotFoundError: ")
     assert "\n" not in str(err.value)
 
 

@@ -188,8 +188,8 @@ def test_data_line_without_the_fields(in_tmp, capsys):
 
 def test_unknown_model_name(in_tmp, capsys):
     line = run_error(capsys, "--model.model_name_or_path", "no-such-model-xyz")
-    assert "'no-such-model-xyz' was not found" in line
-    assert "local Hugging Face cache" in line and "local transformers model directory" in line
+    assert "'no-such-model-xyz' was not found: not a local directory, not in the Hugging Face cache" in line
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in line and "run `hf download no-such-model-xyz`" in line
 
 
 def test_bad_model_argument_raised_in_init(in_tmp, capsys):
