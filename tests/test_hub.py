@@ -229,3 +229,16 @@ def test_meta_model_fetches_the_config_only(local_hub):
     assert net.model.embed_tokens.weight.device.type == "meta" and net.config.num_hidden_layers == 2
     assert [r for r in _repo_requests(local_hub) if "safetensors" in r] == []
     assert hub.meta_model(GATED_REPO) is None  # no token: not available
+
+
+def test_the_local_hub_speaks_snapshot_download(local_hub, tiny_lm_dir):
+    """The test Hub itself: huggingface_hub's `snapshot_download` (model info at a revision, then every file)
+    gets the served directory byte for byte, so the tests above exercise the real client."""
+    import huggingface_hub
+
+    folder = Path(huggingface_hub.snapshot_download(HUB_REPO, revision="main"))
+    assert folder.name == COMMIT
+    served = sorted(p.name for p in Path(tiny_lm_dir).iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == served
+    assert all((folder / name).read_bytes() == (Path(tiny_lm_dir) / name).read_bytes() for name in served)
+    assert f"GET /api/models/{HUB_REPO}/revision/main" in local_hub.requests
