@@ -14,7 +14,7 @@
 Before either command reports success it checks that what it wrote is usable as it claims, inside
 the temporary directory that is then renamed into place: an exported adapter loads onto the base
 model its `adapter_config.json` names (that architecture built on the meta device, when it is
-available offline) and holds exactly the checkpoint's tensors; a merged model reloads with
+available: local, cached or fetched) and holds exactly the checkpoint's tensors; a merged model reloads with
 `AutoModelForCausalLM.from_pretrained` and computes the same finite logits as the merged model in
 memory (a GGUF: it reloads with `from_pretrained(gguf_file=...)`, computes the merged model's logits within
 the cosine threshold of its outtype and encodes text as the original tokenizer; an adapter GGUF: its
@@ -69,18 +69,9 @@ def _step(console: Console, text: str) -> Iterator[None]:
     console.print(f"[green]✓[/green] {text} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
 
 
-def _offline() -> None:
-    """This tool never downloads: put huggingface_hub in offline mode for this process.
-
-    transformers' `from_pretrained` looks for an `adapter_config.json` on the Hub even with
-    `local_files_only=True` (and retries for ~25 s without a network); offline mode skips that.
-    """
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def _quiet_transformers() -> None:
+    """Our own progress display replaces transformers' bars (huggingface_hub's download bars stay)."""
     with contextlib.suppress(Exception):
-        import huggingface_hub.constants
-
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-    with contextlib.suppress(Exception):  # our own progress display replaces transformers' bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -166,7 +157,8 @@ def verify_export(directory: str | os.PathLike, ckpt_path: str | os.PathLike, sh
     """Check that a PEFT adapter directory exported from `ckpt_path` is usable as claimed.
 
     The directory must load (strictly: every key, every shape) onto the base model its
-    `adapter_config.json` names, built on the meta device when it is available offline; it must
+    `adapter_config.json` names, built on the meta device when its config.json is available (local,
+    cached or fetched); it must
     also load onto a module tree built from the checkpoint's own keys and shapes, and hold exactly
     the checkpoint's tensors (same shapes, dtypes and bytes).
 
@@ -222,7 +214,7 @@ def verify_export(directory: str | os.PathLike, ckpt_path: str | os.PathLike, sh
         raise CommandError(f"the exported adapter's {len(written)} tensors differ from the checkpoint's "
                            f"{len(ckpt.state_dict)} (shapes, dtypes or values).")
     onto = f"the architecture of {base}" if network is not None else (
-        "the checkpoint's layer shapes" + ("" if base is None else f" ({base} is not available offline)"))
+        "the checkpoint's layer shapes" + ("" if base is None else f" ({base}'s config.json is not available here)"))
     return f"loads onto {onto} and holds the checkpoint's {len(written)} tensors"
 
 
@@ -315,7 +307,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--base-model", metavar="NAME", default=None,
                         help="base model written to adapter_config.json (default: the one recorded in the "
-                             "checkpoint); when available offline its architecture is used to check the adapter")
+                             "checkpoint); when its config.json is available (local, cached or fetched) its "
+                             "architecture is used to check the adapter")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="peft",
                         help="peft: a PEFT adapter directory (default); gguf: llama.cpp's LoRA-adapter GGUF "
                              "(OUT_DIR/adapter.<outtype>.gguf, for llama-server --lora / Ollama's ADAPTER)")
@@ -339,7 +332,7 @@ def export_main(argv: list[str] | None = None) -> int:
         from lightning_lora.peft_format import checkpoint_to_peft
 
         console = _console()
-        _offline()
+        _quiet_transformers()
         out = Path(args.out_dir)
         if _same_path(args.ckpt, out):
             raise CommandError(f"OUT_DIR {out} is the checkpoint itself; choose another output directory.")
@@ -397,7 +390,7 @@ def _export_gguf(args: argparse.Namespace, console: Console, out: Path) -> None:
         require_gguf,
         write_adapter_gguf,
     )
-    from lightning_lora.hub import meta_model
+    from lightning_lora.hub import locate_model, meta_model
     from lightning_lora.peft_format import (
         checkpoint_to_peft,
         read_adapter_config,
@@ -424,8 +417,9 @@ def _export_gguf(args: argparse.Namespace, console: Console, out: Path) -> None:
                                "trained on): the GGUF's tensor names come from its architecture.")
         network = meta_model(str(base))
         if network is None:
-            raise CommandError(f"base model {base} is not available offline; pass --base-model naming a local "
-                               "transformers directory of the model the adapter was trained on.")
+            locate_model(str(base))  # a ModelNotFoundError line when the base cannot be had (offline, gated, ...)
+            raise CommandError(f"base model {base}: transformers cannot build a causal language model from its "
+                               "config.json; pass --base-model naming the model the adapter was trained on.")
         base_gguf = args.base_gguf or _bundled_gguf_file(str(base))
         if base_gguf is not None and not Path(base_gguf).is_file():
             raise CommandError(f"--base-gguf {base_gguf} does not exist; pass the .gguf file of the base model.")
@@ -455,8 +449,9 @@ def merge_parser() -> argparse.ArgumentParser:
                     "reports success.",
         epilog="example: lightning-lora merge --base smollm2-135m-instruct --adapter out/adapter --out out/merged")
     parser.add_argument("--base", required=True, metavar="MODEL",
-                        help="base model: a local transformers directory, a model in the local Hugging Face cache, "
-                             "or the bundled name smollm2-135m-instruct (nothing is downloaded)")
+                        help="base model: a local transformers directory, a hub id (org/name or org/name@revision; "
+                             "downloaded into the Hugging Face cache on first use, HF_HUB_OFFLINE=1 and HF_TOKEN "
+                             "respected), or the bundled name smollm2-135m-instruct")
     parser.add_argument("--adapter", required=True, metavar="CKPT|PEFT_DIR",
                         help="adapter-only .ckpt file, or a PEFT adapter directory")
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory")
@@ -532,7 +527,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         from lightning_lora.surgery import merge_lora
 
         console = _console()
-        _offline()
+        _quiet_transformers()
         out = Path(args.out)
         for name, value in (("--base", args.base), ("--adapter", args.adapter)):
             if _same_path(value, out) and Path(value).exists():

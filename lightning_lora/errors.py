@@ -11,7 +11,7 @@ line on stderr and exits with code 2; any other exception is a bug and keeps its
 | `UnsupportedAdapterError` | a valid PEFT adapter using a feature we do not implement |
 | `DataFormatError` | a data file or data option that cannot be used (message starts with `file:line`) |
 | `DataFileNotFoundError` | a data file that does not exist (also a `FileNotFoundError`) |
-| `ModelNotFoundError` | a model that is not available offline (also a `FileNotFoundError`) |
+| `ModelNotFoundError` | a model that is neither local nor fetchable: offline and not cached, gated without a token, unknown (also a `FileNotFoundError`) |
 | `OutputExistsError` | an output directory that exists and is not empty, without `overwrite` (also a `FileExistsError`) |
 | `CommandError` | a bad command-line argument of `lightning-lora export/merge/estimate` |
 | `QuantizationError` | a quantized base that cannot be built or adapted (`quantize_base`, bitsandbytes layers) |
@@ -89,7 +89,8 @@ class DataFileNotFoundError(DataFormatError, FileNotFoundError):
 
 
 class ModelNotFoundError(LoRAError, FileNotFoundError):
-    """A model name that is neither a local path, a bundled model nor in the local Hugging Face cache.
+    """A model that is neither a local path, a bundled model, nor a hub id that is cached or can be downloaded
+    (offline, unreachable, gated without a token, unknown); the message names the id, the cache and the fix.
 
     Example:
         >>> issubclass(ModelNotFoundError, FileNotFoundError)

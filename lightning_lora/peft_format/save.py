@@ -302,7 +302,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
 
 def _checkpoint_layers(ckpt: AdapterCheckpoint,
                        base: str | None) -> tuple[dict[str, _LayerInfo], list[str] | None, str, list[str]]:
-    """Layer kinds/ranks/alphas of the checkpoint, from the base architecture when it is available offline.
+    """Layer kinds/ranks/alphas of the checkpoint, from the base architecture when its config can be had.
 
     Returns `(layers, module_tree_or_None, how, fully_trained_modules)`.
     """
@@ -353,8 +353,9 @@ def checkpoint_to_peft(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike,
                        base_model_name_or_path: str | None = None) -> Path:
     """Convert an adapter-only Lightning checkpoint into a PEFT LoRA adapter directory.
 
-    When the base model (argument, else the one recorded in the checkpoint) is available offline
-    (a local directory, the local HF cache, or the bundled `smollm2-135m-instruct`), its
+    When the base model's config (argument, else the one recorded in the checkpoint) can be had
+    (a local directory, the bundled `smollm2-135m-instruct`, or a hub id's config.json: cached or
+    fetched, `hub.meta_model`), its
     architecture is built on the meta device (no weights are read) to tell embeddings and GPT-2
     `Conv1D` layers apart and to check every adapter shape. Without it, every adapted layer is taken
     to be a Linear layer, and a module whose name suggests an embedding is an error that asks for

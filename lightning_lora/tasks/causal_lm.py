@@ -1,7 +1,7 @@
 """`CausalLM`: fine-tune a transformers causal language model (SmolLM2, Llama, Mistral, ...) with LoRA.
 
-The module the configs in `configs/` train. It loads the model offline with
-`lightning_lora.hub.load_causal_lm` (in `configure_model`), trains on batches of `input_ids`,
+The module the configs in `configs/` train. It loads the model with `lightning_lora.hub.load_causal_lm`
+(in `configure_model`; a hub id is downloaded into the Hugging Face cache on first use), trains on batches of `input_ids`,
 `attention_mask` and `labels` (-100 where there is no loss, as `lightning_lora.data.InstructionDataModule`
 makes them), logs `train_loss`/`val_loss` and perplexity, keeps the validation loss before and after
 training (`val_loss_before`, `val_loss_after`), and at every validation end logs greedy answers to a
@@ -349,7 +349,9 @@ class CausalLM(LoRAMixin, pl.LightningModule):
 
     Args:
         model_name_or_path: a bundled name (`smollm2-135m-instruct`), a local transformers model
-            directory, or a hub id in the local cache (nothing is downloaded).
+            directory, or a hub id (`meta-llama/Llama-3.2-1B-Instruct`, `org/name@revision` for a branch,
+            tag or commit), downloaded into the Hugging Face cache on first use as transformers does
+            (`HF_TOKEN` for gated models; `HF_HUB_OFFLINE=1` reads the cache only).
         dtype: dtype the weights are loaded in (`float32`, `bfloat16`, ...); None loads float32. The
             Trainer's `precision` (e.g. `bf16-true`) converts the module afterwards anyway; set this to
             save host memory when loading a large model.
