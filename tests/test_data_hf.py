@@ -224,6 +224,35 @@ def test_dataset_options_parse_from_the_command_line():
     assert (dm.dataset, dm.val_split, dm.split, dm.tokenizer_name) == ("qa.csv", "test", "train", None)
 
 
+def cli_config(tmp_path: Path, model_dir: str, data: dict) -> str:
+    import yaml
+
+    cfg = {"trainer": {"accelerator": "cpu", "max_steps": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0,
+                       "enable_checkpointing": False, "enable_progress_bar": False, "logger": False,
+                       "default_root_dir": str(tmp_path)},
+           "model": {"class_path": "lightning_lora.tasks.CausalLM",
+                     "init_args": {"model_name_or_path": model_dir, "print_answers": False, "num_generate_examples": 0}},
+           "data": {"class_path": "lightning_lora.data.InstructionDataModule",
+                    "init_args": {"cache_dir": str(tmp_path / "hf-cache"), "batch_size": 2, **data}}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_fit_from_the_command_line_on_a_local_dataset(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    from lightning_lora.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-lora"])
+    source = write_source(tmp_path, "parquet", ALPACA * 2)
+    config = cli_config(tmp_path, tiny_lm_dir, {"dataset": source, "val_fraction": 0.25, "packing": True})
+    assert main(["fit", "--config", config]) == 0
+    capsys.readouterr()
+    bad = write_source(tmp_path, "csv", [{"question": "q?", "reply": "a."}] * 4)
+    assert main(["fit", "--config", config, "--data.dataset", bad]) == 2
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert line.startswith(f"lightning-lora fit: error: dataset={bad!r}: cannot tell the shape of its rows")
+
+
 # ------------------------------------------------------------------ errors: one line, naming dataset, row and fix
 
 
