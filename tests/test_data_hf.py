@@ -183,6 +183,11 @@ def test_streaming_gives_the_same_rows_without_len(tmp_path, tok):
     assert dm.val_dataloader() == []
 
 
+def test_num_proc_gives_the_same_rows(tmp_path, tok):
+    source = write_source(tmp_path, "parquet", OURS * 2)
+    assert rows_of(hf_dm(tmp_path, source, tok, num_proc=2)) == rows_of(json_dm(tmp_path, OURS * 2, tok))
+
+
 def test_streaming_with_packing_and_val_split(tmp_path, tok):
     rows = OURS * 3
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),

@@ -386,6 +386,22 @@ def encode_dataset(ds: Any, fn: RowEncoder, fingerprint: str, num_proc: int | No
                   else None, desc=desc, new_fingerprint=fingerprint)
 
 
+def shard_for_rank(ds: Any, rank: int, world_size: int) -> Any:
+    """This rank's share of a stream under DDP/FSDP (``datasets.distributed.split_dataset_by_node``): Lightning
+    adds a `DistributedSampler` only to map-style datasets, so without it every rank would read every row.
+
+    Example:
+        >>> ds = require_datasets().Dataset.from_dict({"x": list(range(4))}).to_iterable_dataset()
+        >>> [r["x"] for r in shard_for_rank(ds, 1, 2)]
+        [1, 3]
+    """
+    if world_size <= 1:
+        return ds
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
 class StreamingTokens(TorchIterableDataset):
     """A streamed, tokenized split for a DataLoader: rows with a token to learn, optionally packed.
 
@@ -434,4 +450,4 @@ def hf_options_fingerprint(*parts: Any) -> str:
 
 __all__ = ["FILE_BUILDERS", "MAPPABLE", "SHAPES", "RowEncoder", "StreamingTokens", "apply_columns", "column_names",
            "detect_shape", "empty_split_message", "encode_dataset", "hf_options_fingerprint", "load_split",
-           "require_datasets", "row_to_example", "tokenizer_fingerprint"]
+           "require_datasets", "row_to_example", "shard_for_rank", "tokenizer_fingerprint"]

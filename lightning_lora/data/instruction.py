@@ -63,6 +63,7 @@ from lightning_lora.data.hf import (
     encode_dataset,
     hf_options_fingerprint,
     load_split,
+    shard_for_rank,
     tokenizer_fingerprint,
 )
 from lightning_lora.data.packing import PackedCollator, pack_examples
@@ -442,6 +443,8 @@ class InstructionDataModule(LightningDataModule):
             tokenized = encode_dataset(rows, fn, "", None, f"Tokenizing {name}")
             if split == "train":  # after the map, so that errors name rows in the stream's own order
                 tokenized = tokenized.shuffle(seed=self.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+            if self.trainer is not None:
+                tokenized = shard_for_rank(tokenized, self.trainer.global_rank, self.trainer.world_size)
             return StreamingTokens(tokenized, self.max_length, packing=self.packing), stats
         fingerprint = hf_options_fingerprint(rows._fingerprint, tokenizer_fingerprint(self.tokenizer), fn.shape,
                                              self.columns, self.max_length, self.encoder.chat, self.system_prompt)
