@@ -326,6 +326,16 @@ def test_error_empty_and_unknown_split_and_missing_path(tmp_path, tok):
         hf_dm(tmp_path, source, tok, val_split="validation"))
 
 
+def test_a_folder_of_files_and_an_unreachable_hub_id(tmp_path, tok):
+    (tmp_path / "folder").mkdir()
+    datasets.Dataset.from_list(OURS).to_parquet(str(tmp_path / "folder" / "part-0.parquet"))
+    assert rows_of(hf_dm(tmp_path, str(tmp_path / "folder"), tok)) == rows_of(json_dm(tmp_path, OURS, tok))
+    assert one_line_error(hf_dm(tmp_path, "nobody/nothing-here", tok)) == (  # the tests run offline
+        "dataset='nobody/nothing-here': cannot be loaded (Couldn't reach 'nobody/nothing-here' on the Hub "
+        "(OfflineModeIsEnabled)). Check the hub id and dataset_config, connect to the Hub once (HF_HUB_OFFLINE unset) "
+        "to cache it, or pass a local file or folder.")
+
+
 def test_error_options_that_need_a_dataset(tmp_path):
     with pytest.raises(DataFormatError, match="pass dataset"):
         InstructionDataModule(streaming=True)
