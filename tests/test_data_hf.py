@@ -126,6 +126,24 @@ def test_alpaca_prompt_joins_instruction_and_input(tmp_path, tok):
     assert dm.examples("train")[1].source.endswith("data.parquet[train] row 1")
 
 
+def test_examples_need_no_tokenizer(tmp_path):
+    dm = InstructionDataModule(dataset=write_source(tmp_path, "jsonl", SHAREGPT), tokenizer=str(tmp_path / "none"),
+                               val_fraction=0.25, cache_dir=str(tmp_path / "hf-cache"))
+    assert [e["response"] for e in dm.eval_examples()] == ["Ljubljana."] and len(dm.examples("train")) == 3
+
+
+def test_truncation_warning_and_empty_split_error_as_for_jsonl(tmp_path, tok):
+    source = write_source(tmp_path, "parquet", OURS)
+    with pytest.warns(UserWarning) as hf_warnings:
+        hf_rows = rows_of(hf_dm(tmp_path, source, tok, max_length=36))
+    with pytest.warns(UserWarning) as json_warnings:
+        json_rows = rows_of(json_dm(tmp_path, OURS, tok, max_length=36))
+    assert hf_rows == json_rows and [str(w.message) for w in hf_warnings] == [str(w.message) for w in json_warnings]
+    assert "were longer than max_length=36 tokens and were truncated" in str(hf_warnings[0].message)
+    assert one_line_error(hf_dm(tmp_path, source, tok, max_length=3)).startswith(
+        f"{source}[train]: no training example is left: 4 of 4 were longer than max_length=3 tokens")
+
+
 def test_val_fraction_takes_the_rows_split_examples_takes(tmp_path, tok):
     rows = OURS * 3
     hf = hf_dm(tmp_path, write_source(tmp_path, "parquet", rows), tok, val_fraction=0.25, seed=7)

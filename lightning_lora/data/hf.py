@@ -324,7 +324,7 @@ class RowEncoder:
     Picklable, so ``num_proc > 1`` works.
 
     Args:
-        encoder: the example encoder.
+        encoder: the example encoder (None: only :meth:`example` is used).
         shape: the detected shape; columns: the ``columns`` mapping.
         name: names rows in messages (``"name row i"``); rows: original row numbers of the split's rows.
         max_length: truncation length.
@@ -335,7 +335,7 @@ class RowEncoder:
         ['input_ids', 'keep', 'labels', 'need', 'whole']
     """
 
-    def __init__(self, encoder: ExampleEncoder, shape: str, columns: Mapping[str, str] | None, name: str,
+    def __init__(self, encoder: ExampleEncoder | None, shape: str, columns: Mapping[str, str] | None, name: str,
                  rows: Sequence[int] | None, max_length: int) -> None:
         self.encoder, self.shape, self.columns = encoder, shape, dict(columns or {})
         self.name, self.rows, self.max_length = name, rows, max_length
@@ -346,6 +346,7 @@ class RowEncoder:
         return row_to_example(row, self.shape, f"{self.name} row {number}", self.columns)
 
     def __call__(self, row: Mapping[str, Any], index: int) -> dict[str, Any]:
+        assert self.encoder is not None, "RowEncoder(encoder=None) only parses rows"
         ids, labels = self.encoder.encode(self.example(row, index))
         whole = len(ids)
         need = min_length_for_target(labels)

@@ -1,8 +1,9 @@
-"""`InstructionDataModule`: JSON-lines files -> tokenized, loss-masked, dynamically padded batches.
+"""`InstructionDataModule`: JSON-lines files or a Hugging Face dataset -> tokenized, loss-masked, padded batches.
 
-The pieces live in their own modules: the file format in :mod:`lightning_lora.data.formats`, the
-tokenization and loss masks in :mod:`lightning_lora.data.encoding`, batching in
-:mod:`lightning_lora.data.collate`; their names are importable from here too.
+The pieces live in their own modules: the file format in :mod:`lightning_lora.data.formats`, Hugging Face
+datasets in :mod:`lightning_lora.data.hf`, the tokenization and loss masks in
+:mod:`lightning_lora.data.encoding`, batching in :mod:`lightning_lora.data.collate` and
+:mod:`lightning_lora.data.packing`; their names are importable from here too.
 
 What happens to examples that do not fit (see ``setup``): an example longer than ``max_length`` is
 truncated (one warning counts them); a row is kept only if it still has at least one token to learn
@@ -291,7 +292,8 @@ class InstructionDataModule(LightningDataModule):
         return self._encoder
 
     def examples(self, split: str = "train") -> list[Example]:
-        """The parsed (untokenized) examples of ``"train"`` or ``"val"``; needs no tokenizer.
+        """The parsed (untokenized) examples of ``"train"`` or ``"val"``; needs no tokenizer. With ``dataset``
+        every row of the split is parsed (a streamed dataset: its first 256 rows).
 
         Example:
             >>> dm = InstructionDataModule()
@@ -412,16 +414,16 @@ class InstructionDataModule(LightningDataModule):
         renamed = [c for c in names if c not in mapping.values()] + list(mapping)
         return detect_shape(renamed, self.dataset or name)
 
-    def _row_encoder(self, split: str) -> tuple[Any, RowEncoder]:
+    def _row_encoder(self, split: str, tokenize: bool = True) -> tuple[Any, RowEncoder]:
         rows, numbers, name = self._hf_raw()[split]
-        return rows, RowEncoder(self.encoder, self._hf_shape(rows, name), self.columns, name, numbers,
-                                self.max_length)
+        return rows, RowEncoder(self.encoder if tokenize else None, self._hf_shape(rows, name), self.columns, name,
+                                numbers, self.max_length)
 
     def _hf_examples(self, split: str) -> list[Example]:
         """The examples of a split of ``dataset`` (a streamed one: its first rows, for `eval_examples`)."""
         if split not in self._hf_raw():
             return []
-        rows, fn = self._row_encoder(split)
+        rows, fn = self._row_encoder(split, tokenize=False)
         if self.streaming:
             out = []
             for i, row in enumerate(rows):
