@@ -11,7 +11,7 @@ import yaml
 from lightning_lora.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GPU_CONFIGS = ["smollm2-135m-lora.yaml", "llama-3-8b-lora.yaml"]
+GPU_CONFIGS = ["smollm2-135m-lora.yaml", "llama-3-8b-lora.yaml", "llama-3.2-1b-alpaca.yaml"]
 
 
 def print_config(name: str, capsys, *overrides: str) -> dict:
@@ -56,8 +56,10 @@ def test_every_config_parses(name, capsys):
     assert logger["init_args"]["name"] == stem
     for path in (lora["adapter_dir"], lora["merged_dir"], ckpt["dirpath"]):
         assert path.startswith(f"runs/{stem}/"), path
-    # the data module tokenizes with the model's tokenizer
-    assert cfg["data"]["init_args"]["tokenizer"] == cfg["model"]["init_args"]["model_name_or_path"]
+    # the model is named once: the data module tokenizes with the model's tokenizer (tokenizer None)
+    assert cfg["data"]["init_args"]["tokenizer"] is None
+    settings = [line.split("#")[0] for line in (CONFIGS / name).read_text().splitlines()]
+    assert sum(cfg["model"]["init_args"]["model_name_or_path"] in line for line in settings) == 1
 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
@@ -91,14 +93,29 @@ def test_llama_config_fits_a_24gb_gpu(capsys):
     assert model["gradient_checkpointing"] is True
     assert model["dtype"] == "bfloat16"  # loaded in bf16: 16 GB, not 32 GB of float32 first
     assert "/path/to/" in model["model_name_or_path"]  # a placeholder the user overrides
-    overridden = print_config("llama-3-8b-lora.yaml", capsys, "--model.model_name_or_path", "/models/llama3",
-                              "--data.tokenizer", "/models/llama3")
+    overridden = print_config("llama-3-8b-lora.yaml", capsys, "--model.model_name_or_path", "/models/llama3")
     assert overridden["model"]["init_args"]["model_name_or_path"] == "/models/llama3"
-    assert overridden["data"]["init_args"]["tokenizer"] == "/models/llama3"
+    assert overridden["data"]["init_args"]["tokenizer"] is None  # the model's
+    explicit = print_config("llama-3-8b-lora.yaml", capsys, "--model.model_name_or_path", "/models/llama3",
+                            "--data.tokenizer", "/models/other")  # an explicit tokenizer wins
+    assert explicit["data"]["init_args"]["tokenizer"] == "/models/other"
+
+
+def test_hub_model_and_dataset_config_names_both_once(capsys):
+    cfg = print_config("llama-3.2-1b-alpaca.yaml", capsys)
+    assert cfg["model"]["init_args"]["model_name_or_path"] == "meta-llama/Llama-3.2-1B-Instruct"
+    data = cfg["data"]["init_args"]
+    assert (data["dataset"], data["split"], data["val_fraction"], data["packing"]) == ("yahma/alpaca-cleaned", "train",
+                                                                                     0.02, True)
+    settings = [line.split("#")[0] for line in (CONFIGS / "llama-3.2-1b-alpaca.yaml").read_text().splitlines()]
+    assert [sum(name in line for line in settings) for name in ("yahma/alpaca-cleaned", "Llama-3.2-1B")] == [1, 1]
+    local = print_config("llama-3.2-1b-alpaca.yaml", capsys, "--data.dataset", "my.parquet", "--data.columns",
+                         '{"prompt": "question", "response": "answer"}')
+    assert local["data"]["init_args"]["columns"] == {"prompt": "question", "response": "answer"}
 
 
 @pytest.mark.parametrize("name", ["llama-3-8b-lora.yaml", "llama-3-8b-qlora.yaml", "llama-3-70b-lora-fsdp.yaml",
-                                  "quickstart.yaml"])
+                                  "llama-3.2-1b-alpaca.yaml", "quickstart.yaml"])
 def test_the_gpu_configs_pack_their_data_and_the_quickstart_pads(name, capsys):
     """Packing pays off on users' data of mixed lengths (the Llama configs); the quickstart's short demo answers
     keep padded batches, so its printed numbers stay those of the README."""

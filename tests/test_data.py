@@ -411,7 +411,7 @@ def test_buildable_by_jsonargparse_from_yaml():
     parser.add_class_arguments(InstructionDataModule, "data")
     cfg = parser.parse_string("data:\n  train_file: my.jsonl\n  max_length: 128\n  system_prompt: Be brief.\n")
     assert cfg.data.train_file == "my.jsonl" and cfg.data.val_file is None and cfg.data.max_length == 128
-    assert cfg.data.system_prompt == "Be brief." and cfg.data.tokenizer == "smollm2-135m-instruct"
+    assert cfg.data.system_prompt == "Be brief." and cfg.data.tokenizer is None  # None: the model's
     dm = parser.instantiate_classes(cfg).data
     assert isinstance(dm, InstructionDataModule) and dm.hparams["max_length"] == 128
 

@@ -990,4 +990,4 @@ def test_llama_qlora_config_asks_for_a_4bit_base_on_one_gpu(capsys):
     assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("gpu", 1, "bf16-true")
     model = cfg["model"]["init_args"]
     assert model["gradient_checkpointing"] is True and model["dtype"] == "bfloat16"
-    assert cfg["data"]["init_args"]["tokenizer"] == model["model_name_or_path"]
+    assert cfg["data"]["init_args"]["tokenizer"] is None  # the model's

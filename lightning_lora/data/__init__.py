@@ -2,10 +2,12 @@
 
 | module | what lives there |
 | --- | --- |
-| `formats` | the JSON-lines file format: `Example`, `parse_example`, `read_examples`, `split_examples` |
+| `formats` | the JSON-lines file format: `Example`, `parse_example`, `read_examples`, `split_examples` / `split_indices` |
 | `encoding` | `ExampleEncoder` (chat template, loss masks), `IGNORE_INDEX`, `count_targets` |
 | `collate` | `TokenizedDataset`, `PadCollator` (dynamic padding) |
-| `instruction` | `InstructionDataModule` |
+| `packing` | `pack_examples`, `PackedCollator` (padding-free packed rows) |
+| `hf` | Hugging Face `datasets` (optional extra `data`): `load_split`, column shapes (`detect_shape`, `row_to_example`, `columns`), tokenizing with `datasets.map` (`RowEncoder`, `encode_dataset`), `StreamingTokens` |
+| `instruction` | `InstructionDataModule` (JSON-lines files or `dataset=`) |
 
 Example:
     >>> from lightning_lora.data import InstructionDataModule

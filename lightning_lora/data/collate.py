@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ from lightning_lora.errors import DataFormatError
 
 
 class TokenizedDataset(Dataset):
-    """A list of ``{"input_ids": [...], "labels": [...]}`` dicts (any extra int keys are batched too).
+    """A list of ``{"input_ids": [...], "labels": [...]}`` dicts (any extra int keys are batched too), or any
+    sequence of them such as a tokenized ``datasets.Dataset``.
 
     Example:
         >>> ds = TokenizedDataset([{"input_ids": [5, 6], "labels": [-100, 6]}])
@@ -27,7 +29,7 @@ class TokenizedDataset(Dataset):
         (1, [-100, 6])
     """
 
-    def __init__(self, items: list[dict[str, Any]]) -> None:
+    def __init__(self, items: Sequence[dict[str, Any]]) -> None:
         self.items = items
 
     def __len__(self) -> int:

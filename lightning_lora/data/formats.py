@@ -233,9 +233,39 @@ def read_examples(path: str | os.PathLike, argument: str = "file") -> list[Examp
     return examples
 
 
+def split_indices(n: int, val_fraction: float, seed: int, source: str | os.PathLike | None = None,
+                  alternative: str = "pass val_file") -> tuple[list[int], list[int]]:
+    """The deterministic train/validation split of ``n`` examples as index lists (both in order).
+
+    ``round(n * val_fraction)`` indices (at least one when ``val_fraction > 0``) go to validation, chosen by
+    ``random.Random(seed)``; :func:`split_examples` and the Hugging Face datasets path share it, so the same
+    rows give the same split from either source.
+
+    Raises:
+        DataFormatError: nothing would be left to train on (``source`` prefixes the message, ``alternative``
+            ends it).
+
+    Example:
+        >>> split_indices(5, 0.4, seed=0)
+        ([0, 3, 4], [1, 2])
+    """
+    if val_fraction <= 0:
+        return list(range(n)), []
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        where = "" if source is None else f"{source}: "
+        raise DataFormatError(f"{where}Cannot split {n} example(s) with val_fraction={val_fraction}: nothing would be "
+                              f"left to train on. Add examples, lower val_fraction (0 = no validation), or "
+                              f"{alternative}.")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    return [i for i in range(n) if i not in val_idx], sorted(val_idx)
+
+
 def split_examples(examples: Sequence[Example], val_fraction: float, seed: int,
                    source: str | os.PathLike | None = None) -> tuple[list[Example], list[Example]]:
-    """A deterministic train/validation split: the same seed gives the same split.
+    """A deterministic train/validation split: the same seed gives the same split (:func:`split_indices`).
 
     ``round(len(examples) * val_fraction)`` examples (at least one when ``val_fraction > 0``) go to
     validation; both parts keep the file order. ``source`` (the file) prefixes the error message.
@@ -248,21 +278,9 @@ def split_examples(examples: Sequence[Example], val_fraction: float, seed: int,
         >>> len(train), len(val)
         (194, 22)
     """
-    n = len(examples)
-    if val_fraction <= 0:
-        return list(examples), []
-    n_val = max(1, round(n * val_fraction))
-    if n_val >= n:
-        where = "" if source is None else f"{source}: "
-        raise DataFormatError(f"{where}Cannot split {n} example(s) with val_fraction={val_fraction}: nothing would be "
-                              "left to train on. Add examples, lower val_fraction (0 = no validation), or pass "
-                              "val_file.")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    return ([ex for i, ex in enumerate(examples) if i not in val_idx],
-            [ex for i, ex in enumerate(examples) if i in val_idx])
+    train_idx, val_idx = split_indices(len(examples), val_fraction, seed, source)
+    return [examples[i] for i in train_idx], [examples[i] for i in val_idx]
 
 
 __all__ = ["BUNDLED_TRAIN_FILE", "BUNDLED_VAL_FILE", "DATA_DIR", "FORMATS_HINT", "Example", "check_file", "parse_example",
-           "read_examples", "split_examples"]
+           "read_examples", "split_examples", "split_indices"]

@@ -667,8 +667,8 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             name = getattr(dm, "tokenizer_name", None) or getattr(data_tokenizer, "name_or_path", "?")
             raise TaskConfigError(
                 f"The data is tokenized with {str(name)!r} but the model is {self.model_name_or_path!r}, and their "
-                f"vocabularies differ; pass the model's path to the data module too, e.g. "
-                f"--data.tokenizer {self.model_name_or_path}")
+                f"vocabularies differ; leave the data module's tokenizer unset (it then tokenizes with the model's) "
+                f"or pass the model's path, e.g. --data.tokenizer {self.model_name_or_path}")
 
     @override
     def on_fit_start(self) -> None:
