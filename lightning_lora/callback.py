@@ -63,7 +63,7 @@ from lightning_lora.fsdp import (
     strategy_kind,
 )
 from lightning_lora.loraplus import apply_loraplus
-from lightning_lora.quantization import host_init_context
+from lightning_lora.quantization import host_init_context, is_quantized_module
 from lightning_lora.surgery import (
     MERGED_ATTR,
     AdapterProbe,
@@ -108,6 +108,18 @@ def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Callabl
 #: Lightning callbacks that copy the module in their `setup` (to average it): listed before `LoRA`, their
 #: `setup` is run again once the adapters are injected, so that their copy has the adapters too
 MODULE_COPYING_CALLBACKS: tuple[type[Callback], ...] = (WeightAveraging, StochasticWeightAveraging)
+
+
+def _refuse_averaging_a_quantized_base(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """An averaging callback on a 4-bit base: one clear error at fit start instead of a crash at its first
+    update (torch's `AveragedModel` averages every parameter, and NF4 / bitsandbytes weights support no
+    arithmetic: `NF4Tensor dispatch: attempting to run aten.mul.Tensor`)."""
+    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, MODULE_COPYING_CALLBACKS)]
+    if averaging and any(is_quantized_module(m) for m in pl_module.modules()):
+        raise LoRAConfigError(
+            f"{averaging[0]} cannot average a model with a 4-bit base: torch's AveragedModel averages every "
+            "parameter, the frozen 4-bit weights too, and those support no arithmetic. Remove "
+            f"{averaging[0]} from the Trainer's callbacks, or train without a 4-bit base (quantize_base=None).")
 
 
 def _adapter_only_checkpoints(strategy: Any) -> None:
@@ -328,6 +340,7 @@ class LoRA(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not has_lora(pl_module):
             raise LoRAError("The LoRA callback found no adapters at fit start; was the model replaced after setup?")
+        _refuse_averaging_a_quantized_base(trainer, pl_module)
         restrict_optimizers(pl_module, trainer.optimizers)
         if self.config.loraplus_lr_ratio is not None:  # LoRA+: B (and 1-D parameters) at ratio x the group's lr
             apply_loraplus(pl_module, trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs],

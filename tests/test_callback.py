@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import (
     WeightAveraging,
 )
 from lightning.pytorch.loggers import TensorBoardLogger
-from lit_models import BuiltInConfigureModel, EvalData, MixinTinyLlama, PlainTinyLlama, TinyLlamaModule, fit
+from lit_models import BuiltInConfigureModel, EvalData, MixinTinyLlama, PlainTinyLlama, TinyLlamaModule, fit, token_data
 from torch.optim.swa_utils import get_ema_avg_fn, get_swa_avg_fn
 
 from lightning_lora import LoRA, LoRAConfig, LoRAError, lora_state_dict
@@ -522,3 +522,18 @@ def test_averaging_callback_with_a_network_built_in_configure_model(tmp_path, lo
     average = expected_average("EMAWeightAveraging", history)
     assert_same(ckpt["state_dict"], average)
     assert_same(adapters(module), average)
+
+
+@pytest.mark.parametrize("kind", sorted(AVERAGING))
+def test_averaging_a_4bit_base_is_one_clear_error_at_fit_start(kind, tmp_path):
+    """torch's AveragedModel averages every parameter, the frozen NF4 weights too, which support no arithmetic:
+    without the check the first update crashed inside torchao ('NF4Tensor dispatch: ... aten.mul.Tensor')."""
+    pytest.importorskip("torchao")
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[LoRA(r=4, target_modules=["q_proj", "v_proj"], quantize_base="nf4",
+                                        merge_on_fit_end=False), AVERAGING[kind]()])
+    with pytest.raises(LoRAError, match=rf"^{kind} cannot average a model with a 4-bit base: .* Remove {kind} from "
+                                        r"the Trainer's callbacks, or train without a 4-bit base \(quantize_base=None\)"):
+        trainer.fit(PlainTinyLlama(), torch.utils.data.DataLoader(token_data(8, 12), batch_size=4))
+    assert trainer.global_step == 0
