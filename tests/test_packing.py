@@ -139,3 +139,64 @@ def test_packed_loss_on_the_real_smollm2(smollm2_shared):
         (packed, n_packed), (alone, n_alone), _ = _alone_and_packed(smollm2_shared, items, max_length=128)
     assert int(n_packed) == int(n_alone)
     torch.testing.assert_close(packed / n_packed, alone / n_alone, rtol=1e-5, atol=1e-5)
+
+
+PACKED_DDP = """
+import sys, torch, lightning as L
+from lightning_lora import LoRA
+from lightning_lora.data import InstructionDataModule
+from lightning_lora.tasks import CausalLM
+model_dir, out = sys.argv[1], sys.argv[2]
+
+
+class Rows(L.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        assert sorted(batch) == ["input_ids", "labels", "position_ids"]
+        pad = trainer.datamodule.tokenizer.pad_token_id
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+            while ids and ids[-1] == pad and labels[-1] == -100:   # the batch's padded tail
+                ids, labels = ids[:-1], labels[:-1]
+            self.rows.append(tuple(ids))
+
+
+rows = Rows()
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=out, limit_val_batches=0,
+                    callbacks=[LoRA(r=4, target_modules=["q_proj", "v_proj"], merge_on_fit_end=False), rows])
+dm = InstructionDataModule(tokenizer=model_dir, batch_size=2, packing=True, max_length=128)
+trainer.fit(CausalLM(model_dir, num_generate_examples=0, print_answers=False), datamodule=dm)
+torch.save({"rows": rows.rows, "steps": trainer.global_step}, f"{out}/rank{trainer.global_rank}.pt")
+if torch.distributed.is_initialized():  # stop gloo's threads before the interpreter exits (else: std::terminate)
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.integration
+def test_packed_batches_under_ddp_split_the_rows_between_ranks(tiny_lm_dir, tmp_path):
+    """Each rank trains on its own packed rows (Lightning's DistributedSampler over the rows): no row twice,
+    every row of the epoch on one rank, both ranks step together."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    script = tmp_path / "packed_ddp.py"
+    script.write_text(PACKED_DDP)
+    env = dict(os.environ, PYTHONPATH=f"{tests}{os.pathsep}{tests.parent}")
+    env.pop("PL_GLOBAL_SEED", None)
+    res = subprocess.run([sys.executable, str(script), tiny_lm_dir, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=2, packing=True, max_length=128)
+    dm.setup("fit")
+    expected = {tuple(r["input_ids"]) for r in pack_examples(dm.train_dataset.items, 128)}
+    seen = [set(r["rows"]) for r in ranks]
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 0
+    assert seen[0] | seen[1] == expected
+    # DistributedSampler repeats a row to give both ranks as many when the count is odd
+    assert len(seen[0] & seen[1]) == len(expected) % 2
