@@ -18,6 +18,26 @@ def pytest_report_header(config) -> list[str]:
     return report_lines()
 
 
+def pytest_sessionstart(session) -> None:
+    """`-q` (the README's command) hides the report header: write the version lines anyway."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0:
+        from dependency_versions import report_lines
+
+        for line in report_lines():
+            reporter.write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """A failing run repeats the version lines at its end, next to the failures, naming what changed."""
+    if exitstatus not in (0, 5):
+        from dependency_versions import report_lines
+
+        terminalreporter.section("dependency versions")
+        for line in report_lines():
+            terminalreporter.write_line(line)
+
+
 def make_tiny_llama(seed: int = 0, **overrides):
     """A 2-layer Llama (hidden 64) built in code, in eval mode, fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM

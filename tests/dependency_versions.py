@@ -43,7 +43,7 @@ def supported_ranges(dist: str = "lightning-lora", extras: tuple[str, ...] = ("t
     return ranges
 
 
-def tested_versions(path: Path = TESTED_FILE) -> dict[str, str]:
+def last_green_versions(path: Path = TESTED_FILE) -> dict[str, str]:
     """`name==version` lines (comments with #) -> {canonical name: version}."""
     out = {}
     for line in path.read_text().splitlines():
@@ -55,7 +55,7 @@ def tested_versions(path: Path = TESTED_FILE) -> dict[str, str]:
 
 
 def dependencies() -> list[Dependency]:
-    tested = tested_versions()
+    tested = last_green_versions()
     deps = []
     for name, spec in supported_ranges().items():
         try:
