@@ -142,39 +142,82 @@ def tiny_lm_dir(tmp_path_factory, smollm2_path):
 HUB_REPO = "tiny-org/tiny-llama"
 GATED_REPO = "gated-org/tiny-llama"
 HUB_TOKEN = "hf_local_test_token"
+#: the dataset repository of the `local_hub` fixture (`tiny_dataset_dir`: `HUB_DATASET_ROWS` in one parquet file)
+HUB_DATASET = "tiny-org/tiny-alpaca"
+HUB_DATASET_FILE = "data/train-00000-of-00001.parquet"
+#: the rows of `HUB_DATASET` (Alpaca shape; `input` empty in every other row)
+HUB_DATASET_ROWS = [{"instruction": q, "input": "Answer briefly." if i % 2 else "", "output": a} for i, (q, a) in enumerate(
+    [("What colour is the sky?", "Blue."), ("Who wrote Hamlet?", "Shakespeare."), ("Capital of Slovenia?", "Ljubljana."),
+     ("Two plus two?", "Four.")])]
 
 
 @pytest.fixture
 def local_hub(tmp_path, monkeypatch, tiny_lm_dir):
     """A local Hub (`tests/hub_server.py`, 127.0.0.1) serving `tiny_lm_dir` as `HUB_REPO` and `GATED_REPO`,
     online mode, an empty Hugging Face cache in `tmp_path / "hf-home"`, no token. Yields the server
-    (stopped at the end; a test may stop it earlier). `hub_offline(monkeypatch)` turns offline mode on."""
+    (stopped at the end; a test may stop it earlier). `hub_offline(monkeypatch)` turns offline mode on.
+    With `datasets` installed it also serves `tiny_dataset_dir` as the dataset `HUB_DATASET`, and `datasets`
+    sees this Hub and caches in `tmp_path / "hf-home" / "datasets"`."""
     import transformers.utils.hub as transformers_hub
     from hub_server import HubServer
     from huggingface_hub import constants
 
-    server = HubServer({HUB_REPO: tiny_lm_dir, GATED_REPO: tiny_lm_dir}, gated={GATED_REPO: HUB_TOKEN}).start()
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    served = {} if datasets is None else {HUB_DATASET: tiny_dataset_dir(tmp_path / "tiny-dataset-repo")}
+    server = HubServer({HUB_REPO: tiny_lm_dir, GATED_REPO: tiny_lm_dir}, gated={GATED_REPO: HUB_TOKEN},
+                       datasets=served).start()
     home = tmp_path / "hf-home"
     for key, value in {"HF_ENDPOINT": server.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-                       "HF_HUB_OFFLINE": "0"}.items():
+                       "HF_DATASETS_CACHE": str(home / "datasets"), "HF_HUB_OFFLINE": "0"}.items():
         monkeypatch.setenv(key, value)
-    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE"):
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(key, raising=False)
     # huggingface_hub reads the environment once, at import: set its constants as a fresh import would
     for key, value in {"ENDPOINT": server.url,
                        "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
                        "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": False,
                        "HF_TOKEN_PATH": str(home / "token"),
-                       "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}.items():
+                       "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+                       "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json")}.items():
         monkeypatch.setattr(constants, key, value)
     monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers' shared HfApi keeps the endpoint it saw
+    if datasets is not None:  # datasets too reads the environment at import (datasets.config)
+        cache = home / "datasets"
+        for key, value in {"HF_ENDPOINT": server.url,
+                           "HUB_DATASETS_URL": server.url + "/datasets/{repo_id}/resolve/{revision}/{path}",
+                           "HF_CACHE_HOME": str(home), "HF_DATASETS_CACHE": cache,
+                           "DOWNLOADED_DATASETS_PATH": cache / "downloads",
+                           "EXTRACTED_DATASETS_PATH": cache / "downloads" / "extracted",
+                           "HF_MODULES_CACHE": home / "modules", "HF_HUB_OFFLINE": False, "HF_DATASETS_OFFLINE": False,
+                           # the two requests datasets sends beyond the Hub: a download counter on S3 and the
+                           # dataset viewer's parquet export at datasets-server.{host}; the test Hub is neither
+                           "HF_UPDATE_DOWNLOAD_COUNTS": False, "USE_PARQUET_EXPORT": False}.items():
+            monkeypatch.setattr(datasets.config, key, value)
     yield server
     server.stop()
 
 
+def tiny_dataset_dir(path) -> str:
+    """Write the dataset repository `HUB_DATASET` into `path` as `push_to_hub` lays it out: `HUB_DATASET_ROWS`
+    in one parquet file, `HUB_DATASET_FILE` (no dataset card)."""
+    import datasets
+
+    (path / HUB_DATASET_FILE).parent.mkdir(parents=True)
+    datasets.Dataset.from_list(HUB_DATASET_ROWS).to_parquet(str(path / HUB_DATASET_FILE))
+    return str(path)
+
+
 def hub_offline(monkeypatch) -> None:
-    """`HF_HUB_OFFLINE=1`, as huggingface_hub would read it at import."""
+    """`HF_HUB_OFFLINE=1`, as huggingface_hub (and datasets, when imported) would read it at import."""
+    import sys
+
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    if "datasets" in sys.modules and sys.modules["datasets"] is not None:
+        monkeypatch.setattr(sys.modules["datasets"].config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(sys.modules["datasets"].config, "HF_DATASETS_OFFLINE", True)

@@ -11,8 +11,11 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from conftest import HUB_DATASET, HUB_DATASET_FILE, HUB_DATASET_ROWS, hub_offline
+from hub_server import COMMIT
 
 from lightning_lora.data import IGNORE_INDEX, InstructionDataModule
 from lightning_lora.data.encoding import ExampleEncoder
@@ -365,3 +368,71 @@ def test_missing_datasets_package_says_what_to_install(tmp_path, tok, monkeypatc
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     message = one_line_error(hf_dm(tmp_path, "yahma/alpaca-cleaned", tok), MissingDependencyError)
     assert "pip install 'lightning-lora[data]'" in message
+
+
+# ------------------------------------------------------------------ a hub id: downloaded from a local Hub, then offline
+
+
+def _dataset_requests(server) -> list[str]:
+    """The requests for `HUB_DATASET`'s files and API (`tests/hub_server.py` records every request)."""
+    return [r for r in server.requests if f"/datasets/{HUB_DATASET}/" in r + "/"]
+
+
+def test_a_hub_dataset_is_downloaded_cached_and_read_offline(local_hub, monkeypatch, tmp_path, tiny_lm_dir):
+    got = rows_of(InstructionDataModule(dataset=HUB_DATASET, tokenizer=tiny_lm_dir, val_fraction=0))
+    downloads = [r for r in _dataset_requests(local_hub) if r.startswith("GET /datasets/")]
+    assert downloads == [f"GET /datasets/{HUB_DATASET}/resolve/{COMMIT}/{HUB_DATASET_FILE}"]
+    assert f"GET /api/datasets/{HUB_DATASET}" in local_hub.requests and local_hub.unknown == []
+    home = tmp_path / "hf-home"
+    cached = home / "hub" / "datasets--tiny-org--tiny-alpaca" / "snapshots" / COMMIT / HUB_DATASET_FILE
+    assert cached.read_bytes() == (tmp_path / "tiny-dataset-repo" / HUB_DATASET_FILE).read_bytes()
+    prepared = home / "datasets" / "tiny-org___tiny-alpaca" / "default" / "0.0.0" / COMMIT / "tiny-alpaca-train.arrow"
+    assert prepared.is_file()
+    # the same rows, ids and loss masks as the same rows from a local file and as JSON-lines
+    (tmp_path / "local").mkdir()
+    assert got == rows_of(hf_dm(tmp_path, write_source(tmp_path / "local", "parquet", HUB_DATASET_ROWS), tiny_lm_dir))
+    assert got == rows_of(json_dm(tmp_path, as_ours("alpaca", HUB_DATASET_ROWS), tiny_lm_dir)) and len(got) == 4
+
+    local_hub.stop()  # no Hub at all: the cache alone
+    hub_offline(monkeypatch)
+    seen = len(local_hub.requests)
+    offline = InstructionDataModule(dataset=HUB_DATASET, tokenizer=tiny_lm_dir, val_fraction=0.25, seed=3)
+    train, val = rows_of(offline), rows_of(offline, "val")
+    assert len(local_hub.requests) == seen and len(val) == 1 and sorted(train + val) == sorted(got)
+    assert [e["response"] for e in offline.eval_examples()] == ["Four."]
+
+
+def test_an_uncached_hub_dataset_offline_is_one_line(local_hub, monkeypatch, tiny_lm_dir):
+    hub_offline(monkeypatch)
+    dm = InstructionDataModule(dataset=HUB_DATASET, tokenizer=tiny_lm_dir, val_fraction=0)
+    assert one_line_error(dm) == (
+        f"dataset={HUB_DATASET!r}: cannot be loaded (Couldn't reach {HUB_DATASET!r} on the Hub "
+        "(OfflineModeIsEnabled)). Check the hub id and dataset_config, connect to the Hub once (HF_HUB_OFFLINE unset) "
+        "to cache it, or pass a local file or folder.")
+    assert _dataset_requests(local_hub) == []  # offline means no request at all
+
+
+def test_online_errors_name_what_to_do(local_hub, monkeypatch, tiny_lm_dir):
+    """Online, a hub id the Hub does not have, a split it does not have, and a Hub that cannot be reached each say
+    what is wrong (not "unset HF_HUB_OFFLINE", which is unset)."""
+    import huggingface_hub.utils._http as hub_http
+
+    def dm(dataset: str, **kwargs) -> InstructionDataModule:
+        return InstructionDataModule(dataset=dataset, tokenizer=tiny_lm_dir, val_fraction=0, **kwargs)
+
+    assert one_line_error(dm("nobody/nothing-here")) == (
+        "dataset='nobody/nothing-here': cannot be loaded (Dataset 'nobody/nothing-here' doesn't exist on the Hub or "
+        "cannot be accessed.). Check the hub id (a private or gated dataset needs HF_TOKEN or `hf auth login`), or "
+        "pass a local file or folder.")
+    assert one_line_error(dm(HUB_DATASET, split="test")) == (
+        f"dataset={HUB_DATASET!r}: no split 'test' (Unknown split \"test\". Should be one of ['train'].). Pass an "
+        "existing split as split / val_split (e.g. train, validation, test).")
+    # huggingface_hub retries a request it cannot send 5 times (1 to 8 s apart, 23 s in all): skip the waits only
+    monkeypatch.setattr(hub_http, "time", SimpleNamespace(sleep=lambda seconds: None))
+    url = local_hub.url
+    local_hub.stop()
+    assert one_line_error(dm("tiny-org/not-cached")) == (
+        "dataset='tiny-org/not-cached': cannot be loaded (Couldn't reach 'tiny-org/not-cached' on the Hub "
+        f"(LocalEntryNotFoundError)). Check the hub id and dataset_config, and that {url} can be reached "
+        "(HF_ENDPOINT), then retry; or pass a local file or folder.")
+    assert local_hub.unknown == []

@@ -11,7 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import GATED_REPO, HUB_REPO, HUB_TOKEN, hub_offline
+from conftest import (
+    GATED_REPO,
+    HUB_DATASET,
+    HUB_DATASET_FILE,
+    HUB_REPO,
+    HUB_TOKEN,
+    hub_offline,
+)
 from hub_server import COMMIT
 
 from lightning_lora import hub
@@ -242,3 +249,32 @@ def test_the_local_hub_speaks_snapshot_download(local_hub, tiny_lm_dir):
     assert sorted(p.name for p in folder.iterdir()) == served
     assert all((folder / name).read_bytes() == (Path(tiny_lm_dir) / name).read_bytes() for name in served)
     assert f"GET /api/models/{HUB_REPO}/revision/main" in local_hub.requests
+
+
+def test_the_local_hub_speaks_hf_file_system_for_datasets(local_hub, tmp_path):
+    """The test Hub's dataset side through huggingface_hub's `HfFileSystem` (what `datasets` resolves data files
+    with): a recursive tree, paths-info (POST) and the file itself; `tests/test_data_hf.py` loads it with
+    `datasets`."""
+    pytest.importorskip("datasets")
+    from huggingface_hub import HfApi, HfFileSystem
+
+    served = tmp_path / "tiny-dataset-repo" / HUB_DATASET_FILE
+    fs = HfFileSystem(endpoint=local_hub.url, skip_instance_cache=True)
+    root = f"datasets/{HUB_DATASET}"
+    assert fs.find(root) == [f"{root}/{HUB_DATASET_FILE}"]
+    info = fs.info(f"{root}@{COMMIT}/{HUB_DATASET_FILE}")
+    assert (info["type"], info["size"]) == ("file", served.stat().st_size)
+    assert fs.cat_file(f"{root}/{HUB_DATASET_FILE}") == served.read_bytes()
+    assert fs.ls(f"{root}/data", detail=False) == [f"{root}/data/{Path(HUB_DATASET_FILE).name}"]
+    assert not fs.exists(f"{root}/README.md")
+    api = HfApi(endpoint=local_hub.url)
+    assert [(f.path, f.size) for f in api.get_paths_info(HUB_DATASET, [HUB_DATASET_FILE, "nope.txt"],
+                                                          repo_type="dataset")] == [(HUB_DATASET_FILE, info["size"])]
+    assert [e.path for e in api.list_repo_tree(HUB_DATASET, repo_type="dataset", recursive=True)] == \
+        ["data", HUB_DATASET_FILE]
+    assert [r for r in local_hub.requests if "/datasets/" in r] == [
+        f"GET /api/datasets/{HUB_DATASET}", f"GET /api/datasets/{HUB_DATASET}/tree/main",
+        f"GET /api/datasets/{HUB_DATASET}/revision/{COMMIT}", f"GET /api/datasets/{HUB_DATASET}/tree/{COMMIT}/data",
+        f"GET /datasets/{HUB_DATASET}/resolve/main/{HUB_DATASET_FILE}",
+        f"POST /api/datasets/{HUB_DATASET}/paths-info/main", f"GET /api/datasets/{HUB_DATASET}/tree/main"]
+    assert local_hub.unknown == []

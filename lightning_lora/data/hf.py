@@ -161,9 +161,26 @@ def load_split(dataset: str, split: str, config: str | None = None, streaming: b
                                   "val_split (e.g. train, validation, test).") from None
         raise DataFormatError(f"{where}: cannot be read ({text}).") from None
     except (OSError, ConnectionError) as err:
-        raise DataFormatError(f"{where}: cannot be loaded ({first_line(err) or type(err).__name__}). Check the hub id "
-                              "and dataset_config, connect to the Hub once (HF_HUB_OFFLINE unset) to cache it, or "
-                              "pass a local file or folder.") from None
+        raise DataFormatError(f"{where}: cannot be loaded ({first_line(err) or type(err).__name__}). "
+                              f"{_load_hint(datasets, err)}") from None
+
+
+def _load_hint(datasets: Any, err: BaseException) -> str:
+    """What to do about a hub id that `datasets` could not load (`err`): offline, not on the Hub, or unreachable.
+
+    Example:
+        >>> datasets = require_datasets()
+        >>> _load_hint(datasets, datasets.exceptions.DatasetNotFoundError("no")).startswith("Check the hub id")
+        True
+    """
+    if datasets.config.HF_HUB_OFFLINE:
+        return ("Check the hub id and dataset_config, connect to the Hub once (HF_HUB_OFFLINE unset) to cache it, or "
+                "pass a local file or folder.")
+    if isinstance(err, datasets.exceptions.DatasetNotFoundError):
+        return ("Check the hub id (a private or gated dataset needs HF_TOKEN or `hf auth login`), or pass a local "
+                "file or folder.")
+    return (f"Check the hub id and dataset_config, and that {datasets.config.HF_ENDPOINT} can be reached (HF_ENDPOINT), "
+            "then retry; or pass a local file or folder.")
 
 
 def empty_split_message(name: str) -> str:
