@@ -92,9 +92,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: t
     h, y = hidden[keep], targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
     if y.numel() == 0:
-        return total + 0.0 * hidden.sum()          # keeps the graph (and DDP's reducer) connected
+        # keeps the graph connected through the head too (DDP's reducer expects a gradient for a trainable head)
+        return total + 0.0 * head(hidden[..., :1, :]).float().sum()
     step = chunk_tokens or chunk_tokens_for(getattr(head, "out_features", 0) or getattr(head, "num_embeddings", 0))
-    use_checkpoint = torch.is_grad_enabled() and h.requires_grad
+    use_checkpoint = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
     for start in range(0, y.numel(), step):
         args = (head, softcap, h[start:start + step], y[start:start + step])
         total = total + (checkpoint(_chunk_loss_sum, *args, use_reentrant=False) if use_checkpoint
@@ -102,9 +103,20 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: t
     return total
 
 
+def _fsdp2_sharded(model: torch.nn.Module) -> bool:
+    """An FSDP2 (`fully_shard`) root: its parameters are gathered by the pre-forward hook of its own `forward`,
+    which calling its decoder and head directly would skip."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def chunkable(model: torch.nn.Module) -> bool:
-    """Whether `causal_lm_loss` can run `model`'s decoder and head itself (its type is in
-    `CHUNKABLE_MODEL_TYPES` and it has both).
+    """Whether `causal_lm_loss` can run `model`'s decoder and head itself: its type is in
+    `CHUNKABLE_MODEL_TYPES`, it has both, it adds no router loss (`output_router_logits`, MoE models) and it is
+    not an FSDP2 root (`fully_shard`; those compute their own logits).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -115,6 +127,7 @@ def chunkable(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     prefix = getattr(model, "base_model_prefix", "")
     return (getattr(config, "model_type", None) in CHUNKABLE_MODEL_TYPES and prefix != ""
+            and not getattr(config, "output_router_logits", False) and not _fsdp2_sharded(model)
             and isinstance(getattr(model, prefix, None), torch.nn.Module)
             and callable(getattr(model, "get_output_embeddings", None))
             and model.get_output_embeddings() is not None)
@@ -155,7 +168,11 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
         hidden = getattr(model, model.base_model_prefix)(**kwargs).last_hidden_state
         softcap = getattr(model.config, "final_logit_softcapping", None)
         return chunked_cross_entropy(hidden, model.get_output_embeddings(), labels, softcap, chunk_tokens), n
-    logits = model(**kwargs).logits
-    total = F.cross_entropy(logits.float().flatten(0, 1), shifted_targets(labels).flatten(),
+    out = model(**kwargs)
+    total = F.cross_entropy(out.logits.float().flatten(0, 1), shifted_targets(labels).flatten(),
                             ignore_index=IGNORE_INDEX, reduction="sum")
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None and getattr(model.config, "output_router_logits", False):
+        # MoE router load-balancing loss, as transformers adds it to its mean loss (times the count: a sum)
+        total = total + getattr(model.config, "router_aux_loss_coef", 0.0) * aux.float() * n
     return total, n

@@ -436,3 +436,12 @@ def test_online_errors_name_what_to_do(local_hub, monkeypatch, tiny_lm_dir):
         f"(LocalEntryNotFoundError)). Check the hub id and dataset_config, and that {url} can be reached "
         "(HF_ENDPOINT), then retry; or pass a local file or folder.")
     assert local_hub.unknown == []
+
+
+def test_a_stream_reshuffles_every_epoch(tmp_path, tok):
+    """Each pass over the stream (an epoch) is another seeded order (`set_epoch`), the same rows."""
+    rows = [{"prompt": f"Question number {i}?", "response": f"Answer {i}."} for i in range(40)]
+    dm = hf_dm(tmp_path, write_source(tmp_path, "jsonl", rows), tok, streaming=True, batch_size=4)
+    dm.setup("fit")
+    first, second = ([tuple(r["input_ids"]) for r in dm.train_dataset] for _ in range(2))
+    assert sorted(first) == sorted(second) and first != second and dm.train_dataset.epoch == 2

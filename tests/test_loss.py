@@ -123,3 +123,39 @@ def test_bf16_model_loss_is_summed_in_float32():
     ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert total.dtype == torch.float32
     torch.testing.assert_close(total / n, ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_moe_router_loss_is_kept():
+    """A Mixtral with output_router_logits adds its load-balancing loss to transformers' mean: not chunked, and
+    the sum is transformers' loss times the count."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **SMALL, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5))
+    assert not chunkable(model)
+    ids, mask, labels = _batch()
+    with torch.no_grad():
+        total, n = causal_lm_loss(model, ids, labels, mask)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.aux_loss > 0
+    torch.testing.assert_close(total / n, out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_a_trainable_head_stays_connected_and_checkpointed():
+    """Only the head trains (LoRA on lm_head): chunks are still checkpointed (no vocabulary-sized tensor saved),
+    and a batch without a target still reaches the head's adapter (a zero gradient, not None: DDP's reducer)."""
+    torch.manual_seed(0)
+    model = _build("llama").train()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["lm_head"]))
+    ids, mask, labels = _batch()
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        causal_lm_loss(model, ids, labels, mask, chunk_tokens=4)[0].backward()
+    assert not [s for s in shapes if model.config.vocab_size in s]
+    model.zero_grad(set_to_none=True)
+    total, n = causal_lm_loss(model, ids, torch.full_like(labels, -100), mask)
+    total.backward()
+    assert int(n) == 0 and total.item() == 0.0
+    head = next(layer for name, layer in lora_layers(model) if name.endswith("lm_head"))
+    assert head.lora_B.weight.grad is not None and head.lora_B.weight.grad.abs().sum() == 0

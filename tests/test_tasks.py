@@ -605,3 +605,35 @@ def test_two_ddp_ranks_update_as_one_batch_of_both(tiny_lm_dir, tmp_path):
     for name, g in grads.grads[0].items():
         torch.testing.assert_close(ddp["grads"][name], g, rtol=1e-5, atol=1e-6)
     assert ddp["loss"] == pytest.approx(float(trainer.callback_metrics["train_loss"]), rel=1e-6)
+
+
+class _StopAfterFirstMicroBatch(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = True   # as Timer (max_time) does: the fit ends in the middle of the accumulation window
+
+
+def test_a_fit_stopped_mid_window_leaves_nothing_to_the_next(tiny_lm_dir, tmp_path):
+    """The first fit stops after 1 of 2 micro-batches (its tokens are counted but never stepped); the next fit of
+    the same module computes the same gradient as a fresh module."""
+    examples = _examples()
+    runs = []
+    for interrupted_first in (False, True):
+        torch.manual_seed(0)
+        module = CausalLM(tiny_lm_dir, num_generate_examples=0, print_answers=False)
+        if interrupted_first:
+            stop = L.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[LoRA(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                             merge_on_fit_end=False), _StopAfterFirstMicroBatch()])
+            stop.fit(module, train_dataloaders=torch.utils.data.DataLoader(examples, batch_size=None))
+            assert stop.global_step == 0 and int(module._step_tokens) == 4    # counted, never stepped
+        grads = _StepGrads()
+        trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=[LoRA(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), grads])
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(examples, batch_size=None))
+        runs.append((grads.grads[0], float(trainer.callback_metrics["train_loss"])))
+    (fresh, loss_fresh), (again, loss_again) = runs
+    assert loss_again == pytest.approx(loss_fresh, rel=1e-6)
+    for name in fresh:
+        torch.testing.assert_close(again[name], fresh[name], rtol=1e-5, atol=1e-7)

@@ -436,8 +436,14 @@ class StreamingTokens(TorchIterableDataset):
     def __init__(self, ds: Any, max_length: int, packing: bool = False) -> None:
         super().__init__()
         self.ds, self.max_length, self.packing = ds, max_length, packing
+        #: passes made over the stream (each `iter()`: an epoch), so that every epoch reshuffles (`set_epoch`);
+        #: the DataLoader's persistent workers keep their copy, and so their count, from epoch to epoch
+        self.epoch = 0
 
     def _items(self) -> Iterator[dict[str, Any]]:
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(self.epoch)
+        self.epoch += 1
         for row in self.ds:
             if row["keep"]:
                 yield {"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}

@@ -141,7 +141,9 @@ class InstructionDataModule(LightningDataModule):
             ``{"prompt": "question", "response": "answer"}`` (fields: prompt, response, completion, messages,
             conversations, instruction, input, output, text, answer, fact).
         streaming: read ``dataset`` lazily (``load_dataset(streaming=True)``) for data larger than memory:
-            no length, shuffling by ``datasets``' buffer (1000 rows, seeded), nothing cached.
+            no length, shuffling by ``datasets``' buffer (1000 rows, seeded, another order every epoch),
+            nothing cached. On several ranks each streams its own share, endlessly, so the run needs
+            ``trainer.max_steps`` (else a `DataFormatError` says so).
         num_proc: processes for ``datasets.map``; None: ``num_workers`` (0 or 1: in this process).
         cache_dir: where ``datasets`` caches downloads and tokenizations (default ``HF_DATASETS_CACHE``).
 
@@ -445,7 +447,15 @@ class InstructionDataModule(LightningDataModule):
             tokenized = encode_dataset(rows, fn, "", None, f"Tokenizing {name}")
             if split == "train":  # after the map, so that errors name rows in the stream's own order
                 tokenized = tokenized.shuffle(seed=self.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
-            if self.trainer is not None:
+            if self.trainer is not None and self.trainer.world_size > 1:
+                if split == "train":
+                    if self.trainer.max_steps is None or self.trainer.max_steps < 0:
+                        raise DataFormatError(
+                            f"dataset={self.dataset!r} with streaming=True on {self.trainer.world_size} ranks needs "
+                            "trainer.max_steps: each rank streams its own share of the rows, and a rank whose share "
+                            "ends first would leave the others waiting; set --trainer.max_steps N (the stream then "
+                            "repeats until N steps) and an integer --trainer.val_check_interval.")
+                    tokenized = tokenized.repeat(None)   # endless: every rank steps until max_steps
                 tokenized = shard_for_rank(tokenized, self.trainer.global_rank, self.trainer.world_size)
             return StreamingTokens(tokenized, self.max_length, packing=self.packing), stats
         fingerprint = hf_options_fingerprint(rows._fingerprint, tokenizer_fingerprint(self.tokenizer), fn.shape,

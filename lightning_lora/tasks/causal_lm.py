@@ -390,7 +390,10 @@ class CausalLM(LoRAMixin, pl.LightningModule):
     Every optimizer step weights each target token of the step the same: with `accumulate_grad_batches`
     (and across DDP/FSDP ranks), the gradient is the mean over all target tokens of all micro-batches of
     the step (the fix transformers and Unsloth made in 2024), not the mean of the micro-batches' means;
-    `train_loss` is logged once per optimizer step as that mean. Packed batches
+    `train_loss` is logged once per optimizer step as that mean (the same number on every rank).
+    `training_step` returns the micro-batch's summed loss divided by one constant of the fit (the first
+    micro-batch's target tokens): about its mean, but weighted by its token count, which is what Lightning's
+    learning-rate finder then reads. Packed batches
     (`InstructionDataModule(packing=True)`) carry `position_ids`, which the model receives.
 
     Example:
@@ -451,6 +454,8 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         self._step_loss_sum = torch.zeros((), dtype=torch.float64)
         self._step_tokens = torch.zeros((), dtype=torch.long)
         self._step_mean: torch.Tensor | None = None
+        #: the constant the summed loss is divided by before backward (set by the first training step of a fit)
+        self._loss_divisor: float | None = None
         #: the offloading hooks of the last training step (`offload_activations=True`): `offloaded` counts tensors
         self.activation_offload: OffloadActivations | None = None
         self.val_ppl = Perplexity()
@@ -541,9 +546,14 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             total, n = self.loss_sum(batch)
         self._step_loss_sum = self._step_loss_sum.to(total.device) + total.detach().double()
         self._step_tokens = self._step_tokens.to(n.device) + n
-        # the sum: Lightning divides it by accumulate_grad_batches and DDP averages over ranks;
-        # on_before_optimizer_step turns the step's gradient into the mean over all its target tokens
-        return total
+        if self._loss_divisor is None:
+            # one constant for the whole fit, the same on every rank (the first micro-batch's target tokens,
+            # averaged over ranks): the backward starts from sum / divisor, about a mean, so an fp16 GradScaler
+            # does not overflow on a sum of thousands of tokens; _token_mean_gradients multiplies it back
+            self._loss_divisor = max(float(self.trainer.strategy.reduce(n.double(), reduce_op="mean")), 1.0)
+        # Lightning divides this by accumulate_grad_batches and DDP averages over ranks; _token_mean_gradients
+        # turns the step's gradient into the mean over all its target tokens
+        return total / self._loss_divisor
 
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -567,7 +577,7 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         self._step_mean = None
         if float(tokens) == 0:
             return
-        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size / float(tokens)
+        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size * self._loss_divisor / float(tokens)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -577,11 +587,9 @@ class CausalLM(LoRAMixin, pl.LightningModule):
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the step's mean loss per target token as `train_loss` (and its `exp` as `train_ppl`)."""
-        if self._step_mean is not None:
-            self.log("train_loss", self._step_mean, on_step=True, on_epoch=False, prog_bar=True,
-                     rank_zero_only=True)
-            self.log("train_ppl", self._step_mean.exp(), on_step=True, on_epoch=False, prog_bar=True,
-                     rank_zero_only=True)
+        if self._step_mean is not None:  # already the global mean: the same number on every rank
+            self.log("train_loss", self._step_mean, on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train_ppl", self._step_mean.exp(), on_step=True, on_epoch=False, prog_bar=True)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
@@ -672,9 +680,14 @@ class CausalLM(LoRAMixin, pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        """Forget the validation losses of an earlier fit."""
+        """Forget the validation losses and the step accumulators of an earlier fit (one stopped in the middle
+        of an accumulation window: max_time, an interrupt)."""
         self.val_loss_before = self.val_loss_after = self.val_loss_after_step = None
         self._fit_batches = 0
+        self._step_loss_sum = torch.zeros((), dtype=torch.float64)
+        self._step_tokens = torch.zeros((), dtype=torch.long)
+        self._step_mean = None
+        self._loss_divisor = None
 
     # ------------------------------------------------------------------ deprecated answers shortcut
     @override
