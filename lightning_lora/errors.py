@@ -27,7 +27,9 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from typing import Any
 
 
 class LoRAError(ValueError):
@@ -169,6 +171,24 @@ def listed(items: Sequence[str], shown: int = SHOWN, sep: str = ", ") -> str:
     return sep.join(items[:shown]) + (f" ... and {more} more" if more > 0 else "")
 
 
+def require_module(name: str, missing: str) -> Any:
+    """The optional package `name`, imported; a `MissingDependencyError` with the message `missing` (what needs
+    it and the `pip install` to run) when it cannot be imported.
+
+    Example:
+        >>> require_module("json", "never shown").__name__
+        'json'
+        >>> require_module("no_such_package_xyz", "x needs no_such_package_xyz; run: pip install it")
+        Traceback (most recent call last):
+        ...
+        lightning_lora.errors.MissingDependencyError: x needs no_such_package_xyz; run: pip install it
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise MissingDependencyError(missing) from None
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (at most `limit` characters), for wrapping a library's
     error into one of ours.
@@ -183,4 +203,4 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 
 __all__ = ["AdapterFormatError", "CommandError", "DataFileNotFoundError", "DataFormatError", "GGUFVerificationError",
            "LoRAConfigError", "LoRAError", "MissingDependencyError", "ModelNotFoundError", "OutputExistsError",
-           "QuantizationError", "UnsupportedAdapterError", "UnsupportedArchitectureError", "first_line", "listed"]
+           "QuantizationError", "UnsupportedAdapterError", "UnsupportedArchitectureError", "first_line", "listed", "require_module"]

@@ -221,3 +221,21 @@ def hub_offline(monkeypatch) -> None:
     if "datasets" in sys.modules and sys.modules["datasets"] is not None:
         monkeypatch.setattr(sys.modules["datasets"].config, "HF_HUB_OFFLINE", True)
         monkeypatch.setattr(sys.modules["datasets"].config, "HF_DATASETS_OFFLINE", True)
+
+
+def run_ddp_script(tmp_path, code: str, *args: str, timeout: float = 600) -> None:
+    """Run `code` (a script that starts a 2-rank gloo fit) in a subprocess with the tests and the repository
+    on its path; fail with its output unless it exits 0. The subprocess gets no inherited PL_GLOBAL_SEED (an
+    earlier `seed_everything` in this process sets it, and DDP would reseed every rank with it at setup)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    script = tmp_path / "ddp_script.py"
+    script.write_text(code)
+    env = dict(os.environ, PYTHONPATH=f"{tests}{os.pathsep}{tests.parent}")
+    env.pop("PL_GLOBAL_SEED", None)
+    res = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -18,11 +18,10 @@ from lightning_lora.commands import merged_logits
 from lightning_lora.peft_format import save_adapter
 
 gguf = pytest.importorskip("gguf")
+from lightning_lora.errors import UnsupportedArchitectureError  # noqa: E402
 from lightning_lora.gguf_export import (
     MIN_COSINE,
     SUPPORTED_ARCHITECTURES,
-    UnsupportedArchitectureError,
-    _unpermute_qk,
     base_gguf_tensors,
     check_adapter_gguf,
     check_input_ids,
@@ -34,6 +33,7 @@ from lightning_lora.gguf_export import (
     write_model_gguf,
     write_modelfile,
 )
+from lightning_lora.gguf_export.tensors import _unpermute_qk  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -9,7 +9,7 @@ import random
 import lightning as L
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, run_ddp_script
 
 from lightning_lora import LoRA
 from lightning_lora.data import InstructionDataModule
@@ -178,19 +178,7 @@ if torch.distributed.is_initialized():  # stop gloo's threads before the interpr
 def test_packed_batches_under_ddp_split_the_rows_between_ranks(tiny_lm_dir, tmp_path):
     """Each rank trains on its own packed rows (Lightning's DistributedSampler over the rows): no row twice,
     every row of the epoch on one rank, both ranks step together."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).parent
-    script = tmp_path / "packed_ddp.py"
-    script.write_text(PACKED_DDP)
-    env = dict(os.environ, PYTHONPATH=f"{tests}{os.pathsep}{tests.parent}")
-    env.pop("PL_GLOBAL_SEED", None)
-    res = subprocess.run([sys.executable, str(script), tiny_lm_dir, str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_ddp_script(tmp_path, PACKED_DDP, tiny_lm_dir, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=2, packing=True, max_length=128)
     dm.setup("fit")

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import run_ddp_script
 
 from lightning_lora import LoRA
 from lightning_lora.data import InstructionDataModule
@@ -579,20 +580,7 @@ if torch.distributed.is_initialized():  # stop gloo's threads before the interpr
 def test_two_ddp_ranks_update_as_one_batch_of_both(tiny_lm_dir, tmp_path):
     """Rank 0 learns 4 target tokens, rank 1 15: the averaged gradient is the mean over all 19 (as one process
     with the batch of both), not the mean of the ranks' means."""
-    import os
-    import subprocess
-    import sys
-
-    tests = Path(__file__).parent
-    script = tmp_path / "token_mean_ddp.py"
-    script.write_text(TOKEN_MEAN_DDP)
-    env = dict(os.environ, PYTHONPATH=f"{tests}{os.pathsep}{tests.parent}")
-    # an earlier seed_everything in this process (a config's seed_everything) leaves PL_GLOBAL_SEED set, and DDP
-    # reseeds every rank with it at setup: the random A would differ from the reference's
-    env.pop("PL_GLOBAL_SEED", None)
-    res = subprocess.run([sys.executable, str(script), tiny_lm_dir, str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_ddp_script(tmp_path, TOKEN_MEAN_DDP, tiny_lm_dir, str(tmp_path))
     ddp = torch.load(tmp_path / "ddp.pt")
     torch.manual_seed(0)
     module = CausalLM(tiny_lm_dir, num_generate_examples=0, print_answers=False)

@@ -47,8 +47,8 @@ from lightning_lora.data.packing import pack_examples
 from lightning_lora.errors import (
     DataFileNotFoundError,
     DataFormatError,
-    MissingDependencyError,
     first_line,
+    require_module,
 )
 
 #: local file suffixes and the `datasets` builder that reads them
@@ -80,14 +80,10 @@ def require_datasets() -> Any:
         >>> require_datasets().__name__
         'datasets'
     """
-    try:
-        import datasets
-    except ImportError:
-        raise MissingDependencyError(
-            "data.dataset needs the Hugging Face `datasets` package, which is not installed; run "
-            "pip install 'lightning-lora[data]' (or pip install datasets), or pass JSON-lines files with "
-            "train_file / val_file instead.") from None
-    return datasets
+    return require_module(
+        "datasets", "data.dataset needs the Hugging Face `datasets` package, which is not installed; run "
+        "pip install 'lightning-lora[data]' (or pip install datasets), or pass JSON-lines files with "
+        "train_file / val_file instead.")
 
 
 # --------------------------------------------------------------------------------------------- loading
