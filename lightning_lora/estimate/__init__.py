@@ -8,7 +8,10 @@ The package is split by concept:
 | `quantize.py` | bytes of a 4-bit weight (torchao NF4, bitsandbytes NF4) and of its dequantisation |
 | `sharding.py` | per-GPU layout: DDP replicas, FSDP2 dim-0 shards and the units in flight |
 | `report.py` | the results (`MemoryBreakdown`, `Estimate`), rich tables and JSON |
-| `memory.py` | the memory model: bytes per part (weights, gradients, optimizer, activations) and `estimate_memory` |
+| `shapes.py` | the numbers memory depends on: a Llama-style decoder's shape, the precision's byte sizes |
+| `parameters.py` | parameters per rank: weights, gradients, optimizer state, 4-bit weights, DoRA magnitudes |
+| `activations.py` | what autograd saves per decoder layer, and the activation timeline of a step |
+| `memory.py` | the memory model: the parts added up per column (full, LoRA, QLoRA) and `estimate_memory` |
 | `command.py` | the `lightning-lora estimate` command |
 
 Example:

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from lightning_lora.errors import LoRAError
+from lightning_lora.errors import LoRAError, ModelNotFoundError
+from lightning_lora.hub import BUNDLED_MODELS, hub_config_file, is_hub_id, resolve_model, split_revision
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 #: Hugging Face ids accepted for the shipped configs (lower case).
@@ -52,8 +53,6 @@ def known_models() -> list[str]:
         >>> "llama-3-8b" in known_models() and "llama-3-70b" in known_models()
         True
     """
-    from lightning_lora.hub import BUNDLED_MODELS
-
     return sorted({p.stem for p in CONFIG_DIR.glob("*.json")} | set(BUNDLED_MODELS))
 
 
@@ -110,15 +109,6 @@ def load_model_config(model: Any) -> tuple[str, Any]:
     shipped = CONFIG_DIR / f"{key}.json"
     if shipped.is_file():
         return key, AutoConfig.from_pretrained(str(shipped))
-    from lightning_lora.hub import (
-        BUNDLED_MODELS,
-        ModelNotFoundError,
-        hub_config_file,
-        is_hub_id,
-        resolve_model,
-        split_revision,
-    )
-
     if key in BUNDLED_MODELS:
         try:
             return key, AutoConfig.from_pretrained(resolve_model(key))
