@@ -12,8 +12,8 @@
         tokenizer and chat template, and an Ollama Modelfile next to it
 
 Before either command reports success it checks that what it wrote is usable as it claims, inside
-the temporary directory that is then renamed into place: an exported adapter loads onto the base
-model its `adapter_config.json` names (that architecture built on the meta device, when it is
+the temporary directory that is then renamed into place (`lightning_lora.commands_checks`): an exported
+adapter loads onto the base model its `adapter_config.json` names (that architecture built on the meta device, when it is
 available: local, cached or fetched) and holds exactly the checkpoint's tensors; a merged model reloads with
 `AutoModelForCausalLM.from_pretrained` and computes the same finite logits as the merged model in
 memory (a GGUF: it reloads with `from_pretrained(gguf_file=...)`, computes the merged model's logits within
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import tempfile
 import time
@@ -41,19 +40,41 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
+from lightning_lora._io import atomic_directory, check_output_dir
+from lightning_lora.checkpoint import is_sharded_checkpoint
 from lightning_lora.cli import ArgumentParser, one_line, run_command
+from lightning_lora.commands_checks import _first_line, merged_logits, verify_export, verify_merged
 from lightning_lora.errors import AdapterFormatError, CommandError, LoRAError, listed
+from lightning_lora.gguf_export import (
+    check_adapter_gguf,
+    check_input_ids,
+    check_writable,
+    reference_logits,
+    require_gguf,
+    verify_model_gguf,
+    write_adapter_gguf,
+    write_model_gguf,
+    write_modelfile,
+)
+from lightning_lora.hub import (
+    BUNDLED_MODELS,
+    bundled_gguf,
+    load_causal_lm,
+    load_tokenizer,
+    locate_model,
+    make_serializable,
+    meta_model,
+)
+from lightning_lora.peft_format import checkpoint_to_peft, read_adapter_config, read_checkpoint
 
 MERGE_DTYPES = ("fp32", "bf16", "fp16")
 MERGE_FORMATS = ("hf", "gguf")
 EXPORT_FORMATS = ("peft", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ADAPTER_GGUF_OUTTYPES = ("f32", "f16", "bf16")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-#: token ids fed to a merged model and to its reloaded copy to compare their logits
-CHECK_TOKENS = 8
 
 
 def _console() -> Console:
@@ -77,16 +98,6 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
-#: longest message of another library kept in one of ours (our own key lists name 3 keys: `errors.listed`)
-MESSAGE_LIMIT = 600
-
-
-def _first_line(err: BaseException) -> str:
-    """`cli.one_line`, cut at `MESSAGE_LIMIT` characters (another library's message can be long)."""
-    text = one_line(err)
-    return text[:MESSAGE_LIMIT] + ("..." if len(text) > MESSAGE_LIMIT else "")
-
-
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
@@ -96,191 +107,10 @@ def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def _check_output(out: Path, overwrite: bool) -> None:
     """`_io.check_output_dir` with its `FileExistsError` as a `CommandError` (same message)."""
-    from lightning_lora._io import check_output_dir
-
     try:
         check_output_dir(out.expanduser().absolute(), overwrite)
     except FileExistsError as err:
         raise CommandError(str(err)) from None
-
-
-# ====================================================================== checks of what was written
-def _fingerprints(tensors: dict[str, Any]) -> list[tuple[tuple[int, ...], str, str]]:
-    """(shape, dtype, sha256 of the bytes) of every tensor, sorted: the content without the key names."""
-    import torch
-
-    out = []
-    for tensor in tensors.values():
-        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        out.append((tuple(tensor.shape), str(tensor.dtype), hashlib.sha256(raw).hexdigest()))
-    return sorted(out)
-
-
-def _skeleton(state_dict: dict[str, Any]) -> Any:
-    """A module tree on the meta device with exactly the modules and parameters an adapter-only state
-    dict names: a Linear for each adapted module (`<m>.lora_A.weight` / `<m>.lora_B.weight` give its
-    in and out features), and the saved parameters of other modules (`modules_to_save`, biases)."""
-    import torch
-    from torch import nn
-
-    root = nn.Module()
-
-    def module_at(name: str, factory: Any) -> nn.Module:
-        parent = root
-        parts = name.split(".")
-        for part in parts[:-1]:
-            if not hasattr(parent, part):
-                parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        if not hasattr(parent, parts[-1]):
-            parent.add_module(parts[-1], factory())
-        return getattr(parent, parts[-1])
-
-    adapted = sorted(k[: -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight"))
-    for name in adapted:
-        a, b = state_dict[f"{name}.lora_A.weight"], state_dict.get(f"{name}.lora_B.weight")
-        if b is None:
-            raise AdapterFormatError(f"The checkpoint has {name}.lora_A.weight but no {name}.lora_B.weight.")
-        bias = f"{name}.bias" in state_dict
-        module_at(name, lambda a=a, b=b, bias=bias: nn.Linear(a.shape[1], b.shape[0], bias=bias, device="meta"))
-    for key, value in state_dict.items():
-        owner, _, param = key.rpartition(".")
-        if ".lora_" in key or (owner in adapted and param == "bias"):
-            continue
-        module = module_at(owner, nn.Module) if owner else root
-        if param not in dict(module.named_parameters(recurse=False)):
-            module.register_parameter(param, nn.Parameter(torch.empty(value.shape, device="meta")))
-    return root
-
-
-def verify_export(directory: str | os.PathLike, ckpt_path: str | os.PathLike, shown_as: str | None = None) -> str:
-    """Check that a PEFT adapter directory exported from `ckpt_path` is usable as claimed.
-
-    The directory must load (strictly: every key, every shape) onto the base model its
-    `adapter_config.json` names, built on the meta device when its config.json is available (local,
-    cached or fetched); it must
-    also load onto a module tree built from the checkpoint's own keys and shapes, and hold exactly
-    the checkpoint's tensors (same shapes, dtypes and bytes).
-
-    Args:
-        directory: the PEFT adapter directory (e.g. the temporary one before its rename).
-        ckpt_path: the checkpoint it was exported from.
-        shown_as: the name of `directory` in error messages (the final output directory).
-
-    Returns:
-        What was checked, for the progress line.
-
-    Raises:
-        CommandError: the directory does not load or differs from the checkpoint (the message says how).
-
-    Example:
-        >>> verify_export("out/adapter", "last.ckpt")   # doctest: +SKIP
-        'loads onto the architecture of smollm2-135m-instruct and holds the checkpoint's 180 tensors'
-    """
-    from safetensors.torch import load_file
-
-    from lightning_lora.hub import meta_model
-    from lightning_lora.peft_format import (
-        load_adapter,
-        read_adapter_config,
-        read_checkpoint,
-    )
-
-    directory = Path(directory)
-    ckpt = read_checkpoint(ckpt_path)
-
-    def reason(err: BaseException) -> str:
-        text = _first_line(err)
-        return text if shown_as is None else text.replace(str(directory), shown_as)
-
-    try:
-        cfg = read_adapter_config(directory)
-        base = cfg.get("base_model_name_or_path") or None
-        network = None if base is None else meta_model(str(base), cfg.get("task_type") or ckpt.task_type)
-        if network is not None:
-            try:
-                load_adapter(network, directory)
-            except LoRAError as err:
-                raise CommandError(f"the exported adapter does not load onto {base}, the base model its "
-                                   f"adapter_config.json names: {reason(err)} Pass --base-model naming the "
-                                   "model the adapter was trained on.") from None
-        load_adapter(_skeleton(ckpt.state_dict), directory)
-        written = load_file(str(directory / ADAPTER_WEIGHTS), device="cpu")
-    except CommandError:
-        raise
-    except LoRAError as err:
-        raise CommandError(f"the exported adapter does not hold the checkpoint's adapters: {reason(err)}") from None
-    if _fingerprints(written) != _fingerprints(ckpt.state_dict):
-        raise CommandError(f"the exported adapter's {len(written)} tensors differ from the checkpoint's "
-                           f"{len(ckpt.state_dict)} (shapes, dtypes or values).")
-    onto = f"the architecture of {base}" if network is not None else (
-        "the checkpoint's layer shapes" + ("" if base is None else f" ({base}'s config.json is not available here)"))
-    return f"loads onto {onto} and holds the checkpoint's {len(written)} tensors"
-
-
-def _check_tokens(model: Any) -> Any:
-    """Token ids 1, 2, ... (at most `CHECK_TOKENS`, all inside the vocabulary), shape (1, n)."""
-    import torch
-
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-    n = max(1, min(CHECK_TOKENS, vocab - 1))
-    return torch.arange(1, n + 1, device=next(model.parameters()).device).unsqueeze(0)
-
-
-def merged_logits(model: Any) -> Any:
-    """The float32 logits of a causal LM on `CHECK_TOKENS` fixed token ids (1, 2, ...).
-
-    Example:
-        >>> merged_logits(model).shape   # doctest: +SKIP
-        torch.Size([1, 8, 49152])
-    """
-    import torch
-
-    with torch.no_grad():
-        return model(_check_tokens(model)).logits.float().cpu()
-
-
-def verify_merged(directory: str | os.PathLike, expected: Any, dtype: str, tokenizer: bool = False) -> str:
-    """Check that a merged model directory reloads with `AutoModelForCausalLM.from_pretrained` (no LoRA
-    code) and computes `expected` (the merged model's `merged_logits` before saving); with
-    `tokenizer`, that its tokenizer reloads too.
-
-    Returns:
-        What was checked, for the progress line.
-
-    Raises:
-        CommandError: the directory does not reload, or its logits differ (the message says by how much).
-
-    Example:
-        >>> verify_merged("out/merged", merged_logits(model), "fp32")   # doctest: +SKIP
-        'reloads with AutoModelForCausalLM.from_pretrained and gives the same logits on 8 tokens'
-    """
-    from transformers import AutoModelForCausalLM
-
-    from lightning_lora.hub import parse_dtype
-
-    try:
-        reloaded = AutoModelForCausalLM.from_pretrained(str(directory), dtype=parse_dtype(dtype),
-                                                        local_files_only=True).eval()
-        if tokenizer:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, ...: whatever stops the reload
-        raise CommandError(f"the merged model written does not reload with from_pretrained ({type(err).__name__}: "
-                           f"{_first_line(err)}).") from None
-    got = merged_logits(reloaded)
-    del reloaded
-    if got.shape != expected.shape:
-        raise CommandError(f"the merged model reloaded from disk gives logits of shape {tuple(got.shape)}, the merged "
-                           f"model in memory {tuple(expected.shape)}.")
-    tol = (1e-4 if dtype == "fp32" else 1e-2) * (1.0 + float(expected.abs().max()))
-    diff = float((got - expected).abs().max())
-    if not diff <= tol:
-        raise CommandError(f"the merged model reloaded from disk computes different logits than the merged model in "
-                           f"memory (max difference {diff:.3g} on {expected.shape[1]} tokens, allowed {tol:.3g}); "
-                           "its saved weights or config do not match the merge.")
-    return f"reloads with AutoModelForCausalLM.from_pretrained and gives the same logits on {expected.shape[1]} tokens"
 
 
 # ====================================================================== export
@@ -328,17 +158,12 @@ def export_main(argv: list[str] | None = None) -> int:
         0
     """
     def body(args: argparse.Namespace) -> None:
-        from lightning_lora._io import atomic_directory
-        from lightning_lora.peft_format import checkpoint_to_peft
-
         console = _console()
         _quiet_transformers()
         out = Path(args.out_dir)
         if _same_path(args.ckpt, out):
             raise CommandError(f"OUT_DIR {out} is the checkpoint itself; choose another output directory.")
         _check_output(out, args.overwrite)
-        from lightning_lora.checkpoint import is_sharded_checkpoint
-
         _gguf_options(args, "f32", ("outtype", "base_gguf"))
         if args.format == "gguf":
             _export_gguf(args, console, out)
@@ -373,8 +198,6 @@ def _gguf_options(args: argparse.Namespace, default_outtype: str, options: tuple
 
 def _bundled_gguf_file(base: str | None) -> str | None:
     """The bundled GGUF file of a bundled base model name (llama.cpp's own output), else None."""
-    from lightning_lora.hub import BUNDLED_MODELS, bundled_gguf
-
     if base is None or str(base).lower() not in BUNDLED_MODELS:
         return None
     with contextlib.suppress(LoRAError):
@@ -384,19 +207,6 @@ def _bundled_gguf_file(base: str | None) -> str | None:
 
 def _export_gguf(args: argparse.Namespace, console: Console, out: Path) -> None:
     """`export --format gguf`: checkpoint or PEFT directory -> OUT_DIR/adapter.<outtype>.gguf, checked."""
-    from lightning_lora._io import atomic_directory
-    from lightning_lora.gguf_export import (
-        check_adapter_gguf,
-        require_gguf,
-        write_adapter_gguf,
-    )
-    from lightning_lora.hub import locate_model, meta_model
-    from lightning_lora.peft_format import (
-        checkpoint_to_peft,
-        read_adapter_config,
-        read_checkpoint,
-    )
-
     require_gguf()
     source = Path(args.ckpt)
     if not source.exists():
@@ -469,8 +279,6 @@ def merge_parser() -> argparse.ArgumentParser:
 
 def _adapter_origin(adapter: str) -> tuple[str | None, str | None]:
     """The task type and the base model an adapter (checkpoint or PEFT directory) records."""
-    from lightning_lora.peft_format import read_adapter_config, read_checkpoint
-
     path = Path(adapter)
     if path.is_file():
         ckpt = read_checkpoint(path)
@@ -483,8 +291,6 @@ def _adapter_origin(adapter: str) -> tuple[str | None, str | None]:
 
 
 def _load_base(base: str, dtype: str) -> Any:
-    from lightning_lora.hub import load_causal_lm
-
     try:
         return load_causal_lm(base, dtype=dtype)
     except (OSError, ValueError) as err:  # a local directory that is not a causal LM (ModelNotFoundError passes)
@@ -496,8 +302,6 @@ def _load_base(base: str, dtype: str) -> Any:
 
 def _check_finite(model: Any, logits: Any, adapter: str, dtype: str) -> None:
     """A merged model with inf/nan weights or logits is not usable: a `CommandError` naming them."""
-    import torch
-
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad or not bool(torch.isfinite(logits).all()):
         where = (f"non-finite weights (inf or nan) in {len(bad)} tensor(s): {listed(bad)}" if bad
@@ -521,8 +325,6 @@ def merge_main(argv: list[str] | None = None) -> int:
         0
     """
     def body(args: argparse.Namespace) -> None:
-        from lightning_lora._io import atomic_directory
-        from lightning_lora.hub import load_tokenizer, make_serializable
         from lightning_lora.peft_format import load_adapter
         from lightning_lora.surgery import merge_lora
 
@@ -535,8 +337,6 @@ def merge_main(argv: list[str] | None = None) -> int:
         _check_output(out, args.overwrite)
         _gguf_options(args, "f16", ("outtype",))
         if args.format == "gguf":
-            from lightning_lora.gguf_export import require_gguf
-
             require_gguf()
         task_type, recorded_base = _adapter_origin(args.adapter)
         if task_type not in (None, "CAUSAL_LM"):
@@ -545,8 +345,6 @@ def merge_main(argv: list[str] | None = None) -> int:
         with _step(console, f"Loading base model {args.base} ({args.dtype})"):
             model = _load_base(args.base, args.dtype)
         if args.format == "gguf":
-            from lightning_lora.gguf_export import check_writable
-
             check_writable(model.config)  # before the merge: an unsupported architecture fails fast
         with _step(console, f"Loading adapter {args.adapter}"):
             try:
@@ -585,15 +383,6 @@ def merge_main(argv: list[str] | None = None) -> int:
 def _merge_gguf(args: argparse.Namespace, console: Console, out: Path, model: Any, tokenizer: Any) -> None:
     """`merge --format gguf`: the merged model -> OUT_DIR/model.<outtype>.gguf + Modelfile, verified on a
     chat prompt (`gguf_export.check_input_ids`)."""
-    from lightning_lora._io import atomic_directory
-    from lightning_lora.gguf_export import (
-        check_input_ids,
-        reference_logits,
-        verify_model_gguf,
-        write_model_gguf,
-        write_modelfile,
-    )
-
     if tokenizer is None:
         raise CommandError(f"--base {args.base} has no tokenizer; a GGUF carries its tokenizer. Pass a base model "
                            "directory with the tokenizer files (tokenizer.json).")
