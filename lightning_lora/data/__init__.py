@@ -7,6 +7,7 @@
 | `collate` | `TokenizedDataset`, `PadCollator` (dynamic padding) |
 | `packing` | `pack_examples`, `PackedCollator` (padding-free packed rows) |
 | `hf` | Hugging Face `datasets` (optional extra `data`): `load_split`, column shapes (`detect_shape`, `row_to_example`, `columns`), tokenizing with `datasets.map` (`RowEncoder`, `encode_dataset`), `StreamingTokens` |
+| `truncation` | what `max_length` does to a split: truncation, rows with no token to learn dropped, `SplitStats` (the warning, the empty-split error), `tokenize_examples` |
 | `instruction` | `InstructionDataModule` (JSON-lines files or `dataset=`) |
 
 Example:

@@ -3,7 +3,8 @@
 The pieces live in their own modules: the file format in :mod:`lightning_lora.data.formats`, Hugging Face
 datasets in :mod:`lightning_lora.data.hf`, the tokenization and loss masks in
 :mod:`lightning_lora.data.encoding`, batching in :mod:`lightning_lora.data.collate` and
-:mod:`lightning_lora.data.packing`; their names are importable from here too.
+:mod:`lightning_lora.data.packing`, truncation and filtering in :mod:`lightning_lora.data.truncation`; their
+names are importable from here too.
 
 What happens to examples that do not fit (see ``setup``): an example longer than ``max_length`` is
 truncated (one warning counts them); a row is kept only if it still has at least one token to learn
@@ -23,13 +24,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -68,7 +67,9 @@ from lightning_lora.data.hf import (
     tokenizer_fingerprint,
 )
 from lightning_lora.data.packing import PackedCollator, pack_examples
+from lightning_lora.data.truncation import SplitStats, tokenize_examples, warn_dropped
 from lightning_lora.errors import DataFormatError, LoRAError
+from lightning_lora.hub import load_tokenizer, resolve_model
 
 #: the tokenizer used when none is given and no model with a tokenizer is attached (the bundled model's)
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
@@ -76,19 +77,6 @@ DEFAULT_TOKENIZER = "smollm2-135m-instruct"
 STREAM_EVAL_ROWS = 256
 #: the shuffle buffer of a streamed training split (`datasets.IterableDataset.shuffle`)
 STREAM_SHUFFLE_BUFFER = 1000
-
-
-@dataclass
-class _SplitStats:
-    """What tokenization did to one split: counts for the warning and the empty-split error."""
-
-    source: str
-    total: int = 0
-    truncated: int = 0
-    dropped_truncated: int = 0  # truncation left no token to learn
-    dropped_empty: int = 0  # no token to learn even whole (a one-token text without eos, ...)
-    keep_one: list[int] = field(default_factory=list)  # per truncated-and-dropped example: max_length that keeps one
-    lengths: list[int] = field(default_factory=list)  # per truncated-and-dropped example: its whole length
 
 
 class InstructionDataModule(LightningDataModule):
@@ -252,8 +240,6 @@ class InstructionDataModule(LightningDataModule):
         if self._tokenizer is None and self.tokenizer_name is None:
             self._tokenizer = getattr(self._model(), "tokenizer", None)
         if self._tokenizer is None:
-            from lightning_lora.hub import load_tokenizer
-
             try:
                 self._tokenizer = load_tokenizer(self.resolved_tokenizer_name)
             except (OSError, ValueError) as err:  # a local directory without a usable tokenizer
@@ -364,8 +350,6 @@ class InstructionDataModule(LightningDataModule):
             if self.val_path is not None:
                 check_file(self.val_path, "val_file")
         if self._tokenizer is None and getattr(self._model(), "tokenizer", None) is None:
-            from lightning_lora.hub import resolve_model
-
             resolve_model(self.resolved_tokenizer_name)
 
     def _split_source(self, split: str) -> str:
@@ -435,11 +419,11 @@ class InstructionDataModule(LightningDataModule):
             return out
         return [fn.example(row, i) for i, row in enumerate(rows)]
 
-    def _hf_tokenize(self, split: str) -> tuple[TokenizedDataset | StreamingTokens, _SplitStats]:
+    def _hf_tokenize(self, split: str) -> tuple[TokenizedDataset | StreamingTokens, SplitStats]:
         """Tokenize a split of ``dataset`` with ``datasets.map`` (cached by fingerprint; lazily for a stream)."""
         raw = self._hf_raw()
         name = raw[split][2] if split in raw else f"{self.dataset}[{self.val_split or self.split}]"
-        stats = _SplitStats(name)
+        stats = SplitStats(name)
         if split not in raw:
             return TokenizedDataset([]), stats
         rows, fn = self._row_encoder(split)
@@ -462,57 +446,16 @@ class InstructionDataModule(LightningDataModule):
                                              self.columns, self.max_length, self.encoder.chat, self.system_prompt)
         tokenized = encode_dataset(rows, fn, fingerprint, self.num_proc, f"Tokenizing {name}")
         whole, need, keep = tokenized["whole"], tokenized["need"], tokenized["keep"]
-        stats.total = len(keep)
-        stats.truncated = sum(1 for w in whole if w > self.max_length)
         for w, n, k in zip(whole, need, keep):
-            if k:
-                continue
-            if n < 0:
-                stats.dropped_empty += 1
-            else:
-                stats.dropped_truncated += 1
-                stats.keep_one.append(n)
-                stats.lengths.append(w)
+            stats.add(w, None if n < 0 else n, k, self.max_length)
         kept = tokenized.select([i for i, k in enumerate(keep) if k]).select_columns(["input_ids", "labels"])
         return TokenizedDataset(kept), stats
 
-    def _tokenize(self, split: str) -> tuple[TokenizedDataset | StreamingTokens, _SplitStats]:
+    def _tokenize(self, split: str) -> tuple[TokenizedDataset | StreamingTokens, SplitStats]:
         """Encode, truncate and filter one split: a row is kept only if it has a token to learn."""
         if self.dataset is not None:
             return self._hf_tokenize(split)
-        stats = _SplitStats(self._split_source(split))
-        items = []
-        for ex in self.examples(split):
-            ids, labels = self.encoder.encode(ex)
-            stats.total += 1
-            whole = len(ids)
-            need = min_length_for_target(labels)
-            if whole > self.max_length:
-                stats.truncated += 1
-                ids, labels = ids[:self.max_length], labels[:self.max_length]
-            if need is None:
-                stats.dropped_empty += 1
-                continue
-            if count_targets(labels) == 0:
-                stats.dropped_truncated += 1
-                stats.keep_one.append(need)
-                stats.lengths.append(whole)
-                continue
-            items.append({"input_ids": ids, "labels": labels})
-        return TokenizedDataset(items), stats
-
-    def _empty_split_error(self, split: str, stats: _SplitStats) -> DataFormatError:
-        what = "training" if split == "train" else "validation"
-        reasons = []
-        if stats.dropped_truncated:
-            reasons.append(f"{stats.dropped_truncated} of {stats.total} were longer than max_length={self.max_length} "
-                           f"tokens and truncation left them no token to learn (they need max_length >= "
-                           f"{min(stats.keep_one)} to keep one, {max(stats.lengths)} to stay whole)")
-        if stats.dropped_empty:
-            reasons.append(f"{stats.dropped_empty} of {stats.total} have no token to learn at all")
-        fix = ("Raise max_length (data.init_args.max_length) or shorten the prompts" if stats.dropped_truncated
-               else "Give every example a response or a longer text")
-        return DataFormatError(f"{stats.source}: no {what} example is left: {'; '.join(reasons)}. {fix}.")
+        return tokenize_examples(self.examples(split), self.encoder, self.max_length, self._split_source(split))
 
     @override
     def setup(self, stage: str | None = None) -> None:
@@ -528,7 +471,7 @@ class InstructionDataModule(LightningDataModule):
         """
         wanted = {"fit": ["train", "val"], None: ["train", "val"], "validate": ["val"], "test": ["val"],
                   "predict": ["predict"]}.get(stage, ["train", "val"])
-        done: dict[str, tuple[TokenizedDataset | StreamingTokens, _SplitStats]] = {}
+        done: dict[str, tuple[TokenizedDataset | StreamingTokens, SplitStats]] = {}
         for split in wanted:
             if getattr(self, f"{split}_dataset") is not None:
                 continue
@@ -539,29 +482,11 @@ class InstructionDataModule(LightningDataModule):
                 continue
             dataset, stats = self._tokenize(split)
             if stats.total and isinstance(dataset, TokenizedDataset) and not len(dataset):
-                raise self._empty_split_error(split, stats)
+                raise stats.empty_error(split, self.max_length)
             done[split] = (dataset, stats)
         for split, (dataset, _) in done.items():
             setattr(self, f"{split}_dataset", dataset)
-        self._warn_dropped([stats for _, stats in done.values()], list(done))
-
-    def _warn_dropped(self, stats: list[_SplitStats], splits: list[str]) -> None:
-        """One warning for truncated (and dropped) examples, one for examples with nothing to learn."""
-        total = sum(s.total for s in stats)
-        truncated = sum(s.truncated for s in stats)
-        if truncated:
-            per_split = ", ".join(f"{split}: {s.truncated}" for split, s in zip(splits, stats))
-            message = (f"{truncated} of {total} examples ({per_split}) were longer than max_length={self.max_length} "
-                       f"tokens and were truncated")
-            dropped = sum(s.dropped_truncated for s in stats)
-            if dropped:
-                message += f"; {dropped} of them had no token left to learn and were dropped"
-            rank_zero_warn(message + ". Raise max_length to keep whole examples.")
-        empty = sum(s.dropped_empty for s in stats)
-        if empty:
-            per_split = ", ".join(f"{split}: {s.dropped_empty}" for split, s in zip(splits, stats) if s.dropped_empty)
-            rank_zero_warn(f"{empty} of {total} examples ({per_split}) have no token to learn (a causal LM learns "
-                           "from the second token on) and were dropped.")
+        warn_dropped([stats for _, stats in done.values()], list(done), self.max_length)
 
     def _loader(self, dataset: TokenizedDataset | StreamingTokens, shuffle: bool, padding_side: str = "right",
                 packed: bool = False) -> DataLoader:
