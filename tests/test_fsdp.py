@@ -42,10 +42,9 @@ from lightning_lora.fsdp import (
     consolidate_checkpoint,
     decoder_layers,
     fsdp1_auto_wrap_policy,
-    prepare_fsdp1,
     shard_lora_model,
-    strategy_kind,
 )
+from lightning_lora.strategies import prepare_fsdp1, strategy_kind
 from lightning_lora.surgery import is_lora_key
 
 TESTS = Path(__file__).parent
@@ -372,7 +371,7 @@ def test_options_are_validated():
 
 
 def test_decoder_layers_and_tied_embeddings():
-    from lightning_lora.fsdp import _tied
+    from lightning_lora.fsdp.plan import _tied
 
     model = make_tiny_llama()
     assert [p for p, _ in decoder_layers(model)] == ["model.layers.0", "model.layers.1"]
