@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.fsdp._dist import dtensor_class, fsdp2_api, is_sharded, mixed_dtype_all_gather
+from lightning_lora.replacements import replace_attribute
 from lightning_lora.surgery import embedding_of, find_network, has_lora, inject_lora, lora_layers
 
 ADAPTER_UNITS = ("auto", "layer", "separate")
@@ -353,7 +354,8 @@ def shard_lora_model(module: nn.Module, mesh: Any = None, options: FSDPOptions |
                 if emb is not None and not _tied(root):
                     _shard_unit(kind, full(_path_of(root, emb)), emb, options, layer_kwargs, units)
         _shard_unit("root", root_path, root, options, kwargs, units)
-        root._is_fsdp_managed_module = True  # transformers' generate() then keeps every rank stepping (synced_gpus)
+        replace_attribute(root, "_is_fsdp_managed_module", True, owner=__name__, missing_hook=(
+            "transformers' generate() takes no sign of FSDP but this flag (every rank then keeps stepping)"))
     DTensor = dtensor_class()
     outside = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if outside:
