@@ -14,7 +14,7 @@ of the package that made it), the missing hook that makes it necessary, and its 
 
 The records live on the target itself (one list in its `__dict__`, `RECORDS_ATTR`), so they are copied
 and pickled with it (`copy.deepcopy` re-points them to the copy) and die with it; a weak index finds the
-targets of an owner. Undo in the reverse order of replacing: undoing one under a newer replacement of the
+targets of an owner (a copy's records are found through the copy: `replacements(copy)`). Undo in the reverse order of replacing: undoing one under a newer replacement of the
 same attribute hands its restore point to the newer one (whose function may still call it).
 
 No Lightning import: any module of the package may use it.

@@ -303,6 +303,16 @@ def test_function_level_imports_only_where_listed():
                      "LAZY_THIRD_PARTY:\n" + "\n".join(sorted(set(bad))))
 
 
+def test_modules_below_the_strategies_do_not_import_lightning():
+    """DESIGN.md's "knows about Lightning? no" rows: everything below `strategies` (the torch-only sharding plan
+    included) works without Lightning, at any import level."""
+    first = _layer("strategies")
+    bad = sorted({f"{imp.importer}:{imp.line} imports {imp.target}" for imp in IMPORTS
+                  if _layer(imp.importer) is not None and _layer(imp.importer) < first
+                  and any(_matches(imp.target, name) for name in ("lightning", "pytorch_lightning"))})
+    assert not bad, "Lightning imported below the strategies layer:\n" + "\n".join(bad)
+
+
 def test_no_module_over_600_lines():
     long = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
     bad = [f"{name}: {n} lines" for name, n in long.items() if n > MAX_LINES and not _known("lines", name)]
