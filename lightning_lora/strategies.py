@@ -81,8 +81,6 @@ def strategy_kind(strategy: Any) -> str | None:
     return None
 
 
-
-
 def adapter_only_saving(strategy: Strategy) -> list[Replacement]:
     """Make every checkpoint written through `strategy` adapter-only while its LightningModule has adapters,
     and (non-FSDP strategies) fill in the base keys of averaging callbacks' copies when a fit resumes.
@@ -225,7 +223,6 @@ def _load_sharded_adapters_fsdp1(path: Path, strategy: Any, pl_module: nn.Module
     return metadata
 
 
-
 def prepare_fsdp1(strategy: Any, pl_module: nn.Module) -> None:
     """Give Lightning's `FSDPStrategy` the LoRA auto-wrap policy (`fsdp1_auto_wrap_policy`) before it wraps
     the injected module, or refuse a combination that cannot work.
@@ -265,7 +262,6 @@ def prepare_fsdp1(strategy: Any, pl_module: nn.Module) -> None:
                             "a flat parameter cannot mix trainable and frozen tensors. Set use_orig_params=True, "
                             "drop bias/modules_to_save, or use ModelParallelStrategy (FSDP2).")
     kwargs["auto_wrap_policy"] = policy
-
 
 
 def inject_and_shard(strategy: Any, pl_module: nn.Module, kind: str, inject: Callable[[], None],

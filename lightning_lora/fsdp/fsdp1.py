@@ -61,7 +61,6 @@ def fsdp1_auto_wrap_policy(module: nn.Module, layer_classes: Sequence[type] | No
     return CustomPolicy(wrap)
 
 
-
 def restore_frozen_views(module: nn.Module) -> None:
     """Re-register the parameters of FSDP1 units that hold only frozen parameters and do not shard (`NO_SHARD`,
     what FSDP1 runs on one device). PyTorch swaps such a unit's parameters for plain tensors in forward and,

@@ -286,7 +286,6 @@ def _data_parallel_mesh(module: nn.Module, mesh: Any) -> Any:
     return init_device_mesh(device, (torch.distributed.get_world_size(),))
 
 
-
 def shard_lora_model(module: nn.Module, mesh: Any = None, options: FSDPOptions | dict[str, Any] | None = None,
                      *, config: Any = None, **fully_shard_kwargs: Any) -> list[Unit]:
     """Shard a model with FSDP2 (`fully_shard`) so that adapters and base shard in units of uniform
@@ -422,7 +421,6 @@ def refuse_presharded(module: nn.Module) -> None:
             "lightning_lora.fsdp.shard_lora_model(self) in configure_model in their place: it injects, then shards.")
 
 
-
 def refuse_dora(module: nn.Module) -> None:
     """DoRA is not sharded: its weight norm reads the whole base weight and both adapter factors at once,
     and its merge rescales whole rows.
@@ -438,8 +436,6 @@ def refuse_dora(module: nn.Module) -> None:
         raise LoRAError(f"use_dora=True is not supported under FSDP (ModelParallelStrategy / FSDPStrategy) yet: "
                         f"DoRA's weight norm needs the whole weight of {dora} and its adapters at once. Train DoRA "
                         "on one device or with DDP, or drop use_dora for the sharded run.")
-
-
 
 
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "broadcast_adapters", "decoder_layers", "injecting_with",
