@@ -45,7 +45,7 @@ from rich.console import Console
 
 from lightning_lora._io import atomic_directory, check_output_dir
 from lightning_lora.checkpoint import is_sharded_checkpoint
-from lightning_lora.cli import ArgumentParser, one_line, run_command
+from lightning_lora.command_line import ArgumentParser, one_line, run_command
 from lightning_lora.commands_checks import _first_line, merged_logits, verify_export, verify_merged
 from lightning_lora.errors import AdapterFormatError, CommandError, LoRAError, listed
 from lightning_lora.gguf_export import (

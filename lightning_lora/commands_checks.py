@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_lora.cli import one_line
+from lightning_lora.command_line import one_line
 from lightning_lora.errors import AdapterFormatError, CommandError, LoRAError
 from lightning_lora.hub import meta_model, parse_dtype
 from lightning_lora.peft_format import load_adapter, read_adapter_config, read_checkpoint

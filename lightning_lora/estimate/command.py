@@ -1,7 +1,7 @@
 """`lightning-lora estimate`: the command line over `estimate_memory` (table or JSON).
 
 Usage errors and user errors print one line on stderr and exit with code 2, through the shared
-runner (`lightning_lora.cli.ArgumentParser` / `run_command`).
+runner (`lightning_lora.command_line.ArgumentParser` / `run_command`).
 
 Example:
     >>> main(["--model", "smollm2-135m", "--seq-len", "256", "--json"])  # doctest: +SKIP
@@ -15,6 +15,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from lightning_lora.command_line import ArgumentParser, run_command
 from lightning_lora.config import ALL_LINEAR
 from lightning_lora.estimate.memory import (
     OPTIMIZER_IMPLS,
@@ -36,8 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["--model", "llama-3-8b", "--quantize", "nf4"]).quantize
         'nf4'
     """
-    from lightning_lora.cli import ArgumentParser
-
     p = ArgumentParser(prog=PROG,
                        description="Parameters and training memory, full fine-tune vs LoRA (and QLoRA), from a model "
                                    "config (built on the meta device: no weights, no download).")
@@ -102,8 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["--model", "smollm2-135m", "--seq-len", "256", "--json"])  # doctest: +SKIP
         0
     """
-    from lightning_lora.cli import run_command
-
     return run_command(PROG, build_parser(), argv, _run)
 
 
