@@ -48,8 +48,8 @@ class Builder:
 
     def inputs(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
-        if self.vocab:
-            return torch.randint(1, self.vocab, (2, 8), generator=gen)
+        if self.vocab:  # the plain embedding's padding index 0 is among its inputs
+            return torch.randint(0 if self.name == "emb" else 1, self.vocab, (2, 8), generator=gen)
         return torch.randn(4, self.features, generator=gen)
 
     @torch.no_grad()
@@ -58,8 +58,8 @@ class Builder:
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`run` with autograd (a training step)."""
-        if not self.vocab:  # a float input, in the dtype of the model's (first) weight, as a user would feed it
-            return model(x.to(next(p.dtype for p in model.parameters() if p.is_floating_point())))
+        if not self.vocab:  # a float input in the dtype of the model's first dense parameter, as a user would feed it
+            return model(x.to(next(p.dtype for p in model.parameters() if type(p) is nn.Parameter)))
         if self.name == "emb":
             return model(x)
         if self.hidden:
@@ -108,7 +108,7 @@ def _mlp(width: int = 16) -> nn.Module:
 
 
 def _emb() -> nn.Module:
-    return nn.Sequential(OrderedDict(emb=nn.Embedding(50, 16), fc=nn.Linear(16, 16)))
+    return nn.Sequential(OrderedDict(emb=nn.Embedding(50, 16, padding_idx=0), fc=nn.Linear(16, 16)))
 
 
 BUILDERS: dict[str, Builder] = {b.name: b for b in [
