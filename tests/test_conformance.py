@@ -11,12 +11,16 @@ Checks (test id `test_conformance[<row>-<check>]`):
 * `merge`: after giving every trainable tensor nonzero values (`lora_parameters`), `merge_adapter` computes
   the adapted function within `MERGE_TOL[dtype]`; `unmerge_adapter` gives every base weight back within
   `eps * (|W| + |W + delta|)` (`LoRALayer.unmerge`'s documented bound; DoRA's unmerge rounds more often:
-  `DORA_UNMERGE_ULPS` times that); `disable_lora` computes the base function; `merge_and_unload` leaves
-  exactly the base's keys and the adapted function.
+  `DORA_UNMERGE_ULPS` times the tensor's largest bound); both are idempotent; `disable_lora` computes the
+  base function; `merge_and_unload(keep=True)` leaves exactly the base's keys and the adapted function, and
+  `unmerge_and_reinject` gives the same adapters back and the base weights within the same bound; `unload`
+  after "training" gives the base's weights back (trained biases and modules_to_save stay trained).
 * `state_dict`: the injected state dict is a superset of the base's (same keys in the same order, same
-  shapes); a base checkpoint loads into it with only adapter keys missing.
-* `lora_state_dict`: `lora_state_dict` -> a fresh injection (other random A) -> `load_lora_state_dict`
-  gives identical outputs.
+  shapes) adding exactly A and B of every adapted module and the variant's tensors (DoRA magnitudes,
+  PiSSA/OLoRA initial adapters); a base checkpoint loads into it with exactly those keys missing.
+* `lora_state_dict`: holds every adapter tensor and the trained biases / modules_to_save, nothing else;
+  -> a fresh injection (other random A) -> `load_lora_state_dict` (values in float64: cast into the same
+  Parameter objects, dtypes kept) gives identical outputs.
 * `adapter_ckpt`: what the `LoRA` callback saves and loads, without a Trainer: the callback's
   `strategy.save_checkpoint` wrapper calls `checkpoint.make_adapter_only` on the checkpoint dict, which is
   written with `torch.save`; its restore path reads it with `torch.load(weights_only=True)`, checks it with
@@ -26,14 +30,18 @@ Checks (test id `test_conformance[<row>-<check>]`):
   `Trainer(max_steps=1).fit` per model family (and the NF4 base) with the `LoRA` callback and restores the
   checkpoint through the callback (`trainer.validate(ckpt_path=...)`): about 3 s in all.
 * `peft_export`: `save_adapter` -> `peft.PeftModel.from_pretrained(base copy)` computes our outputs
-  (`PEFT_TOL`); `peft_import`: an adapter PEFT wrote (`get_peft_model(...).save_pretrained`, nonzero
-  tensors) loaded with our `load_adapter` computes PEFT's outputs. Rows PEFT cannot express skip with the
-  reason in the row.
+  (`PEFT_TOL`); `peft_import`: PEFT's `LoraConfig` for the row adapts the same modules with the same r and
+  scaling, and the adapter it wrote (`get_peft_model(...).save_pretrained`, nonzero tensors; PiSSA/OLoRA
+  through PEFT's conversion to plain LoRA) loaded with our `load_adapter` (frozen, the same module list)
+  computes PEFT's outputs. Rows PEFT cannot express skip with the reason in the row.
 * `dtype_policy`: `model.to(torch.bfloat16)` (what `bf16-true` does) after injection moves the base weights
   to bf16 and leaves every adapter tensor (`.lora_*` keys) in the adapter dtype (float32 by default; with
-  `adapter_dtype=None` they follow the base); quantized storage is untouched (the same NF4 tensors).
+  `adapter_dtype=None` they follow the base); quantized storage is untouched (the same NF4 tensors); the
+  model then computes in bf16, within bf16 rounding of what it computed before the cast.
 
-Refused combinations are not rows: `test_refused_combinations_stay_errors` holds them.
+Refused combinations are not rows: `test_refused_combinations_stay_errors` holds them. A known gap is an
+expected failure naming itself (`Row.merge_adapter_xfail`): `merge_adapter` on an embedding whose weight is tied
+to the output head changes the head too (`merge_and_unload` unties first).
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ from lightning_lora import (
     save_adapter,
     unload,
     unmerge_adapter,
+    unmerge_and_reinject,
 )
 from lightning_lora.checkpoint import (
     check_adapter_keys,
@@ -349,10 +358,32 @@ def check_step0(row: Row) -> None:
 def check_merge(row: Row) -> None:
     p = prepared(row.id)
     _assert_changed(p.out, p.base_out)
-    merged = merge_and_unload(copy.deepcopy(p.model))
+    adapters = {k: v.clone() for k, v in lora_state_dict(p.model).items()}
+    before = _tensors(p.model)
+    merged = merge_and_unload(copy.deepcopy(p.model), keep=True)
     assert list(merged.state_dict()) == p.base_keys
-    assert not any(".lora_" in k for k in merged.state_dict())
     _assert_close(p.builder.run(merged, p.x), p.out, _tol(MERGE_TOL, row, p.out), "merge_and_unload vs adapted")
+    merged_state = _tensors(merged)
+    assert unmerge_and_reinject(merged) == p.names  # undone: the same adapters, the base within one rounding
+    assert all(torch.equal(v, adapters[k]) for k, v in lora_state_dict(merged).items())
+    _assert_unmerged(row, before, merged_state, _tensors(merged))
+    _assert_close(p.builder.run(merged, p.x), p.out, _tol(MERGE_TOL, row, p.out), "unmerge_and_reinject vs adapted")
+    unloaded = unload(copy.deepcopy(p.model))  # after training: the base comes back (trained tensors stay trained)
+    state = _tensors(unloaded)
+    assert list(state) == p.base_keys
+    for key, value in p.base_state.items():
+        if key in adapters:
+            continue
+        if row.base_init:  # the original W from the residual of the initial adapters: one rounding
+            _assert_close(state[key], value, _tol(STEP0_TOL, row, value), f"unload after training {key}")
+        else:
+            assert torch.equal(state[key], value), key
+    if not any(".lora_" not in k for k in adapters):  # no trained bias or module: the base function
+        out = p.builder.run(unloaded, p.x)
+        if row.base_init:
+            _assert_close(out, p.base_out, _tol(STEP0_TOL, row, p.base_out), "unload after training vs base")
+        else:
+            assert torch.equal(out, p.base_out)
     if row.config.get("bias", "none") == "none":  # trained biases stay as trained under disable_lora (PEFT's)
         with disable_lora(copy.deepcopy(p.model)) as unmerged:  # never merged: the base weights as injected
             out = p.builder.run(unmerged, p.x)
@@ -370,6 +401,22 @@ def check_merge(row: Row) -> None:
     pytest.fail(f"merge_adapter now works for {row.id}: drop its merge_adapter_xfail")
 
 
+def _assert_unmerged(row: Row, before: dict[str, torch.Tensor], merged: dict[str, torch.Tensor],
+                     after: dict[str, torch.Tensor]) -> None:
+    """Every tensor of `after` (unmerged) is its value `before` the merge within eps * (|W| + |W + delta|)."""
+    assert list(after) == list(before)
+    for key, w in before.items():
+        if ".lora_" in key or not w.is_floating_point():
+            assert torch.equal(after[key], w), key
+            continue
+        eps = EPS[w.dtype] if w.dtype in EPS else EPS[F32]
+        bound = eps * (w.float().abs() + merged[key].float().abs())
+        if row.config.get("use_dora"):
+            bound = DORA_UNMERGE_ULPS * bound.max()
+        excess = ((after[key].float() - w.float()).abs() - bound).max().item()
+        assert excess <= 0, f"unmerge {key}: beyond eps*(|W|+|W+delta|) by {excess:.3g}"
+
+
 def _check_merge_adapter(row: Row, p: Prepared) -> None:
     model = copy.deepcopy(p.model)
     before = _tensors(model)
@@ -379,17 +426,7 @@ def _check_merge_adapter(row: Row, p: Prepared) -> None:
     _assert_close(p.builder.run(model, p.x), p.out, _tol(MERGE_TOL, row, p.out), "merge_adapter vs adapted")
     unmerge_adapter(model)
     unmerge_adapter(model)  # idempotent
-    after = _tensors(model)
-    for key, w in before.items():
-        if ".lora_" in key or not w.is_floating_point():
-            assert torch.equal(after[key], w), key
-            continue
-        eps = EPS[w.dtype] if w.dtype in EPS else EPS[F32]
-        bound = eps * (w.float().abs() + merged_state[key].float().abs())
-        if row.config.get("use_dora"):
-            bound = DORA_UNMERGE_ULPS * bound.max()
-        excess = ((after[key].float() - w.float()).abs() - bound).max().item()
-        assert excess <= 0, f"unmerge {key}: beyond eps*(|W|+|W+delta|) by {excess:.3g}"
+    _assert_unmerged(row, before, merged_state, _tensors(model))
     _assert_close(p.builder.run(model, p.x), p.out, _tol(MERGE_TOL, row, p.out), "unmerged vs adapted")
 
 
@@ -419,7 +456,10 @@ def check_lora_state_dict(row: Row) -> None:
     p = prepared(row.id)
     saved = lora_state_dict(p.model)
     assert saved and all(k in p.model.state_dict() for k in saved)
-    assert {f"{name}.lora_{ab}.weight" for name in p.names for ab in "AB"} <= set(saved)
+    state = p.model.state_dict()
+    assert {k for k in saved if ".lora_" in k} == {k for k in state if ".lora_" in k}  # every adapter tensor
+    trained = {k for k, v in p.model.named_parameters() if v.requires_grad and ".lora_" not in k}
+    assert {k for k in saved if ".lora_" not in k} == trained  # and the trained biases / modules_to_save
     fresh = _base(row)
     _inject(row, fresh, seed=20)
     assert sorted(lora_state_dict(fresh)) == sorted(saved)
@@ -510,7 +550,8 @@ def check_peft_import(row: Row, tmp_path) -> None:
         assert layer.r["default"] == config.rank_for(name)
         assert layer.scaling["default"] == pytest.approx(config.scaling_for(name), rel=1e-12)
     ours = _base(row)
-    assert sorted(load_adapter(ours, tmp_path / "peft")) == sorted(p.names)
+    assert load_adapter(ours, tmp_path / "peft") == p.names
+    assert not any(param.requires_grad for param in ours.parameters())  # loaded for inference (trainable=False)
     _assert_changed(expected, p.base_out)
     _assert_close(p.builder.run(ours, p.x), expected, _tol(PEFT_TOL, row, expected),
                   "our load of PEFT's adapter vs PEFT")
@@ -582,12 +623,18 @@ def test_the_matrix_covers_every_variant_and_layer_type():
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-REFUSED = {
-    "dora-embedding": ("llama", dict(target_modules=["embed_tokens"], use_dora=True), "use_dora=True cannot adapt"),
-    "pissa-embedding": ("llama", dict(target_modules=["embed_tokens"], init="pissa"), "init='pissa' cannot adapt"),
-    "olora-embedding": ("emb", dict(target_modules=["emb"], init="olora"), "init='olora' cannot adapt"),
-    "pissa-nf4": ("llama", dict(target_modules=QV, init="pissa", quantize_base="nf4"), "cannot be combined"),
-    "olora-nf4": ("llama", dict(target_modules=QV, init="olora", quantize_base="nf4"), "cannot be combined"),
+EMBEDDING_REFUSAL = r"cannot adapt the embedding\(s\) \[{}\].*exclude_modules"
+REFUSED = {  # model, config, the option that is refused there, the message
+    "dora-embedding": ("llama", dict(target_modules=["embed_tokens", "q_proj"], use_dora=True), "use_dora",
+                       "use_dora=True " + EMBEDDING_REFUSAL.format("'model.embed_tokens'")),
+    "pissa-embedding": ("llama", dict(target_modules=["embed_tokens", "q_proj"], init="pissa"), "init",
+                        "init='pissa' " + EMBEDDING_REFUSAL.format("'model.embed_tokens'")),
+    "olora-embedding": ("emb", dict(target_modules=["emb", "fc"], init="olora"), "init",
+                        "init='olora' " + EMBEDDING_REFUSAL.format("'emb'")),
+    "pissa-nf4": ("llama", dict(target_modules=QV, init="pissa", quantize_base="nf4"), "init",
+                  "init='pissa' cannot be combined with quantize_base='nf4'"),
+    "olora-nf4": ("llama", dict(target_modules=QV, init="olora", quantize_base="nf4"), "init",
+                  "init='olora' cannot be combined with quantize_base='nf4'"),
 }
 
 
@@ -595,12 +642,14 @@ REFUSED = {
 def test_refused_combinations_stay_errors(case):
     """Combinations that are not rows because they are refused today: the refusal stays a clear error and
     leaves the model as it was."""
-    model_name, config, message = REFUSED[case]
+    model_name, config, option, message = REFUSED[case]
     model = BUILDERS[model_name].make()
     keys = list(model.state_dict())
     with pytest.raises(LoRAConfigError, match=message):
         inject_lora(model, LoRAConfig(r=4, **config))
-    assert list(model.state_dict()) == keys and not any(".lora_" in k for k in keys)
+    assert list(model.state_dict()) == keys  # nothing injected
+    plain = {k: v for k, v in config.items() if k != option}
+    assert inject_lora(model, LoRAConfig(r=4, **plain))  # without the refused option the same model takes adapters
 
 
 
