@@ -48,8 +48,11 @@ class Builder:
 
     def inputs(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
-        if self.vocab:  # the plain embedding's padding index 0 is among its inputs
-            return torch.randint(0 if self.name == "emb" else 1, self.vocab, (2, 8), generator=gen)
+        if self.vocab:
+            ids = torch.randint(1, self.vocab, (2, 8), generator=gen)
+            if self.name == "emb":  # the plain embedding's padding index is among its inputs
+                ids[:, 0] = 0
+            return ids
         return torch.randn(4, self.features, generator=gen)
 
     @torch.no_grad()
