@@ -572,7 +572,8 @@ def check_dtype_policy(row: Row) -> None:
     quantized = {k: v for k, v in model.named_parameters() if type(v).__name__ == "NF4Tensor"}
     codes = {k: v.quantized_data.clone() for k, v in quantized.items()}
     assert bool(quantized) == row.quantized
-    adapter_dtype = row.lora_config().torch_adapter_dtype
+    name = row.lora_config().adapter_dtype  # "float32" by default; None: the adapters follow the base
+    adapter_dtype = getattr(torch, name) if name is not None else None
     model.to(torch.bfloat16)  # what Lightning's bf16-true precision does to the module
     for key, value in model.state_dict().items():
         if key in quantized or not value.is_floating_point():
