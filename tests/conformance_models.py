@@ -1,0 +1,127 @@
+"""The model builders of the conformance matrix (`tests/test_conformance.py`): tiny models built in code.
+
+Each `Builder` makes the same fp32 model (eval mode) for the same seed, gives a fixed input and runs the model
+on it, returning one tensor (logits, plus the last hidden state for classifiers, whose logits are few).
+
+Example:
+    >>> out = BUILDERS["mlp"].run(BUILDERS["mlp"].make(), BUILDERS["mlp"].inputs())
+    >>> tuple(out.shape)
+    (4, 16)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=128, max_position_embeddings=64, pad_token_id=0)
+
+
+@dataclass(frozen=True)
+class Builder:
+    """A tiny model family.
+
+    Attributes:
+        name: the family (`llama`, `gpt2`, ...).
+        factory: builds the model; called under `torch.manual_seed(seed)`.
+        vocab: token ids of `inputs()` are drawn from `[1, vocab)`; 0: the input is a float tensor of `features`.
+        features: width of a float input.
+        peft_task_type: PEFT's `task_type` for this family (None: a plain module).
+        hidden: also return the last hidden state (classifiers).
+    """
+
+    name: str
+    factory: Callable[[], nn.Module]
+    vocab: int = 0
+    features: int = 0
+    peft_task_type: str | None = None
+    hidden: bool = False
+
+    def make(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.factory().eval()
+
+    def inputs(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        if self.vocab:
+            ids = torch.randint(1, self.vocab, (2, 8), generator=gen)
+            if self.name == "emb":  # the plain embedding's padding index is among its inputs
+                ids[:, 0] = 0
+            return ids
+        return torch.randn(4, self.features, generator=gen)
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(model, x)
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`run` with autograd (a training step)."""
+        if not self.vocab:  # a float input in the dtype of the model's first dense parameter, as a user would feed it
+            return model(x.to(next(p.dtype for p in model.parameters() if type(p) is nn.Parameter)))
+        if self.name == "emb":
+            return model(x)
+        if self.hidden:
+            out = model(input_ids=x, output_hidden_states=True)
+            return torch.cat([out.logits.flatten(), out.hidden_states[-1].flatten()])
+        return model(input_ids=x).logits
+
+
+def _llama(**overrides) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides}))
+
+
+def _llama_cls() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    return LlamaForSequenceClassification(LlamaConfig(**LLAMA, num_labels=3))
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0,
+                                      eos_token_id=0))
+
+
+def _bert_cls() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=100, max_position_embeddings=32,
+                                                    num_labels=2))
+
+
+def _opt() -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                    vocab_size=100, max_position_embeddings=32, word_embed_proj_dim=32,
+                                    pad_token_id=1))
+
+
+def _mlp(width: int = 16) -> nn.Module:
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(width, 2 * width), act=nn.ReLU(), fc2=nn.Linear(2 * width, width)))
+
+
+def _emb() -> nn.Module:
+    return nn.Sequential(OrderedDict(emb=nn.Embedding(50, 16, padding_idx=0), fc=nn.Linear(16, 16)))
+
+
+BUILDERS: dict[str, Builder] = {b.name: b for b in [
+    Builder("llama", _llama, vocab=128, peft_task_type="CAUSAL_LM"),
+    Builder("llama-bias", lambda: _llama(attention_bias=True, mlp_bias=True), vocab=128, peft_task_type="CAUSAL_LM"),
+    Builder("llama-cls", _llama_cls, vocab=128, peft_task_type="SEQ_CLS", hidden=True),
+    Builder("gpt2", _gpt2, vocab=100, peft_task_type="CAUSAL_LM"),
+    Builder("bert-cls", _bert_cls, vocab=100, peft_task_type="SEQ_CLS", hidden=True),
+    Builder("opt", _opt, vocab=100, peft_task_type="CAUSAL_LM"),
+    Builder("mlp", _mlp, features=16),
+    Builder("mlp64", lambda: _mlp(64), features=64),
+    Builder("emb", _emb, vocab=50),
+]}
