@@ -57,10 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer = L.Trainer(max_steps=args.max_steps, accelerator=args.accelerator, devices=1, precision=args.precision,
                         callbacks=[lora], logger=TensorBoardLogger(str(out), name="logs"),
                         enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=5)
-    # print_answers=False: no before/after table of held-out answers (add lightning_lora.tasks.AnswersReport to
-    # the callbacks for one); from the next release that is the default
+    # no before/after table of held-out answers (add lightning_lora.tasks.AnswersReport to the callbacks for one)
     model = CausalLM(args.model, learning_rate=args.learning_rate, warmup_steps=min(5, args.max_steps),
-                     print_answers=False, num_generate_examples=0)
+                     num_generate_examples=0)
     data = InstructionDataModule(tokenizer=args.model, batch_size=args.batch_size, system_prompt=SYSTEM_PROMPT)
     trainer.fit(model, datamodule=data)
 

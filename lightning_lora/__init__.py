@@ -20,13 +20,10 @@ from lightning_lora.surgery import (
     lora_parameters,
     lora_state_dict,
     merge_adapter,
-    merge_adapters,
     merge_and_unload,
-    merge_lora,
     parameter_summary,
     unload,
     unmerge_adapter,
-    unmerge_adapters,
     unmerge_and_reinject,
 )
 
@@ -50,13 +47,10 @@ __all__ = [
     "lora_parameters",
     "lora_state_dict",
     "merge_adapter",
-    "merge_adapters",
     "merge_and_unload",
-    "merge_lora",
     "parameter_summary",
     "save_adapter",
     "unload",
     "unmerge_adapter",
-    "unmerge_adapters",
     "unmerge_and_reinject",
 ]

@@ -326,7 +326,7 @@ def merge_main(argv: list[str] | None = None) -> int:
     """
     def body(args: argparse.Namespace) -> None:
         from lightning_lora.peft_format import load_adapter
-        from lightning_lora.surgery import merge_lora
+        from lightning_lora.surgery import merge_and_unload
 
         console = _console()
         _quiet_transformers()
@@ -355,7 +355,7 @@ def merge_main(argv: list[str] | None = None) -> int:
                 raise CommandError(f"{one_line(err)} The adapter was trained on {recorded_base}: pass --base "
                                    f"{recorded_base}.") from None
         with _step(console, f"Merging {len(names)} adapter layers"):
-            merge_lora(model)
+            merge_and_unload(model)
             make_serializable(model)
             model.eval()
             expected = merged_logits(model)

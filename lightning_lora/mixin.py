@@ -18,7 +18,6 @@ there), re-injects the adapters from the config stored in the checkpoint, and lo
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from lightning_lora.checkpoint import (
 )
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import LoRAError, listed
+from lightning_lora.peft_format import load_adapter, save_adapter
 from lightning_lora.surgery import (
     get_lora_config,
     has_lora,
@@ -80,22 +80,12 @@ class LoRAMixin:
         merge_and_unload(self, keep=keep)  # type: ignore[arg-type]
         return self
 
-    def merge_lora(self) -> LoRAMixin:
-        """Deprecated alias of `merge_and_unload`."""
-        warnings.warn("LoRAMixin.merge_lora is deprecated and will be removed in the next release; use "
-                      "merge_and_unload.", DeprecationWarning, stacklevel=2)
-        return self.merge_and_unload()
-
     def save_adapter(self, directory: str | os.PathLike, overwrite: bool = False) -> None:
         """Write the adapter of the module's network in PEFT format."""
-        from lightning_lora.peft_format import save_adapter
-
         save_adapter(self, directory, overwrite=overwrite)  # type: ignore[arg-type]
 
     def load_adapter(self, directory: str | os.PathLike, trainable: bool = False) -> None:
         """Inject and load a PEFT-format adapter (or adapter-only checkpoint) into the module's network."""
-        from lightning_lora.peft_format import load_adapter
-
         load_adapter(self, directory, trainable=trainable)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ checkpoints

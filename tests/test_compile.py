@@ -1,4 +1,4 @@
-"""`torch.compile` of an injected model's training (`lightning_lora.tasks.causal_lm.TrainingCompile`, used by
+"""`torch.compile` of an injected model's training (`lightning_lora.tasks.compile.TrainingCompile`, used by
 `CausalLM(compile=...)`): real compiled training steps (forward, backward, AdamW) over batches of several
 lengths and sizes with a bounded number of compilations, counted with dynamo's compile events.
 
@@ -18,7 +18,7 @@ from lightning_lora import LoRA, LoRAConfig, inject_lora
 from lightning_lora.layers import AdapterPath, LoRALayer
 from lightning_lora.surgery import lora_layers
 from lightning_lora.tasks import CausalLM, TaskConfigError
-from lightning_lora.tasks.causal_lm import (
+from lightning_lora.tasks.compile import (
     CompileEvents,
     TrainingCompile,
     repeated_blocks,
@@ -202,8 +202,7 @@ def test_causal_lm_compiles_from_the_second_batch_once(tiny_lm_dir):
     second compiles, and the batches after it (other lengths) compile nothing more than their variant."""
     from lightning_lora.data import InstructionDataModule
 
-    module = CausalLM(tiny_lm_dir, compile="aot_eager", learning_rate=1e-3, num_generate_examples=0,
-                      print_answers=False)
+    module = CausalLM(tiny_lm_dir, compile="aot_eager", learning_rate=1e-3, num_generate_examples=0)
     data = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4, max_length=64, system_prompt="Answer briefly.")
     compiles = _Compiles()
     trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,

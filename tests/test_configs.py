@@ -42,12 +42,10 @@ def test_every_config_parses(name, capsys):
     assert ckpt["save_last"] is True and ckpt["monitor"] == "val_loss"
     callback(cfg, "lightning.pytorch.callbacks.LearningRateMonitor")
     # the before/after answers table comes from the AnswersReport callback, last in the list (so that
-    # `--trainer.callbacks.num_questions N` reaches it); the deprecated model shortcut is left unset
+    # `--trainer.callbacks.num_questions N` reaches it)
     assert cfg["trainer"]["callbacks"][-1]["class_path"] == "lightning_lora.tasks.AnswersReport"
     report = callback(cfg, "lightning_lora.tasks.AnswersReport")
     assert set(report) == {"num_questions", "max_new_tokens"} and report["max_new_tokens"] >= 24
-    assert cfg["model"]["init_args"]["print_answers"] is None
-    assert cfg["model"]["init_args"]["num_eval_questions"] is None
     logger = cfg["trainer"]["logger"]
     assert logger["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
     assert logger["init_args"]["save_dir"] == "runs"

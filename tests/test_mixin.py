@@ -73,7 +73,7 @@ def test_mixin_merge_and_adapter_state(tmp_path):
     before = logits(module)
     sd = module.lora_state_dict()
     assert len(sd) == 12 and all(".lora_" in k for k in sd)
-    module.merge_lora()
+    assert module.merge_and_unload() is module
     assert not any("lora_" in k for k in module.state_dict())
     assert torch.allclose(logits(module), before, atol=1e-5)
 

@@ -22,20 +22,25 @@ from lightning_lora import (
     lora_parameters,
     lora_state_dict,
     merge_adapter,
-    merge_adapters,
     merge_and_unload,
-    merge_lora,
     parameter_summary,
-    unmerge_adapters,
+    unmerge_adapter,
     unmerge_and_reinject,
 )
 from lightning_lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from lightning_lora.surgery import (
+    STATE_ATTR,
     LayerRow,
+    LoRAState,
+    MergedAdapters,
     find_target_modules,
+    forget_merged,
     has_lora,
     is_lora_key,
+    is_merged,
     lora_layers,
+    lora_states,
+    merged_config,
 )
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -301,7 +306,7 @@ MERGE_CASES = [
 
 
 @pytest.mark.parametrize(("kind", "targets"), MERGE_CASES)
-def test_merge_lora_fp32_gives_a_plain_model_with_the_adapted_function(kind, targets, tmp_path):
+def test_merge_and_unload_fp32_gives_a_plain_model_with_the_adapted_function(kind, targets, tmp_path):
     model, reference = _make(kind), _make(kind)
     ids = _ids(_vocab(model))
     base = _logits(model, ids)
@@ -310,7 +315,7 @@ def test_merge_lora_fp32_gives_a_plain_model_with_the_adapted_function(kind, tar
     adapted = _logits(model, ids)
     assert (adapted - base).abs().max() > 1e-2  # the update is not trivial
 
-    assert merge_lora(model) is model
+    assert merge_and_unload(model) is model
     _assert_plain_like(model, reference)
     merged = _logits(model, ids)
     assert (merged - adapted).abs().max() < 1e-5
@@ -327,7 +332,7 @@ def test_merge_lora_fp32_gives_a_plain_model_with_the_adapted_function(kind, tar
     assert torch.equal(_logits(reloaded, ids), merged)
 
 
-def test_merge_lora_bf16_base():
+def test_merge_and_unload_bf16_base():
     model, reference = make_tiny_llama().to(torch.bfloat16), make_tiny_llama().to(torch.bfloat16)
     ids = _ids(128)
     base = _logits(model, ids)
@@ -337,7 +342,7 @@ def test_merge_lora_bf16_base():
     assert (adapted.float() - base.float()).abs().max() > 0.1
     expected_w = {n: (model.get_submodule(n).weight.float() + model.get_submodule(n).delta_weight()).to(torch.bfloat16)
                   for n in names}
-    merge_lora(model)
+    merge_and_unload(model)
     _assert_plain_like(model, reference)
     for name in names:
         assert model.get_submodule(name).weight.dtype is torch.bfloat16
@@ -347,7 +352,7 @@ def test_merge_lora_bf16_base():
     torch.testing.assert_close(merged.float(), adapted.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_merge_adapters_unmerge_round_trip():
+def test_merge_adapter_unmerge_adapter_round_trip():
     model = make_tiny_llama()
     ids = _ids(128)
     names = inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
@@ -355,8 +360,8 @@ def test_merge_adapters_unmerge_round_trip():
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     adapted = _logits(model, ids)
 
-    merge_adapters(model)
-    merge_adapters(model)  # idempotent
+    merge_adapter(model)
+    merge_adapter(model)  # idempotent
     assert all(layer.merged for _, layer in lora_layers(model))
     assert [n for n, _ in lora_layers(model)] == names  # adapters kept
     for n in names:
@@ -364,11 +369,60 @@ def test_merge_adapters_unmerge_round_trip():
         assert torch.equal(model.get_submodule(n).weight, expected)
     assert (_logits(model, ids) - adapted).abs().max() < 1e-5
 
-    unmerge_adapters(model)
+    unmerge_adapter(model)
     assert not any(layer.merged for _, layer in lora_layers(model))
     for n in names:
         assert (model.get_submodule(n).weight - weights[n]).abs().max() < 1e-6
     assert (_logits(model, ids) - adapted).abs().max() < 1e-5
+
+
+
+def _ours(module: nn.Module) -> list[str]:
+    """The attributes of the package on `module` and every module inside it (path.name)."""
+    return [f"{path}.{name}".lstrip(".") for path, m in module.named_modules() for name in m.__dict__
+            if name.startswith("lora_") and not isinstance(m, LoRALayer)]
+
+
+def test_a_kept_merge_is_the_one_record_of_the_model():
+    outer = nn.Module()
+    outer.net = make_tiny_llama()
+    config = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    base_keys = list(outer.state_dict())
+    inject_lora(outer.net, config)
+    randomize_lora_B(outer.net)
+    ids = _ids(128)
+    adapted = _logits(outer.net, ids)
+    assert _ours(outer) == ["net.lora_state"] and isinstance(outer.net.lora_state, LoRAState)
+
+    merge_and_unload(outer, keep=True)   # merged from outside the injection root: the record moves there
+    record = outer.__dict__[STATE_ATTR]
+    assert isinstance(record, MergedAdapters) and [p for p, _ in record.states] == ["net"]
+    assert _ours(outer) == ["lora_state"] and lora_states(outer) == [] and not has_lora(outer)
+    assert is_merged(outer) and merged_config(outer) == config and not is_merged(outer.net)
+    assert list(outer.state_dict()) == base_keys   # the record is no Module / Parameter: state dict unchanged
+
+    assert unmerge_and_reinject(outer) == ["net.model.layers.0.self_attn.q_proj", "net.model.layers.0.self_attn.v_proj",
+                                           "net.model.layers.1.self_attn.q_proj", "net.model.layers.1.self_attn.v_proj"]
+    assert _ours(outer) == ["net.lora_state"] and not is_merged(outer)
+    assert (_logits(outer.net, ids) - adapted).abs().max() < 1e-5
+
+
+def test_forget_merged_and_a_new_injection_replace_a_kept_merge():
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj"]))
+    merge_and_unload(model, keep=True)
+    assert _ours(model) == ["lora_state"] and is_merged(model)
+    forget_merged(model)
+    assert _ours(model) == [] and not is_merged(model) and merged_config(model) is None
+    forget_merged(model)  # nothing to forget: no error
+
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj"]))
+    merge_and_unload(model, keep=True)
+    with pytest.raises(LoRAError, match="matched no module"):   # a failed injection leaves the kept merge
+        inject_lora(model, LoRAConfig(r=2, target_modules=["nothing"]))
+    assert is_merged(model)
+    inject_lora(model, LoRAConfig(r=2, target_modules=["k_proj"]))   # the merged model is the new base
+    assert _ours(model) == ["lora_state"] and not is_merged(model) and get_lora_config(model).r == 2
 
 
 def test_disable_lora():
@@ -388,7 +442,7 @@ def test_disable_lora():
         raise RuntimeError("boom")
     assert all(layer.lora_enabled for _, layer in lora_layers(model))  # restored after an exception
 
-    merge_adapters(model)
+    merge_adapter(model)
     with disable_lora(model):
         assert not any(layer.merged for _, layer in lora_layers(model))
         assert (_logits(model, ids) - base).abs().max() < 1e-5
@@ -797,7 +851,7 @@ def test_other_misuse():
         lora_state_dict(model)
     inject_lora(model, LoRAConfig(r=4))
     with pytest.raises(LoRAError, match="not an adapter layer"):
-        merge_lora(model.model.layers[0].self_attn.q_proj)
+        merge_and_unload(model.model.layers[0].self_attn.q_proj)
 
 
 def test_no_adapter_inside_a_module_to_save():

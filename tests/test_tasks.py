@@ -1,12 +1,11 @@
-"""`lightning_lora.tasks`: `CausalLM` (loss, perplexity, generation, checkpoints, the deprecated
-`print_answers` shortcut) and the `AnswersReport` callback (the before/after table, answers.json)."""
+"""`lightning_lora.tasks`: `CausalLM` (loss, perplexity, generation, checkpoints) and the `AnswersReport`
+callback (the before/after table, answers.json)."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -101,17 +100,6 @@ def test_perplexity_sum_stays_float32_under_bf16():
         ppl.update(torch.tensor(2.3456, dtype=torch.bfloat16), 1)
     assert ppl.nll_sum.dtype == torch.float32
     assert math.isclose(ppl.compute().log().item(), 2.34375, rel_tol=1e-4)  # bf16(2.3456), summed exactly
-
-
-def test_names_stay_importable_from_causal_lm():
-    """Code written against the old layout (everything in tasks/causal_lm.py) keeps working."""
-    from lightning_lora.tasks import answers, causal_lm
-
-    for name in ["AnswerRow", "TaskConfigError", "answers_summary", "contains_answer", "generate_answers",
-                 "print_answers_table", "select_eval_examples", "summary_lines", "GENERATE_BATCH_SIZE",
-                 "ANSWERS_FILE"]:
-        assert getattr(causal_lm, name) is getattr(answers, name)
-    assert causal_lm.TaskConfigError is TaskConfigError and issubclass(TaskConfigError, ValueError)
 
 
 def test_num_target_tokens():
@@ -293,13 +281,14 @@ def test_tokenizer_mismatch_between_model_and_data_is_one_clear_error(tiny_lm_di
 @pytest.mark.parametrize("sanity_steps, expected", [(-1, True), (1, False), (0, False)])
 def test_val_loss_before_comes_only_from_a_full_sanity_check(tiny_lm_dir, tmp_path, sanity_steps, expected):
     dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4)
-    module = CausalLM(tiny_lm_dir, print_answers=False, num_generate_examples=0)
+    module = CausalLM(tiny_lm_dir, num_generate_examples=0)
     trainer = _trainer(tmp_path, [LoRA(r=2, merge_on_fit_end=False)], num_sanity_val_steps=sanity_steps,
                        limit_val_batches=2, limit_train_batches=1, max_epochs=1, max_steps=-1)
     trainer.fit(module, datamodule=dm)
     assert (module.val_loss_before is not None) is expected
     assert module.val_loss_after is not None
-    assert not any(isinstance(cb, AnswersReport) for cb in trainer.callbacks)  # print_answers=False: no report
+    # the datamodule offers held-out questions, but the table is AnswersReport's job: CausalLM adds none
+    assert not any(isinstance(cb, AnswersReport) for cb in trainer.callbacks)
     if expected:  # the same batches before and after one step at lr 2e-4: close, and exactly log(val_ppl)
         assert abs(module.val_loss_before - module.val_loss_after) < 0.5
     assert math.isclose(math.log(trainer.callback_metrics["val_ppl"].item()), module.val_loss_after, rel_tol=1e-5)
@@ -332,9 +321,7 @@ def test_answers_report_alone_in_a_tiny_run(tiny_lm_dir, tmp_path, capsys):
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = _trainer(tmp_path, [report], logger=logger, num_sanity_val_steps=-1, limit_val_batches=2,
                        limit_train_batches=2, max_epochs=1, max_steps=-1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="CausalLM", category=FutureWarning)  # an explicit report: no
-        trainer.fit(module, datamodule=dm)                                            # deprecation warning
+    trainer.fit(module, datamodule=dm)
     out = capsys.readouterr().out
     assert [cb for cb in trainer.callbacks if isinstance(cb, AnswersReport)] == [report]
 
@@ -439,60 +426,6 @@ def _loader(tiny_lm_dir):
     return dm.train_dataloader()
 
 
-# ------------------------------------------------------------------- deprecated print_answers shortcut
-
-
-def _reports(trainer):
-    return [cb for cb in trainer.callbacks if isinstance(cb, AnswersReport)]
-
-
-def test_print_answers_shortcut_adds_a_report_with_a_future_warning(tiny_lm_dir, tmp_path, capsys):
-    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4)
-    module = CausalLM(tiny_lm_dir, num_eval_questions=2, generate_max_new_tokens=3, num_generate_examples=0)
-    trainer = _trainer(tmp_path, [LoRA(r=2, merge_on_fit_end=False)], limit_train_batches=1, max_epochs=1,
-                       max_steps=-1)
-    with pytest.warns(FutureWarning, match=r"CausalLM\(print_answers=\.\.\.\) adding the before/after answers "
-                                           r"table is deprecated: from the next release .* Add "
-                                           r"AnswersReport\(num_questions=2, max_new_tokens=3\) to the Trainer's "
-                                           r"callbacks"):
-        trainer.fit(module, datamodule=dm)
-    (report,) = _reports(trainer)
-    assert (report.num_questions, report.max_new_tokens) == (2, 3)
-    assert "base: " in capsys.readouterr().out and len(report.answer_rows()) == 2
-    with pytest.warns(FutureWarning, match=r"CausalLM.answer_rows\(\) is deprecated"):
-        assert module.answer_rows() == report.answer_rows()
-    # validate adds nothing and warns nothing
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="CausalLM", category=FutureWarning)
-        validator = _trainer(tmp_path / "v", [])
-        validator.validate(module, datamodule=dm)
-    assert _reports(validator) == []
-
-
-@pytest.mark.parametrize("print_answers, with_report, warns", [
-    (False, False, None),                   # off: no report
-    (None, True, None),                     # the trainer's report is used as is
-    (True, True, "print_answers=True"),     # set, and ignored: said so
-])
-def test_print_answers_shortcut_off_or_ignored(tiny_lm_dir, tmp_path, print_answers, with_report, warns):
-    dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=4)
-    module = CausalLM(tiny_lm_dir, print_answers=print_answers, num_generate_examples=0)
-    own = AnswersReport(num_questions=1, max_new_tokens=2)
-    trainer = _trainer(tmp_path, [own] if with_report else [], limit_train_batches=1, max_epochs=1, max_steps=-1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FutureWarning)
-        trainer.fit(module, datamodule=dm)
-    messages = [str(w.message) for w in caught
-                if issubclass(w.category, FutureWarning) and str(w.message).startswith("CausalLM")]
-    if warns is None:
-        assert messages == []
-    else:
-        assert messages == [f"CausalLM({warns}) is deprecated and ignored: the Trainer has an AnswersReport "
-                            "callback, which makes the before/after table; set its num_questions and "
-                            "max_new_tokens instead."]
-    assert _reports(trainer) == ([own] if with_report else [])
-
-
 # ------------------------------------------------------------------ a token-weighted loss per optimizer step
 class _StepGrads(L.Callback):
     """The adapters' gradients as the optimizer (and every callback after CausalLM's rescale) sees them."""
@@ -531,7 +464,7 @@ def test_two_micro_batches_update_as_one_batch_of_both(tiny_lm_dir, tmp_path, ch
     runs = []
     for batches, accumulate in (([_pad(examples)], 1), ([examples[0], examples[1]], 2)):
         torch.manual_seed(0)                      # the same random A in both runs
-        module = CausalLM(tiny_lm_dir, chunked_loss=chunked, num_generate_examples=0, print_answers=False)
+        module = CausalLM(tiny_lm_dir, chunked_loss=chunked, num_generate_examples=0)
         grads = _StepGrads()
         trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -567,7 +500,7 @@ trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=2, strategy="ddp", l
                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=out,
                     callbacks=[LoRA(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
                                     merge_on_fit_end=False), grads])
-module = CausalLM(model_dir, num_generate_examples=0, print_answers=False)
+module = CausalLM(model_dir, num_generate_examples=0)
 trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_examples(), batch_size=None))
 if trainer.is_global_zero:
     torch.save({"grads": grads.grads[0], "loss": float(trainer.callback_metrics["train_loss"])}, out + "/ddp.pt")
@@ -583,7 +516,7 @@ def test_two_ddp_ranks_update_as_one_batch_of_both(tiny_lm_dir, tmp_path):
     run_ddp_script(tmp_path, TOKEN_MEAN_DDP, tiny_lm_dir, str(tmp_path))
     ddp = torch.load(tmp_path / "ddp.pt")
     torch.manual_seed(0)
-    module = CausalLM(tiny_lm_dir, num_generate_examples=0, print_answers=False)
+    module = CausalLM(tiny_lm_dir, num_generate_examples=0)
     grads = _StepGrads()
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path,
@@ -607,7 +540,7 @@ def test_a_fit_stopped_mid_window_leaves_nothing_to_the_next(tiny_lm_dir, tmp_pa
     runs = []
     for interrupted_first in (False, True):
         torch.manual_seed(0)
-        module = CausalLM(tiny_lm_dir, num_generate_examples=0, print_answers=False)
+        module = CausalLM(tiny_lm_dir, num_generate_examples=0)
         if interrupted_first:
             stop = L.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,

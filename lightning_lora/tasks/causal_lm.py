@@ -8,8 +8,7 @@ training (`val_loss_before`, `val_loss_after`), and at every validation end logs
 few validation prompts to TensorBoard (text tab).
 
 The before/after table of held-out answers is the `lightning_lora.tasks.AnswersReport` callback's job
-(`configs/quickstart.yaml` adds it to the trainer's callbacks). `CausalLM(print_answers=...)` is a
-deprecated shortcut for it, kept for one release: see `CausalLM`.
+(`configs/quickstart.yaml` adds it to the trainer's callbacks).
 
 Example:
     >>> import lightning as L
@@ -31,38 +30,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_lora.hub import load_causal_lm, load_tokenizer, parse_dtype
 from lightning_lora.loss import IGNORE_INDEX, causal_lm_loss
 from lightning_lora.mixin import LoRAMixin
 from lightning_lora.offload import OffloadActivations
 from lightning_lora.tasks._errors import TaskConfigError
-from lightning_lora.tasks.answers import (  # noqa: F401  (re-exported: importable from here as before)
-    ANSWERS_FILE,
-    GENERATE_BATCH_SIZE,
-    AnswerRow,
-    AnswersReport,
-    answers_summary,
-    contains_answer,
-    generate_answers,
-    markdown_cell,
-    print_answers_table,
-    select_eval_examples,
-    summary_lines,
-    tensorboard_writer,
-)
-from lightning_lora.tasks.compile import (  # noqa: F401  (importable from here as before)
-    CompileEvents,
-    TrainingCompile,
-    checkpointing_wrapper_of,
-    repeated_blocks,
-)
-
-#: `AnswersReport(num_questions=...)` of the deprecated `print_answers` shortcut when `num_eval_questions` is unset
-DEFAULT_EVAL_QUESTIONS = 24
+from lightning_lora.tasks.answers import generate_answers, markdown_cell, tensorboard_writer
+from lightning_lora.tasks.compile import TrainingCompile
 
 # ============================================================================================ metrics
 
@@ -181,20 +158,9 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             (`lightning_lora.offload.OffloadActivations`: copies on a side CUDA stream overlapping the
             forward, back in backward); parameters and tensors under 1 MiB stay. Less GPU memory for longer
             sequences, at the cost of host-device copies. The gradients are identical.
-        generate_max_new_tokens: the most tokens generated per answer (the TensorBoard samples; and the
-            before/after table of the deprecated `print_answers` shortcut).
+        generate_max_new_tokens: the most tokens generated per answer (the TensorBoard samples).
         num_generate_examples: validation prompts answered at each validation end and logged to
             TensorBoard as text (0 = none).
-        print_answers: deprecated: the before/after table is the `AnswersReport` callback's job. As
-            before, when the Trainer has no `AnswersReport`, `fit` adds
-            `AnswersReport(num_questions=num_eval_questions, max_new_tokens=generate_max_new_tokens)`,
-            now with a `FutureWarning`: when unset (None) if the datamodule offers `eval_examples()`
-            and `encode_prompt()`, when True always. False adds none, which is what the next release
-            does by default (the argument goes away after that). When the Trainer has an
-            `AnswersReport`, the module adds nothing (and warns if this or `num_eval_questions` was
-            set: they are ignored then).
-        num_eval_questions: deprecated with `print_answers`: the `num_questions` of the report that
-            `print_answers` adds (None = 24).
 
     Every optimizer step weights each target token of the step the same: with `accumulate_grad_batches`
     (and across DDP/FSDP ranks), the gradient is the mean over all target tokens of all micro-batches of
@@ -223,8 +189,6 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         offload_activations: bool = False,
         generate_max_new_tokens: int = 32,
         num_generate_examples: int = 4,
-        print_answers: bool | None = None,
-        num_eval_questions: int | None = None,
     ) -> None:
         super().__init__()
         checks = [(learning_rate > 0, f"learning_rate={learning_rate}; expected a positive number, e.g. 2e-4"),
@@ -232,9 +196,7 @@ class CausalLM(LoRAMixin, pl.LightningModule):
                   (warmup_steps >= 0, f"warmup_steps={warmup_steps}; expected 0 or more steps"),
                   (generate_max_new_tokens >= 1,
                    f"generate_max_new_tokens={generate_max_new_tokens}; expected 1 or more tokens"),
-                  (num_generate_examples >= 0, f"num_generate_examples={num_generate_examples}; expected 0 or more"),
-                  (num_eval_questions is None or num_eval_questions >= 0,
-                   f"num_eval_questions={num_eval_questions}; expected 0 (all) or more")]
+                  (num_generate_examples >= 0, f"num_generate_examples={num_generate_examples}; expected 0 or more")]
         for ok, message in checks:
             if not ok:
                 raise TaskConfigError(message + ".")
@@ -242,8 +204,6 @@ class CausalLM(LoRAMixin, pl.LightningModule):
             raise TaskConfigError(f"compile={compile!r} is not a torch.compile backend; expected True (inductor), "
                                   f"False or one of {', '.join(torch._dynamo.list_backends())}, aot_eager.")
         if dtype is not None:
-            from lightning_lora.hub import parse_dtype
-
             try:
                 parse_dtype(dtype)
             except ValueError as err:
@@ -252,8 +212,6 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         self.model_name_or_path = str(model_name_or_path)
         # the tokenizer is loaded now: it is small, an unknown model fails at once with a clear message,
         # and the LoRA callback saves it next to the merged model
-        from lightning_lora.hub import load_tokenizer
-
         self.tokenizer = load_tokenizer(self.model_name_or_path)
         self.model: Any = None  # loaded in configure_model
         #: the compiled training forward (`compile=True`), made in `configure_model`
@@ -279,8 +237,6 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         """Load the transformers model (once): in the Trainer's init context, or from `load_from_checkpoint`."""
         if self.model is not None:
             return
-        from lightning_lora.hub import load_causal_lm
-
         model = load_causal_lm(self.model_name_or_path, dtype=self.hparams.dtype)
         model.train()  # from_pretrained returns eval mode; Lightning does not switch modes for us
         if self.hparams.gradient_checkpointing:
@@ -497,44 +453,6 @@ class CausalLM(LoRAMixin, pl.LightningModule):
         self._step_tokens = torch.zeros((), dtype=torch.long)
         self._step_mean = None
         self._loss_divisor = None
-
-    # ------------------------------------------------------------------ deprecated answers shortcut
-    @override
-    def configure_callbacks(self) -> list[Callback]:
-        """The deprecated `print_answers` shortcut: an `AnswersReport` for `fit` when the Trainer has none."""
-        if self._trainer is None or self.trainer.state.fn != "fit":
-            return []
-        hp = self.hparams
-        if any(isinstance(cb, AnswersReport) for cb in self.trainer.callbacks):
-            given = [f"{k}={hp[k]!r}" for k in ("print_answers", "num_eval_questions") if hp.get(k) is not None]
-            if given:
-                rank_zero_warn(f"CausalLM({', '.join(given)}) is deprecated and ignored: the Trainer has an "
-                               "AnswersReport callback, which makes the before/after table; set its num_questions "
-                               "and max_new_tokens instead.", category=FutureWarning)
-            return []
-        if hp.get("print_answers") is False:
-            return []
-        questions = hp.get("num_eval_questions")
-        report = AnswersReport(num_questions=DEFAULT_EVAL_QUESTIONS if questions is None else questions,
-                               max_new_tokens=hp.generate_max_new_tokens)
-        if hp.get("print_answers") is None and not report.can_report(self.trainer.datamodule):
-            return []
-        rank_zero_warn(
-            "CausalLM(print_answers=...) adding the before/after answers table is deprecated: from the next release "
-            "CausalLM adds no table unless the Trainer has the lightning_lora.tasks.AnswersReport callback. Add "
-            f"AnswersReport(num_questions={report.num_questions}, max_new_tokens={report.max_new_tokens}) to the "
-            "Trainer's callbacks (in a config: trainer.callbacks, as configs/quickstart.yaml does), or pass "
-            "print_answers=False for no table.", category=FutureWarning)
-        return [report]
-
-    def answer_rows(self) -> list[AnswerRow]:
-        """Deprecated: `AnswersReport.answer_rows()`. The before/after rows of the last fit from the Trainer's
-        `AnswersReport` (empty when there was none, or no table)."""
-        rank_zero_warn("CausalLM.answer_rows() is deprecated; use answer_rows() of the AnswersReport callback.",
-                       category=FutureWarning)
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
-        reports = [cb for cb in callbacks if isinstance(cb, AnswersReport)]
-        return reports[0].answer_rows() if reports else []
 
     # ------------------------------------------------------------------ checkpoints
     @override
