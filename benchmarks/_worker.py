@@ -594,12 +594,12 @@ def check_adapter_paths(counts: dict[str, Any], device: str, spec: dict[str, Any
 # ---------------------------------------------------------------------- torch.compile
 def run_compile(spec: dict[str, Any]) -> dict[str, Any]:
     """Eager vs compiled training steps of ours and PEFT (plain loop, AdamW), compiled with
-    `lightning_lora.tasks.causal_lm.TrainingCompile` (each decoder layer, lengths dynamic): eager median,
+    `lightning_lora.tasks.compile.TrainingCompile` (each decoder layer, lengths dynamic): eager median,
     the first compiled step (the compile), compiled median, graphs compiled, recompiles and graph breaks
     (dynamo's counters), and the graphs a batch of another length adds afterwards (should be none)."""
     import torch._dynamo as dynamo
 
-    from lightning_lora.tasks.causal_lm import CompileEvents, TrainingCompile
+    from lightning_lora.tasks.compile import CompileEvents, TrainingCompile
 
     device = spec["device"]
     other_seq = max(8, spec["seq"] // 2 + 3)
@@ -639,7 +639,7 @@ def run_compile(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- inference latency
 def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
     """Forward latency (no grad, eval) of the base, the injected-unmerged and the merged model."""
-    from lightning_lora import inject_lora, merge_lora
+    from lightning_lora import inject_lora, merge_and_unload
     from lightning_lora.surgery import lora_layers
 
     device = spec["device"]
@@ -674,7 +674,7 @@ def run_latency(spec: dict[str, Any]) -> dict[str, Any]:
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.02)
     model.eval()
     base1, unmerged = interleaved(model)
-    model = merge_lora(model).eval()
+    model = merge_and_unload(model).eval()
     base2, merged = interleaved(model)
     return {"base": base1 + base2, "unmerged": unmerged, "merged": merged,
             "unmerged_over_base": statistics.median(unmerged) / statistics.median(base1),

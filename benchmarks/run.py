@@ -33,7 +33,7 @@ operators dispatched in one training step of floor, ours and PEFT (`lightning_lo
 device-independent, our proxy for kernel launches; on CPU also ours with the CUDA dropout masks,
 `ours-philox`), and checks that ours took the adapter paths it should on the device; `compile` (first
 round only, not in the default jobs: name it with `--jobs`; in the `gpu-8b` preset) times eager and
-`torch.compile`d training steps of ours and PEFT (`lightning_lora.tasks.causal_lm.TrainingCompile`) with
+`torch.compile`d training steps of ours and PEFT (`lightning_lora.tasks.compile.TrainingCompile`) with
 the compile time, graphs and recompiles.
 
 Configs: (a) r=8 on q_proj, v_proj, dropout 0; (b) r=16 on all linear layers, dropout 0.05. The
@@ -556,7 +556,7 @@ def counts_lines(counts: dict[str, Any]) -> list[str]:
 def compile_lines(compiled: dict[str, Any]) -> list[str]:
     lengths = compiled.get("lengths") or {}
     lines = [f"`torch.compile` (backend {compiled.get('backend', 'inductor')}; "
-             "`lightning_lora.tasks.causal_lm.TrainingCompile`: each decoder layer compiled once "
+             "`lightning_lora.tasks.compile.TrainingCompile`: each decoder layer compiled once "
              f"for all layers, lengths dynamic), plain loop, batch {lengths.get('batch', '?')} x {lengths.get('seq', '?')}; "
              "compile time = first compiled step - compiled median; a batch of "
              f"{lengths.get('other_seq', '?')} tokens afterwards must not recompile", "",

@@ -69,11 +69,11 @@ from lightning_lora.strategies import (
     strategy_kind,
 )
 from lightning_lora.surgery import (
-    MERGED_ATTR,
     AdapterProbe,
     adapter_grad_norm,
     delta_ratio,
     enable_input_grads_for_checkpointing,
+    forget_merged,
     get_lora_config,
     has_lora,
     inject_lora,
@@ -216,7 +216,7 @@ class LoRA(Callback):
             if merged_config(pl_module) == self.config:
                 unmerge_and_reinject(pl_module)
             else:  # another config: the merged model is the new base
-                del pl_module.__dict__[MERGED_ATTR]
+                forget_merged(pl_module)
         if has_lora(pl_module):
             existing = get_lora_config(pl_module)
             if existing != self.config:

@@ -68,7 +68,8 @@ from lightning_lora.hub import (
     make_serializable,
     meta_model,
 )
-from lightning_lora.peft_format import checkpoint_to_peft, read_adapter_config, read_checkpoint
+from lightning_lora.peft_format import checkpoint_to_peft, load_adapter, read_adapter_config, read_checkpoint
+from lightning_lora.surgery import merge_and_unload
 
 MERGE_DTYPES = ("fp32", "bf16", "fp16")
 MERGE_FORMATS = ("hf", "gguf")
@@ -316,7 +317,7 @@ def merge_main(argv: list[str] | None = None) -> int:
     """`lightning-lora merge --base MODEL --adapter A --out DIR [--dtype ...] [--overwrite]`; returns the exit code.
 
     Loads the base with `hub.load_causal_lm`, the adapter with `peft_format.load_adapter`, merges
-    with `merge_lora`, writes `save_pretrained` output (plus the base's tokenizer, when it has
+    with `merge_and_unload`, writes `save_pretrained` output (plus the base's tokenizer, when it has
     one) to a temporary directory, checks it with `verify_merged`, and renames it to DIR.
 
     Example:
@@ -325,9 +326,6 @@ def merge_main(argv: list[str] | None = None) -> int:
         0
     """
     def body(args: argparse.Namespace) -> None:
-        from lightning_lora.peft_format import load_adapter
-        from lightning_lora.surgery import merge_and_unload
-
         console = _console()
         _quiet_transformers()
         out = Path(args.out)
@@ -341,7 +339,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         task_type, recorded_base = _adapter_origin(args.adapter)
         if task_type not in (None, "CAUSAL_LM"):
             raise CommandError(f"adapter {args.adapter} has task_type={task_type!r}; merge writes causal language "
-                               "models (task_type CAUSAL_LM). Merge it in Python with merge_lora instead.")
+                               "models (task_type CAUSAL_LM). Merge it in Python with merge_and_unload instead.")
         with _step(console, f"Loading base model {args.base} ({args.dtype})"):
             model = _load_base(args.base, args.dtype)
         if args.format == "gguf":

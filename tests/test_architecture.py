@@ -37,7 +37,7 @@ LAYERS: list[list[str]] = [
     ["strategies"],                                     # Lightning strategy glue (first Lightning layer)
     ["callback"],                                       # the LoRA callback
     ["mixin"],                                          # LoRAMixin
-    ["cli", "lightning_cli", "commands"],               # the lightning-lora dispatch; LightningCLI; export / merge
+    ["cli", "lightning_cli", "commands", "commands_checks"],  # the dispatch; LightningCLI; export / merge; their checks
     ["tasks"],                                          # ready LightningModules and callbacks
     ["data"],                                           # datasets and data modules
     [PACKAGE],                                          # the public facade (lightning_lora/__init__.py)
@@ -85,30 +85,8 @@ KNOWN_UNTIL_MERGE: set[tuple[str, ...]] = {
     ("replacement", "quantization", "flag"),                       # transformers' is_loaded_in_4bit/8bit dropped
     ("replacement", "quantization", "key"),                        # ... and restored: replace_attribute
     ("replacement", "quantization", "_quantized_weight"),          # its own layer's stash, through `module`
-    # -- h2 (surgery/ package): surgery imports quantization inside functions; over 600 lines
-    ("lazy", "surgery", "quantization"),
-    ("lines", "surgery"),
-    ("replacement", "surgery", "MERGED_ATTR"),                     # model.lora_merged: into LoRAState
-    ("replacement", "tasks.compile", "forward"),                   # TrainingCompile: replace_attribute
-    # -- h6 (estimate/memory, commands, data/instruction split)
-    ("lazy", "estimate.command", "cli"),                           # -> top-level import of command_line
-    ("layer", "estimate.command", "cli"),
-    ("lazy", "estimate.memory", "layers"),
-    ("lazy", "estimate.models", "hub"),
-    ("lazy", "commands", "_io"),
-    ("lazy", "commands", "hub"),
-    ("lazy", "commands", "peft_format"),
-    ("lazy", "commands", "checkpoint"),
-    ("lazy", "commands", "gguf_export"),
-    ("lazy", "commands", "surgery"),
-    ("lazy", "data.instruction", "hub"),
-    ("lines", "commands"),
-    ("lines", "data.instruction"),
-    ("lines", "estimate.memory"),
     # -- owner not named in issue 21's split (the lead): package imports inside functions, no cycle behind them
-    ("lazy", "mixin", "peft_format"),
     ("lazy", "peft_format.save", "hub"),
-    ("lazy", "tasks.causal_lm", "hub"),
 }
 
 
@@ -381,13 +359,20 @@ def _foreign_assignments(name: str, tree: ast.Module) -> list[tuple[int, str]]:
     return found
 
 
+#: attributes the package sets on a user's model on purpose, with the reason: not replacements (nothing of the
+#: model's is shadowed), the one record DESIGN allows
+OWN_RECORDS: dict[str, str] = {
+    "STATE_ATTR": "model.lora_state: the one record of the package on a model (LoRAState, or MergedAdapters)",
+}
+
+
 def test_replacements_of_foreign_attributes_live_in_replacements_py():
     bad = []
     for name, tree in TREES.items():
         if name == "replacements":
             continue
         for line, attr in _foreign_assignments(name, tree):
-            if not _known("replacement", name, attr):
+            if attr not in OWN_RECORDS and not _known("replacement", name, attr):
                 bad.append(f"{name}:{line} replaces .{attr}")
     assert not bad, ("replacements of attributes of objects the package does not own belong in "
                      "lightning_lora/replacements.py (replace_attribute / replace_class, with the missing hook "

@@ -229,7 +229,7 @@ def test_tokenizer_defaults_to_the_model_s(tiny_lm_dir, tmp_path):
 
     from lightning_lora.tasks import CausalLM
 
-    model = CausalLM(tiny_lm_dir, print_answers=False)
+    model = CausalLM(tiny_lm_dir)
     dm = InstructionDataModule(train_file=write_jsonl(tmp_path / "d.jsonl", OURS), val_fraction=0)
     assert dm.resolved_tokenizer_name == "smollm2-135m-instruct"  # no model attached
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -257,7 +257,7 @@ def cli_config(tmp_path: Path, model_dir: str, data: dict) -> str:
                        "enable_checkpointing": False, "enable_progress_bar": False, "logger": False,
                        "default_root_dir": str(tmp_path)},
            "model": {"class_path": "lightning_lora.tasks.CausalLM",
-                     "init_args": {"model_name_or_path": model_dir, "print_answers": False, "num_generate_examples": 0}},
+                     "init_args": {"model_name_or_path": model_dir, "num_generate_examples": 0}},
            "data": {"class_path": "lightning_lora.data.InstructionDataModule",
                     "init_args": {"cache_dir": str(tmp_path / "hf-cache"), "batch_size": 2, **data}}}
     path = tmp_path / "run.yaml"

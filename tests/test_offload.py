@@ -65,7 +65,7 @@ def test_causal_lm_trains_the_same_with_offloading(tiny_lm_dir, tmp_path, monkey
     runs = []
     for offload in (False, True):
         torch.manual_seed(0)
-        module = CausalLM(tiny_lm_dir, offload_activations=offload, num_generate_examples=0, print_answers=False)
+        module = CausalLM(tiny_lm_dir, offload_activations=offload, num_generate_examples=0)
         grads = _StepGrads()
         trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, default_root_dir=tmp_path,

@@ -120,8 +120,7 @@ def test_data_module_packs_train_and_val_with_the_same_val_loss(tiny_lm_dir):
 
 def test_packed_fit_with_lora(tiny_lm_dir, tmp_path):
     dm = InstructionDataModule(tokenizer=tiny_lm_dir, batch_size=2, packing=True, system_prompt="Answer briefly.")
-    module = CausalLM(tiny_lm_dir, learning_rate=1e-2, num_generate_examples=1, generate_max_new_tokens=2,
-                      print_answers=False)
+    module = CausalLM(tiny_lm_dir, learning_rate=1e-2, num_generate_examples=1, generate_max_new_tokens=2)
     trainer = L.Trainer(max_steps=3, limit_val_batches=1, val_check_interval=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=[LoRA(r=4, target_modules=["q_proj", "v_proj"],
@@ -167,7 +166,7 @@ trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", 
                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=out, limit_val_batches=0,
                     callbacks=[LoRA(r=4, target_modules=["q_proj", "v_proj"], merge_on_fit_end=False), rows])
 dm = InstructionDataModule(tokenizer=model_dir, batch_size=2, packing=True, max_length=128)
-trainer.fit(CausalLM(model_dir, num_generate_examples=0, print_answers=False), datamodule=dm)
+trainer.fit(CausalLM(model_dir, num_generate_examples=0), datamodule=dm)
 torch.save({"rows": rows.rows, "steps": trainer.global_step}, f"{out}/rank{trainer.global_rank}.pt")
 if torch.distributed.is_initialized():  # stop gloo's threads before the interpreter exits (else: std::terminate)
     torch.distributed.destroy_process_group()

@@ -62,7 +62,6 @@ from lightning_lora.surgery.merge import (
 )
 from lightning_lora.surgery.optimizers import find_optimizers, restrict_optimizer, restrict_optimizers
 from lightning_lora.surgery.state import (
-    MERGED_ATTR,
     STATE_ATTR,
     LoRAState,
     MergedAdapters,
@@ -103,7 +102,6 @@ from lightning_lora.surgery.transformers_lookup import (
 
 __all__ = [
     "HEAD_NAMES",
-    "MERGED_ATTR",
     "STATE_ATTR",
     "TASK_HEADS",
     "AdapterProbe",

@@ -34,7 +34,6 @@ from lightning_lora.surgery.transformers_lookup import _pretrained_models, embed
 #: adapters are injected, a `MergedAdapters` after `merge_and_unload(keep=True)`
 STATE_ATTR = "lora_state"
 #: the attribute that holds a `MergedAdapters`: the same one (one record per model; `forget_merged` drops it)
-MERGED_ATTR = STATE_ATTR
 
 
 @dataclass

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lightning_lora.replacements import replace_attribute, undo_replacements
+
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks (decoder layers: the classes a transformers model lists in
@@ -194,12 +196,15 @@ class TrainingCompile:
                 if inner is not None:
                     self.checkpoint_outside.add(cls.__name__)
                 self.functions[cls.__name__] = torch.compile(inner or cls.forward, dynamic=dynamic, **compile_kwargs)
-            block.forward = functools.partial(_dispatch, self, block)
+            replace_attribute(block, "forward", functools.partial(_dispatch, self, block), owner=__name__,
+                              missing_hook="torch has no hook that runs a compiled function in place of one "
+                                           "module's forward (torch.compile(module) wraps it in a new module, "
+                                           "which changes the model's state-dict keys)")
 
     def remove(self) -> None:
         """Back to the blocks' own forward."""
         for block in self.blocks:
-            block.__dict__.pop("forward", None)
+            undo_replacements(block, owner=__name__)
         self.blocks = []
 
 
