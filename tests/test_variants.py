@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lightning_lora
-from lightning_lora import LoRAConfig, LoRAConfigError
+from lightning_lora import LoRAConfig, LoRAConfigError, inject_lora
 from lightning_lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from lightning_lora.peft_format.keys import _VARIANT_PEFT_KEYS
 from lightning_lora.quantization import LoRANF4Linear, NF4Linear
@@ -174,6 +174,17 @@ def test_variant_refusals_keep_their_text():
     variant, names = unsupported_targets({"q": LoRALinear, "e": LoRAEmbedding}, init="pissa")
     assert variant.name == "pissa" and names == ["e"]
     assert unsupported_targets({"q": LoRALinear}, use_dora=True, init="pissa") is None
+
+
+@pytest.mark.parametrize("fields", [{"use_dora": True}, {"init": "olora"}, {"use_dora": True, "init": "pissa"}])
+def test_targets_error_is_the_injection_error(fields):
+    model = nn.Sequential()
+    model.add_module("emb", nn.Embedding(8, 4))
+    model.add_module("q_proj", nn.Linear(4, 4))
+    with pytest.raises(LoRAConfigError) as err:
+        inject_lora(model, LoRAConfig(r=2, target_modules=["emb", "q_proj"], **fields))
+    variant, names = unsupported_targets({"emb": LoRAEmbedding, "q_proj": LoRALinear}, **fields)
+    assert str(err.value) == str(variant.targets_error(names))
 
 
 def test_dora_and_pissa_combine_as_before():

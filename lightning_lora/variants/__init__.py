@@ -81,6 +81,17 @@ def config_fields() -> tuple[str, ...]:
     return tuple(f for cls in VARIANTS for f in cls.config_fields)
 
 
+def variant_fields(config: Any) -> dict[str, Any]:
+    """The variant-selecting fields of a `LoRAConfig` (what `inject_lora` passes to every adapter layer).
+
+    Example:
+        >>> from lightning_lora.config import LoRAConfig
+        >>> variant_fields(LoRAConfig(use_dora=True))
+        {'use_dora': True, 'init': 'kaiming'}
+    """
+    return {f: getattr(config, f) for f in config_fields()}
+
+
 def selected_variants(**fields: Any) -> tuple[LoRAVariant, ...]:
     """The variants `fields` (`LoRAConfig` field -> value) select, whatever the layer type.
 
@@ -121,6 +132,8 @@ def unsupported_targets(classes: dict[str, type[nn.Module]], **fields: Any) -> t
         >>> v, names = unsupported_targets({"q": LoRALinear, "emb": LoRAEmbedding}, use_dora=True)
         >>> v.name, names
         ('dora', ['emb'])
+        >>> str(v.targets_error(names))[:51]
+        "use_dora=True cannot adapt the embedding(s) ['emb']"
     """
     for variant in selected_variants(**fields):
         names = [n for n, cls in classes.items() if not variant.supports(cls)]
@@ -141,4 +154,4 @@ def variant_tensor_names() -> tuple[str, ...]:
 
 
 __all__ = ["VARIANTS", "BaseChangingInit", "DoRA", "ExtraTensor", "LoRAVariant", "config_fields",
-           "resolve_variants", "selected_variants", "unsupported_targets", "variant_tensor_names"]
+           "resolve_variants", "selected_variants", "unsupported_targets", "variant_fields", "variant_tensor_names"]

@@ -53,6 +53,7 @@ class LoRAVariant:
 
     Class attributes:
         name: short name ("dora", "pissa").
+        title: its name in messages ("DoRA", "PiSSA/OLoRA").
         config_fields: the `LoRAConfig` fields that select it.
         example: field values that select it (listings, tests).
         layer_types: the `peft_layer_type` values of the adapter classes it implements (others are refused
@@ -68,6 +69,7 @@ class LoRAVariant:
     """
 
     name: ClassVar[str] = "lora"
+    title: ClassVar[str] = "LoRA"
     config_fields: ClassVar[tuple[str, ...]] = ()
     example: ClassVar[dict[str, Any]] = {}
     layer_types: ClassVar[frozenset[str]] = frozenset({"linear"})
@@ -92,6 +94,12 @@ class LoRAVariant:
     def unsupported_error(self, base: nn.Module | type) -> LoRAConfigError:
         """The error for a layer type it does not implement (`base`: the module being adapted, or its class)."""
         return LoRAConfigError(f"{self.option()} cannot adapt {label(base)} ({base}).")
+
+    def targets_error(self, names: list[str]) -> LoRAConfigError:
+        """The error for matched modules (`names`) whose layer type it does not implement (before any injection)."""
+        return LoRAConfigError(f"{self.option()} cannot adapt the embedding(s) {names[:4]}: lightning-lora implements "
+                               f"{self.title} for Linear and Conv1D layers. Add them to exclude_modules (or leave "
+                               "them out of target_modules), or drop the option.")
 
     # ------------------------------------------------------------------ tensors
     def extra_tensors(self, in_features: int, out_features: int, r: int) -> tuple[ExtraTensor, ...]:

@@ -156,6 +156,7 @@ class DoRA(LoRAVariant):
     """
 
     name: ClassVar[str] = "dora"
+    title: ClassVar[str] = "DoRA"
     config_fields: ClassVar[tuple[str, ...]] = ("use_dora",)
     example: ClassVar[dict[str, Any]] = {"use_dora": True}
     owns_forward: ClassVar[bool] = True

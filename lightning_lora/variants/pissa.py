@@ -234,6 +234,7 @@ class BaseChangingInit(LoRAVariant):
     """
 
     name: ClassVar[str] = "pissa"
+    title: ClassVar[str] = "PiSSA/OLoRA"
     config_fields: ClassVar[tuple[str, ...]] = ("init",)
     example: ClassVar[dict[str, Any]] = {"init": "pissa"}
     sets_adapters: ClassVar[bool] = True
