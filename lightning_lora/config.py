@@ -80,7 +80,7 @@ class LoRAConfig:
             r principal singular vectors of W), `"pissa_niter_N"` (the same from a randomized SVD with
             N subspace iterations) or `"olora"` (A, B from a QR decomposition of W): the base weight
             becomes the residual `W - scaling * B A`, so the start equals the base within float
-            rounding (see `lightning_lora.init`).
+            rounding (see `lightning_lora.variants.pissa`).
         modules_to_save: whole modules (same matching) that train fully and are saved, e.g. a
             new classification head. A module whose weight is tied to another (an `lm_head` tied to
             the input embedding) trains an untied copy, as in PEFT; the other module is untouched.
@@ -109,7 +109,7 @@ class LoRAConfig:
             products on a bf16 base).
         use_dora: DoRA (weight-decomposed LoRA, Liu et al. 2024): a trainable magnitude per output
             feature (`lora_magnitude_vector`) rescales the column-normalised `W + scaling * B A`
-            (Linear and `Conv1D` targets; see `lightning_lora.dora`).
+            (Linear and `Conv1D` targets; see `lightning_lora.variants.dora`).
         loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): the `LoRA` callback splits the optimizer's
             parameter groups so that B (and 1-D trainable parameters: DoRA magnitudes, biases) learn at
             `ratio x` the group's learning rate (> 0; the paper suggests 16). None: off.

@@ -15,7 +15,6 @@ from lightning_lora import (
     LoRAConfig,
     LoRAConfigError,
     count_parameters,
-    dora,
     inject_lora,
     load_adapter,
     lora_parameters,
@@ -30,6 +29,7 @@ from lightning_lora import (
 from lightning_lora.errors import AdapterFormatError
 from lightning_lora.layers import AdapterPath, LoRAConv1D, LoRALinear
 from lightning_lora.surgery import lora_layers
+from lightning_lora.variants import dora
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model

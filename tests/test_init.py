@@ -26,9 +26,9 @@ from lightning_lora import (
     unload,
     unmerge_and_reinject,
 )
-from lightning_lora import init as base_init
 from lightning_lora.peft_format import UnsupportedAdapterError, checkpoint_to_peft
 from lightning_lora.surgery import lora_layers
+from lightning_lora.variants import pissa as base_init
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model

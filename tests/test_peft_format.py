@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_lora import LoRAConfig, LoRAError, inject_lora, lora_state_dict
-from lightning_lora.layers import LoRAEmbedding, LoRALayer
+from lightning_lora.layers import LoRAConv1D, LoRAEmbedding, LoRALayer, LoRALinear
 from lightning_lora.peft_format import (
     AdapterFormatError,
     UnsupportedAdapterError,
@@ -24,6 +24,7 @@ from lightning_lora.peft_format import (
     read_checkpoint,
     save_adapter,
 )
+from lightning_lora.peft_format.keys import _LayerInfo, _to_peft_key
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -514,3 +515,22 @@ def test_save_adapter_reads_back_what_it_wrote_and_lands_nothing_when_it_differs
                                                  "written"):
         save_adapter(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_peft_keys_come_from_the_layer_types_answers():
+    """`peft_format.keys` asks the adapter class for PEFT's tensor names; a new layer type that names them
+    differently needs no change there."""
+
+    class Renamed(LoRALinear):
+        @classmethod
+        def peft_tensor_names(cls) -> dict[str, str]:
+            return {"lora_A.weight": "lora_down", "lora_B.weight": "lora_up"}
+
+    layers = {"m.q": _LayerInfo(LoRALinear, 2, 2.0), "m.c": _LayerInfo(LoRAConv1D, 2, 2.0),
+              "m.e": _LayerInfo(LoRAEmbedding, 2, 2.0), "m.r": _LayerInfo(Renamed, 2, 2.0)}
+    assert [_to_peft_key(f"m.{n}.lora_A.weight", layers) for n in "qcer"] == [
+        "base_model.model.m.q.lora_A.weight", "base_model.model.m.c.lora_A.weight",
+        "base_model.model.m.e.lora_embedding_A", "base_model.model.m.r.lora_down"]
+    assert _to_peft_key("m.r.lora_B.weight", layers) == "base_model.model.m.r.lora_up"
+    assert _to_peft_key("m.q.lora_magnitude_vector", layers) == "base_model.model.m.q.lora_magnitude_vector"
+    assert _to_peft_key("m.q.bias", layers) == "base_model.model.m.q.base_layer.bias"

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lora.layers import HFConv1D, LoRAConv1D, LoRAEmbedding, LoRALayer
+from lightning_lora.layers import HFConv1D, LoRALayer
 from lightning_lora.matching import (
     pattern_key,
 )
@@ -22,6 +22,7 @@ from lightning_lora.surgery import (
     _without_wrappers,
     lora_layers,
 )
+from lightning_lora.variants import VARIANTS
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_NAME_BIN = "adapter_model.bin"
@@ -116,32 +117,30 @@ def _json_number(value: float) -> int | float:
 # ====================================================================== ours -> PEFT
 @dataclass
 class _LayerInfo:
-    kind: str  # "linear", "conv1d" or "embedding"
+    layer_cls: type[LoRALayer]  # the adapter class: it answers for its PEFT kind, orientation and tensor names
     r: int
     alpha: float
 
 
 def _layer_infos(network: nn.Module) -> dict[str, _LayerInfo]:
-    infos = {}
-    for name, layer in lora_layers(network):
-        kind = ("embedding" if isinstance(layer, LoRAEmbedding)
-                else "conv1d" if isinstance(layer, LoRAConv1D) else "linear")
-        infos[_without_wrappers(name)] = _LayerInfo(kind, layer.r, layer.lora_alpha)
-    return infos
+    return {_without_wrappers(name): _LayerInfo(type(layer), layer.r, layer.lora_alpha)
+            for name, layer in lora_layers(network)}
+
+
+#: variant tensor name -> its key suffix in PEFT's files (DoRA's magnitude keeps its name)
+_VARIANT_PEFT_KEYS = {t.name: t.peft_key for cls in VARIANTS
+                      for t in cls.from_config(**cls.example).extra_tensors(1, 1, 1) if t.peft_key is not None}
 
 
 def _to_peft_key(key: str, layers: dict[str, _LayerInfo]) -> str:
     """Our key (relative to the network) -> PEFT's key in adapter_model.safetensors."""
     owner, _, param = key.rpartition(".")
-    if param == "lora_magnitude_vector":  # DoRA: the same key in PEFT's files
-        return PEFT_PREFIX + key
-    for ab in ("A", "B"):
-        suffix = f".lora_{ab}.weight"
-        if key.endswith(suffix) and key[: -len(suffix)] in layers:
-            name = key[: -len(suffix)]
-            if layers[name].kind == "embedding":
-                return f"{PEFT_PREFIX}{name}.lora_embedding_{ab}"
-            return PEFT_PREFIX + key
+    if param in _VARIANT_PEFT_KEYS:  # a variant's tensor (DoRA: the same key in PEFT's files)
+        return f"{PEFT_PREFIX}{owner}.{_VARIANT_PEFT_KEYS[param]}"
+    for ours in ("lora_A.weight", "lora_B.weight"):
+        name = key[: -len(ours) - 1]
+        if key.endswith("." + ours) and name in layers:  # the layer type names A and B in PEFT's files
+            return f"{PEFT_PREFIX}{name}.{layers[name].layer_cls.peft_tensor_names()[ours]}"
     if owner in layers:  # a base parameter of an adapted layer (a trained bias): PEFT's layer wraps it as base_layer
         return f"{PEFT_PREFIX}{owner}.base_layer.{param}"
     return PEFT_PREFIX + key

@@ -27,7 +27,7 @@ from lightning_lora.errors import (
     LoRAError,
     listed,
 )
-from lightning_lora.init import converted_alpha, skip_base_init, to_plain_lora
+from lightning_lora.layers import LoRALinear
 from lightning_lora.matching import (
     modules_to_save_matches,
     name_matches,
@@ -63,6 +63,7 @@ from lightning_lora.surgery import (
     lora_state_dict,
     lora_states,
 )
+from lightning_lora.variants.pissa import converted_alpha, skip_base_init, to_plain_lora
 
 
 def _choose_targets(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: list[str] | None,
@@ -155,7 +156,7 @@ def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: l
         "modules_to_save": modules_to_save,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": any(i.kind == "conv1d" for i in layers.values()),
+        "fan_in_fan_out": any(i.layer_cls.fan_in_fan_out for i in layers.values()),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "use_dora": config.use_dora,
         "lora_bias": False,
@@ -190,7 +191,7 @@ def _plain_lora_from_base_init(tensors: dict[str, torch.Tensor], layers: dict[st
                                      "to an adapter for the original base model.")
         a, b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
         out[a], out[b] = to_plain_lora(out[a], out[b], a0, b0)
-        new_layers[name] = _LayerInfo(info.kind, 2 * info.r, converted_alpha(info.alpha, config.use_rslora))
+        new_layers[name] = _LayerInfo(info.layer_cls, 2 * info.r, converted_alpha(info.alpha, config.use_rslora))
     plain = dataclasses.replace(
         config, init="kaiming", r=2 * config.r, alpha=converted_alpha(config.alpha, config.use_rslora),
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
@@ -340,7 +341,7 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
         if f"{name}.lora_B.weight" not in state:
             raise AdapterFormatError(f"The checkpoint has {name}.lora_A.weight but no {name}.lora_B.weight.")
         full = f"{ckpt.model_prefix}.{name}" if ckpt.model_prefix else name  # the config saw LightningModule paths
-        layers[name] = _LayerInfo("linear", int(state[f"{name}.lora_A.weight"].shape[0]), ckpt.config.alpha_for(full))
+        layers[name] = _LayerInfo(LoRALinear, int(state[f"{name}.lora_A.weight"].shape[0]), ckpt.config.alpha_for(full))
     # fully trained modules from the keys: the config's modules_to_save and task heads that are present
     names = {k.rpartition(".")[0] for k in state if not is_lora_key(k)}
     wanted = list(ckpt.config.modules_to_save or []) + [h for heads in TASK_HEADS.values() for h in heads]

@@ -1,5 +1,8 @@
 """PiSSA and OLoRA initialisation: A and B taken from the base weight, the base replaced by the residual.
 
+The math (`pissa`, `olora`, `residual`, `to_plain_lora`, ...) and the variant object `BaseChangingInit`
+that a layer with such an `init` resolves.
+
 With `LoRAConfig(init="pissa")` (Meng et al. 2024) an adapter of rank r starts from the r principal
 singular triplets of its base weight `W` (out x in, `W = U S V^T`):
 
@@ -37,10 +40,14 @@ import contextvars
 import math
 import re
 from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from lightning_lora.errors import LoRAError
+from lightning_lora.errors import LoRAConfigError, LoRAError
+from lightning_lora.variants.base import ExtraTensor, LoRAVariant, label
 
 #: seed of the random start of `torch.svd_lowrank` for "pissa_niter_N" (deterministic injections)
 SVD_LOWRANK_SEED = 0
@@ -214,5 +221,120 @@ def base_init_skipped() -> bool:
     return _skip_base_init.get()
 
 
-__all__ = ["SVD_LOWRANK_SEED", "base_init_skipped", "check_weight", "converted_alpha", "init_adapters",
-           "is_base_changing", "olora", "pissa", "residual", "skip_base_init", "to_plain_lora"]
+class BaseChangingInit(LoRAVariant):
+    """The variant of `LoRAConfig(init="pissa" | "pissa_niter_N" | "olora")`: A = A0, B = B0 from the base
+    weight, which becomes `W - scaling * B0 A0`; A0, B0 are kept on the layer as the buffers `lora_init_A`
+    / `lora_init_B` (our checkpoints only; PEFT files get the plain-LoRA conversion, `peft_conversion`).
+    Inside `skip_base_init()`, and on the meta device, the buffers start at zero and the weight is left as it is.
+
+    Example:
+        >>> v = BaseChangingInit.from_config(init="olora")
+        >>> v.option(), [(t.name, t.shape, t.peft_key) for t in v.extra_tensors(16, 8, 4)]
+        ("init='olora'", [('lora_init_A', (4, 16), None), ('lora_init_B', (8, 4), None)])
+    """
+
+    name: ClassVar[str] = "pissa"
+    title: ClassVar[str] = "PiSSA/OLoRA"
+    config_fields: ClassVar[tuple[str, ...]] = ("init",)
+    example: ClassVar[dict[str, Any]] = {"init": "pissa"}
+    sets_adapters: ClassVar[bool] = True
+
+    def __init__(self, init: str) -> None:
+        #: the `init` value ("pissa", "pissa_niter_N", "olora")
+        self.kind = init
+
+    @classmethod
+    def from_config(cls, **fields: Any) -> BaseChangingInit | None:
+        init = fields.get("init", "kaiming")
+        return cls(init) if is_base_changing(init) else None
+
+    def option(self) -> str:
+        return f"init={self.kind!r}"
+
+    def unsupported_error(self, base: nn.Module | type) -> LoRAConfigError:
+        return LoRAConfigError(f"init={self.kind!r} cannot initialise an {label(base)} adapter ({base}): PiSSA/OLoRA are "
+                               "implemented for Linear and Conv1D layers (as in PEFT). Leave the embedding out of "
+                               "target_modules, or use init='kaiming'.")
+
+    def extra_tensors(self, in_features: int, out_features: int, r: int) -> tuple[ExtraTensor, ...]:
+        return (ExtraTensor("lora_init_A", (r, in_features), None, False),
+                ExtraTensor("lora_init_B", (out_features, r), None, False))
+
+    @torch.no_grad()
+    def init(self, layer: Any, dtype: torch.dtype) -> None:
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        if base_init_skipped() or layer.weight.device.type == "meta":  # no values to decompose
+            a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
+        else:
+            a0, b0 = init_adapters(self.kind, layer.weight_oi(), layer.r, layer.scaling)
+            a0, b0 = a0.to(device=a.device, dtype=dtype), b0.to(device=b.device, dtype=dtype)
+            layer.weight.copy_(residual(layer.weight, a0, b0, layer.scaling, layer.fan_in_fan_out))
+        a.copy_(a0)
+        b.copy_(b0)
+        layer.register_buffer("lora_init_A", a0.clone())
+        layer.register_buffer("lora_init_B", b0.clone())
+
+    def load_state(self, layer: Any, state_dict: dict[str, Any], prefix: str) -> None:
+        a0, b0 = state_dict.get(prefix + "lora_init_A"), state_dict.get(prefix + "lora_init_B")
+        if a0 is not None and b0 is not None:
+            load_init_adapters(layer, a0, b0)
+
+    @torch.no_grad()
+    def restore_base(self, layer: Any) -> None:
+        if layer.merged:
+            layer.unmerge()
+        layer.weight.copy_(residual(layer.weight, layer.lora_init_A, -layer.lora_init_B, layer.scaling,
+                                    layer.fan_in_fan_out))
+        layer.lora_init_A.zero_()
+        layer.lora_init_B.zero_()
+
+    def disabled_forward(self, layer: Any, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result + scaling * B0 A0 x`: the original base function, not the residual's."""
+        a0 = layer.lora_init_A
+        h = F.linear(x.to(a0.dtype), a0)
+        return result + F.linear(h, layer.lora_init_B).mul_(layer.scaling).to(result.dtype)
+
+    def peft_conversion(self, a: torch.Tensor, b: torch.Tensor, extras: dict[str, torch.Tensor], alpha: float,
+                        use_rslora: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        a2, b2 = to_plain_lora(a, b, extras["lora_init_A"], extras["lora_init_B"])
+        return a2, b2, converted_alpha(alpha, use_rslora)
+
+    def extra_repr(self) -> str:
+        return f", init={self.kind!r}"
+
+
+@torch.no_grad()
+def load_init_adapters(layer: Any, a0: torch.Tensor, b0: torch.Tensor) -> None:
+    """Take A0, B0 recorded by the run that trained this adapter (PiSSA / OLoRA layers only): the base
+    weight of `layer` becomes `W - scaling * B0 A0` for them. The same A0, B0 change nothing (bit for
+    bit); others (computed on another device, say) are swapped within one float rounding of the weight.
+
+    Raises:
+        LoRAError: a layer without a base-changing init, or a merged one.
+
+    Example:
+        >>> from lightning_lora.layers import LoRALinear
+        >>> layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, init="olora")
+        >>> load_init_adapters(layer, layer.lora_init_A.clone(), layer.lora_init_B.clone())   # the same: a no-op
+    """
+    if getattr(layer, "lora_init_A", None) is None:
+        raise LoRAError(f"This {type(layer).__name__} was not built with a PiSSA/OLoRA init (init={layer.init!r}); "
+                        "it has no initial adapters to load.")
+    cur_a, cur_b = layer.lora_init_A, layer.lora_init_B
+    a0 = a0.to(device=cur_a.device, dtype=cur_a.dtype)
+    b0 = b0.to(device=cur_b.device, dtype=cur_b.dtype)
+    if a0.shape != cur_a.shape or b0.shape != cur_b.shape:
+        return  # left to the strict shape checks of the caller
+    if torch.equal(a0, cur_a) and torch.equal(b0, cur_b):
+        return
+    if layer.merged:
+        raise LoRAError("Cannot load PiSSA/OLoRA initial adapters into a merged layer; unmerge it first.")
+    w, t = layer.weight, layer.fan_in_fan_out
+    w.copy_(residual(residual(w, cur_a, -cur_b, layer.scaling, t), a0, b0, layer.scaling, t))
+    cur_a.copy_(a0)
+    cur_b.copy_(b0)
+
+
+__all__ = ["SVD_LOWRANK_SEED", "BaseChangingInit", "base_init_skipped", "check_weight", "converted_alpha",
+           "init_adapters", "is_base_changing", "load_init_adapters", "olora", "pissa", "residual", "skip_base_init",
+           "to_plain_lora"]
