@@ -2,8 +2,6 @@
 inside functions count), DESIGN.md's layer order, function-level imports only where listed with a reason,
 no module over 600 lines, and every replacement of an attribute of an object the package does not own in
 `lightning_lora/replacements.py`.
-
-`KNOWN_UNTIL_MERGE` lists what other branches of the same change fix; the lead empties it at merge time.
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "lightning_lora"
@@ -24,7 +20,7 @@ LAYERS: list[list[str]] = [
     ["errors", "replacements", "command_line"],         # user errors; the one home of replacements; the CLI runner
     ["matching", "_io", "_kernels", "profiling"],        # name rules, atomic writes, fused kernels, op counts
     ["config"],                                         # LoRAConfig
-    ["variants", "dora", "init"],                       # variant math (dora/init until h1's variants/ lands)
+    ["variants"],                                       # adapter variants (DoRA, PiSSA/OLoRA) as objects
     ["layers"],                                         # adapter layers and their registry
     ["quantization"],                                   # quantized bases and their adapter layers
     ["surgery"],                                        # every model operation on any nn.Module
@@ -72,23 +68,6 @@ LAZY_THIRD_PARTY: dict[str, str] = {
     "torch.utils.checkpoint": "loaded only when activation checkpointing is used",
     "triton": "optional (CUDA only)",
 }
-
-#: what other branches of this change fix; the lead empties this set when merging them (one entry per offender)
-KNOWN_UNTIL_MERGE: set[tuple[str, ...]] = {
-    # -- h1 (layers/ and quantization/ packages, variants/): today's layers<->quantization cycle and its imports
-    ("cycle", "layers", "quantization"),
-    ("lazy", "layers", "quantization"),
-    ("lines", "layers"),
-    ("lines", "quantization"),
-    ("layer", "layers", "quantization"),
-    ("replacement", "quantization", "__class__"),                  # guard_quantized_storage: replace_class
-    ("replacement", "quantization", "flag"),                       # transformers' is_loaded_in_4bit/8bit dropped
-    ("replacement", "quantization", "key"),                        # ... and restored: replace_attribute
-    ("replacement", "quantization", "_quantized_weight"),          # its own layer's stash, through `module`
-    # -- owner not named in issue 21's split (the lead): package imports inside functions, no cycle behind them
-    ("lazy", "peft_format.save", "hub"),
-}
-
 
 # ---------------------------------------------------------------------------------------------- reading the source
 @dataclass(frozen=True)
@@ -182,12 +161,10 @@ def _graph() -> dict[str, set[str]]:
     return graph
 
 
-def _known(*key: str) -> bool:
-    return tuple(key) in KNOWN_UNTIL_MERGE
 
 
 def _top(name: str) -> str:
-    """The first segment of a module name (`estimate.memory` -> `estimate`): the unit KNOWN_UNTIL_MERGE and the
+    """The first segment of a module name (`estimate.memory` -> `estimate`): the unit the
     layers may name."""
     return name.split(".")[0]
 
@@ -240,8 +217,7 @@ def test_every_module_is_parsed_and_layered():
 
 
 def test_no_import_cycle_counting_imports_inside_functions():
-    skip = {frozenset(key[1:]) for key in KNOWN_UNTIL_MERGE if key[0] == "cycle"}
-    cycle = find_cycle(_graph(), skip)
+    cycle = find_cycle(_graph(), set())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
@@ -257,7 +233,7 @@ def test_modules_import_only_their_own_or_lower_layers():
         if target is None or target == imp.importer or _matches(imp.importer, target) or _matches(target, imp.importer):
             continue  # a package and its own modules
         low, high = _layer(target), _layer(imp.importer)
-        if low is not None and high is not None and low > high and not _known("layer", imp.importer, _top(target)):
+        if low is not None and high is not None and low > high:
             bad.append(f"{imp.importer}:{imp.line} imports {target} (layer {low} > {high})")
     assert not bad, "imports of a higher layer (see LAYERS):\n" + "\n".join(sorted(set(bad)))
 
@@ -269,8 +245,7 @@ def test_function_level_imports_only_where_listed():
             continue
         target = _internal(imp.target)
         if target is not None:
-            if ((imp.importer, target) in LAZY_INTERNAL or (imp.importer, _top(target)) in LAZY_INTERNAL
-                    or _known("lazy", imp.importer, _top(target)) or _known("lazy", _top(imp.importer), _top(target))):
+            if ((imp.importer, target) in LAZY_INTERNAL or (imp.importer, _top(target)) in LAZY_INTERNAL):
                 continue
             bad.append(f"{imp.importer}:{imp.line} imports {target} inside a function")
         elif not any(_matches(imp.target, name) for name in LAZY_THIRD_PARTY) and not any(
@@ -293,7 +268,7 @@ def test_modules_below_the_strategies_do_not_import_lightning():
 
 def test_no_module_over_600_lines():
     long = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
-    bad = [f"{name}: {n} lines" for name, n in long.items() if n > MAX_LINES and not _known("lines", name)]
+    bad = [f"{name}: {n} lines" for name, n in long.items() if n > MAX_LINES]
     assert not bad, f"modules over {MAX_LINES} lines: {bad}"
 
 
@@ -363,6 +338,7 @@ def _foreign_assignments(name: str, tree: ast.Module) -> list[tuple[int, str]]:
 #: model's is shadowed), the one record DESIGN allows
 OWN_RECORDS: dict[str, str] = {
     "STATE_ATTR": "model.lora_state: the one record of the package on a model (LoRAState, or MergedAdapters)",
+    "_quantized_weight": "our own quantized adapter layer's stash of its 4-bit weight while merged (not foreign)",
 }
 
 
@@ -372,41 +348,11 @@ def test_replacements_of_foreign_attributes_live_in_replacements_py():
         if name == "replacements":
             continue
         for line, attr in _foreign_assignments(name, tree):
-            if attr not in OWN_RECORDS and not _known("replacement", name, attr):
+            if attr not in OWN_RECORDS:
                 bad.append(f"{name}:{line} replaces .{attr}")
     assert not bad, ("replacements of attributes of objects the package does not own belong in "
                      "lightning_lora/replacements.py (replace_attribute / replace_class, with the missing hook "
                      "and an undo):\n" + "\n".join(bad))
-
-
-def test_known_until_merge_entries_are_still_needed():
-    """An entry whose offence is gone must leave the set (so it cannot hide a new one)."""
-    graph = _graph()
-    stale = []
-    lazy = {(imp.importer, _top(t)) for imp in IMPORTS if imp.in_function and (t := _internal(imp.target))}
-    lazy |= {(_top(a), b) for a, b in lazy}
-    upward = {(imp.importer, _top(t)) for imp in IMPORTS if (t := _internal(imp.target)) and _layer(t) is not None
-              and _layer(imp.importer) is not None and _layer(t) > _layer(imp.importer)}
-    replaced = {(name, attr) for name, tree in TREES.items() for _, attr in _foreign_assignments(name, tree)}
-    for key in KNOWN_UNTIL_MERGE:
-        kind, *rest = key
-        if kind == "cycle":
-            a, b = rest
-            tops = {(_top(x), _top(y)) for x, ys in graph.items() for y in ys}
-            still = (a, b) in tops and (b, a) in tops
-        elif kind == "lazy":
-            still = tuple(rest) in lazy
-        elif kind == "layer":
-            still = tuple(rest) in upward
-        elif kind == "lines":
-            still = rest[0] in MODULES and len(MODULES[rest[0]].read_text().splitlines()) > MAX_LINES
-        elif kind == "replacement":
-            still = tuple(rest) in replaced
-        else:
-            pytest.fail(f"unknown KNOWN_UNTIL_MERGE kind: {key}")
-        if not still:
-            stale.append(key)
-    assert not stale, f"KNOWN_UNTIL_MERGE entries no longer needed (remove them): {sorted(stale)}"
 
 
 def test_the_checks_see_what_they_check():

@@ -251,7 +251,7 @@ def _module_maps(model: torch.nn.Module, sh: _Shape, pr: _Precision, full: bool,
             mod.r = module.r
             mod.adapter_bytes = module.lora_A.weight.element_size()
             mod.adapter_numel = module.lora_A.weight.numel() + module.lora_B.weight.numel()
-            mod.out_features, mod.in_features = int(module.lora_B.weight.shape[0]), int(module.lora_A.weight.shape[1])
+            mod.in_features, mod.out_features = type(module).features(module)
             mod.dora = dora
         if id(weight) in quantized:
             mod.quant_temp = dequant_transient(quantized[id(weight)], weight.numel(), weight.element_size(),

@@ -20,8 +20,9 @@ import torch
 from lightning_lora.errors import LoRAError
 from lightning_lora.estimate.quantize import QuantLayout, nf4_quantizable
 from lightning_lora.estimate.sharding import Layout, in_flight, shard_bytes
-from lightning_lora.layers import LoRAEmbedding, LoRALayer, LoRALinear
+from lightning_lora.layers import LoRALayer
 from lightning_lora.surgery import lora_layers
+from lightning_lora.variants.dora import DoRA
 
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adamw8bit")
 OPTIMIZER_IMPLS = ("foreach", "for-loop", "fused")
@@ -147,7 +148,7 @@ def _quantized_weights(model: torch.nn.Module, method: str, modules: str) -> tup
     for name, module in model.named_modules():
         if adapters and name.startswith(adapters):
             continue  # lora_A / lora_B: trainable, never quantised
-        adapted = isinstance(module, LoRALinear)
+        adapted = isinstance(module, LoRALayer) and issubclass(module.base_cls, torch.nn.Linear)
         if isinstance(module, LoRALayer) and not adapted:
             continue  # adapted embeddings / Conv1D keep their weight
         if not (adapted or isinstance(module, torch.nn.Linear)):
@@ -170,17 +171,19 @@ def _dora_magnitudes(model: torch.nn.Module) -> list[_Param]:
     that already carries its magnitude parameter (a `...magnitude...` parameter) is not counted twice.
     """
     extra: list[_Param] = []
+    dora = DoRA()
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, layer in lora_layers(model):
-        if isinstance(layer, LoRAEmbedding):
-            raise LoRAError(f"use_dora=True: {name} is an Embedding; DoRA is estimated for Linear and Conv1D "
-                            "adapters only. Leave the embedding out of target_modules.")
-        if any("magnitude" in n for n, _ in layer.named_parameters()):
+        if not dora.supports(type(layer)):
+            raise LoRAError(f"use_dora=True: {name} is an {layer.base_cls.__name__}; DoRA is estimated for Linear and "
+                            "Conv1D adapters only. Leave it out of target_modules.")
+        if any(v.name == dora.name for v in layer.variants):
             continue
-        out = int(layer.lora_B.weight.shape[0])
+        in_f, out_f = type(layer).features(layer)
+        numel = dora.extra_parameters(in_f, out_f, layer.r)
         is_head = layer is out_emb or name.rsplit(".", 1)[-1] == "lm_head"
         unit, place = _place(name + ".lora_magnitude_vector", False, is_head, tied=False)
-        extra.append(_Param(numel=out, elem=layer.lora_A.weight.element_size(), trainable=True, rows=out,
+        extra.append(_Param(numel=numel, elem=layer.lora_A.weight.element_size(), trainable=True, rows=out_f,
                             unit=unit, place=place))
     return extra
 

@@ -26,7 +26,6 @@ from lightning_lora.errors import LoRAError
 from lightning_lora.fsdp._dist import clean_name, full_tensor, is_fsdp1, local_tensor, rank
 from lightning_lora.fsdp.fsdp1 import fsdp1_adapter_state_dict
 from lightning_lora.hub import save_pretrained
-from lightning_lora.layers import LoRALayer
 from lightning_lora.peft_format.save import _write_peft_dir, to_peft
 from lightning_lora.surgery import find_network, get_lora_config, is_lora_key, lora_layers, saved_keys
 
@@ -156,7 +155,7 @@ def write_merged(module: nn.Module, directory: str | os.PathLike, headroom: floa
         if layer is not None and pname == "weight":
             a, b = full_tensor(layer.lora_A.weight).detach(), full_tensor(layer.lora_B.weight).detach()
             if keep:
-                delta = _delta_like(layer, a, b)
+                delta = type(layer).delta_from(a, b, layer.scaling)
                 tensor = (tensor.float() + delta.to(tensor.device)).to(tensor.dtype)
         if keep:
             merged[key] = tensor.to("cpu", copy=True)
@@ -172,15 +171,6 @@ def write_merged(module: nn.Module, directory: str | os.PathLike, headroom: floa
     plain.name_or_path = getattr(network, "name_or_path", "")
     save_pretrained(plain, directory)
     return "written"
-
-
-def _delta_like(layer: LoRALayer, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`scaling * B @ A` in float32 in the layout of the layer's base weight (as `LoRALayer.delta_weight`)."""
-    delta = (b.float() @ a.float()) * layer.scaling
-    probe = type(layer).delta_weight
-    if probe is LoRALayer.delta_weight:
-        return delta
-    return delta.T  # Conv1D (in, out) and Embedding (A, B swapped) store the transpose
 
 
 def load_sharded_adapters(path: str | os.PathLike, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (),

@@ -48,11 +48,6 @@ class LoRAEmbedding(LoRALayer):
     def delta_from(cls, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         return super().delta_from(a, b, scaling).T
 
-    def delta_weight(self) -> torch.Tensor:
-        # its own method object: `fsdp._delta_like` tells transposed layouts by comparing this method with
-        # `LoRALayer.delta_weight` (drop this once it calls `type(layer).delta_from(a, b, layer.scaling)`)
-        return super().delta_weight()
-
     @classmethod
     def peft_tensor_names(cls) -> dict[str, str]:
         return {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"}

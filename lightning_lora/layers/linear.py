@@ -75,11 +75,6 @@ class LoRAConv1D(LoRALayer):
     def delta_from(cls, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         return super().delta_from(a, b, scaling).T
 
-    def delta_weight(self) -> torch.Tensor:
-        # its own method object: `fsdp._delta_like` tells transposed layouts by comparing this method with
-        # `LoRALayer.delta_weight` (drop this once it calls `type(layer).delta_from(a, b, layer.scaling)`)
-        return super().delta_weight()
-
     def _fused_base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         if HFConv1D is None or self.base_cls.forward is not HFConv1D.forward:
             return None

@@ -27,6 +27,7 @@ from lightning_lora.errors import (
     LoRAError,
     listed,
 )
+from lightning_lora.hub import meta_model
 from lightning_lora.layers import LoRALinear
 from lightning_lora.matching import (
     modules_to_save_matches,
@@ -311,8 +312,6 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
     adapted = [k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")]
     if base is not None:
         try:
-            from lightning_lora.hub import meta_model
-
             network = meta_model(base, ckpt.task_type)
             # the layer kinds and shapes are those of the dense base: no need to quantize it
             # meta tensors: PiSSA/OLoRA initial adapters come from the checkpoint

@@ -26,6 +26,7 @@ from lightning_lora.quantization._common import _apply_keeping_quantized, _bnb_m
 from lightning_lora.quantization.bitsandbytes import _LoRABitsAndBytes, bitsandbytes, dequantize_bnb_linear
 from lightning_lora.quantization.layers import LoRAQuantizedLinear
 from lightning_lora.quantization.nf4 import NF4_BLOCK_SIZE, NF4Linear, nf4_bytes, torchao_nf4
+from lightning_lora.replacements import replace_attribute, replace_class, undo_replacements
 
 #: the module path the cast-safe classes pickle under (`lightning_lora.quantization.__getattr__` rebuilds them)
 _PICKLE_MODULE = "lightning_lora.quantization"
@@ -280,18 +281,21 @@ def _drop_bnb_quantization_config(model: nn.Module) -> None:
             quantizer.remove_quantization_config(module)
         for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
             if module.__dict__.get(flag):
-                module.__dict__[flag] = False
+                replace_attribute(module, flag, False, owner=__name__,
+                                  missing_hook="transformers has no public call that marks a dequantized model as "
+                                               "not loaded in 4/8 bits (its dequantize() edits these flags too)")
         model.__dict__.setdefault(_DROPPED_ATTR, []).append((module, saved))
 
 
 def _restore_bnb_quantization_config(model: nn.Module) -> None:
     for module, saved in model.__dict__.pop(_DROPPED_ATTR, []):
-        for key, value in saved.items():
+        undo_replacements(module, owner=__name__)  # the is_loaded_in_4bit / 8bit flags
+        for key, value in saved.items():  # put back what transformers' remove_quantization_config removed
             if key == "config.quantization_config":
                 if value is not None:
                     module.config.quantization_config = value
             else:
-                module.__dict__[key] = value
+                setattr(module, key, value)
 
 
 @contextlib.contextmanager
@@ -379,7 +383,9 @@ def guard_quantized_storage(model: nn.Module, skip: Sequence[str] = ()) -> list[
             continue
         cls = type(module)
         if getattr(cls, "_lora_guarded_class", None) is None:
-            module.__class__ = _cast_safe_class(cls)
+            replace_class(module, _cast_safe_class(cls), owner=__name__,
+                          missing_hook="torch has no hook before Module._apply casts a module's own tensors (a cast "
+                                       "would turn bitsandbytes' packed 4-bit codes into floats)")
             guarded.append(name)
     return guarded
 
@@ -398,7 +404,9 @@ def unguard_quantized_storage(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         original = getattr(type(module), "_lora_guarded_class", None)
         if original is not None:
-            module.__class__ = original
+            if not undo_replacements(module, owner=__name__):  # a module guarded without a record (never here)
+                raise LoRAError(f"{name} carries the cast guard of lightning-lora without its replacement record; "
+                                "rebuild the model from its checkpoint.")
             restored.append(name)
     return restored
 

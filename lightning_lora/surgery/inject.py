@@ -22,9 +22,7 @@ import torch
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.errors import LoRAConfigError
-from lightning_lora.init import check_weight as check_init_weight
-from lightning_lora.layers import LoRAEmbedding, adapter_class_for
+from lightning_lora.layers import adapter_class_for
 from lightning_lora.matching import is_inside
 from lightning_lora.quantization import (
     guard_quantized_storage,
@@ -41,6 +39,7 @@ from lightning_lora.surgery.targets import (
     find_target_modules,
 )
 from lightning_lora.surgery.transformers_lookup import output_head_names, vocab_rows
+from lightning_lora.variants import selected_variants, unsupported_targets, variant_fields
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: str = "",
@@ -96,12 +95,11 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             cls = adapter_class_for(module)
             assert cls is not None
             full = _join(prefix, name)
-            if config.base_changing_init:  # PiSSA / OLoRA: a weight they cannot start from, named
-                check_init_weight(config.init, module.weight, config.rank_for(full), name=full)
+            for variant in selected_variants(**variant_fields(config)):  # e.g. a weight PiSSA cannot decompose
+                variant.check_target(full, module, config.rank_for(full))
             extra = {"model_dtype": model_dtype} if dtype is None and cls.takes_model_dtype else {}
             layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
-                        use_rslora=config.use_rslora, init=config.init, adapter_dtype=dtype,
-                        use_dora=config.use_dora, **extra)
+                        use_rslora=config.use_rslora, adapter_dtype=dtype, **variant_fields(config), **extra)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
         if "bitsandbytes" in sys.modules:  # casts must not reach the codes of bitsandbytes layers without adapters
@@ -141,15 +139,12 @@ def floating_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def _check_variant_targets(model: nn.Module, names: Sequence[str], config: LoRAConfig) -> None:
-    """DoRA and PiSSA/OLoRA adapt Linear and Conv1D layers only: name the embeddings they matched."""
-    if not (config.use_dora or config.base_changing_init):
-        return
-    embeddings = [n for n in names if adapter_class_for(model.get_submodule(n)) is LoRAEmbedding]
-    if embeddings:
-        what = "use_dora=True" if config.use_dora else f"init={config.init!r}"
-        raise LoRAConfigError(f"{what} cannot adapt the embedding(s) {embeddings[:4]}: lightning-lora implements "
-                              f"{'DoRA' if config.use_dora else 'PiSSA/OLoRA'} for Linear and Conv1D layers. Add them "
-                              "to exclude_modules (or leave them out of target_modules), or drop the option.")
+    """Each selected variant supports some layer types only (DoRA, PiSSA/OLoRA: Linear and Conv1D): name the
+    matched modules of other types before anything is injected."""
+    found = unsupported_targets({n: adapter_class_for(model.get_submodule(n)) for n in names}, **variant_fields(config))
+    if found:
+        variant, refused = found
+        raise variant.targets_error(refused)
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -17,7 +17,6 @@ from torch import nn
 
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import LoRAError, listed
-from lightning_lora.surgery._paths import _join
 from lightning_lora.surgery.inject import inject_lora, unload
 from lightning_lora.surgery.state import is_lora_key, lora_layers, saved_keys
 from lightning_lora.surgery.transformers_lookup import embedding_keys
@@ -89,10 +88,9 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                         ". Check that the adapter was trained for this model with the same LoRA config "
                         "(r, target_modules, rank_pattern).")
     with torch.no_grad():
-        for name, layer in lora_layers(model):  # PiSSA / OLoRA: the base becomes the residual of the loaded A0, B0
-            a0, b0 = state_dict.get(_join(name, "lora_init_A")), state_dict.get(_join(name, "lora_init_B"))
-            if a0 is not None and b0 is not None and getattr(layer, "lora_init_A", None) is not None:
-                layer.load_init_adapters(a0, b0)
+        for name, layer in lora_layers(model):  # e.g. PiSSA / OLoRA: the base becomes the residual of the loaded A0, B0
+            for variant in layer.variants:
+                variant.load_state(layer, state_dict, f"{name}." if name else "")
         params = dict(model.state_dict(keep_vars=True))
         for key, value in state_dict.items():
             params[key].copy_(value)

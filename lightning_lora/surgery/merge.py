@@ -23,13 +23,13 @@ from torch import nn
 
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import LoRAError
-from lightning_lora.init import skip_base_init
 from lightning_lora.layers import LoRALayer
 from lightning_lora.quantization import dequantize_for_merge, restore_modules
 from lightning_lora.surgery._paths import _join, _set_submodule
 from lightning_lora.surgery.inject import _parameter_owners, _untie_word_embeddings_flag, inject_lora
 from lightning_lora.surgery.load import lora_state_dict
 from lightning_lora.surgery.state import STATE_ATTR, MergedAdapters, is_lora_key, lora_layers, lora_states
+from lightning_lora.variants.pissa import skip_base_init
 
 
 def merge_and_unload(model: nn.Module, keep: bool = False, dtype: torch.dtype | str | None = None) -> nn.Module:
@@ -79,8 +79,8 @@ def merge_and_unload(model: nn.Module, keep: bool = False, dtype: torch.dtype | 
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
             untied = True
         layer.merge()
-        if record is not None and layer._dora_merge_norm is not None:
-            record.dora_norms[name] = layer._dora_merge_norm.detach().to("cpu", copy=True)
+        if record is not None and (kept := layer.merge_record()):
+            record.merge_records[name] = {k: t.detach().to("cpu", copy=True) for k, t in kept.items()}
         _set_submodule(model, name, layer.to_base_module())
     if untied:
         _untie_word_embeddings_flag(model)
@@ -133,8 +133,7 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
     for name, layer in lora_layers(model):
         if name not in record.quantized:
             layer.merged = True
-            if name in record.dora_norms:
-                layer._dora_merge_norm = record.dora_norms[name]
+            layer.load_merge_record(record.merge_records.get(name, {}))
             layer.unmerge()
     if model.__dict__.get(STATE_ATTR) is record:  # not replaced by the LoRAState of a re-injection at the root
         del model.__dict__[STATE_ATTR]

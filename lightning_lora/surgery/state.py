@@ -104,8 +104,9 @@ class MergedAdapters:
     adapters: dict[str, torch.Tensor]
     #: the quantized layers the merge replaced by dense ones (path -> module without adapters)
     quantized: dict[str, nn.Module] = field(default_factory=dict)
-    #: DoRA layers: the weight norm at merge time, which undoing the merge needs
-    dora_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: what each layer's variants need to undo the merge (`LoRALayer.merge_record`: DoRA's weight norm at merge
+    #: time), by layer path
+    merge_records: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def lora_states(model: nn.Module) -> list[tuple[str, LoRAState]]:

@@ -122,7 +122,7 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
         row.count += 1
         row.full += layer.weight.numel()
         row.lora += layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
-        row.lora += layer.lora_magnitude_vector.numel() if layer.use_dora else 0
+        row.lora += sum(v.extra_parameters(*type(layer).features(layer), layer.r) for v in layer.variants)
     trainable, total = count_parameters(model)
     states = lora_states(model)
     skipped = [_join(path, s) for path, state in states for s in state.skipped]
@@ -135,7 +135,7 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
 def forget_dora_norms(model: nn.Module) -> None:
     """Make every DoRA layer of `model` recompute its weight norm at its next call: needed only after
     weights were written through `.data` (which torch's version counters do not see) while the model
-    runs without autograd (`LoRALayer.dora_weight_norm` keeps the norm there).
+    runs without autograd (the DoRA variant keeps the norm there; `LoRALayer.forget_cached`).
 
     Example:
         >>> from lightning_lora import LoRAConfig, inject_lora
@@ -147,7 +147,7 @@ def forget_dora_norms(model: nn.Module) -> None:
         >>> forget_dora_norms(m)
     """
     for _, layer in lora_layers(model):
-        layer.forget_dora_norm()
+        layer.forget_cached()
 
 
 def weight_norms(model: nn.Module) -> dict[str, float]:

@@ -111,6 +111,10 @@ class LoRAVariant:
         return sum(_numel(t.shape) for t in self.extra_tensors(in_features, out_features, r) if t.trainable)
 
     # ------------------------------------------------------------------ lifecycle
+    def check_target(self, name: str, module: nn.Module, r: int) -> None:
+        """Raise a `LoRAConfigError` naming `name` if this base module cannot start the variant (checked for
+        every matched module before anything is injected; e.g. PiSSA on a weight it cannot decompose)."""
+
     def init(self, layer: Any, dtype: torch.dtype) -> None:
         """Called once by the layer's constructor after A and B exist (`dtype`: the adapters' dtype)."""
 

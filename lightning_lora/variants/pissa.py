@@ -256,6 +256,9 @@ class BaseChangingInit(LoRAVariant):
                                "implemented for Linear and Conv1D layers (as in PEFT). Leave the embedding out of "
                                "target_modules, or use init='kaiming'.")
 
+    def check_target(self, name: str, module: nn.Module, r: int) -> None:
+        check_weight(self.kind, module.weight, r, name=name)
+
     def extra_tensors(self, in_features: int, out_features: int, r: int) -> tuple[ExtraTensor, ...]:
         return (ExtraTensor("lora_init_A", (r, in_features), None, False),
                 ExtraTensor("lora_init_B", (out_features, r), None, False))
