@@ -33,7 +33,7 @@ from lightning_lora import (
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from peft import LoraConfig, PeftModel, get_peft_model
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: F401 (re-exported)
 
 ATOL = 1e-5
 Factory = Callable[[], nn.Module]
