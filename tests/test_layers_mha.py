@@ -1,0 +1,195 @@
+"""Issue 22: LoRA on nn.MultiheadAttention as a module, as PEFT 0.21's `lora.MultiheadAttention` does it.
+
+One adapter on the packed in-projection (A: r x E, B: 3E x r, delta added to `in_proj_weight`) and one on
+`out_proj` (A: r x E, B: E x r); PEFT's files hold them as `<mha>.lora_A.weight` and
+`<mha>.base_layer.out_proj.lora_A.weight`. `all-linear` adapts the attention module instead of refusing its
+`out_proj`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from peft_parity import (
+    ATOL,
+    LoraConfig,
+    adapter_shapes,
+    check_lifecycle,
+    check_peft_parity,
+    check_step0,
+    randomize_ours,
+)
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lora import LoRA, LoRAConfig, LoRAError, inject_lora, merge_and_unload
+
+E = 16
+
+
+class AttnNet(nn.Module):
+    """Self-attention followed by a Linear head."""
+
+    def __init__(self, **mha) -> None:
+        super().__init__()
+        kw = dict(batch_first=True)
+        kw.update(mha)
+        self.attn = nn.MultiheadAttention(E, 2, **kw)
+        self.head = nn.Linear(E, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.attn.batch_first:
+            x = x.transpose(0, 1)
+        out, weights = self.attn(x, x, x, need_weights=True)
+        if not self.attn.batch_first:
+            out = out.transpose(0, 1)
+        return torch.cat([self.head(out).flatten(1), weights.flatten(1)], dim=1)
+
+
+def attn_net(seed: int = 0, **mha) -> nn.Module:
+    torch.manual_seed(seed)
+    return AttnNet(**mha).eval()
+
+
+X = torch.randn(2, 5, E, generator=torch.Generator().manual_seed(3))
+
+
+def run(model: nn.Module) -> torch.Tensor:
+    return model(X)
+
+
+MHA_CASES = [dict(), dict(batch_first=False), dict(bias=False), dict(add_bias_kv=True)]
+
+
+@pytest.mark.parametrize("mha", MHA_CASES)
+def test_mha_step0_shapes_and_lifecycle(mha):
+    config = LoRAConfig(r=4, alpha=8, target_modules=["attn"])
+    model = check_step0(lambda: attn_net(**mha), run, config)
+    assert sorted(adapter_shapes(model).values()) == sorted([(4, E), (3 * E, 4), (4, E), (E, 4)])
+    check_lifecycle(lambda: attn_net(**mha), run, config)
+
+
+@pytest.mark.parametrize("mha", MHA_CASES[:3])
+@pytest.mark.parametrize("options", [dict(), dict(use_rslora=True)])
+def test_mha_matches_peft_both_ways(tmp_path, mha, options):
+    check_peft_parity(tmp_path, lambda: attn_net(**mha), run,
+                      LoraConfig(r=4, lora_alpha=8, target_modules=["attn"], **options),
+                      LoRAConfig(r=4, alpha=8, target_modules=["attn"], **options))
+
+
+def test_mha_in_projection_gradient_reaches_A_and_B():
+    model = attn_net()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["attn"]))
+    randomize_ours(model)
+    model(X).square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def encoder_layer(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.TransformerEncoderLayer(E, 2, 32, dropout=0.0, batch_first=True)
+
+
+def test_all_linear_adapts_the_attention_module():
+    """`all-linear` on a model holding an nn.MultiheadAttention adapts the attention module (in- and
+    out-projection) and the Linear layers, instead of refusing `self_attn.out_proj`."""
+    model = encoder_layer()
+    names = inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
+    assert sorted(names) == ["linear1", "linear2", "self_attn"]
+    model = encoder_layer()
+    assert inject_lora(model, LoRAConfig(r=4, target_modules=["self_attn"])) == ["self_attn"]
+
+
+def test_targeting_out_proj_alone_names_the_attention_module():
+    """`out_proj` cannot take an adapter of its own (its parent reads `out_proj.weight`); the error says to name
+    the attention module instead."""
+    with pytest.raises(LoRAError, match=r"['\"]self_attn['\"]"):
+        inject_lora(encoder_layer(), LoRAConfig(r=4, target_modules=["out_proj"]))
+
+
+def test_mha_with_separate_kdim_vdim_is_a_clear_error():
+    with pytest.raises(LoRAError, match=r"kdim|vdim"):
+        inject_lora(attn_net(kdim=8, vdim=8), LoRAConfig(r=4, target_modules=["attn"]))
+
+
+def test_mha_refuses_dora():
+    with pytest.raises(LoRAError, match=r"DoRA|use_dora"):
+        inject_lora(attn_net(), LoRAConfig(r=4, target_modules=["attn"], use_dora=True))
+
+
+def transformer_encoder(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(E, 2, 32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def test_transformer_encoder_matches_peft(tmp_path):
+    """nn.TransformerEncoder (train mode: PEFT's adapters are bypassed by the fused eval fast path)."""
+    factory = lambda: transformer_encoder().train()  # noqa: E731
+    targets = ["self_attn", "linear1", "linear2"]
+    config = LoRAConfig(r=4, alpha=8, target_modules=targets)
+    check_step0(factory, run, config)
+    check_lifecycle(factory, run, config)
+    check_peft_parity(tmp_path, factory, run, LoraConfig(r=4, lora_alpha=8, target_modules=targets), config)
+
+
+@pytest.mark.parametrize("targets", [["self_attn"], ["linear1"], "all-linear"])
+def test_eval_fast_path_does_not_bypass_adapters(targets):
+    """In eval mode without gradients nn.TransformerEncoderLayer runs a fused kernel that reads
+    `self_attn.in_proj_weight`, `out_proj.weight` and `linear1.weight` directly; an adapted layer must not take
+    it (PEFT 0.21 silently returns the base model's output there)."""
+    model = transformer_encoder().eval()
+    inject_lora(model, LoRAConfig(r=4, target_modules=targets))
+    randomize_ours(model)
+    model.train()
+    with torch.no_grad():
+        adapted = model(X)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), adapted, atol=ATOL, rtol=0)
+        merged = merge_and_unload(copy.deepcopy(model))
+        torch.testing.assert_close(merged(X), adapted, atol=ATOL, rtol=0)
+
+
+class EncoderRegressor(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = transformer_encoder()
+        self.head = nn.Linear(E, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = (self(x) - y).square().mean()
+        self.log("loss", loss)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-2)
+
+
+def test_transformer_encoder_trains_through_the_callback(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 5, E, generator=gen), torch.randn(8, 5, generator=gen))
+    module = EncoderRegressor()
+    module.losses = []
+    trainer = L.Trainer(max_steps=12, callbacks=[LoRA(r=4, alpha=8, target_modules="all-linear",
+                                                      merge_on_fit_end=False)],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=str(tmp_path), accelerator="cpu", devices=1)
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    assert module.losses[-1] < 0.7 * module.losses[0]
+    x = data.tensors[0]
+    module.train()  # compare outside the fused eval path
+    with torch.no_grad():
+        adapted = module(x)
+        merged = merge_and_unload(module)
+        torch.testing.assert_close(merged(x), adapted, atol=ATOL, rtol=0)
