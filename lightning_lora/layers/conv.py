@@ -88,9 +88,9 @@ class LoRAConvNd(LoRALayer):
         """Refuse what the adapter cannot compute as the merged layer would (named `name`).
 
         Example:
-            >>> LoRAConv2d.check_target("conv", nn.Conv2d(8, 8, 3, groups=4), 6)
+            >>> LoRAConv2d.check_target("conv", nn.Conv2d(8, 8, 3, groups=4), 6)  # doctest: +ELLIPSIS
             Traceback (most recent call last):
-            lightning_lora.errors.LoRAError: target_modules matched 'conv' (Conv2d, groups=4) with r=6; a grouped conv needs r divisible by groups; use rank_pattern={'conv': 8} or exclude it.
+            lightning_lora.errors.LoRAError: target_modules matched 'conv' (Conv2d, groups=4) with r=6; a grouped conv ...
         """
         kind = f"{type(base).__name__}, groups={base.groups}"
         if base.padding_mode != "zeros":
@@ -102,8 +102,8 @@ class LoRAConvNd(LoRALayer):
             raise LoRAError(f"target_modules matched {name!r} ({kind}) with r={r}; a grouped conv needs r divisible "
                             f"by groups; use rank_pattern={{{name!r}: {fit}}} or exclude it.")
         if base.groups > 1 and options.get("use_dora"):
-            raise LoRAError(f"use_dora=True cannot adapt {name!r} ({kind}): DoRA's weight norm needs the merged kernel, "
-                            "which a grouped conv's adapter does not have; exclude it or set use_dora=False.")
+            raise LoRAError(f"use_dora=True cannot adapt {name!r} ({kind}): DoRA's weight norm needs the merged "
+                            "kernel, which a grouped conv's adapter does not have; exclude it or set use_dora=False.")
 
     def check_merge(self, name: str) -> None:
         if self.groups > 1:

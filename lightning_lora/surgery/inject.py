@@ -147,7 +147,7 @@ def _check_variant_targets(model: nn.Module, names: Sequence[str], config: LoRAC
     if found:
         variant, refused = found
         kinds = {classes[n].peft_layer_type for n in refused}  # type: ignore[union-attr]
-        raise variant.targets_error(refused, *(["conv"] if kinds == {"conv"} else []))
+        raise variant.targets_error(refused, *(["conv layer"] if kinds == {"conv"} else []))
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -96,8 +96,8 @@ class LoRAVariant:
         return LoRAConfigError(f"{self.option()} cannot adapt {label(base)} ({base}).")
 
     def targets_error(self, names: list[str], kind: str = "embedding") -> LoRAConfigError:
-        """The error for matched modules (`names`, of the `kind` "embedding" or "conv") whose layer type it does not
-        implement (before any injection)."""
+        """The error for matched modules (`names`, of the `kind` "embedding" or "conv layer") whose layer type it
+        does not implement (before any injection)."""
         return LoRAConfigError(f"{self.option()} cannot adapt the {kind}(s) {names[:4]}: lightning-lora implements "
                                f"{self.title} for Linear and Conv1D layers. Add them to exclude_modules (or leave "
                                "them out of target_modules), or drop the option.")
