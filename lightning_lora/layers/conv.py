@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -181,14 +180,4 @@ class LoRAConv3d(LoRAConvNd):
     conv_fn = staticmethod(F.conv3d)
 
 
-def adapter_parameters(base: nn.Module, r: int) -> int:
-    """A and B's values for a conv `base` at rank `r`: `r * (in * prod(kernel) + out / groups)`.
-
-    Example:
-        >>> adapter_parameters(nn.Conv2d(3, 8, 3), 4)
-        140
-    """
-    return r * (base.in_channels * math.prod(base.kernel_size) + base.out_channels // base.groups)
-
-
-__all__ = ["LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConvNd", "adapter_parameters"]
+__all__ = ["LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConvNd"]
