@@ -226,6 +226,9 @@ class LoRA(Callback):
         else:
             inject_lora(pl_module, self.config, skip=networks_to_skip(pl_module, self.networks))
         self.adapted_modules = [name for name, _ in lora_layers(pl_module)]
+        if self.merge_on_fit_end:  # refused now rather than after training (a grouped conv cannot be merged)
+            for name, layer in lora_layers(pl_module):
+                layer.check_merge(name)
 
     def _injecting(self) -> Any:
         """Context of the module's `configure_model` under FSDP: `shard_lora_model(self)` there injects with this

@@ -33,6 +33,7 @@ class Builder:
         features: width of a float input.
         peft_task_type: PEFT's `task_type` for this family (None: a plain module).
         hidden: also return the last hidden state (classifiers).
+        shape: the float input's shape when it is not `(4, features)` (conv models: `(batch, channels, *spatial)`).
     """
 
     name: str
@@ -41,6 +42,7 @@ class Builder:
     features: int = 0
     peft_task_type: str | None = None
     hidden: bool = False
+    shape: tuple[int, ...] = ()
 
     def make(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -53,7 +55,7 @@ class Builder:
             if self.name == "emb":  # the plain embedding's padding index is among its inputs
                 ids[:, 0] = 0
             return ids
-        return torch.randn(4, self.features, generator=gen)
+        return torch.randn(self.shape or (4, self.features), generator=gen)
 
     @torch.no_grad()
     def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +116,13 @@ def _emb() -> nn.Module:
     return nn.Sequential(OrderedDict(emb=nn.Embedding(50, 16, padding_idx=0), fc=nn.Linear(16, 16)))
 
 
+def _conv(dim: int) -> nn.Module:
+    """conv (4 -> 8, kernel 3, stride 2, padding 1, bias) -> ReLU -> conv (8 -> 6, kernel 1, no bias) (issue 22)."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    return nn.Sequential(OrderedDict(c1=conv(4, 8, 3, stride=2, padding=1), act=nn.ReLU(),
+                                     c2=conv(8, 6, 1, bias=False)))
+
+
 BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("llama", _llama, vocab=128, peft_task_type="CAUSAL_LM"),
     Builder("llama-bias", lambda: _llama(attention_bias=True, mlp_bias=True), vocab=128, peft_task_type="CAUSAL_LM"),
@@ -124,4 +133,8 @@ BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("mlp", _mlp, features=16),
     Builder("mlp64", lambda: _mlp(64), features=64),
     Builder("emb", _emb, vocab=50),
+    # --- conv (issue 22)
+    Builder("conv1d", lambda: _conv(1), features=4, shape=(2, 4, 9)),
+    Builder("conv2d", lambda: _conv(2), features=4, shape=(2, 4, 7, 6)),
+    Builder("conv3d", lambda: _conv(3), features=4, shape=(2, 4, 5, 4, 5)),
 ]}

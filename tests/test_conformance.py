@@ -244,6 +244,17 @@ ROWS = [
         peft_skip=NF4_SKIP),
     Row("emb-embedding", "emb", "embedding", dict(target_modules=["emb"])),
     Row("emb-embedding-and-linear-bf16", "emb", "embedding+linear", dict(target_modules=["emb", "fc"]), dtype=BF16),
+    # --- conv (issue 22)
+    Row("conv1d", "conv1d", "conv", dict(target_modules=["c1", "c2"])),
+    Row("conv1d-dora", "conv1d", "conv", dict(target_modules=["c1", "c2"], use_dora=True)),
+    Row("conv2d", "conv2d", "conv", dict(target_modules=["c1", "c2"])),
+    Row("conv2d-dora", "conv2d", "conv", dict(target_modules=["c1", "c2"], use_dora=True)),
+    Row("conv2d-rslora-patterns-bias-dropout", "conv2d", "conv",
+        dict(target_modules=["c1", "c2"], use_rslora=True, rank_pattern={"c2": 2}, alpha_pattern={"c1": 3},
+             bias="lora_only", dropout=0.1)),
+    Row("conv2d-bf16", "conv2d", "conv", dict(target_modules=["c1", "c2"]), dtype=BF16),
+    Row("conv3d", "conv3d", "conv", dict(target_modules=["c1", "c2"])),
+    Row("conv3d-dora", "conv3d", "conv", dict(target_modules=["c1", "c2"], use_dora=True)),
 ]
 ROW_BY_ID = {row.id: row for row in ROWS}
 assert len(ROW_BY_ID) == len(ROWS)
@@ -682,6 +693,7 @@ class _Net(pl.LightningModule):
 
 #: one row per model family (and the quantized base): a real `Trainer` fit, checkpoint and restore
 FIT_ROWS = ["llama-pissa-dora", "llama-nf4-qv", "gpt2-bias-lora-only", "bert-query-value", "opt-qv", "mlp-linear"]
+FIT_ROWS += ["conv2d-dora"]  # issue 22
 
 
 @pytest.mark.parametrize("row_id", FIT_ROWS)

@@ -13,6 +13,7 @@ from lightning_lora._kernels import dropout_threshold, lane_drop_mask
 from lightning_lora.layers import (
     AdapterPath,
     LoRAConv1D,
+    LoRAConv2d,
     LoRAEmbedding,
     LoRALayer,
     LoRALinear,
@@ -142,7 +143,8 @@ def test_adapter_class_for():
     assert adapter_class_for(Conv1D(2, 2)) is LoRAConv1D
     assert adapter_class_for(nn.Embedding(2, 2)) is LoRAEmbedding
     assert adapter_class_for(nn.LayerNorm(2)) is None
-    assert adapter_class_for(nn.Conv2d(2, 2, 1)) is None
+    assert adapter_class_for(nn.Conv2d(2, 2, 1)) is LoRAConv2d  # issue 22 (tests/test_layers_conv.py)
+    assert adapter_class_for(nn.ConvTranspose2d(2, 2, 1)) is None
     assert adapter_class_for(LoRALinear(nn.Linear(2, 2), r=1, alpha=1)) is None  # never wrap twice
 
 

@@ -258,3 +258,76 @@ def test_whisper_encoder_conv1d_stem(tmp_path):
                                        peft_file_tensors(tmp_path / "ours"))
     assert result.unexpected_keys == []
     assert_close_dicts(merge_and_unload(ours).state_dict(), pm.merge_and_unload().state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ refusals and tools
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_on_convs_are_a_clear_error(init):
+    """PEFT's PiSSA / OLoRA init is 2-D only: refused before anything is injected, naming the conv layer."""
+    from lightning_lora import LoRAConfigError
+
+    model = conv_net(2)
+    keys = list(model.state_dict())
+    message = rf"init='{init}' cannot adapt the conv layer\(s\) \['0', '2'\].*exclude_modules"
+    with pytest.raises(LoRAConfigError, match=message):
+        inject_lora(model, LoRAConfig(r=4, target_modules=["0", "2"], init=init))
+    assert list(model.state_dict()) == keys
+
+
+def test_conv_adapters_are_refused_under_fsdp_at_setup():
+    """FSDP2 (`shard_lora_model`, before any process group is needed) and FSDP1 (before the strategy wraps)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_lora.fsdp import shard_lora_model
+    from lightning_lora.strategies import prepare_fsdp1
+
+    message = r"^0 \(Conv2d\): conv adapters are not supported under FSDP \(ModelParallelStrategy / FSDPStrategy\) yet"
+    with pytest.raises(LoRAError, match=message):
+        shard_lora_model(conv_net(2), config=LoRAConfig(r=4, target_modules=["0"]))
+    model = conv_net(2)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["0"]))
+    with pytest.raises(LoRAError, match=message):
+        prepare_fsdp1(FSDPStrategy(), model)
+
+
+def test_callback_refuses_merge_on_fit_end_with_a_grouped_conv_at_setup(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_lora import LoRA
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = conv_net(2, groups=2)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(conv_input(2)), batch_size=2)
+    kwargs = dict(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    module = Net()
+    with pytest.raises(LoRAError, match=r"cannot merge the adapter of 'net.0' \(Conv2d, groups=2\).*merge_on_fit_end"):
+        pl.Trainer(callbacks=[LoRA(r=4, target_modules=["0"])], **kwargs).fit(module, data)
+    assert module.net[0].lora_B.weight.abs().sum() == 0  # refused at setup: not one step was taken
+    pl.Trainer(callbacks=[LoRA(r=4, target_modules=["0"], merge_on_fit_end=False)], **kwargs).fit(Net(), data)
+
+
+def test_estimate_counts_conv_adapters():
+    """`estimate_memory` on a causal LM with nn.Conv1d layers (LFM2's depthwise short convs, groups = hidden: r must
+    be a multiple of it): the adapters' parameters are r * (in * kernel + out / groups), DoRA adds one per channel."""
+    from lightning_lora.estimate import estimate_memory
+
+    cfg = dict(model_type="lfm2", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1, layer_types=["conv", "full_attention"],
+               max_position_embeddings=32)
+    est = estimate_memory(cfg, r=16, target_modules=["conv.conv"], seq_len=16, use_dora=True).to_dict()
+    kernel = 3  # LFM2's default conv_L_cache
+    (row,) = est["modules"]
+    assert row["lora_params"] == 16 * (16 * kernel + 16 // 16) and row["full_params"] == 16 * kernel
+    assert est["lora"]["trainable_params"] == row["lora_params"] + 16 and est["lora"]["magnitude_params"] == 16
+    with pytest.raises(LoRAError, match="r divisible by groups"):
+        estimate_memory(cfg, r=8, target_modules=["conv.conv"], seq_len=16)

@@ -58,7 +58,11 @@ from lightning_lora.fsdp.checkpoints import (
     write_adapter,
     write_merged,
 )
-from lightning_lora.fsdp.fsdp1 import fsdp1_adapter_state_dict, fsdp1_auto_wrap_policy, restore_frozen_views
+from lightning_lora.fsdp.fsdp1 import (
+    fsdp1_adapter_state_dict,
+    fsdp1_auto_wrap_policy,
+    restore_frozen_views,
+)
 from lightning_lora.fsdp.plan import (
     ADAPTER_UNITS,
     FSDPOptions,
@@ -68,12 +72,18 @@ from lightning_lora.fsdp.plan import (
     injecting_with,
     refuse_dora,
     refuse_presharded,
+    refuse_unshardable_layers,
     shard_lora_model,
 )
-from lightning_lora.fsdp.statistics import sharded_delta_ratio, sharded_grad_norm, sharded_weight_norms
+from lightning_lora.fsdp.statistics import (
+    sharded_delta_ratio,
+    sharded_grad_norm,
+    sharded_weight_norms,
+)
 
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "adapter_state_dict", "broadcast_adapters", "clean_name",
            "consolidate_checkpoint", "decoder_layers", "fsdp1_adapter_state_dict", "fsdp1_auto_wrap_policy",
            "gather_adapters", "injecting_with", "is_sharded", "load_sharded_adapters", "mixed_dtype_all_gather",
-           "refuse_dora", "refuse_presharded", "restore_frozen_views", "shard_lora_model", "sharded_delta_ratio",
+           "refuse_dora", "refuse_presharded", "refuse_unshardable_layers", "restore_frozen_views", "shard_lora_model",
+           "sharded_delta_ratio",
            "sharded_grad_norm", "sharded_weight_norms", "write_adapter", "write_merged"]

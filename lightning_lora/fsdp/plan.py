@@ -330,6 +330,7 @@ def shard_lora_model(module: nn.Module, mesh: Any = None, options: FSDPOptions |
             raise LoRAError("shard_lora_model: the module has no LoRA adapters and its Trainer has no LoRA callback; "
                             "add LoRA(...) to the Trainer's callbacks, or pass config=LoRAConfig(...).")
     refuse_dora(module)
+    refuse_unshardable_layers(module)
     meta = [n for n, p in module.named_parameters() if p.is_meta]
     if meta:
         raise LoRAError(f"shard_lora_model: {len(meta)} parameters are on the meta device ({meta[0]}, ...); build the "
@@ -438,5 +439,20 @@ def refuse_dora(module: nn.Module) -> None:
                         "on one device or with DDP, or drop use_dora for the sharded run.")
 
 
+def refuse_unshardable_layers(module: nn.Module) -> None:
+    """Adapter layer types that say they cannot be sharded (`LoRALayer.fsdp_refusal`: conv adapters) are refused.
+
+    Raises:
+        LoRAError: naming the first such layer, its type and the ways out.
+
+    Example:
+        >>> refuse_unshardable_layers(nn.Linear(2, 2))     # no adapter layer: nothing to refuse
+    """
+    found = next(((name, layer) for name, layer in lora_layers(module) if type(layer).fsdp_refusal), None)
+    if found is not None:
+        name, layer = found
+        raise LoRAError(f"{name} ({layer.base_cls.__name__}): {type(layer).fsdp_refusal}.")
+
+
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "broadcast_adapters", "decoder_layers", "injecting_with",
-           "refuse_dora", "refuse_presharded", "shard_lora_model"]
+           "refuse_dora", "refuse_presharded", "refuse_unshardable_layers", "shard_lora_model"]

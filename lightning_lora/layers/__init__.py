@@ -7,8 +7,8 @@ model's plus `<module>.lora_A.weight` and `<module>.lora_B.weight` (PEFT's names
     h = base(x) + scaling * B(A(dropout(x)))
 
 The package: `base` (`LoRALayer`, `AdapterPath`, the dtype policy and the choice of the fused path),
-`linear` (`LoRALinear`, `LoRAConv1D`), `embedding` (`LoRAEmbedding`), `registry` (which module type
-takes which adapter class). Variants (DoRA, PiSSA/OLoRA) live in `lightning_lora.variants`; quantized
+`linear` (`LoRALinear`, `LoRAConv1D`), `embedding` (`LoRAEmbedding`), `conv` (`LoRAConv1d/2d/3d`
+around `nn.Conv1d/2d/3d`), `registry` (which module type takes which adapter class). Variants (DoRA, PiSSA/OLoRA) live in `lightning_lora.variants`; quantized
 bases in `lightning_lora.quantization`, which registers its layer types itself.
 
 Example:
@@ -25,6 +25,7 @@ Example:
 """
 
 from lightning_lora.layers.base import FUSED_PATHS, AdapterPath, LoRALayer
+from lightning_lora.layers.conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAConvNd
 from lightning_lora.layers.embedding import LoRAEmbedding
 from lightning_lora.layers.linear import HFConv1D, LoRAConv1D, LoRALinear
 from lightning_lora.layers.registry import (
@@ -45,6 +46,10 @@ __all__ = [
     "AdapterPath",
     "HFConv1D",
     "LoRAConv1D",
+    "LoRAConv1d",
+    "LoRAConv2d",
+    "LoRAConv3d",
+    "LoRAConvNd",
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",

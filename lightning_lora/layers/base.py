@@ -215,6 +215,35 @@ class LoRALayer(nn.Module):
         return (b.float() @ a.float()) * scaling
 
     @classmethod
+    def check_target(cls, name: str, base: nn.Module, r: int, **options: Any) -> None:
+        """Raise a `LoRAError` naming `name` when this layer type cannot adapt `base` at rank `r` with these
+        options (the layer's keyword arguments; checked by `inject_lora` for every target); nothing by default.
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear.check_target("q_proj", nn.Linear(4, 4), 2, use_dora=True)
+        """
+
+    def check_merge(self, name: str) -> None:
+        """Raise a `LoRAError` naming `name` when this layer's adapter cannot be merged (checked for every layer
+        before any is merged); nothing by default."""
+
+    @classmethod
+    def channel_view(cls, vector: torch.Tensor) -> torch.Tensor:
+        """A per-output-feature vector (DoRA's magnitude and weight norm, the bias) shaped to broadcast against
+        the layer's output: unchanged for `(..., out)` outputs; a conv layer answers `(1, out, 1, ...)`.
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear.channel_view(torch.ones(3)).shape
+            torch.Size([3])
+        """
+        return vector
+
+    #: why adapters of this type cannot be sharded with FSDP (refused at setup), or None
+    fsdp_refusal: ClassVar[str | None] = None
+
+    @classmethod
     def peft_tensor_names(cls) -> dict[str, str]:
         """Our key suffix of A and B (relative to the layer) -> PEFT's in its adapter files.
 

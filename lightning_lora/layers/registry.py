@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_lora.errors import LoRAError
 from lightning_lora.layers.base import LoRALayer
+from lightning_lora.layers.conv import LoRAConv1d, LoRAConv2d, LoRAConv3d
 from lightning_lora.layers.embedding import LoRAEmbedding
 from lightning_lora.layers.linear import HFConv1D, LoRAConv1D, LoRALinear
 
@@ -135,6 +136,9 @@ register_adapter_type(nn.Linear, LoRALinear)
 if HFConv1D is not None:
     register_adapter_type(HFConv1D, LoRAConv1D)
 register_adapter_type(nn.Embedding, LoRAEmbedding)
+register_adapter_type(nn.Conv1d, LoRAConv1d)
+register_adapter_type(nn.Conv2d, LoRAConv2d)
+register_adapter_type(nn.Conv3d, LoRAConv3d)
 
 
 __all__ = ["ADAPTER_TYPES", "WEIGHT_READING_PARENTS", "adapter_class_for", "refusal_reason", "register_adapter_type",

@@ -97,6 +97,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             full = _join(prefix, name)
             for variant in selected_variants(**variant_fields(config)):  # e.g. a weight PiSSA cannot decompose
                 variant.check_target(full, module, config.rank_for(full))
+            cls.check_target(full, module, config.rank_for(full), **variant_fields(config))  # e.g. a grouped conv's r
             extra = {"model_dtype": model_dtype} if dtype is None and cls.takes_model_dtype else {}
             layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
                         use_rslora=config.use_rslora, adapter_dtype=dtype, **variant_fields(config), **extra)
@@ -141,10 +142,12 @@ def floating_dtype(model: nn.Module) -> torch.dtype | None:
 def _check_variant_targets(model: nn.Module, names: Sequence[str], config: LoRAConfig) -> None:
     """Each selected variant supports some layer types only (DoRA, PiSSA/OLoRA: Linear and Conv1D): name the
     matched modules of other types before anything is injected."""
-    found = unsupported_targets({n: adapter_class_for(model.get_submodule(n)) for n in names}, **variant_fields(config))
+    classes = {n: adapter_class_for(model.get_submodule(n)) for n in names}
+    found = unsupported_targets(classes, **variant_fields(config))
     if found:
         variant, refused = found
-        raise variant.targets_error(refused)
+        kinds = {classes[n].peft_layer_type for n in refused}  # type: ignore[union-attr]
+        raise variant.targets_error(refused, *(["conv layer"] if kinds == {"conv"} else []))
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -64,6 +64,8 @@ def merge_and_unload(model: nn.Module, keep: bool = False, dtype: torch.dtype | 
     if isinstance(model, LoRALayer):
         raise LoRAError("merge_and_unload expects the model that holds the adapters, not an adapter layer; "
                         "call layer.merge() or pass the parent model.")
+    for name, layer in lora_layers(model):  # before anything is changed (a grouped conv cannot be merged)
+        layer.check_merge(name)
     states = lora_states(model)
     quantized = dequantize_for_merge(model, dtype)
     record = None
@@ -192,6 +194,8 @@ def merge_adapter(model: nn.Module) -> None:
         >>> merge_adapter(m); m.q_proj.merged
         True
     """
+    for name, layer in lora_layers(model):
+        layer.check_merge(name)
     for _, layer in lora_layers(model):
         layer.merge()
 

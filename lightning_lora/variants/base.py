@@ -95,9 +95,10 @@ class LoRAVariant:
         """The error for a layer type it does not implement (`base`: the module being adapted, or its class)."""
         return LoRAConfigError(f"{self.option()} cannot adapt {label(base)} ({base}).")
 
-    def targets_error(self, names: list[str]) -> LoRAConfigError:
-        """The error for matched modules (`names`) whose layer type it does not implement (before any injection)."""
-        return LoRAConfigError(f"{self.option()} cannot adapt the embedding(s) {names[:4]}: lightning-lora implements "
+    def targets_error(self, names: list[str], kind: str = "embedding") -> LoRAConfigError:
+        """The error for matched modules (`names`, of the `kind` "embedding" or "conv layer") whose layer type it
+        does not implement (before any injection)."""
+        return LoRAConfigError(f"{self.option()} cannot adapt the {kind}(s) {names[:4]}: lightning-lora implements "
                                f"{self.title} for Linear and Conv1D layers. Add them to exclude_modules (or leave "
                                "them out of target_modules), or drop the option.")
 

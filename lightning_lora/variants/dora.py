@@ -16,7 +16,9 @@ section 4.3 and PEFT do. So with `s = m / ||V||` (per output feature):
 
 The functions are the math (tensors in, tensors out); `DoRA` is the variant object a `use_dora=True`
 layer resolves (Linear and transformers' `Conv1D`, also on a quantized base: QDoRA reads the
-dequantised weight through `LoRALayer.dense_base_weight`). Its magnitude is the layer's Parameter
+dequantised weight through `LoRALayer.dense_base_weight`; `nn.Conv1d/2d/3d`, whose per-output-channel
+tensors the layer shapes with `LoRALayer.channel_view`, the norm over every dimension but the first).
+Its magnitude is the layer's Parameter
 `lora_magnitude_vector` (PEFT's key on disk).
 
 Example:
@@ -47,8 +49,9 @@ def weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling:
     """`||W + scaling * B A||` per output feature, in float32 (float64 for float64 inputs), without gradient.
 
     Args:
-        weight: the base weight, (out, in), or (in, out) with `transposed` (GPT-2's `Conv1D`).
-        a, b: the adapter factors, (r, in) and (out, r).
+        weight: the base weight, (out, in), or (in, out) with `transposed` (GPT-2's `Conv1D`), or a conv
+            kernel (out, in / groups, *kernel) (the norm over every dimension but the first, as PEFT's conv DoRA).
+        a, b: the adapter factors, (r, in) and (out, r), or a conv's (r, in, *kernel) and (out, r, 1, ...).
         scaling: the adapter scaling.
         transposed: `weight` is stored as (in, out).
 
@@ -62,7 +65,12 @@ def weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling:
     """
     dtype = _wide(weight, a, b)
     with torch.no_grad():
-        combined = b.detach().to(device=weight.device, dtype=dtype) @ a.detach().to(device=weight.device, dtype=dtype)
+        b, a = b.detach().to(device=weight.device, dtype=dtype), a.detach().to(device=weight.device, dtype=dtype)
+        if weight.dim() > 2:  # a conv kernel: B (out, r, 1, ...), A (r, in, *kernel)
+            combined = (b.flatten(1) @ a.flatten(1)).view(weight.shape)
+            combined.mul_(scaling).add_(weight.detach())
+            return torch.linalg.vector_norm(combined, dim=tuple(range(1, combined.dim())))
+        combined = b @ a
         combined.mul_(scaling).add_(weight.detach().T if transposed else weight.detach())
         return torch.linalg.vector_norm(combined, dim=1)
 
@@ -105,9 +113,9 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Te
     whose row norms are |m|).
 
     Args:
-        weight: the base weight ((out, in), or (in, out) with `transposed`).
+        weight: the base weight ((out, in), or (in, out) with `transposed`, or a conv kernel (out, ...)).
         delta: `scaling * B A` in float32, in the weight's layout.
-        magnitude: m (out,).
+        magnitude: m, (out,) or a conv layer's (1, out, 1, ...).
         transposed: `weight` is stored as (in, out).
 
     Example:
@@ -118,9 +126,9 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Te
     dtype = _wide(weight, delta)
     combined = weight.to(dtype) + delta.to(device=weight.device, dtype=dtype)
     rows = combined.T if transposed else combined
-    norm = torch.linalg.vector_norm(rows, dim=1)
-    factor = magnitude.to(device=weight.device, dtype=dtype) / norm
-    new = (rows * factor[:, None])
+    norm = torch.linalg.vector_norm(rows, dim=1 if rows.dim() == 2 else tuple(range(1, rows.dim())))
+    factor = magnitude.reshape(-1).to(device=weight.device, dtype=dtype) / norm
+    new = (rows * factor.view(-1, *(1,) * (rows.dim() - 1)))
     return (new.T if transposed else new).to(weight.dtype), norm
 
 
@@ -135,9 +143,9 @@ def unmerged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.
         [[3.0, 4.0]]
     """
     dtype = _wide(weight, delta)
-    factor = magnitude.to(device=weight.device, dtype=dtype) / norm.to(device=weight.device, dtype=dtype)
+    factor = magnitude.reshape(-1).to(device=weight.device, dtype=dtype) / norm.to(device=weight.device, dtype=dtype)
     w = weight.to(dtype)
-    rows = (w.T if transposed else w) / factor[:, None]
+    rows = (w.T if transposed else w) / factor.view(-1, *(1,) * (w.dim() - 1))
     return ((rows.T if transposed else rows) - delta.to(device=weight.device, dtype=dtype)).to(weight.dtype)
 
 
@@ -161,6 +169,7 @@ class DoRA(LoRAVariant):
     example: ClassVar[dict[str, Any]] = {"use_dora": True}
     owns_forward: ClassVar[bool] = True
     owns_merge: ClassVar[bool] = True
+    layer_types: ClassVar[frozenset[str]] = frozenset({"linear", "conv"})
 
     @classmethod
     def from_config(cls, **fields: Any) -> DoRA | None:
@@ -171,8 +180,8 @@ class DoRA(LoRAVariant):
 
     def unsupported_error(self, base: nn.Module | type) -> LoRAConfigError:
         return LoRAConfigError(f"use_dora=True cannot adapt an {label(base)} ({base}): lightning-lora implements DoRA "
-                               "for Linear and Conv1D layers. Leave the embedding out of target_modules (or in "
-                               "exclude_modules), or set use_dora=False.")
+                               "for Linear, Conv1D and nn.Conv1d/2d/3d layers. Leave the embedding out of target_modules "
+                               "(or in exclude_modules), or set use_dora=False.")
 
     def extra_tensors(self, in_features: int, out_features: int, r: int) -> tuple[ExtraTensor, ...]:
         return (ExtraTensor("lora_magnitude_vector", (out_features,), "lora_magnitude_vector", True),)
@@ -181,15 +190,16 @@ class DoRA(LoRAVariant):
         layer._dora_merge_norm = None
         layer._dora_norm_cache = None
         dense, transposed = layer.dense_base_weight()
-        layer.lora_magnitude_vector = nn.Parameter(
-            weight_norm(dense, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, transposed).to(dtype))
+        # one value per output feature, shaped by the layer type (a conv's (1, out, 1, ...), as PEFT stores it)
+        layer.lora_magnitude_vector = nn.Parameter(layer.channel_view(
+            weight_norm(dense, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, transposed).to(dtype)))
 
     # ------------------------------------------------------------------ compute
     def forward(self, layer: Any, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """DoRA's output (`output`) from `result = base(x)`, as PEFT computes it: the weight norm detached,
         dropout (in training) on the input of both the adapter and the `W x` part that the magnitude rescales."""
         a = layer.lora_A.weight
-        scale = layer.lora_magnitude_vector / self.norm(layer).to(a.device)
+        scale = layer.lora_magnitude_vector / layer.channel_view(self.norm(layer).to(a.device))
         xa = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
         drop = layer.lora_dropout
         dropped = not isinstance(drop, nn.Identity) and drop.training
@@ -197,6 +207,7 @@ class DoRA(LoRAVariant):
             xa = drop(xa)
         adapter = layer.lora_B(layer.lora_A(xa)) * layer.scaling
         bias = getattr(layer, "bias", None)
+        bias = bias if bias is None else layer.channel_view(bias)
         if dropped:
             base_part = layer.dense_base_matmul(xa.to(result.dtype))
         else:
