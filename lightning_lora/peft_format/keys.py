@@ -38,8 +38,6 @@ _TRANSLATED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modu
 #: keys that never change what a loaded adapter computes (bookkeeping, or handled by the layer type)
 _HARMLESS_KEYS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
                   "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
-                  # VeLoRA only swaps the backward pass of lora_A; the forward is plain LoRA
-                  "velora_config",
                   # ignored by PEFT unless init_lora_weights asks for them (checked separately)
                   "loftq_config", "eva_config", "corda_config"}
 #: features we do not implement, with what they do (any non-default value is an error)
@@ -60,6 +58,12 @@ _UNSUPPORTED_FEATURES = {
 #: init_lora_weights values whose adapters only work on a modified base model
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _SAFE_INITS = ("gaussian", "eva", "orthogonal", "mica")
+#: options whose forward is plain LoRA but whose training is not: such an adapter loads for inference, and
+#: `load_adapter(..., trainable=True)` refuses it (training it here would train differently from PEFT)
+_TRAINING_ONLY_FEATURES = {
+    "velora_config": "VeLoRA (a memory-saving backward pass of lora_A)",
+}
+_TRAINING_ONLY_INITS = {"mica": "MiCA (lora_B frozen during training)"}
 #: name components that may be an embedding (only used when the base architecture is unknown)
 _EMBEDDING_HINTS = ("emb", "wte", "wpe", "shared")
 

@@ -31,6 +31,8 @@ from lightning_lora.peft_format.keys import (
     _BASE_MUTATING_INITS,
     _HARMLESS_KEYS,
     _SAFE_INITS,
+    _TRAINING_ONLY_FEATURES,
+    _TRAINING_ONLY_INITS,
     _TRANSLATED_KEYS,
     _UNSUPPORTED_FEATURES,
     ADAPTER_CONFIG_NAME,
@@ -106,8 +108,8 @@ def _check_supported(cfg: dict[str, Any], path: Path) -> None:
                                           f"or one of {', '.join(_SAFE_INITS)}.")
     elif not isinstance(init, bool):
         raise AdapterFormatError(f"{path}: init_lora_weights={init!r} is invalid; expected true, false or a name.")
-    unknown = sorted(k for k in cfg if k not in _TRANSLATED_KEYS | _HARMLESS_KEYS | set(_UNSUPPORTED_FEATURES)
-                     and not _is_default(cfg[k]))
+    known = _TRANSLATED_KEYS | _HARMLESS_KEYS | set(_UNSUPPORTED_FEATURES) | set(_TRAINING_ONLY_FEATURES)
+    unknown = sorted(k for k in cfg if k not in known and not _is_default(cfg[k]))
     if unknown:
         listed = ", ".join(f"{k}={cfg[k]!r}" for k in unknown)
         raise UnsupportedAdapterError(f"{path}: unknown LoRA option(s) {listed}; lightning-lora does not implement "
@@ -115,6 +117,19 @@ def _check_supported(cfg: dict[str, Any], path: Path) -> None:
     if cfg.get("target_modules") is None:
         raise UnsupportedAdapterError(f"{path}: target_modules is null (PEFT's per-architecture default); write the "
                                       "module names into adapter_config.json, e.g. [\"q_proj\", \"v_proj\"].")
+
+
+def _check_trainable(cfg: dict[str, Any], path: Path) -> None:
+    """Options whose forward is plain LoRA but whose training is not (VeLoRA, MiCA): refused for training."""
+    init = cfg.get("init_lora_weights", True)
+    found = [(key, cfg[key], what) for key, what in _TRAINING_ONLY_FEATURES.items() if not _is_default(cfg.get(key))]
+    if isinstance(init, str) and init.lower() in _TRAINING_ONLY_INITS:
+        found.append(("init_lora_weights", init, _TRAINING_ONLY_INITS[init.lower()]))
+    if found:
+        key, value, what = found[0]
+        raise UnsupportedAdapterError(f"{path}: {key}={value!r} ({what}) trains differently from plain LoRA, which "
+                                      "lightning-lora does not implement; load it with trainable=False for "
+                                      "inference, or go on training it with PEFT.")
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -300,6 +315,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         raise AdapterFormatError(f"{path} does not exist; expected a PEFT adapter directory ({ADAPTER_CONFIG_NAME} + "
                                  f"{ADAPTER_WEIGHTS_NAME}) or an adapter-only .ckpt file.")
     cfg = read_adapter_config(path)
+    if trainable:
+        _check_trainable(cfg, path / ADAPTER_CONFIG_NAME)
     tensors, weights_path = _read_tensors(path)
     _check_tensor_keys(tensors, weights_path)
     prefix, network = find_network(model)
