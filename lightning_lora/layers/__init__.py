@@ -27,6 +27,7 @@ Example:
 from lightning_lora.layers.base import FUSED_PATHS, AdapterPath, LoRALayer
 from lightning_lora.layers.embedding import LoRAEmbedding
 from lightning_lora.layers.linear import HFConv1D, LoRAConv1D, LoRALinear
+from lightning_lora.layers.parameter import LoRAParameter, LoRAParameterHost
 from lightning_lora.layers.registry import (
     ADAPTER_TYPES,
     WEIGHT_READING_PARENTS,
@@ -48,6 +49,8 @@ __all__ = [
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",
+    "LoRAParameter",
+    "LoRAParameterHost",
     "adapter_class_for",
     "refusal_reason",
     "register_adapter_type",

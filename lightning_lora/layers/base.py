@@ -225,6 +225,28 @@ class LoRALayer(nn.Module):
         """
         return {"lora_A.weight": "lora_A.weight", "lora_B.weight": "lora_B.weight"}
 
+    def module_path(self, name: str) -> str:
+        """The path (in the model, for a layer at `name`) that `to_base_module()` replaces: the layer's own; a
+        parameter adapter (`layers.parameter`) answers its host's.
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear(nn.Linear(2, 2), r=1, alpha=1).module_path("q_proj")
+            'q_proj'
+        """
+        return name
+
+    def peft_module_path(self, name: str) -> str:
+        """The module path PEFT's files use for the adapter of a layer at `name` (our own path but for parameter
+        adapters, which PEFT nests under `base_layer.`).
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear(nn.Linear(2, 2), r=1, alpha=1).peft_module_path("q_proj")
+            'q_proj'
+        """
+        return name
+
     def adapter_modules(self, in_features: int, out_features: int, r: int, device: torch.device,
                         dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
         """The modules `lora_A` and `lora_B` hold A and B in (bias-free `nn.Linear`: weights (r, in) and

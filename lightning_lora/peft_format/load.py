@@ -23,6 +23,7 @@ from lightning_lora.errors import (
     UnsupportedAdapterError,
     first_line,
 )
+from lightning_lora.layers.parameter import peft_parameter_paths
 from lightning_lora.matching import (
     modules_to_save_matches,
     peft_targets,
@@ -46,6 +47,7 @@ from lightning_lora.peft_format.keys import (
 from lightning_lora.surgery import (
     find_network,
     find_target_modules,
+    find_target_parameters,
     inject_and_load,
     lora_layers,
 )
@@ -114,7 +116,7 @@ def _check_supported(cfg: dict[str, Any], path: Path) -> None:
         listed = ", ".join(f"{k}={cfg[k]!r}" for k in unknown)
         raise UnsupportedAdapterError(f"{path}: unknown LoRA option(s) {listed}; lightning-lora does not implement "
                                       "them, so it cannot load this adapter faithfully.")
-    if cfg.get("target_modules") is None:
+    if cfg.get("target_modules") is None and not cfg.get("target_parameters"):
         raise UnsupportedAdapterError(f"{path}: target_modules is null (PEFT's per-architecture default); write the "
                                       "module names into adapter_config.json, e.g. [\"q_proj\", \"v_proj\"].")
 
@@ -204,6 +206,9 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
         8.0
     """
     targets = cfg.get("target_modules")
+    parameters = list(cfg.get("target_parameters") or []) or None
+    if targets is None and parameters:  # PEFT: no module targets next to target_parameters
+        targets = []
     exclude = cfg.get("exclude_modules")
     if isinstance(targets, (set, tuple)):
         targets = sorted(targets)
@@ -219,6 +224,7 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
         use_dora=bool(cfg.get("use_dora", False)),
         init="gaussian" if isinstance(init, str) and init.lower() == "gaussian" else "kaiming",
         rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
+        target_parameters=parameters,
     )
     if network is None:
         if not _is_default(layers_to_transform):
@@ -239,7 +245,7 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
         selected = peft_targets(selected, selected, exclude, modules_to_save)
     else:
         selected = peft_targets(names, targets, exclude, modules_to_save, layers_to_transform, layers_pattern)
-    if not selected:
+    if not selected and not (parameters and not targets):
         raise AdapterFormatError(f"target_modules={targets!r} (exclude_modules={exclude!r}) matches no module of "
                                  f"this {type(network).__name__}; the adapter was made for another architecture.")
     candidate = None
@@ -331,12 +337,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     state = {from_peft_key(k): v for k, v in tensors.items()}
     if len(state) != len(tensors):
         raise AdapterFormatError(f"{weights_path} holds the same tensor under two spellings; re-export the adapter.")
+    if config.target_parameters:
+        state = _parameter_keys_from_peft(state, network, config, path)
     magnitudes = [k for k in state if k.endswith(".lora_magnitude_vector")]
     if bool(magnitudes) != config.use_dora:
         held = f"holds DoRA magnitude vectors ({magnitudes[0]}, ...)" if magnitudes else "holds no DoRA magnitude vectors"
         raise AdapterFormatError(f"{weights_path} {held} but {path / ADAPTER_CONFIG_NAME} says use_dora="
                                  f"{config.use_dora}; the two files do not belong together. Re-export the adapter.")
     return _inject_and_load(model, network, prefix, config, state, weights_path, trainable)
+
+
+def _parameter_keys_from_peft(state: dict[str, torch.Tensor], network: nn.Module, config: LoRAConfig,
+                              path: Path) -> dict[str, torch.Tensor]:
+    """PEFT's keys of `target_parameters` adapters (`<owner>[.base_layer...].lora_A.weight`, nested once per
+    parameter of the owner targeted after it) -> ours (`<owner>.lora.<parameter>.lora_A.weight`)."""
+    try:
+        modules = find_target_modules(network, config)
+        ours = {peft: layer for layer, peft in
+                peft_parameter_paths(find_target_parameters(network, config, modules=modules)).items()}
+    except LoRAError as err:
+        raise AdapterFormatError(f"{path / ADAPTER_CONFIG_NAME}: {err}") from None
+    out = {}
+    for key, value in state.items():
+        owner, dot, rest = key.partition(".lora_")
+        out[f"{ours[owner]}.lora_{rest}" if dot and owner in ours else key] = value
+    return out
 
 
 def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool, quantize_base: str | None = None) -> list[str]:
