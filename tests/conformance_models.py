@@ -114,6 +114,24 @@ def _emb() -> nn.Module:
     return nn.Sequential(OrderedDict(emb=nn.Embedding(50, 16, padding_idx=0), fc=nn.Linear(16, 16)))
 
 
+def _qwen3_moe() -> nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=32, pad_token_id=0))
+
+
+def _gpt_oss() -> nn.Module:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    return GptOssForCausalLM(GptOssConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2, max_position_embeddings=32, pad_token_id=0))
+
+
 BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("llama", _llama, vocab=128, peft_task_type="CAUSAL_LM"),
     Builder("llama-bias", lambda: _llama(attention_bias=True, mlp_bias=True), vocab=128, peft_task_type="CAUSAL_LM"),
@@ -124,4 +142,7 @@ BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("mlp", _mlp, features=16),
     Builder("mlp64", lambda: _mlp(64), features=64),
     Builder("emb", _emb, vocab=50),
+    # --- MoE models with fused expert parameters (issue 22: target_parameters)
+    Builder("qwen3-moe", _qwen3_moe, vocab=64, peft_task_type="CAUSAL_LM"),
+    Builder("gpt-oss", _gpt_oss, vocab=64, peft_task_type="CAUSAL_LM"),
 ]}

@@ -330,6 +330,7 @@ def shard_lora_model(module: nn.Module, mesh: Any = None, options: FSDPOptions |
             raise LoRAError("shard_lora_model: the module has no LoRA adapters and its Trainer has no LoRA callback; "
                             "add LoRA(...) to the Trainer's callbacks, or pass config=LoRAConfig(...).")
     refuse_dora(module)
+    refuse_target_parameters(module)
     meta = [n for n, p in module.named_parameters() if p.is_meta]
     if meta:
         raise LoRAError(f"shard_lora_model: {len(meta)} parameters are on the meta device ({meta[0]}, ...); build the "
@@ -438,5 +439,22 @@ def refuse_dora(module: nn.Module) -> None:
                         "on one device or with DDP, or drop use_dora for the sharded run.")
 
 
+def refuse_target_parameters(module: nn.Module) -> None:
+    """Adapters on parameters (`target_parameters`) are not sharded yet: their effective weight `W + delta` is
+    built from the whole parameter inside the owner's forward, which FSDP has not been tested to unshard there.
+
+    Raises:
+        LoRAError: `module` holds parameter adapters (the message names one and the ways out).
+
+    Example:
+        >>> refuse_target_parameters(nn.Linear(2, 2))     # no parameter adapter: nothing to refuse
+    """
+    found = next((name for name, layer in lora_layers(module) if layer.peft_layer_type == "param"), None)
+    if found is not None:
+        raise LoRAError(f"target_parameters is not supported under FSDP (ModelParallelStrategy / FSDPStrategy) yet: "
+                        f"the adapter {found} builds W + delta from the whole parameter in each forward. Train it on "
+                        "one device or with DDP, or drop target_parameters for the sharded run.")
+
+
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "broadcast_adapters", "decoder_layers", "injecting_with",
-           "refuse_dora", "refuse_presharded", "shard_lora_model"]
+           "refuse_dora", "refuse_presharded", "refuse_target_parameters", "shard_lora_model"]

@@ -310,7 +310,7 @@ class LoRAParameterHost(nn.Module):
 
     def release(self, name: str) -> nn.Module:
         """Remove the adapter of `name`; returns the host while it holds others, else the owner with the host's
-        current parameters, buffers, children, plain attributes and mode."""
+        current parameters, buffers, children and mode (the host's parameters may have been replaced by `model.to()`)."""
         adapters = getattr(self, ADAPTERS_ATTR)
         if name in adapters:
             del adapters[name]
@@ -322,9 +322,6 @@ class LoRAParameterHost(nn.Module):
             for key in own:
                 if key in table:
                     own[key] = table[key]
-        for key in list(owner.__dict__):
-            if key not in _MODULE_INTERNALS and key != "training" and key in self.__dict__:
-                owner.__dict__[key] = self.__dict__[key]
         owner.training = self.training
         return owner
 

@@ -167,15 +167,13 @@ def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: l
         "layers_to_transform": None,
         "layers_pattern": None,
         "layer_replication": None,
-        "target_parameters": _choose_parameters(config, list(params)),
+        **({"target_parameters": _choose_parameters(config, list(params))} if params else {}),
     }
 
 
-def _choose_parameters(config: LoRAConfig, adapted: list[str]) -> list[str] | None:
+def _choose_parameters(config: LoRAConfig, adapted: list[str]) -> list[str]:
     """`target_parameters` for the JSON: the config's own entries when PEFT's rule (the same as ours) selects
     every adapted parameter with them, else the adapted parameters' paths."""
-    if not adapted:
-        return None
     own = list(config.target_parameters or [])
     if own and all(peft_selects(p, own, None, None) for p in adapted):
         return own
