@@ -447,6 +447,18 @@ class LoRALayer(nn.Module):
         """`||W||_F` of the base weight in float32 (a quantized base's layer dequantises it)."""
         return self.weight.detach().float().norm().item()
 
+    @torch.no_grad()
+    def delta_norm(self) -> float:
+        """`||scaling B A||_F` from r x r products (`||B A||_F^2 = sum((B^T B) * (A A^T))`), no out x in matrix.
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear(nn.Linear(4, 4), r=2, alpha=2).delta_norm()     # B = 0 at the start
+            0.0
+        """
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        return self.scaling * torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0)).item()
+
     def delta_weight(self) -> torch.Tensor:
         """`scaling * B @ A` in float32, in the layout of the base weight (`delta_from` of the layer type)."""
         return type(self).delta_from(self.lora_A.weight, self.lora_B.weight, self.scaling)

@@ -213,6 +213,16 @@ class LoRAParameter(LoRALayer):
         lhs, rhs = self._factors(torch.float32)
         return (lhs @ rhs) * self.scaling
 
+    @torch.no_grad()
+    def delta_norm(self) -> float:
+        """`||scaling delta||_F` over all experts (`sum_e ||B_e A_e||_F^2`, from r x r products per expert)."""
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        e = self.num_experts
+        a = a.reshape(e, -1, a.shape[-1])  # (E, r, in)
+        b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (E, out, r)
+        squares = (b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))
+        return self.scaling * torch.sqrt(torch.clamp(squares.sum(), min=0.0)).item()
+
     def to_base_module(self) -> nn.Module:
         """Leave the host: the host itself while it holds other adapters, else the owner module put back."""
         return self._host.release(self.parameter_name)
