@@ -115,6 +115,12 @@ class LoRAConfig:
             `ratio x` the group's learning rate (> 0; the paper suggests 16). None: off.
         loraplus_lr_embedding: with `loraplus_lr_ratio`, the learning rate of embedding adapters
             (PEFT's `create_loraplus_optimizer` default, 1e-6).
+        target_parameters: parameters adapted directly, named by a suffix of their path on `.` boundaries
+            (PEFT's rule, no regex), e.g. `["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]` for the
+            fused expert stacks of MoE models: a 3-D (E, ...) parameter gets one rank-r delta per expert
+            (`lightning_lora.layers.parameter`). Works next to `target_modules`, which may then be `[]`;
+            `rank_pattern` / `alpha_pattern` match the parameter's path. Not with `dropout`, DoRA or
+            PiSSA/OLoRA.
 
     Example:
         >>> LoRAConfig(r=4, target_modules="all-linear", dropout=0.05).r
@@ -141,6 +147,7 @@ class LoRAConfig:
     use_dora: bool = False
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -153,7 +160,8 @@ class LoRAConfig:
             raise LoRAConfigError(f"dropout={self.dropout!r} is invalid; expected 0 <= dropout < 1, e.g. 0.05.")
         self.dropout = float(self.dropout)
         self.target_modules = self._check_patterns("target_modules", self.target_modules, allow_all_linear=True)
-        if self.target_modules == [] or self.target_modules == "":
+        self._check_target_parameters()
+        if (self.target_modules == [] and not self.target_parameters) or self.target_modules == "":
             raise LoRAConfigError("target_modules is empty; name at least one module, e.g. ['q_proj', 'v_proj'] or 'all-linear'.")
         self.exclude_modules = self._check_patterns("exclude_modules", self.exclude_modules)
         if self.bias not in BIAS_CHOICES:
@@ -181,6 +189,34 @@ class LoRAConfig:
                                   f"{', '.join(COMPUTE_DTYPE_CHOICES)} ('auto': bf16 products on a bf16 base).")
         self._check_variants()
         self._check_quantization()
+        self._check_parameter_combinations()
+
+    def _check_target_parameters(self) -> None:
+        """`target_parameters`: a list of parameter-path suffixes; not with what needs the adapter's input."""
+        value = self.target_parameters
+        if value is None:
+            return
+        if isinstance(value, str) or not isinstance(value, (list, tuple, set)):
+            raise LoRAConfigError(f"target_parameters={value!r} is invalid; expected a list of parameter names such "
+                                  "as ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'] (no regex, as PEFT).")
+        bad = [v for v in value if not isinstance(v, str) or not v]
+        if bad:
+            raise LoRAConfigError(f"target_parameters contains {bad!r}; expected non-empty parameter names (strings).")
+        self.target_parameters = list(value) or None
+
+    def _check_parameter_combinations(self) -> None:
+        """What `target_parameters` cannot be combined with (the adapter's input is never seen)."""
+        if not self.target_parameters:
+            return
+        if self.dropout:
+            raise LoRAConfigError(f"dropout={self.dropout} cannot apply to target_parameters (PEFT neither): the input "
+                                  "of a raw parameter is not visible; set dropout=0.")
+        if self.use_dora:
+            raise LoRAConfigError("use_dora=True cannot be combined with target_parameters (PEFT neither): DoRA is "
+                                  "implemented for Linear and Conv1D layers; drop use_dora or target_parameters.")
+        if self.init not in INIT_CHOICES:
+            raise LoRAConfigError(f"init={self.init!r} cannot be combined with target_parameters: PiSSA/OLoRA "
+                                  "decompose a 2-D weight; use init='kaiming' or 'gaussian'.")
 
     def _check_quantization(self) -> None:
         if isinstance(self.quantize_base, str):
@@ -298,7 +334,7 @@ class LoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; `LoRAConfig.from_dict(c.to_dict()) == c`."""
         out = dataclasses.asdict(self)
-        for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        for key in ("target_modules", "exclude_modules", "modules_to_save", "target_parameters"):
             if isinstance(out[key], (list, tuple)):
                 out[key] = list(out[key])
         return out

@@ -123,6 +123,24 @@ def _conv(dim: int) -> nn.Module:
                                      c2=conv(8, 6, 1, bias=False)))
 
 
+def _qwen3_moe() -> nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=32, pad_token_id=0))
+
+
+def _gpt_oss() -> nn.Module:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    return GptOssForCausalLM(GptOssConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2, max_position_embeddings=32, pad_token_id=0))
+
+
 BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("llama", _llama, vocab=128, peft_task_type="CAUSAL_LM"),
     Builder("llama-bias", lambda: _llama(attention_bias=True, mlp_bias=True), vocab=128, peft_task_type="CAUSAL_LM"),
@@ -137,4 +155,7 @@ BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("conv1d", lambda: _conv(1), features=4, shape=(2, 4, 9)),
     Builder("conv2d", lambda: _conv(2), features=4, shape=(2, 4, 7, 6)),
     Builder("conv3d", lambda: _conv(3), features=4, shape=(2, 4, 5, 4, 5)),
+    # --- MoE models with fused expert parameters (issue 22: target_parameters)
+    Builder("qwen3-moe", _qwen3_moe, vocab=64, peft_task_type="CAUSAL_LM"),
+    Builder("gpt-oss", _gpt_oss, vocab=64, peft_task_type="CAUSAL_LM"),
 ]}

@@ -24,6 +24,7 @@ def test_defaults_and_to_dict_exact():
         "save_embedding_layers": "auto", "rank_pattern": {},
         "alpha_pattern": {}, "adapter_dtype": "float32", "quantize_base": None, "quantize_base_modules": None,
         "adapter_compute_dtype": "auto", "use_dora": False, "loraplus_lr_ratio": None, "loraplus_lr_embedding": 1e-6,
+        "target_parameters": None,
     }
     assert cfg.torch_adapter_dtype is torch.float32
     # the docstring example

@@ -143,6 +143,7 @@ QV = ["q_proj", "v_proj"]
 LLAMA_SOME = ["q_proj", "v_proj", "down_proj"]
 PATTERNS = dict(rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6}, alpha_pattern={"v_proj": 3})
 C1 = ["c_attn", "c_proj", "c_fc"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 PEFT_OLORA_CONV1D = ("PEFT's OLoRA init fails on Conv1D (a shape error: it ignores fan_in_fan_out), so PEFT "
                      "cannot write this adapter")
 TIED_MERGE = ("merge_adapter folds the embedding's delta into the weight it shares with the tied output head, so "
@@ -255,6 +256,17 @@ ROWS = [
     Row("conv2d-bf16", "conv2d", "conv", dict(target_modules=["c1", "c2"]), dtype=BF16),
     Row("conv3d", "conv3d", "conv", dict(target_modules=["c1", "c2"])),
     Row("conv3d-dora", "conv3d", "conv", dict(target_modules=["c1", "c2"], use_dora=True)),
+    # --- target_parameters (issue 22)
+    Row("qwen3moe-experts", "qwen3-moe", "param", dict(target_modules=[], target_parameters=EXPERTS)),
+    Row("qwen3moe-experts-qv-patterns", "qwen3-moe", "param+linear",
+        dict(target_modules=QV, target_parameters=EXPERTS, rank_pattern={r"layers\.1\.mlp\.experts\.down_proj": 2},
+             alpha_pattern={"gate_up_proj": 3})),
+    Row("qwen3moe-experts-bf16", "qwen3-moe", "param", dict(target_modules=[], target_parameters=EXPERTS),
+        dtype=BF16),
+    Row("gptoss-experts", "gpt-oss", "param", dict(target_modules=[], target_parameters=EXPERTS)),
+    Row("gptoss-router-down-rslora-gaussian", "gpt-oss", "param+linear",
+        dict(target_modules=["q_proj"], target_parameters=["mlp.router.weight", "experts.down_proj"],
+             use_rslora=True, init="gaussian")),
 ]
 ROW_BY_ID = {row.id: row for row in ROWS}
 assert len(ROW_BY_ID) == len(ROWS)
@@ -518,6 +530,8 @@ def _peft_config(row: Row, builder: Builder):
         rank_pattern=dict(c.rank_pattern), alpha_pattern=dict(c.alpha_pattern), modules_to_save=c.modules_to_save,
         init_lora_weights=c.init if row.base_init else True, task_type=builder.peft_task_type,
         fan_in_fan_out=row.model == "gpt2")
+    if c.target_parameters:  # issue 22
+        kwargs["target_parameters"] = list(c.target_parameters)
     return LoraConfig(**kwargs)
 
 
@@ -554,18 +568,29 @@ def check_peft_import(row: Row, tmp_path) -> None:
         pm.save_pretrained(str(tmp_path / "peft"), **extra)
     from peft.tuners.lora import LoraLayer
 
-    adapted = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+    adapted = dict(_peft_layer_names(n.removeprefix("base_model.model."), m) for n, m in pm.named_modules()
+                   if isinstance(m, LoraLayer))
     assert sorted(adapted) == sorted(p.names)  # PEFT's config adapts the modules ours does
     config = row.lora_config()
-    for name, layer in adapted.items():
-        assert layer.r["default"] == config.rank_for(name)
-        assert layer.scaling["default"] == pytest.approx(config.scaling_for(name), rel=1e-12)
+    for name, (layer, path) in adapted.items():
+        assert layer.r["default"] == config.rank_for(path)
+        assert layer.scaling["default"] == pytest.approx(config.scaling_for(path), rel=1e-12)
     ours = _base(row)
     assert load_adapter(ours, tmp_path / "peft") == p.names
     assert not any(param.requires_grad for param in ours.parameters())  # loaded for inference (trainable=False)
     _assert_changed(expected, p.base_out)
     _assert_close(p.builder.run(ours, p.x), expected, _tol(PEFT_TOL, row, expected),
                   "our load of PEFT's adapter vs PEFT")
+
+
+def _peft_layer_names(name: str, layer: nn.Module) -> tuple[str, tuple[nn.Module, str]]:
+    """`(our adapter path, (PEFT's layer, the path its rank_pattern matches))`: PEFT nests a `ParamWrapper` per
+    targeted parameter under `base_layer.` (issue 22), ours sit at `<owner>.lora.<parameter>`."""
+    parameter = getattr(layer, "parameter_name", None)
+    if parameter is None:
+        return name, (layer, name)
+    owner = name.replace(".base_layer", "")
+    return f"{owner}.lora.{parameter}", (layer, f"{owner}.{parameter}")
 
 
 def _perturb_peft(model: nn.Module, seed: int = 2) -> None:

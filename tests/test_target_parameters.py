@@ -209,3 +209,87 @@ def test_moe_lm_trains_expert_adapters_through_the_callback(tmp_path):
         assert set(lora_state_dict(loaded)) == {k.removeprefix("model.") for k in saved}
         merged = merge_and_unload(module)
         torch.testing.assert_close(merged(ids), adapted, atol=ATOL, rtol=0)
+
+
+def test_fsdp_is_refused_at_setup():
+    """Under FSDP2 (`shard_lora_model`, what ModelParallelStrategy's setup runs) and FSDP1 (`prepare_fsdp1`, before
+    FSDPStrategy wraps anything) parameter adapters are refused with one clear error, before any process group."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_lora.fsdp import shard_lora_model
+    from lightning_lora.strategies import prepare_fsdp1
+
+    config = LoRAConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERTS)
+    message = (r"^model.layers.0.mlp.experts.lora.gate_up_proj \(\w+\): target_parameters is not supported under FSDP "
+               r"\(ModelParallelStrategy / FSDPStrategy\) yet: the adapter builds W \+ delta")
+    with pytest.raises(LoRAError, match=message):
+        shard_lora_model(qwen3_moe(), config=config)
+    model = qwen3_moe()
+    inject_lora(model, config)
+    with pytest.raises(LoRAError, match=message):
+        prepare_fsdp1(FSDPStrategy(), model)
+
+
+def test_estimate_counts_expert_adapters_and_their_effective_weights(tmp_path, capsys):
+    """r*E*(in + out) adapter parameters per expert stack, and the W + delta copies the forward keeps."""
+    from transformers import Qwen3MoeConfig
+
+    from lightning_lora.cli import main
+    from lightning_lora.estimate import estimate_memory
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+    plain = estimate_memory(config, r=8, target_modules=["q_proj"], seq_len=16)
+    est = estimate_memory(config, r=8, target_modules=["q_proj"], target_parameters=EXPERTS, seq_len=16)
+    # per layer: gate_up (4, 16, 16) -> 8*4*(16+16); down (4, 16, 8) -> 8*4*(8+16)
+    assert est.lora.trainable_params - plain.lora.trainable_params == 2 * (8 * 4 * 32 + 8 * 4 * 24)
+    # bf16 W + delta of both stacks in both layers kept for backward, plus the gradient of the largest
+    assert est.lora.effective_weights == 2 * (4 * 16 * 16 + 4 * 16 * 8) * 2 + 4 * 16 * 16 * 2
+    assert plain.lora.effective_weights == 0
+    assert est.lora.activations - plain.lora.activations == est.lora.effective_weights
+    checkpointed = estimate_memory(config, r=8, target_modules=["q_proj"], target_parameters=EXPERTS, seq_len=16,
+                                   gradient_checkpointing=True)
+    assert checkpointed.lora.effective_weights == (4 * 16 * 16 + 4 * 16 * 8) * 2 + 4 * 16 * 16 * 2
+    assert any("W + delta" in note for note in est.notes)
+    assert {row.name for row in est.modules} >= {"gate_up_proj", "down_proj", "q_proj"}
+
+    config.save_pretrained(tmp_path / "moe")
+    argv = ["estimate", "--model", str(tmp_path / "moe"), "--target-modules", "q_proj", "--seq-len", "16",
+            "--target-parameters", *EXPERTS]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "W + delta (target_parameters)" in out and f"{est.lora.trainable_params:,}" in out
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["settings"]["target_parameters"] == EXPERTS
+
+
+def test_config_options_and_quantized_owner_are_refused():
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from lightning_lora import LoRAConfigError
+
+    with pytest.raises(LoRAConfigError, match="target_parameters=.*list of parameter names"):
+        LoRAConfig(target_parameters="mlp.experts.down_proj")
+    with pytest.raises(LoRAConfigError, match="init='pissa' cannot be combined with target_parameters"):
+        LoRAConfig(target_modules=[], target_parameters=EXPERTS, init="pissa")
+    with pytest.raises(LoRAConfigError, match="target_modules is empty"):
+        LoRAConfig(target_modules=[], target_parameters=[])
+    config = LoRAConfig(target_modules=[], target_parameters=EXPERTS)
+    assert LoRAConfig.from_dict(config.to_dict()) == config
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(64, 64), act=nn.ReLU(), fc2=nn.Linear(64, 64)))
+    x = torch.randn(2, 64)
+    reference = model(x).detach()
+    with pytest.raises(LoRAError, match="fc1.weight|Linear.weight.*quantize"):
+        inject_lora(model, LoRAConfig(r=2, target_modules=[], target_parameters=["fc1.weight"], quantize_base="nf4"))
+    assert type(model.fc1) is nn.Linear and type(model.fc1.weight) is nn.Parameter
+    assert torch.equal(model(x), reference)
+    # a dense Linear weight works as PEFT's ParamWrapper does (one delta, no dropout)
+    inject_lora(model, LoRAConfig(r=2, target_modules=[], target_parameters=["fc1.weight"]))
+    assert torch.equal(model(x), reference) and type(model.fc1).__name__ == "LoRAParameterHost"
+    assert model.fc1.in_features == 64 and isinstance(model.fc1.owner, nn.Linear)

@@ -241,8 +241,8 @@ def _module_maps(model: torch.nn.Module, sh: _Shape, pr: _Precision, full: bool,
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name, module in model.named_modules():
         is_lora = isinstance(module, LoRALayer)
-        if not (is_lora or isinstance(module, torch.nn.Linear)):
-            continue
+        if not (is_lora or isinstance(module, torch.nn.Linear)) or (is_lora and module.peft_layer_type == "param"):
+            continue  # parameter adapters (target_parameters) cost their W + delta (`parameters._effective_weights`)
         weight = module.weight
         out_f, in_f = (int(weight.shape[0]), int(weight.shape[-1])) if weight.dim() == 2 else (weight.numel(), 1)
         mod = _Mod(full=full, weight_numel=weight.numel(), in_features=in_f, out_features=out_f,

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (does not change memory)")
     p.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
                    help="module names, or all-linear (default: q_proj v_proj)")
+    p.add_argument("--target-parameters", nargs="+", default=None,
+                   help="parameters adapted directly, e.g. mlp.experts.gate_up_proj mlp.experts.down_proj (MoE experts)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16-true",
                    help="Lightning precision (default bf16-true)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per step, per device (default 1)")
@@ -81,7 +83,8 @@ def _run(args: argparse.Namespace) -> None:
                           gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
                           optimizer_impl=args.optimizer_impl, quantize=args.quantize,
                           quantize_modules=args.quantize_modules, use_dora=args.use_dora, devices=args.devices,
-                          strategy=args.strategy, chunked_loss=args.chunked_loss)
+                          strategy=args.strategy, chunked_loss=args.chunked_loss,
+                          target_parameters=args.target_parameters)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
         return

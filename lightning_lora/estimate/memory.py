@@ -56,6 +56,7 @@ from lightning_lora.estimate.parameters import (
     OPTIMIZER_IMPLS,
     OPTIMIZERS,
     _dora_magnitudes,
+    _effective_weights,
     _fsdp_in_flight,
     _grads,
     _inventory,
@@ -85,6 +86,9 @@ def _breakdown(model: torch.nn.Module, sh: _Shape, pr: _Precision, *, is_full: b
     layers, head, embed_grad = _module_maps(model, sh, pr, is_full, quantized, dora)
     timeline = _timeline(sh, pr, layers, head, embed_grad, is_full, batch_size, seq_len, checkpointing, grads,
                          chunked_loss)
+    effective = 0 if is_full else _effective_weights(model, checkpointing)  # target_parameters: W + delta
+    timeline.activations += effective
+    timeline.with_gradients += effective
     step_temp = _step_temp(optimizer, optimizer_impl, trainable_params, layout)
     if sh.tied and is_full:  # autograd adds the embedding's gradient to lm_head's: both, then their sum
         emb = model.get_input_embeddings().weight
@@ -104,7 +108,7 @@ def _breakdown(model: torch.nn.Module, sh: _Shape, pr: _Precision, *, is_full: b
         optimizer_step_temp=step_temp, total=0,
         quantized_weights=sum(p.stored(layout) for p in params if p.quant is not None),
         dequant_temp=max([head.quant_temp] + [m.quant_temp for mods in layers for m in mods.values()]),
-        magnitude_params=magnitude_count, communication=communication)
+        magnitude_params=magnitude_count, communication=communication, effective_weights=effective)
     in_step = part.gradients + step_temp
     if layout.strategy == "ddp":
         in_step += communication  # buckets live for the whole run; FSDP's units are resharded by the step
@@ -132,6 +136,7 @@ def estimate_memory(
     devices: int = 1,
     strategy: str = "auto",
     chunked_loss: bool = False,
+    target_parameters: Sequence[str] | None = None,
 ) -> Estimate:
     """Parameters and peak training memory of a full fine-tune, LoRA and (with `quantize`) QLoRA.
 
@@ -165,6 +170,9 @@ def estimate_memory(
         chunked_loss: the loss as `CausalLM` computes it by default (`lightning_lora.loss`: no
             vocabulary-sized tensor kept, one chunk's logits at a time) instead of transformers' own loss
             (float32 logits of every position, and their gradient), which is the default here.
+        target_parameters: parameters adapted directly (`LoRAConfig.target_parameters`, e.g. the expert
+            stacks `mlp.experts.gate_up_proj`): r*E*(in + out) adapter parameters per E-expert stack, and the
+            `W + delta` copy each forward builds (`MemoryBreakdown.effective_weights`).
 
     Returns:
         An `Estimate` with each column's `MemoryBreakdown` and the per-module parameter rows.
@@ -203,7 +211,8 @@ def estimate_memory(
                         "dequantised in the compute dtype, so use bf16-true (or 16-true / 32-true).")
     layout = Layout.resolve(strategy, devices)
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-    lora_config = LoRAConfig(r=r, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype)
+    lora_config = LoRAConfig(r=r, alpha=alpha, target_modules=targets, adapter_dtype=adapter_dtype,
+                             target_parameters=list(target_parameters) if target_parameters else None)
     name, config = load_model_config(config_or_name)
     sh = _shape_of(config)
     model = build_meta_model(config, pr.param)
@@ -231,12 +240,16 @@ def estimate_memory(
         notes.append(f"per GPU under DDP: a full replica on each of {layout.devices} GPUs plus the gradient buckets "
                      "(one more copy of the gradients).")
 
+    if lora.effective_weights:
+        notes.append(f"target_parameters: each adapted parameter is used as W + delta, a copy of the whole tensor "
+                     f"(an expert stack) built in every forward and kept for backward: "
+                     f"{lora.effective_weights / 2**30:.2f} GiB here, part of activations.")
     modules = parameter_summary(model).rows
     settings = {"r": r, "alpha": float(alpha), "target_modules": targets, "precision": precision,
                 "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": bool(gradient_checkpointing),
                 "optimizer": optimizer, "optimizer_impl": optimizer_impl, "adapter_dtype": lora_config.adapter_dtype,
                 "quantize": quantize, "quantize_modules": quantize_modules, "use_dora": bool(use_dora),
-                "chunked_loss": bool(chunked_loss),
+                "chunked_loss": bool(chunked_loss), "target_parameters": lora_config.target_parameters,
                 "devices": layout.devices, "strategy": layout.strategy}
     cfg = {"model_type": getattr(config, "model_type", None), "hidden_size": sh.hidden,
            "intermediate_size": sh.intermediate, "num_hidden_layers": sh.layers, "num_attention_heads": sh.heads,

@@ -201,4 +201,23 @@ def _fsdp_in_flight(params: Sequence[_Param], n_layers: int) -> int:
 
 
 
+def _effective_weights(model: torch.nn.Module, checkpointing: bool) -> int:
+    """Bytes of the `W + delta` tensors of `target_parameters` adapters: each adapted parameter (an expert stack:
+    E x in x out) is rebuilt in its dtype in every forward and kept for the input's gradient, and backward makes
+    the gradient of one at a time. With checkpointing only one layer's copies are alive (it is recomputed)."""
+    per_layer: dict[int | None, int] = {}
+    largest = 0
+    for name, layer in lora_layers(model):
+        if layer.peft_layer_type != "param":
+            continue
+        size = layer.weight.numel() * layer.weight.element_size()
+        idx = _layer_index(name)
+        per_layer[idx] = per_layer.get(idx, 0) + size
+        largest = max(largest, size)
+    if not per_layer:
+        return 0
+    kept = max(per_layer.values()) if checkpointing else sum(per_layer.values())
+    return kept + largest
+
+
 __all__ = ["OPTIMIZERS", "OPTIMIZER_IMPLS"]

@@ -49,6 +49,9 @@ class MemoryBreakdown:
         magnitude_params: DoRA's magnitude parameters (part of `trainable_params`).
         communication: FSDP: the all-gathered (unsharded) units in flight plus one unit's unsharded
             gradients before the reduce-scatter; DDP: the gradient buckets.
+        effective_weights: `target_parameters` adapters: the `W + delta` copies of the adapted parameters
+            (an expert stack each) that the forward builds and keeps for backward, plus the gradient of the
+            largest in backward (part of `activations`).
 
     Example:
         >>> b = MemoryBreakdown(10, 10, 40, 40, 80, 100, 0, 220)
@@ -68,6 +71,7 @@ class MemoryBreakdown:
     dequant_temp: int = 0
     magnitude_params: int = 0
     communication: int = 0
+    effective_weights: int = 0
 
     @property
     def sum_of_parts(self) -> int:
@@ -208,6 +212,9 @@ def tables(est: Estimate, per_layer: bool = False) -> list[Any]:
         row(label, [format_bytes(getattr(c, key)) for c in cols])
     if any(c.dequant_temp for c in cols):
         row("  largest 4-bit dequantisation", [format_bytes(c.dequant_temp) if c.dequant_temp else "-" for c in cols])
+    if any(c.effective_weights for c in cols):
+        row("  W + delta (target_parameters)",
+            [format_bytes(c.effective_weights) if c.effective_weights else "-" for c in cols])
     if any(c.optimizer_step_temp for c in cols):
         row("  temporaries with all gradients", [format_bytes(c.optimizer_step_temp) for c in cols])
     if any(c.communication for c in cols):

@@ -28,6 +28,7 @@ from lightning_lora.layers.base import FUSED_PATHS, AdapterPath, LoRALayer
 from lightning_lora.layers.conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAConvNd
 from lightning_lora.layers.embedding import LoRAEmbedding
 from lightning_lora.layers.linear import HFConv1D, LoRAConv1D, LoRALinear
+from lightning_lora.layers.parameter import LoRAParameter, LoRAParameterHost
 from lightning_lora.layers.registry import (
     ADAPTER_TYPES,
     WEIGHT_READING_PARENTS,
@@ -53,6 +54,8 @@ __all__ = [
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",
+    "LoRAParameter",
+    "LoRAParameterHost",
     "adapter_class_for",
     "refusal_reason",
     "register_adapter_type",

@@ -254,6 +254,28 @@ class LoRALayer(nn.Module):
         """
         return {"lora_A.weight": "lora_A.weight", "lora_B.weight": "lora_B.weight"}
 
+    def module_path(self, name: str) -> str:
+        """The path (in the model, for a layer at `name`) that `to_base_module()` replaces: the layer's own; a
+        parameter adapter (`layers.parameter`) answers its host's.
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear(nn.Linear(2, 2), r=1, alpha=1).module_path("q_proj")
+            'q_proj'
+        """
+        return name
+
+    def peft_module_path(self, name: str) -> str:
+        """The module path PEFT's files use for the adapter of a layer at `name` (our own path but for parameter
+        adapters, which PEFT nests under `base_layer.`).
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear(nn.Linear(2, 2), r=1, alpha=1).peft_module_path("q_proj")
+            'q_proj'
+        """
+        return name
+
     def adapter_modules(self, in_features: int, out_features: int, r: int, device: torch.device,
                         dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
         """The modules `lora_A` and `lora_B` hold A and B in (bias-free `nn.Linear`: weights (r, in) and
@@ -453,6 +475,18 @@ class LoRALayer(nn.Module):
     def weight_norm(self) -> float:
         """`||W||_F` of the base weight in float32 (a quantized base's layer dequantises it)."""
         return self.weight.detach().float().norm().item()
+
+    @torch.no_grad()
+    def delta_norm(self) -> float:
+        """`||scaling B A||_F` from r x r products (`||B A||_F^2 = sum((B^T B) * (A A^T))`), no out x in matrix.
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear(nn.Linear(4, 4), r=2, alpha=2).delta_norm()     # B = 0 at the start
+            0.0
+        """
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        return self.scaling * torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0)).item()
 
     def delta_weight(self) -> torch.Tensor:
         """`scaling * B @ A` in float32, in the layout of the base weight (`delta_from` of the layer type)."""

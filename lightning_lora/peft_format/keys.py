@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_lora.layers import HFConv1D, LoRALayer
 from lightning_lora.matching import (
+    is_inside,
     pattern_key,
 )
 from lightning_lora.surgery import (
@@ -34,12 +35,10 @@ PEFT_PREFIX = "base_model.model."
 #: adapter_config.json keys we translate (everything else is checked by `_check_supported`)
 _TRANSLATED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                     "use_rslora", "modules_to_save", "rank_pattern", "alpha_pattern", "init_lora_weights",
-                    "layers_to_transform", "layers_pattern", "use_dora"}
+                    "layers_to_transform", "layers_pattern", "use_dora", "target_parameters"}
 #: keys that never change what a loaded adapter computes (bookkeeping, or handled by the layer type)
 _HARMLESS_KEYS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
                   "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
-                  # VeLoRA only swaps the backward pass of lora_A; the forward is plain LoRA
-                  "velora_config",
                   # ignored by PEFT unless init_lora_weights asks for them (checked separately)
                   "loftq_config", "eva_config", "corda_config"}
 #: features we do not implement, with what they do (any non-default value is an error)
@@ -48,7 +47,6 @@ _UNSUPPORTED_FEATURES = {
     "lora_bias": "a trainable bias on lora_B",
     "trainable_token_indices": "trainable token indices (TrainableTokens on the embedding)",
     "use_qalora": "QA-LoRA (pooled adapter input)",
-    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts)",
     "alora_invocation_tokens": "activated LoRA (aLoRA, adapter active only after invocation tokens)",
     "megatron_config": "Megatron parallel layers",
     "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
@@ -60,6 +58,12 @@ _UNSUPPORTED_FEATURES = {
 #: init_lora_weights values whose adapters only work on a modified base model
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _SAFE_INITS = ("gaussian", "eva", "orthogonal", "mica")
+#: options whose forward is plain LoRA but whose training is not: such an adapter loads for inference, and
+#: `load_adapter(..., trainable=True)` refuses it (training it here would train differently from PEFT)
+_TRAINING_ONLY_FEATURES = {
+    "velora_config": "VeLoRA (a memory-saving backward pass of lora_A)",
+}
+_TRAINING_ONLY_INITS = {"mica": "MiCA (lora_B frozen during training)"}
 #: name components that may be an embedding (only used when the base architecture is unknown)
 _EMBEDDING_HINTS = ("emb", "wte", "wpe", "shared")
 
@@ -77,9 +81,12 @@ def _base_module_names(network: nn.Module) -> list[str]:
     """Module names of the network as the base model has them (the insides of adapter layers left out)."""
     names: list[str] = []
     inside: list[str] = []
+    # parameter adapters (target_parameters) sit in their host's `lora` container, which PEFT's tree does not have
+    hidden = [_without_wrappers(n).rpartition(".")[0] for n, m in network.named_modules()
+              if isinstance(m, LoRALayer) and m.peft_layer_type == "param"]
     for name, module in network.named_modules():
         name = _without_wrappers(name)  # FSDP1 / checkpoint wrappers: the wrapped module's own name
-        if not name or any(name.startswith(p + ".") for p in inside):
+        if not name or any(name.startswith(p + ".") for p in inside) or is_inside(name, hidden):
             continue
         names.append(name)
         if isinstance(module, LoRALayer):
@@ -120,11 +127,16 @@ class _LayerInfo:
     layer_cls: type[LoRALayer]  # the adapter class: it answers for its PEFT kind, orientation and tensor names
     r: int
     alpha: float
+    peft_path: str | None = None  # PEFT's module path where it differs from ours (target_parameters: base_layer.)
 
 
 def _layer_infos(network: nn.Module) -> dict[str, _LayerInfo]:
-    return {_without_wrappers(name): _LayerInfo(type(layer), layer.r, layer.lora_alpha)
-            for name, layer in lora_layers(network)}
+    infos = {}
+    for name, layer in lora_layers(network):
+        name = _without_wrappers(name)
+        peft_path = layer.peft_module_path(name)
+        infos[name] = _LayerInfo(type(layer), layer.r, layer.lora_alpha, peft_path if peft_path != name else None)
+    return infos
 
 
 #: variant tensor name -> its key suffix in PEFT's files (DoRA's magnitude keeps its name)
@@ -140,7 +152,7 @@ def _to_peft_key(key: str, layers: dict[str, _LayerInfo]) -> str:
     for ours in ("lora_A.weight", "lora_B.weight"):
         name = key[: -len(ours) - 1]
         if key.endswith("." + ours) and name in layers:  # the layer type names A and B in PEFT's files
-            return f"{PEFT_PREFIX}{name}.{layers[name].layer_cls.peft_tensor_names()[ours]}"
+            return f"{PEFT_PREFIX}{layers[name].peft_path or name}.{layers[name].layer_cls.peft_tensor_names()[ours]}"
     if owner in layers:  # a base parameter of an adapted layer (a trained bias): PEFT's layer wraps it as base_layer
         return f"{PEFT_PREFIX}{owner}.base_layer.{param}"
     return PEFT_PREFIX + key

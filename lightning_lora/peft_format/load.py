@@ -23,6 +23,7 @@ from lightning_lora.errors import (
     UnsupportedAdapterError,
     first_line,
 )
+from lightning_lora.layers.parameter import peft_parameter_paths
 from lightning_lora.matching import (
     modules_to_save_matches,
     peft_targets,
@@ -31,6 +32,8 @@ from lightning_lora.peft_format.keys import (
     _BASE_MUTATING_INITS,
     _HARMLESS_KEYS,
     _SAFE_INITS,
+    _TRAINING_ONLY_FEATURES,
+    _TRAINING_ONLY_INITS,
     _TRANSLATED_KEYS,
     _UNSUPPORTED_FEATURES,
     ADAPTER_CONFIG_NAME,
@@ -44,6 +47,7 @@ from lightning_lora.peft_format.keys import (
 from lightning_lora.surgery import (
     find_network,
     find_target_modules,
+    find_target_parameters,
     inject_and_load,
     lora_layers,
 )
@@ -106,15 +110,28 @@ def _check_supported(cfg: dict[str, Any], path: Path) -> None:
                                           f"or one of {', '.join(_SAFE_INITS)}.")
     elif not isinstance(init, bool):
         raise AdapterFormatError(f"{path}: init_lora_weights={init!r} is invalid; expected true, false or a name.")
-    unknown = sorted(k for k in cfg if k not in _TRANSLATED_KEYS | _HARMLESS_KEYS | set(_UNSUPPORTED_FEATURES)
-                     and not _is_default(cfg[k]))
+    known = _TRANSLATED_KEYS | _HARMLESS_KEYS | set(_UNSUPPORTED_FEATURES) | set(_TRAINING_ONLY_FEATURES)
+    unknown = sorted(k for k in cfg if k not in known and not _is_default(cfg[k]))
     if unknown:
         listed = ", ".join(f"{k}={cfg[k]!r}" for k in unknown)
         raise UnsupportedAdapterError(f"{path}: unknown LoRA option(s) {listed}; lightning-lora does not implement "
                                       "them, so it cannot load this adapter faithfully.")
-    if cfg.get("target_modules") is None:
+    if cfg.get("target_modules") is None and not cfg.get("target_parameters"):
         raise UnsupportedAdapterError(f"{path}: target_modules is null (PEFT's per-architecture default); write the "
                                       "module names into adapter_config.json, e.g. [\"q_proj\", \"v_proj\"].")
+
+
+def _check_trainable(cfg: dict[str, Any], path: Path) -> None:
+    """Options whose forward is plain LoRA but whose training is not (VeLoRA, MiCA): refused for training."""
+    init = cfg.get("init_lora_weights", True)
+    found = [(key, cfg[key], what) for key, what in _TRAINING_ONLY_FEATURES.items() if not _is_default(cfg.get(key))]
+    if isinstance(init, str) and init.lower() in _TRAINING_ONLY_INITS:
+        found.append(("init_lora_weights", init, _TRAINING_ONLY_INITS[init.lower()]))
+    if found:
+        key, value, what = found[0]
+        raise UnsupportedAdapterError(f"{path}: {key}={value!r} ({what}) trains differently from plain LoRA, which "
+                                      "lightning-lora does not implement; load it with trainable=False for "
+                                      "inference, or go on training it with PEFT.")
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -189,6 +206,9 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
         8.0
     """
     targets = cfg.get("target_modules")
+    parameters = list(cfg.get("target_parameters") or []) or None
+    if targets is None and parameters:  # PEFT: no module targets next to target_parameters
+        targets = []
     exclude = cfg.get("exclude_modules")
     if isinstance(targets, (set, tuple)):
         targets = sorted(targets)
@@ -204,6 +224,7 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
         use_dora=bool(cfg.get("use_dora", False)),
         init="gaussian" if isinstance(init, str) and init.lower() == "gaussian" else "kaiming",
         rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
+        target_parameters=parameters,
     )
     if network is None:
         if not _is_default(layers_to_transform):
@@ -224,7 +245,7 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
         selected = peft_targets(selected, selected, exclude, modules_to_save)
     else:
         selected = peft_targets(names, targets, exclude, modules_to_save, layers_to_transform, layers_pattern)
-    if not selected:
+    if not selected and not (parameters and not targets):
         raise AdapterFormatError(f"target_modules={targets!r} (exclude_modules={exclude!r}) matches no module of "
                                  f"this {type(network).__name__}; the adapter was made for another architecture.")
     candidate = None
@@ -300,6 +321,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         raise AdapterFormatError(f"{path} does not exist; expected a PEFT adapter directory ({ADAPTER_CONFIG_NAME} + "
                                  f"{ADAPTER_WEIGHTS_NAME}) or an adapter-only .ckpt file.")
     cfg = read_adapter_config(path)
+    if trainable:
+        _check_trainable(cfg, path / ADAPTER_CONFIG_NAME)
     tensors, weights_path = _read_tensors(path)
     _check_tensor_keys(tensors, weights_path)
     prefix, network = find_network(model)
@@ -314,12 +337,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     state = {from_peft_key(k): v for k, v in tensors.items()}
     if len(state) != len(tensors):
         raise AdapterFormatError(f"{weights_path} holds the same tensor under two spellings; re-export the adapter.")
+    if config.target_parameters:
+        state = _parameter_keys_from_peft(state, network, config, path)
     magnitudes = [k for k in state if k.endswith(".lora_magnitude_vector")]
     if bool(magnitudes) != config.use_dora:
         held = f"holds DoRA magnitude vectors ({magnitudes[0]}, ...)" if magnitudes else "holds no DoRA magnitude vectors"
         raise AdapterFormatError(f"{weights_path} {held} but {path / ADAPTER_CONFIG_NAME} says use_dora="
                                  f"{config.use_dora}; the two files do not belong together. Re-export the adapter.")
     return _inject_and_load(model, network, prefix, config, state, weights_path, trainable)
+
+
+def _parameter_keys_from_peft(state: dict[str, torch.Tensor], network: nn.Module, config: LoRAConfig,
+                              path: Path) -> dict[str, torch.Tensor]:
+    """PEFT's keys of `target_parameters` adapters (`<owner>[.base_layer...].lora_A.weight`, nested once per
+    parameter of the owner targeted after it) -> ours (`<owner>.lora.<parameter>.lora_A.weight`)."""
+    try:
+        modules = find_target_modules(network, config)
+        ours = {peft: layer for layer, peft in
+                peft_parameter_paths(find_target_parameters(network, config, modules=modules)).items()}
+    except LoRAError as err:
+        raise AdapterFormatError(f"{path / ADAPTER_CONFIG_NAME}: {err}") from None
+    out = {}
+    for key, value in state.items():
+        owner, dot, rest = key.partition(".lora_")
+        out[f"{ours[owner]}.lora_{rest}" if dot and owner in ours else key] = value
+    return out
 
 
 def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool, quantize_base: str | None = None) -> list[str]:

@@ -29,6 +29,7 @@ from lightning_lora.errors import (
 )
 from lightning_lora.hub import meta_model
 from lightning_lora.layers import LoRALinear
+from lightning_lora.layers.parameter import parameter_path
 from lightning_lora.matching import (
     modules_to_save_matches,
     name_matches,
@@ -139,8 +140,10 @@ def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: l
             if set(modules_to_save_matches(tree, modules_to_save, rule="peft")) != set(ours):
                 raise AdapterFormatError(f"Cannot describe modules_to_save={config.modules_to_save!r} "
                                          f"(modules {ours}) in PEFT's format.")
-    targets, exclude = _choose_targets(config, layers, tree, modules_to_save)
-    rank_pattern, alpha_pattern = _choose_patterns(config, layers)
+    params = {parameter_path(n): i for n, i in layers.items() if i.layer_cls.peft_layer_type == "param"}
+    layers = {n: i for n, i in layers.items() if i.layer_cls.peft_layer_type != "param"}
+    targets, exclude = _choose_targets(config, layers, tree, modules_to_save) if layers or not params else ([], None)
+    rank_pattern, alpha_pattern = _choose_patterns(config, {**layers, **params})  # PEFT: a parameter's own path
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -164,7 +167,17 @@ def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: l
         "layers_to_transform": None,
         "layers_pattern": None,
         "layer_replication": None,
+        **({"target_parameters": _choose_parameters(config, list(params))} if params else {}),
     }
+
+
+def _choose_parameters(config: LoRAConfig, adapted: list[str]) -> list[str]:
+    """`target_parameters` for the JSON: the config's own entries when PEFT's rule (the same as ours) selects
+    every adapted parameter with them, else the adapted parameters' paths."""
+    own = list(config.target_parameters or [])
+    if own and all(peft_selects(p, own, None, None) for p in adapted):
+        return own
+    return adapted
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -329,6 +342,10 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
                     list(network.lora_state.modules_to_save))
         warnings.warn(f"The checkpoint's adapters do not fit the architecture of {base!r} (or it is not available "
                       "offline); converting from the adapter keys alone.", stacklevel=3)
+    if ckpt.config.target_parameters:
+        raise AdapterFormatError("The checkpoint's target_parameters adapters can only be converted with the base "
+                                 "model's architecture (PEFT nests them per module); pass base_model_name_or_path "
+                                 "(--base-model) naming a local model directory.")
     layers = {}
     for name in adapted:
         parts = name.lower().split(".")

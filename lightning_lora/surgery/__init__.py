@@ -87,7 +87,12 @@ from lightning_lora.surgery.statistics import (
     parameter_summary,
     weight_norms,
 )
-from lightning_lora.surgery.targets import compute_trainable_keys, find_target_modules, networks_to_skip
+from lightning_lora.surgery.targets import (
+    compute_trainable_keys,
+    find_target_modules,
+    find_target_parameters,
+    networks_to_skip,
+)
 from lightning_lora.surgery.transformers_lookup import (
     HEAD_NAMES,
     TASK_HEADS,
@@ -122,6 +127,7 @@ __all__ = [
     "find_network",
     "find_optimizers",
     "find_target_modules",
+    "find_target_parameters",
     "floating_dtype",
     "forget_dora_norms",
     "forget_merged",

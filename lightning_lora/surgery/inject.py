@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import adapter_class_for
+from lightning_lora.layers import LoRAParameter, LoRAParameterHost, adapter_class_for
+from lightning_lora.layers.parameter import adapter_path
 from lightning_lora.matching import is_inside
 from lightning_lora.quantization import (
     guard_quantized_storage,
@@ -37,6 +38,7 @@ from lightning_lora.surgery.targets import (
     _modules_to_save,
     compute_trainable_keys,
     find_target_modules,
+    find_target_parameters,
 )
 from lightning_lora.surgery.transformers_lookup import output_head_names, vocab_rows
 from lightning_lora.variants import selected_variants, unsupported_targets, variant_fields
@@ -76,6 +78,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
                         "build one with LoRAConfig(r=..., target_modules=[...]).")
     skip = list(skip)
     names = find_target_modules(model, config, prefix, skip)
+    parameters = find_target_parameters(model, config, prefix, skip, names)
     _check_variant_targets(model, names, config)
     saved = _modules_to_save(model, config, prefix, skip)
     state = LoRAState(config, prefix, names, saved, skipped=skip, vocab_rows=vocab_rows(model),
@@ -103,6 +106,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
                         use_rslora=config.use_rslora, adapter_dtype=dtype, **variant_fields(config), **extra)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
+        names.extend(_inject_parameter_adapters(model, parameters, config, prefix))  # state.adapted is `names`
         if "bitsandbytes" in sys.modules:  # casts must not reach the codes of bitsandbytes layers without adapters
             guard_quantized_storage(model, skip)
         state.originals = _original_tensors(model, saved)
@@ -121,6 +125,28 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             model.__dict__[STATE_ATTR] = previous
         raise
     return names
+
+
+def _inject_parameter_adapters(model: nn.Module, parameters: Sequence[tuple[str, str]], config: LoRAConfig,
+                               prefix: str) -> list[str]:
+    """Put a `LoRAParameterHost` with one `LoRAParameter` per targeted parameter in place of each owner module
+    (`target_parameters`); returns the adapter layers' paths. A host lands only once all its adapters exist."""
+    owners: dict[str, list[str]] = {}
+    for owner, pname in parameters:
+        owners.setdefault(owner, []).append(pname)
+    paths = []
+    for owner, pnames in owners.items():
+        host = LoRAParameterHost(model.get_submodule(owner))
+        for pname in pnames:
+            full = _join(prefix, _join(owner, pname))  # rank_pattern / alpha_pattern match the parameter's path
+            layer = LoRAParameter(host, pname, r=config.rank_for(full), alpha=config.alpha_for(full),
+                                  dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
+                                  adapter_dtype=config.torch_adapter_dtype)
+            layer.adapter_compute_dtype = config.adapter_compute_dtype
+            host.add(pname, layer)
+            paths.append(adapter_path(owner, pname))
+        _set_submodule(model, owner, host)
+    return paths
 
 
 def floating_dtype(model: nn.Module) -> torch.dtype | None:
@@ -166,7 +192,7 @@ def unload(model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()
         layer.restore_base_weight()  # PiSSA / OLoRA: the original weight, not the residual
-        _set_submodule(model, name, layer.to_base_module())
+        _set_submodule(model, layer.module_path(name), layer.to_base_module())
     for path, state in states:
         root = model.get_submodule(path) if path else model
         for key, original in state.untied.items():

@@ -83,7 +83,7 @@ def merge_and_unload(model: nn.Module, keep: bool = False, dtype: torch.dtype | 
         layer.merge()
         if record is not None and (kept := layer.merge_record()):
             record.merge_records[name] = {k: t.detach().to("cpu", copy=True) for k, t in kept.items()}
-        _set_submodule(model, name, layer.to_base_module())
+        _set_submodule(model, layer.module_path(name), layer.to_base_module())
     if untied:
         _untie_word_embeddings_flag(model)
     for path, _ in states:

@@ -182,8 +182,7 @@ def delta_ratio(model: nn.Module, norms: dict[str, float] | None = None) -> floa
     """
     ratios = []
     for name, layer in lora_layers(model):
-        a, b = layer.lora_A.weight.float(), layer.lora_B.weight.float()
-        delta = layer.scaling * torch.sqrt(torch.clamp(((b.T @ b) * (a @ a.T)).sum(), min=0.0)).item()
+        delta = layer.delta_norm()
         w = (norms or {}).get(name) or layer.weight_norm()
         ratios.append(delta / w if w > 0 else math.inf)
     return sum(ratios) / len(ratios) if ratios else 0.0

@@ -91,12 +91,71 @@ def find_target_modules(model: nn.Module, config: LoRAConfig, prefix: str = "",
             inner = [n for n, m in named if n.startswith(name + ".") and _linear_like(m)]
             raise unsupported_target_error(name, module, targets, suffix_summary(inner, 6), parent)
         chosen.append(name)
-    if not chosen:
+    if not chosen and not (config.target_parameters and targets == []):  # target_modules=[]: parameters only
         linear = [n for n, m in named if _linear_like(m)]
         raise LoRAError(f"target_modules={targets!r} matched no module; Linear modules in this model end with: "
                         f"{suffix_summary(linear) or '(none)'}. Pass some of these names, a regex matching "
                         "whole module paths, or 'all-linear'.")
     return chosen
+
+
+def find_target_parameters(model: nn.Module, config: LoRAConfig, prefix: str = "", skip: Sequence[str] = (),
+                           modules: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """`(owner path, parameter name)` of every parameter `config.target_parameters` adapts (PEFT's rule: the
+    path `<module>.<name>` equals an entry or ends with `.<entry>`), in `named_modules()` order and, per module,
+    in its registration order (the order PEFT nests them in).
+
+    Args:
+        model, config, prefix, skip: as `find_target_modules`.
+        modules: the modules `target_modules` adapts (a parameter of one of them is refused).
+
+    Raises:
+        LoRAError: nothing matches (the message lists the 3-D parameters), a matched parameter is not 2-D or 3-D,
+            belongs to the top-level module, to a module adapted by `target_modules` or to `modules_to_save`.
+
+    Example:
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(4, 4))
+        >>> find_target_parameters(m, LoRAConfig(target_modules=[], target_parameters=["0.weight"]))
+        [('0', 'weight')]
+    """
+    targets = config.target_parameters
+    if not targets:
+        return []
+    saved = _modules_to_save(model, config, prefix, skip)
+    found: list[tuple[str, str]] = []
+    candidates: list[str] = []
+    for name, module in model.named_modules():
+        if is_inside(name, skip):
+            continue
+        for pname, param in module._parameters.items():
+            if param is None:
+                continue
+            path = _join(name, pname)
+            if param.dim() == 3:
+                candidates.append(path)
+            if not name_matches(_join(prefix, path), targets):
+                continue
+            if param.dim() not in (2, 3):
+                raise LoRAError(f"target_parameters={targets!r} matched {path!r}, which is {param.dim()}-D; "
+                                "target_parameters takes 2-D or 3-D weights (MoE expert stacks, projection weights). "
+                                "Name those instead.")
+            if not name:
+                raise LoRAError(f"target_parameters={targets!r} matched {path!r} of the top-level module, which "
+                                "cannot be replaced in place (PEFT neither); call inject_lora on a module holding it.")
+            if is_inside(name, modules) or any(is_inside(m, [name]) for m in modules):
+                raise LoRAError(f"target_parameters={targets!r} matched {path!r}, but its module {name!r} is also "
+                                "adapted through target_modules; a module cannot take both target_modules and "
+                                "target_parameters adapters. Exclude it from one of them.")
+            if is_inside(name, saved):
+                raise LoRAError(f"target_parameters={targets!r} matched {path!r} inside modules_to_save {saved!r}, "
+                                "which train whole; remove it from one of them.")
+            found.append((name, pname))
+    if not found:
+        raise LoRAError(f"target_parameters={targets!r} matched no parameter; 3-D parameters in this model end "
+                        f"with: {', '.join(dict.fromkeys('.'.join(c.split('.')[-2:]) for c in candidates)) or '(none)'}. Name parameters by a suffix of their path, "
+                        "e.g. 'mlp.experts.gate_up_proj'.")
+    return found
 
 
 def _is_trainable_key(model: nn.Module, key: str, config: LoRAConfig, saved: Sequence[str]) -> bool:
