@@ -171,6 +171,7 @@ ROWS = [
     Row("llama-adapter-dtype-none", "llama", "linear", dict(target_modules=QV, adapter_dtype=None)),
     Row("llama-bias-all", "llama-bias", "linear", dict(target_modules=QV, bias="all")),
     Row("llama-bias-lora-only", "llama-bias", "linear", dict(target_modules=LLAMA_SOME, bias="lora_only")),
+    Row("llama-bias-dora-bf16", "llama-bias", "linear", dict(target_modules=LLAMA_SOME, use_dora=True), dtype=BF16),
     Row("llama-dora", "llama", "linear", dict(target_modules=LLAMA_SOME, use_dora=True)),
     Row("llama-dora-rslora-patterns", "llama", "linear",
         dict(target_modules=LLAMA_SOME, use_dora=True, use_rslora=True, **PATTERNS)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -401,3 +402,18 @@ def test_checkpoint_export_and_load_of_a_dora_run(tmp_path):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
     pm = PeftModel.from_pretrained(make_tiny_llama(), str(tmp_path / "peft")).eval()
     assert (logits(pm) - trained).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_step0_is_bit_exact_with_a_bias_on_a_16_bit_base(dtype, dropout):
+    """`bias + scale * (result - bias)` rounds twice in 16 bits; the output is written so that scale 1 and a zero
+    adapter give the base output bit for bit (also in training with dropout, where the dropped branch is used)."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16, bias=True).to(dtype)
+    nn.init.normal_(base.bias, std=3.0)
+    layer = LoRALinear(copy.deepcopy(base), r=4, alpha=8, dropout=dropout, use_dora=True)
+    x = torch.randn(5, 32, dtype=dtype)
+    for training in (False, True):
+        layer.train(training)
+        assert torch.equal(layer(x), base(x))

@@ -88,7 +88,8 @@ def output(result: torch.Tensor, base_part: torch.Tensor, adapter: torch.Tensor,
         dropped: whether `base_part` and `adapter` saw a dropped-out input.
 
     Autograd keeps one (..., out) tensor in `result`'s dtype (`base_part + adapter`) and `scale`; the
-    formula `result + (scale - 1) * base_part + scale * adapter` would keep two.
+    formula `result + (scale - 1) * base_part + scale * adapter` would keep two. At step 0 (adapter zero,
+    scale one) the output is `result` bit for bit, also with a bias on a bf16 base.
 
     Example:
         >>> r = torch.ones(1, 2); s = torch.tensor([2.0, 1.0])
@@ -96,13 +97,12 @@ def output(result: torch.Tensor, base_part: torch.Tensor, adapter: torch.Tensor,
         [[2.0, 1.0]]
     """
     z = base_part + adapter.to(base_part.dtype)
-    if dropped:
-        out = torch.addcmul(result - base_part, z, scale)
-    elif bias is not None:
-        out = torch.addcmul(bias, z, scale)
-    else:
-        out = z * scale
-    return out.to(result.dtype)
+    if bias is None and not dropped:
+        return (z * scale).to(result.dtype)
+    # `result + (scale * z - base_part)` is `bias + scale * z` (or, with dropout, the base output plus the
+    # rescaled dropped branch), written so that a layer whose adapter is zero and whose magnitude is the norm
+    # (step 0: scale 1) returns `result` bit for bit in every dtype: `scale * z - base_part` is then exactly 0
+    return (result + (z * scale - base_part)).to(result.dtype)
 
 
 @torch.no_grad()
