@@ -20,7 +20,9 @@ from peft_parity import (
     check_lifecycle,
     check_peft_parity,
     check_step0,
+    get_peft_model,
     randomize_ours,
+    randomize_peft,
 )
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -46,6 +48,10 @@ class AttnNet(nn.Module):
         out, weights = self.attn(x, x, x, need_weights=True)
         if not self.attn.batch_first:
             out = out.transpose(0, 1)
+        # contiguous: on a non-contiguous 3-D input torch's matmul folds the batch dimensions only when the weight
+        # requires grad, so the head (frozen by inject_lora, not adapted) would differ from the base's in the last
+        # bit for a reason that has nothing to do with the adapters
+        out = out.contiguous()
         return torch.cat([self.head(out).flatten(1), weights.flatten(1)], dim=1)
 
 
@@ -64,6 +70,59 @@ def run(model: nn.Module) -> torch.Tensor:
 MHA_CASES = [dict(), dict(batch_first=False), dict(bias=False), dict(add_bias_kv=True)]
 
 
+def _peft_doubles_out_proj_delta() -> bool:
+    """Whether PEFT's `lora.MultiheadAttention.merge` adds the out_proj delta twice (PEFT 0.21: it writes
+    `W + dW` into out_proj's base weight, then calls `out_proj.merge()`, which adds `dW` again; its forward
+    merges, so PEFT computes `W + 2 dW`; huggingface/peft#3774)."""
+    torch.manual_seed(0)
+    pm = get_peft_model(nn.Sequential(nn.MultiheadAttention(4, 1)), LoraConfig(r=1, target_modules=["0"]))
+    randomize_peft(pm)
+    out = pm.base_model.model[0].base_layer.out_proj
+    before = out.get_base_layer().weight.detach().clone()
+    delta = out.get_delta_weight("default").detach()
+    pm.base_model.model[0].merge()
+    return torch.allclose(out.get_base_layer().weight.detach(), before + 2 * delta, atol=1e-6)
+
+
+@pytest.fixture
+def peft_mha_fixed(monkeypatch):
+    """PEFT's `lora.MultiheadAttention` as PEFT means it (`W + dW` on out_proj, the fix of huggingface/peft#3774),
+    while PEFT adds the out_proj delta twice: merge takes one `dW` back out of the value (autograd still reaches
+    out_proj's A and B through PEFT's own `W + dW`), unmerge puts it back (in a new tensor) before PEFT subtracts
+    twice. Without the bug (a fixed PEFT) nothing is changed."""
+    if not _peft_doubles_out_proj_delta():
+        return
+    from peft.tuners.lora.layer import MultiheadAttention as PeftMHA
+
+    merge, unmerge = PeftMHA.merge, PeftMHA.unmerge
+
+    def out_proj_delta(layer, name):
+        out = layer.get_base_layer().out_proj
+        return out.get_delta_weight(name).detach().to(out.get_base_layer().weight.dtype)
+
+    def fixed_merge(self, *args, **kwargs):
+        before = len(self.merged_adapters)
+        merge(self, *args, **kwargs)
+        for name in self.merged_adapters[before:]:
+            self.get_base_layer().out_proj.get_base_layer().weight.data -= out_proj_delta(self, name)
+
+    def fixed_unmerge(self):
+        for name in self.merged_adapters:  # a new tensor: the merged one may be saved for backward
+            base = self.get_base_layer().out_proj.get_base_layer()
+            weight = base.weight.data + out_proj_delta(self, name)
+            del base.weight
+            base.weight = weight
+        unmerge(self)
+
+    monkeypatch.setattr(PeftMHA, "merge", fixed_merge)
+    monkeypatch.setattr(PeftMHA, "unmerge", fixed_unmerge)
+
+
+def test_peft_out_proj_double_delta_is_known():
+    """Documents why `peft_mha_fixed` exists; when PEFT is fixed this fails: drop the fixture then."""
+    assert _peft_doubles_out_proj_delta()
+
+
 @pytest.mark.parametrize("mha", MHA_CASES)
 def test_mha_step0_shapes_and_lifecycle(mha):
     config = LoRAConfig(r=4, alpha=8, target_modules=["attn"])
@@ -74,7 +133,7 @@ def test_mha_step0_shapes_and_lifecycle(mha):
 
 @pytest.mark.parametrize("mha", MHA_CASES[:3])
 @pytest.mark.parametrize("options", [dict(), dict(use_rslora=True)])
-def test_mha_matches_peft_both_ways(tmp_path, mha, options):
+def test_mha_matches_peft_both_ways(tmp_path, mha, options, peft_mha_fixed):
     check_peft_parity(tmp_path, lambda: attn_net(**mha), run,
                       LoraConfig(r=4, lora_alpha=8, target_modules=["attn"], **options),
                       LoRAConfig(r=4, alpha=8, target_modules=["attn"], **options))
@@ -128,7 +187,7 @@ def transformer_encoder(seed: int = 0) -> nn.Module:
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
 
-def test_transformer_encoder_matches_peft(tmp_path):
+def test_transformer_encoder_matches_peft(tmp_path, peft_mha_fixed):
     """nn.TransformerEncoder (train mode: PEFT's adapters are bypassed by the fused eval fast path)."""
     factory = lambda: transformer_encoder().train()  # noqa: E731
     targets = ["self_attn", "linear1", "linear2"]

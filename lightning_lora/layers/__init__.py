@@ -7,8 +7,9 @@ model's plus `<module>.lora_A.weight` and `<module>.lora_B.weight` (PEFT's names
     h = base(x) + scaling * B(A(dropout(x)))
 
 The package: `base` (`LoRALayer`, `AdapterPath`, the dtype policy and the choice of the fused path),
-`linear` (`LoRALinear`, `LoRAConv1D`), `embedding` (`LoRAEmbedding`), `registry` (which module type
-takes which adapter class). Variants (DoRA, PiSSA/OLoRA) live in `lightning_lora.variants`; quantized
+`linear` (`LoRALinear`, `LoRAConv1D`), `embedding` (`LoRAEmbedding`), `attention`
+(`LoRAMultiheadAttention`; the hook that keeps fused encoder kernels from bypassing adapters), `registry`
+(which module type takes which adapter class). Variants (DoRA, PiSSA/OLoRA) live in `lightning_lora.variants`; quantized
 bases in `lightning_lora.quantization`, which registers its layer types itself.
 
 Example:
@@ -24,6 +25,7 @@ Example:
     ['bias', 'lora_A.weight', 'lora_B.weight', 'weight']
 """
 
+from lightning_lora.layers.attention import FUSED_KERNEL_PARENTS, LoRAMultiheadAttention, keep_adapters_running
 from lightning_lora.layers.base import FUSED_PATHS, AdapterPath, LoRALayer
 from lightning_lora.layers.embedding import LoRAEmbedding
 from lightning_lora.layers.linear import HFConv1D, LoRAConv1D, LoRALinear
@@ -40,6 +42,7 @@ from lightning_lora.layers.registry import (
 
 __all__ = [
     "ADAPTER_TYPES",
+    "FUSED_KERNEL_PARENTS",
     "FUSED_PATHS",
     "WEIGHT_READING_PARENTS",
     "AdapterPath",
@@ -48,7 +51,9 @@ __all__ = [
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "adapter_class_for",
+    "keep_adapters_running",
     "refusal_reason",
     "register_adapter_type",
     "register_adapter_types_lazily",

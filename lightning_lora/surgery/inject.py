@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import adapter_class_for
+from lightning_lora.layers import adapter_class_for, keep_adapters_running
 from lightning_lora.matching import is_inside
 from lightning_lora.quantization import (
     guard_quantized_storage,
@@ -102,6 +102,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
                         use_rslora=config.use_rslora, adapter_dtype=dtype, **variant_fields(config), **extra)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
+            parts = name.split(".")  # a fused kernel of an ancestor must not read the adapted weights directly
+            keep_adapters_running(layer, [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))])
         if "bitsandbytes" in sys.modules:  # casts must not reach the codes of bitsandbytes layers without adapters
             guard_quantized_storage(model, skip)
         state.originals = _original_tensors(model, saved)
