@@ -114,6 +114,20 @@ def _emb() -> nn.Module:
     return nn.Sequential(OrderedDict(emb=nn.Embedding(50, 16, padding_idx=0), fc=nn.Linear(16, 16)))
 
 
+class _Attention(nn.Module):
+    """Self-attention (`nn.MultiheadAttention`, batch_first) and a Linear head; a (4, 16) input is 2 sequences of 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(2, 2, 16)
+        out, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(out.contiguous()).view(4, 16)
+
+
 BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("llama", _llama, vocab=128, peft_task_type="CAUSAL_LM"),
     Builder("llama-bias", lambda: _llama(attention_bias=True, mlp_bias=True), vocab=128, peft_task_type="CAUSAL_LM"),
@@ -124,4 +138,5 @@ BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("mlp", _mlp, features=16),
     Builder("mlp64", lambda: _mlp(64), features=64),
     Builder("emb", _emb, vocab=50),
+    Builder("attn", _Attention, features=16),
 ]}

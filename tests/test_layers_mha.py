@@ -20,9 +20,9 @@ from peft_parity import (
     check_lifecycle,
     check_peft_parity,
     check_step0,
-    get_peft_model,
+    peft_doubles_out_proj_delta,
+    peft_mha_out_proj_fixed,
     randomize_ours,
-    randomize_peft,
 )
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -70,57 +70,17 @@ def run(model: nn.Module) -> torch.Tensor:
 MHA_CASES = [dict(), dict(batch_first=False), dict(bias=False), dict(add_bias_kv=True)]
 
 
-def _peft_doubles_out_proj_delta() -> bool:
-    """Whether PEFT's `lora.MultiheadAttention.merge` adds the out_proj delta twice (PEFT 0.21: it writes
-    `W + dW` into out_proj's base weight, then calls `out_proj.merge()`, which adds `dW` again; its forward
-    merges, so PEFT computes `W + 2 dW`; huggingface/peft#3774)."""
-    torch.manual_seed(0)
-    pm = get_peft_model(nn.Sequential(nn.MultiheadAttention(4, 1)), LoraConfig(r=1, target_modules=["0"]))
-    randomize_peft(pm)
-    out = pm.base_model.model[0].base_layer.out_proj
-    before = out.get_base_layer().weight.detach().clone()
-    delta = out.get_delta_weight("default").detach()
-    pm.base_model.model[0].merge()
-    return torch.allclose(out.get_base_layer().weight.detach(), before + 2 * delta, atol=1e-6)
-
-
 @pytest.fixture
-def peft_mha_fixed(monkeypatch):
-    """PEFT's `lora.MultiheadAttention` as PEFT means it (`W + dW` on out_proj, the fix of huggingface/peft#3774),
-    while PEFT adds the out_proj delta twice: merge takes one `dW` back out of the value (autograd still reaches
-    out_proj's A and B through PEFT's own `W + dW`), unmerge puts it back (in a new tensor) before PEFT subtracts
-    twice. Without the bug (a fixed PEFT) nothing is changed."""
-    if not _peft_doubles_out_proj_delta():
-        return
-    from peft.tuners.lora.layer import MultiheadAttention as PeftMHA
-
-    merge, unmerge = PeftMHA.merge, PeftMHA.unmerge
-
-    def out_proj_delta(layer, name):
-        out = layer.get_base_layer().out_proj
-        return out.get_delta_weight(name).detach().to(out.get_base_layer().weight.dtype)
-
-    def fixed_merge(self, *args, **kwargs):
-        before = len(self.merged_adapters)
-        merge(self, *args, **kwargs)
-        for name in self.merged_adapters[before:]:
-            self.get_base_layer().out_proj.get_base_layer().weight.data -= out_proj_delta(self, name)
-
-    def fixed_unmerge(self):
-        for name in self.merged_adapters:  # a new tensor: the merged one may be saved for backward
-            base = self.get_base_layer().out_proj.get_base_layer()
-            weight = base.weight.data + out_proj_delta(self, name)
-            del base.weight
-            base.weight = weight
-        unmerge(self)
-
-    monkeypatch.setattr(PeftMHA, "merge", fixed_merge)
-    monkeypatch.setattr(PeftMHA, "unmerge", fixed_unmerge)
+def peft_mha_fixed():
+    """PEFT's `lora.MultiheadAttention` computing `W + dW` on out_proj, as PEFT means it (see
+    `peft_parity.peft_mha_out_proj_fixed`)."""
+    with peft_mha_out_proj_fixed():
+        yield
 
 
 def test_peft_out_proj_double_delta_is_known():
     """Documents why `peft_mha_fixed` exists; when PEFT is fixed this fails: drop the fixture then."""
-    assert _peft_doubles_out_proj_delta()
+    assert peft_doubles_out_proj_delta()
 
 
 @pytest.mark.parametrize("mha", MHA_CASES)

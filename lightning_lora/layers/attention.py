@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_lora.errors import LoRAError
+from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.layers.base import LoRALayer
 from lightning_lora.layers.linear import LoRALinear
 
@@ -108,7 +108,7 @@ class LoRAMultiheadAttention(LoRALayer):
         if refusal is not None:
             raise LoRAError(f"{base} cannot take a LoRA adapter: {refusal}.")
         if kwargs.get("dropout"):
-            raise LoRAError(f"dropout={kwargs['dropout']} has no effect on a MultiheadAttention adapter (the "
+            raise LoRAConfigError(f"dropout={kwargs['dropout']} has no effect on a MultiheadAttention adapter (the "
                             "in-projection's delta is added to the weight, so no adapter input exists to drop; PEFT "
                             "ignores it); set dropout=0, or exclude the attention modules (exclude_modules).")
         super().__init__(base, *type(self).features(base), r, alpha, **kwargs)

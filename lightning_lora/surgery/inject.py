@@ -146,7 +146,7 @@ def _check_variant_targets(model: nn.Module, names: Sequence[str], config: LoRAC
     found = unsupported_targets({n: adapter_class_for(model.get_submodule(n)) for n in names}, **variant_fields(config))
     if found:
         variant, refused = found
-        raise variant.targets_error(refused)
+        raise variant.targets_error(refused, [model.get_submodule(n) for n in refused])
 
 
 def unload(model: nn.Module) -> nn.Module:
