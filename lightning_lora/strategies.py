@@ -46,6 +46,7 @@ from lightning_lora.fsdp import (
     load_sharded_adapters,
     refuse_dora,
     refuse_presharded,
+    refuse_unshardable_layers,
     restore_frozen_views,
     shard_lora_model,
     write_adapter,
@@ -237,6 +238,7 @@ def prepare_fsdp1(strategy: Any, pl_module: nn.Module) -> None:
     """
     refuse_presharded(pl_module)
     refuse_dora(pl_module)
+    refuse_unshardable_layers(pl_module)
     if is_sharded(pl_module):
         raise LoRAError("The module was wrapped with FSDP in configure_model; with FSDPStrategy let the strategy "
                         "wrap it (the LoRA callback gives it an auto-wrap policy with adapter units), or use "

@@ -212,3 +212,66 @@ def test_transformer_encoder_trains_through_the_callback(tmp_path):
         adapted = module(x)
         merged = merge_and_unload(module)
         torch.testing.assert_close(merged(x), adapted, atol=ATOL, rtol=0)
+
+
+def test_mha_adapters_are_refused_under_fsdp():
+    """FSDP (ModelParallelStrategy's FSDP2 plan, FSDPStrategy's FSDP1) is refused at setup, before any process
+    group is needed: the attention reads its weights and adapters directly, outside FSDP's gathering hooks."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_lora.fsdp import shard_lora_model
+    from lightning_lora.strategies import prepare_fsdp1
+
+    message = (r"MultiheadAttention adapters are not supported under FSDP \(ModelParallelStrategy / FSDPStrategy\) "
+               r"yet: attn: .*Train on one device or with DDP")
+    with pytest.raises(LoRAError, match=message):
+        shard_lora_model(attn_net(), config=LoRAConfig(r=4, target_modules=["attn"]))
+    model = attn_net()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["attn"]))
+    with pytest.raises(LoRAError, match=message):
+        prepare_fsdp1(FSDPStrategy(), model)
+
+
+def test_parameter_table_counts_both_projections():
+    """The parameter table (`parameter_summary`, the estimate's per-module rows) counts the in-projection's
+    adapter (r * (E + 3E)) and out_proj's (r * 2E): 6 r E in all."""
+    from lightning_lora import count_parameters, parameter_summary
+
+    model = encoder_layer()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["self_attn"]))
+    rows = {row.name: row for row in parameter_summary(model).rows}
+    assert (rows["self_attn"].shape, rows["self_attn"].full, rows["self_attn"].lora) == ((3 * E, E), 3 * E * E,
+                                                                                       4 * (E + 3 * E))
+    assert (rows["out_proj"].shape, rows["out_proj"].full, rows["out_proj"].lora) == ((E, E), E * E, 4 * 2 * E)
+    assert count_parameters(model)[0] == 6 * 4 * E
+    assert "self_attn" in str(parameter_summary(model))
+
+
+def test_mha_dropout_is_a_clear_error():
+    with pytest.raises(LoRAError, match=r"dropout=0.1 has no effect on a MultiheadAttention adapter.*exclude"):
+        inject_lora(attn_net(), LoRAConfig(r=4, target_modules=["attn"], dropout=0.1))
+    model = encoder_layer()  # all-linear with dropout: the attention module is named as the way out
+    with pytest.raises(LoRAError, match="dropout"):
+        inject_lora(model, LoRAConfig(r=4, target_modules="all-linear", dropout=0.1))
+    assert inject_lora(model, LoRAConfig(r=4, target_modules="all-linear", dropout=0.1,
+                                         exclude_modules=["self_attn"])) == ["linear1", "linear2"]
+
+
+def test_first_step_probe_counts_the_attention_as_run():
+    """The callback's first-step check (`AdapterProbe`) watches the attention module, not its out_proj child
+    (which never runs on its own: the attention reads its weight)."""
+    from lightning_lora.surgery import AdapterProbe
+
+    model = attn_net()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["attn"]))
+    probe = AdapterProbe(model)
+    model(X)
+    assert probe.close() == []
+
+
+def test_peft_key_translation_both_ways():
+    from lightning_lora.peft_format.keys import from_peft_key
+
+    assert from_peft_key("base_model.model.attn.base_layer.out_proj.lora_A.weight") == "attn.out_proj.lora_A.weight"
+    assert from_peft_key("base_model.model.attn.base_layer.out_proj.base_layer.bias") == "attn.out_proj.bias"
+    assert from_peft_key("base_model.model.attn.lora_B.default.weight") == "attn.lora_B.weight"

@@ -68,6 +68,7 @@ from lightning_lora.fsdp.plan import (
     injecting_with,
     refuse_dora,
     refuse_presharded,
+    refuse_unshardable_layers,
     shard_lora_model,
 )
 from lightning_lora.fsdp.statistics import sharded_delta_ratio, sharded_grad_norm, sharded_weight_norms
@@ -75,5 +76,5 @@ from lightning_lora.fsdp.statistics import sharded_delta_ratio, sharded_grad_nor
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "adapter_state_dict", "broadcast_adapters", "clean_name",
            "consolidate_checkpoint", "decoder_layers", "fsdp1_adapter_state_dict", "fsdp1_auto_wrap_policy",
            "gather_adapters", "injecting_with", "is_sharded", "load_sharded_adapters", "mixed_dtype_all_gather",
-           "refuse_dora", "refuse_presharded", "restore_frozen_views", "shard_lora_model", "sharded_delta_ratio",
-           "sharded_grad_norm", "sharded_weight_norms", "write_adapter", "write_merged"]
+           "refuse_dora", "refuse_presharded", "refuse_unshardable_layers", "restore_frozen_views", "shard_lora_model",
+           "sharded_delta_ratio", "sharded_grad_norm", "sharded_weight_norms", "write_adapter", "write_merged"]

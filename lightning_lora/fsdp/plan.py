@@ -330,6 +330,7 @@ def shard_lora_model(module: nn.Module, mesh: Any = None, options: FSDPOptions |
             raise LoRAError("shard_lora_model: the module has no LoRA adapters and its Trainer has no LoRA callback; "
                             "add LoRA(...) to the Trainer's callbacks, or pass config=LoRAConfig(...).")
     refuse_dora(module)
+    refuse_unshardable_layers(module)
     meta = [n for n, p in module.named_parameters() if p.is_meta]
     if meta:
         raise LoRAError(f"shard_lora_model: {len(meta)} parameters are on the meta device ({meta[0]}, ...); build the "
@@ -438,5 +439,22 @@ def refuse_dora(module: nn.Module) -> None:
                         "on one device or with DDP, or drop use_dora for the sharded run.")
 
 
+def refuse_unshardable_layers(module: nn.Module) -> None:
+    """Refuse adapter layers whose type FSDP cannot shard yet (`LoRALayer.fsdp_refusal`: `nn.MultiheadAttention`).
+
+    Raises:
+        LoRAError: naming the first such layer, why, and the ways out.
+
+    Example:
+        >>> refuse_unshardable_layers(nn.Linear(2, 2))     # no adapter layer: nothing to refuse
+    """
+    found = next(((name, layer) for name, layer in lora_layers(module) if layer.fsdp_refusal), None)
+    if found is not None:
+        name, layer = found
+        raise LoRAError(f"{layer.base_cls.__name__} adapters are not supported under FSDP (ModelParallelStrategy / "
+                        f"FSDPStrategy) yet: {name}: {layer.fsdp_refusal}. Train on one device or with DDP, or "
+                        "leave it out of target_modules (exclude_modules) for the sharded run.")
+
+
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "broadcast_adapters", "decoder_layers", "injecting_with",
-           "refuse_dora", "refuse_presharded", "shard_lora_model"]
+           "refuse_dora", "refuse_presharded", "refuse_unshardable_layers", "shard_lora_model"]

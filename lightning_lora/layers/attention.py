@@ -100,6 +100,9 @@ class LoRAMultiheadAttention(LoRALayer):
     _base_attrs = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first",
                    "head_dim", "add_zero_attn", "bias_k", "bias_v")
     peft_layer_type: ClassVar[str] = "mha"
+    fsdp_refusal: ClassVar[str | None] = (
+        "its forward reads in_proj_weight, out_proj.weight and both adapters' weights directly to build the "
+        "effective weights, without calling the submodules whose hooks FSDP gathers them in")
     #: `nn.MultiheadAttention.forward` asks its `self` for this method (the fused inference kernel's mask)
     merge_masks = nn.MultiheadAttention.merge_masks
 

@@ -129,6 +129,8 @@ class LoRALayer(nn.Module):
     #: layers whose stored weight's dtype is not the dtype they compute in (quantized bases) need it
     #: for `adapter_dtype=None`
     takes_model_dtype = False
+    #: why FSDP cannot shard this layer type yet (`lightning_lora.fsdp` refuses it at setup), or None when it can
+    fsdp_refusal: ClassVar[str | None] = None
 
     def __init__(
         self,
