@@ -275,3 +275,24 @@ def test_peft_key_translation_both_ways():
     assert from_peft_key("base_model.model.attn.base_layer.out_proj.lora_A.weight") == "attn.out_proj.lora_A.weight"
     assert from_peft_key("base_model.model.attn.base_layer.out_proj.base_layer.bias") == "attn.out_proj.bias"
     assert from_peft_key("base_model.model.attn.lora_B.default.weight") == "attn.lora_B.weight"
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("targets", [["self_attn"], "all-linear"])
+def test_eval_with_padding_mask_runs_the_adapters_on_nested_tensors(targets):
+    """nn.TransformerEncoder (enable_nested_tensor, the default) turns a padded batch into a nested tensor in eval
+    mode without gradients; the adapters run on it and compute what they compute in train mode."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    inject_lora(model, LoRAConfig(r=4, target_modules=targets))
+    randomize_ours(model)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    model.train()
+    with torch.no_grad():
+        adapted = model(X, src_key_padding_mask=mask)
+    model.eval()
+    with torch.no_grad():
+        out = model(X, src_key_padding_mask=mask)
+    torch.testing.assert_close(out[0], adapted[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[1, :3], adapted[1, :3], atol=ATOL, rtol=0)

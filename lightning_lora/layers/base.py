@@ -386,7 +386,7 @@ class LoRALayer(nn.Module):
         """
         if self._forward_variant is not None:
             return AdapterPath.DORA
-        if not self._fusable or not x.is_floating_point():
+        if not self._fusable or not x.is_floating_point() or x.is_nested:  # nested: nn.TransformerEncoder's padding
             return AdapterPath.MODULES
         drop = self.lora_dropout
         if (not isinstance(self.lora_A, nn.Linear) or not isinstance(self.lora_B, nn.Linear)  # FSDP1 units
