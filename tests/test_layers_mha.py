@@ -92,7 +92,7 @@ def test_mha_step0_shapes_and_lifecycle(mha):
 
 
 @pytest.mark.parametrize("mha", MHA_CASES[:3])
-@pytest.mark.parametrize("options", [dict(), dict(use_rslora=True)])
+@pytest.mark.parametrize("options", [dict(), dict(use_rslora=True), dict(bias="all")])
 def test_mha_matches_peft_both_ways(tmp_path, mha, options, peft_mha_fixed):
     check_peft_parity(tmp_path, lambda: attn_net(**mha), run,
                       LoraConfig(r=4, lora_alpha=8, target_modules=["attn"], **options),

@@ -112,8 +112,9 @@ class LoRAMultiheadAttention(LoRALayer):
             raise LoRAError(f"{base} cannot take a LoRA adapter: {refusal}.")
         if kwargs.get("dropout"):
             raise LoRAConfigError(f"dropout={kwargs['dropout']} has no effect on a MultiheadAttention adapter (the "
-                            "in-projection's delta is added to the weight, so no adapter input exists to drop; PEFT "
-                            "ignores it); set dropout=0, or exclude the attention modules (exclude_modules).")
+                                  "in-projection's delta is added to the weight, so no adapter input exists to drop; "
+                                  "PEFT ignores it); set dropout=0, or exclude the attention modules "
+                                  "(exclude_modules).")
         super().__init__(base, *type(self).features(base), r, alpha, **kwargs)
         self.out_proj = LoRALinear(base.out_proj, r, alpha, **kwargs)
         #: whether `in_proj_weight` required grad before injection (what torch's kernel choice saw; see `forward`)
