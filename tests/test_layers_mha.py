@@ -296,3 +296,12 @@ def test_eval_with_padding_mask_runs_the_adapters_on_nested_tensors(targets):
         out = model(X, src_key_padding_mask=mask)
     torch.testing.assert_close(out[0], adapted[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(out[1, :3], adapted[1, :3], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mha", MHA_CASES)
+def test_mha_step0_bit_exact_in_inference_mode(mha):
+    """`torch.inference_mode` (Lightning's validation and prediction) gives the base's bits too."""
+    base, model = attn_net(**mha), attn_net(**mha)
+    inject_lora(model, LoRAConfig(r=4, target_modules=["attn"]))
+    with torch.inference_mode():
+        assert torch.equal(model(X), base(X))

@@ -176,15 +176,24 @@ class LoRAMultiheadAttention(LoRALayer):
         torch picks its kernels by whether the in-projection weight requires grad (even without autograd: whether
         the fused inference kernel runs, whether a matmul folds its batch dimensions), so the last bits of the
         result depend on that flag. The attention gets a weight that requires grad when the base's did before
-        injection (`base_requires_grad`), so an injected model, or one with its adapters disabled, computes
-        exactly what the base model computed.
+        injection (`base_requires_grad`; under `torch.inference_mode` a normal tensor, whose views keep the flag),
+        so an injected model, or one with its adapters disabled, computes exactly what the base model computed.
         """
-        in_w = self._effective(self.in_proj_weight, self)
-        if self.base_requires_grad and not in_w.requires_grad:
-            in_w = in_w.detach().requires_grad_()
+        if torch.is_inference_mode_enabled():  # an inference tensor's views never require grad: a normal tensor
+            with torch.inference_mode(False), torch.no_grad():
+                in_w = self._in_proj_for_kernels()
+        else:
+            in_w = self._in_proj_for_kernels()
         out_w = self._effective(self.out_proj.weight, self.out_proj)
         return nn.MultiheadAttention.forward(_EffectiveAttention(self, in_w, out_w), query,  # type: ignore[arg-type]
                                              *args, **kwargs)
+
+    def _in_proj_for_kernels(self) -> torch.Tensor:
+        """The effective in-projection weight, requiring grad when the base's did before injection (see `forward`)."""
+        in_w = self._effective(self.in_proj_weight, self)
+        if self.base_requires_grad and not in_w.requires_grad:
+            in_w = in_w.detach().requires_grad_()
+        return in_w
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
