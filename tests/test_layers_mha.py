@@ -27,7 +27,7 @@ from peft_parity import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lora import LoRA, LoRAConfig, LoRAError, inject_lora, merge_and_unload
+from lightning_lora import LoRA, LoRAConfig, LoRAError, inject_lora, lora_state_dict, merge_and_unload
 
 E = 16
 
@@ -305,3 +305,21 @@ def test_mha_step0_bit_exact_in_inference_mode(mha):
     inject_lora(model, LoRAConfig(r=4, target_modules=["attn"]))
     with torch.inference_mode():
         assert torch.equal(model(X), base(X))
+
+
+def test_checkpoint_to_peft_from_keys_alone_refuses_the_nested_out_proj(tmp_path):
+    """Without the base architecture an adapter-only checkpoint's keys cannot tell an attention's out_proj (PEFT:
+    inside its parent's base_layer) from a Linear: the conversion asks for the base model instead of guessing."""
+    from lightning_lora import AdapterFormatError
+    from lightning_lora.peft_format import checkpoint_to_peft
+
+    module = nn.Module()
+    module.model = attn_net()
+    config = LoRAConfig(r=4, target_modules=["attn"])
+    inject_lora(module, config)
+    torch.save({"epoch": 1, "global_step": 3, "state_dict": lora_state_dict(module),
+                "lightning_lora": {"version": 1, "config": config.to_dict(), "model_prefix": "model",
+                                   "base_model_name_or_path": None, "task_type": None}}, tmp_path / "a.ckpt")
+    with pytest.raises(AdapterFormatError, match=r"'attn.out_proj' sits inside another adapted module.*--base-model"):
+        checkpoint_to_peft(tmp_path / "a.ckpt", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

@@ -330,6 +330,12 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
         warnings.warn(f"The checkpoint's adapters do not fit the architecture of {base!r} (or it is not available "
                       "offline); converting from the adapter keys alone.", stacklevel=3)
     layers = {}
+    nested = [n for n in adapted if any(n.startswith(outer + ".") for outer in adapted)]
+    if nested:  # e.g. an nn.MultiheadAttention's out_proj: PEFT keeps it inside its parent's base_layer
+        raise AdapterFormatError(
+            f"The adapted module {nested[0]!r} sits inside another adapted module (an nn.MultiheadAttention's "
+            "out_proj?), which PEFT stores differently; converting it needs the base model's architecture: pass "
+            "base_model_name_or_path (--base-model) naming a local model directory.")
     for name in adapted:
         parts = name.lower().split(".")
         if any(h in p for p in parts for h in _EMBEDDING_HINTS):
