@@ -141,6 +141,20 @@ def _gpt_oss() -> nn.Module:
         layer_types=["full_attention"] * 2, max_position_embeddings=32, pad_token_id=0))
 
 
+class _Attention(nn.Module):
+    """Self-attention (`nn.MultiheadAttention`, batch_first) and a Linear head; a (4, 16) input is 2 sequences of 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(2, 2, 16)
+        out, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(out.contiguous()).view(4, 16)
+
+
 BUILDERS: dict[str, Builder] = {b.name: b for b in [
     Builder("llama", _llama, vocab=128, peft_task_type="CAUSAL_LM"),
     Builder("llama-bias", lambda: _llama(attention_bias=True, mlp_bias=True), vocab=128, peft_task_type="CAUSAL_LM"),
@@ -158,4 +172,6 @@ BUILDERS: dict[str, Builder] = {b.name: b for b in [
     # --- MoE models with fused expert parameters (issue 22: target_parameters)
     Builder("qwen3-moe", _qwen3_moe, vocab=64, peft_task_type="CAUSAL_LM"),
     Builder("gpt-oss", _gpt_oss, vocab=64, peft_task_type="CAUSAL_LM"),
+    # --- nn.MultiheadAttention (issue 22)
+    Builder("attn", _Attention, features=16),
 ]}

@@ -6,9 +6,11 @@ every comparison goes through PEFT's on-disk format, so nothing here depends on 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -179,3 +181,55 @@ def check_peft_parity(tmp_path: Path, factory: Factory, run: Run, peft_config: L
         merged_ours = merge_and_unload(ours).state_dict()
         merged_peft = pm.merge_and_unload().state_dict()
         assert_close_dicts(merged_ours, merged_peft)
+
+
+def peft_doubles_out_proj_delta() -> bool:
+    """Whether PEFT's `lora.MultiheadAttention.merge` adds the out_proj delta twice (PEFT 0.21: it writes
+    `W + dW` into out_proj's base weight, then calls `out_proj.merge()`, which adds `dW` again; its forward
+    merges, so PEFT computes `W + 2 dW`; huggingface/peft#3774)."""
+    torch.manual_seed(0)
+    pm = get_peft_model(nn.Sequential(nn.MultiheadAttention(4, 1)), LoraConfig(r=1, target_modules=["0"]))
+    randomize_peft(pm)
+    out = pm.base_model.model[0].base_layer.out_proj
+    before = out.get_base_layer().weight.detach().clone()
+    delta = out.get_delta_weight("default").detach()
+    pm.base_model.model[0].merge()
+    return torch.allclose(out.get_base_layer().weight.detach(), before + 2 * delta, atol=1e-6)
+
+
+@contextlib.contextmanager
+def peft_mha_out_proj_fixed() -> Iterator[None]:
+    """Inside the block PEFT's `lora.MultiheadAttention` computes `W + dW` on out_proj, as PEFT means it (the fix of
+    huggingface/peft#3774), where PEFT adds the out_proj delta twice: merge takes one `dW` back out of the value
+    (autograd still reaches out_proj's A and B through PEFT's own `W + dW`), unmerge puts it back (in a new tensor:
+    the merged one may be saved for backward) before PEFT subtracts twice. A fixed PEFT is left alone."""
+    if not peft_doubles_out_proj_delta():
+        yield
+        return
+    from peft.tuners.lora.layer import MultiheadAttention as PeftMHA
+
+    merge, unmerge = PeftMHA.merge, PeftMHA.unmerge
+
+    def out_proj_delta(layer: nn.Module, name: str) -> torch.Tensor:
+        out = layer.get_base_layer().out_proj
+        return out.get_delta_weight(name).detach().to(out.get_base_layer().weight.dtype)
+
+    def fixed_merge(self, *args, **kwargs):
+        before = len(self.merged_adapters)
+        merge(self, *args, **kwargs)
+        for name in self.merged_adapters[before:]:
+            self.get_base_layer().out_proj.get_base_layer().weight.data -= out_proj_delta(self, name)
+
+    def fixed_unmerge(self):
+        for name in self.merged_adapters:
+            base = self.get_base_layer().out_proj.get_base_layer()
+            weight = base.weight.data + out_proj_delta(self, name)
+            del base.weight
+            base.weight = weight
+        unmerge(self)
+
+    PeftMHA.merge, PeftMHA.unmerge = fixed_merge, fixed_unmerge
+    try:
+        yield
+    finally:
+        PeftMHA.merge, PeftMHA.unmerge = merge, unmerge

@@ -46,6 +46,7 @@ to the output head changes the head too (`merge_and_unload` unties first).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import warnings
@@ -153,6 +154,8 @@ PEFT_RSLORA_PATTERN_CONVERSION = ("PEFT refuses path_initial_model_for_weight_co
 PEFT_DORA_CONVERSION = ("PEFT's conversion of a PiSSA/OLoRA adapter (path_initial_model_for_weight_conversion) drops "
                         "the DoRA magnitudes but keeps use_dora=True; load_adapter refuses such a file "
                         "(AdapterFormatError)")
+PEFT_MHA_ALL_LINEAR = ("PEFT's all-linear adapts an nn.MultiheadAttention's out_proj alone (an adapter that never "
+                       "runs: the attention reads out_proj.weight), not the attention module, so it adapts other modules")
 
 ROWS = [
     # ---------------------------------------------------------------- Llama: nn.Linear
@@ -268,6 +271,12 @@ ROWS = [
     Row("gptoss-router-down-rslora-gaussian", "gpt-oss", "param+linear",
         dict(target_modules=["q_proj"], target_parameters=["mlp.router.weight", "experts.down_proj"],
              use_rslora=True, init="gaussian")),
+    # --- nn.MultiheadAttention (issue 22): the attention module adapted whole (packed in-projection + out_proj)
+    Row("attn-mha", "attn", "mha", dict(target_modules=["attn"])),
+    Row("attn-mha-rslora-patterns", "attn", "mha+linear",
+        dict(target_modules=["attn", "head"], use_rslora=True, rank_pattern={"attn": 2}, alpha_pattern={"head": 3})),
+    Row("attn-all-linear", "attn", "mha+linear", dict(target_modules="all-linear"), peft_import_skip=PEFT_MHA_ALL_LINEAR),
+    Row("attn-mha-bf16", "attn", "mha", dict(target_modules=["attn"]), dtype=BF16),
 ]
 ROW_BY_ID = {row.id: row for row in ROWS}
 assert len(ROW_BY_ID) == len(ROWS)
@@ -462,6 +471,8 @@ def check_state_dict(row: Row) -> None:
     assert all(tuple(state[k].shape) == shape for k, shape in p.base_shapes.items())
     extra = set(state) - set(p.base_keys)
     factors = {f"{name}.lora_{ab}.weight" for name in p.names for ab in "AB"}
+    factors |= {f"{name}.{k}" for name in p.names for k in type(model.get_submodule(name)).peft_tensor_names()
+                if "lora_" in k}  # a layer's adapters on its children (an attention's out_proj.lora_A / lora_B)
     variant = {f"{name}.{t}" for name in p.names for t in ("lora_magnitude_vector", "lora_init_A", "lora_init_B")}
     assert factors <= extra <= factors | variant  # A and B of every adapted module, and the variants' tensors
     assert any(k.endswith("lora_magnitude_vector") for k in extra) == bool(row.config.get("use_dora"))
@@ -536,7 +547,27 @@ def _peft_config(row: Row, builder: Builder):
     return LoraConfig(**kwargs)
 
 
+def _peft_semantics(row: Row) -> contextlib.AbstractContextManager:
+    """PEFT's `lora.MultiheadAttention` as PEFT means it for rows with attention adapters (PEFT 0.21 adds the
+    out_proj delta twice, huggingface/peft#3774; `peft_parity.peft_mha_out_proj_fixed`), else nothing."""
+    if "mha" not in row.layer:
+        return contextlib.nullcontext()
+    from peft_parity import peft_mha_out_proj_fixed
+
+    return peft_mha_out_proj_fixed()
+
+
 def check_peft_export(row: Row, tmp_path) -> None:
+    with _peft_semantics(row):
+        _check_peft_export(row, tmp_path)
+
+
+def check_peft_import(row: Row, tmp_path) -> None:
+    with _peft_semantics(row):
+        _check_peft_import(row, tmp_path)
+
+
+def _check_peft_export(row: Row, tmp_path) -> None:
     if row.peft_skip:
         pytest.skip(row.peft_skip)
     from peft import PeftModel
@@ -549,7 +580,7 @@ def check_peft_export(row: Row, tmp_path) -> None:
     _assert_close(p.builder.run(theirs, p.x), p.out, _tol(PEFT_TOL, row, p.out), "PEFT loading our adapter vs ours")
 
 
-def check_peft_import(row: Row, tmp_path) -> None:
+def _check_peft_import(row: Row, tmp_path) -> None:
     if row.peft_skip or row.peft_import_skip:
         pytest.skip(row.peft_skip or row.peft_import_skip)
     from peft import get_peft_model
@@ -570,7 +601,8 @@ def check_peft_import(row: Row, tmp_path) -> None:
     from peft.tuners.lora import LoraLayer
 
     adapted = dict(_peft_layer_names(n.removeprefix("base_model.model."), m) for n, m in pm.named_modules()
-                   if isinstance(m, LoraLayer))
+                   if isinstance(m, LoraLayer)  # an attention's out_proj (under base_layer.) is its parent's
+                   and (getattr(m, "parameter_name", None) is not None or ".base_layer." not in n))
     assert sorted(adapted) == sorted(p.names)  # PEFT's config adapts the modules ours does
     config = row.lora_config()
     for name, (layer, path) in adapted.items():
@@ -673,6 +705,13 @@ REFUSED = {  # model, config, the option that is refused there, the message
                   "init='pissa' cannot be combined with quantize_base='nf4'"),
     "olora-nf4": ("llama", dict(target_modules=QV, init="olora", quantize_base="nf4"), "init",
                   "init='olora' cannot be combined with quantize_base='nf4'"),
+    # --- nn.MultiheadAttention (issue 22)
+    "dora-mha": ("attn", dict(target_modules=["attn", "head"], use_dora=True), "use_dora",
+                 r"use_dora=True cannot adapt the nn.MultiheadAttention module\(s\) \['attn'\].*exclude_modules"),
+    "pissa-mha": ("attn", dict(target_modules=["attn"], init="pissa"), "init",
+                  r"init='pissa' cannot adapt the nn.MultiheadAttention module\(s\) \['attn'\]"),
+    "dropout-mha": ("attn", dict(target_modules=["attn"], dropout=0.1), "dropout",
+                    r"dropout=0.1 has no effect on a MultiheadAttention adapter"),
 }
 
 
@@ -720,6 +759,7 @@ class _Net(pl.LightningModule):
 #: one row per model family (and the quantized base): a real `Trainer` fit, checkpoint and restore
 FIT_ROWS = ["llama-pissa-dora", "llama-nf4-qv", "gpt2-bias-lora-only", "bert-query-value", "opt-qv", "mlp-linear"]
 FIT_ROWS += ["conv2d-dora"]  # issue 22
+FIT_ROWS += ["attn-mha"]  # issue 22: nn.MultiheadAttention
 
 
 @pytest.mark.parametrize("row_id", FIT_ROWS)

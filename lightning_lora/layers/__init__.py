@@ -7,8 +7,10 @@ model's plus `<module>.lora_A.weight` and `<module>.lora_B.weight` (PEFT's names
     h = base(x) + scaling * B(A(dropout(x)))
 
 The package: `base` (`LoRALayer`, `AdapterPath`, the dtype policy and the choice of the fused path),
-`linear` (`LoRALinear`, `LoRAConv1D`), `embedding` (`LoRAEmbedding`), `conv` (`LoRAConv1d/2d/3d`
-around `nn.Conv1d/2d/3d`), `registry` (which module type takes which adapter class). Variants (DoRA, PiSSA/OLoRA) live in `lightning_lora.variants`; quantized
+`linear` (`LoRALinear`, `LoRAConv1D`), `embedding` (`LoRAEmbedding`), `conv` (`LoRAConv1d/2d/3d` around
+`nn.Conv1d/2d/3d`), `attention` (`LoRAMultiheadAttention`; the hook that keeps fused encoder kernels from
+bypassing adapters), `parameter` (`LoRAParameterHost`, `LoRAParameter`: adapters on parameters named by
+`target_parameters`, e.g. MoE experts), `registry` (which module type takes which adapter class). Variants (DoRA, PiSSA/OLoRA) live in `lightning_lora.variants`; quantized
 bases in `lightning_lora.quantization`, which registers its layer types itself.
 
 Example:
@@ -24,6 +26,7 @@ Example:
     ['bias', 'lora_A.weight', 'lora_B.weight', 'weight']
 """
 
+from lightning_lora.layers.attention import FUSED_KERNEL_PARENTS, LoRAMultiheadAttention, keep_adapters_running
 from lightning_lora.layers.base import FUSED_PATHS, AdapterPath, LoRALayer
 from lightning_lora.layers.conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAConvNd
 from lightning_lora.layers.embedding import LoRAEmbedding
@@ -42,6 +45,7 @@ from lightning_lora.layers.registry import (
 
 __all__ = [
     "ADAPTER_TYPES",
+    "FUSED_KERNEL_PARENTS",
     "FUSED_PATHS",
     "WEIGHT_READING_PARENTS",
     "AdapterPath",
@@ -56,7 +60,9 @@ __all__ = [
     "LoRALinear",
     "LoRAParameter",
     "LoRAParameterHost",
+    "LoRAMultiheadAttention",
     "adapter_class_for",
+    "keep_adapters_running",
     "refusal_reason",
     "register_adapter_type",
     "register_adapter_types_lazily",

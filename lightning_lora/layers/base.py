@@ -152,7 +152,7 @@ class LoRALayer(nn.Module):
         # the very same Parameter/buffer objects: no copy, keys unchanged
         _share_state(base, self, self._base_attrs)
 
-        weight = base.weight
+        weight = type(self).base_weight(base)
         dtype = adapter_dtype if adapter_dtype is not None else weight.dtype
         #: with an explicit adapter dtype, module-wide dtype casts leave A and B alone (see `_apply`)
         self.keep_adapter_dtype = adapter_dtype is not None
@@ -179,6 +179,29 @@ class LoRALayer(nn.Module):
         self.train(base.training)
 
     # ------------------------------------------------------------------ what the layer type is
+    @classmethod
+    def base_weight(cls, base: nn.Module) -> torch.Tensor:
+        """The base tensor the adapters take their device and dtype from and merge writes into (`base.weight`).
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear.base_weight(nn.Linear(4, 2)).shape
+            torch.Size([2, 4])
+        """
+        return base.weight
+
+    @classmethod
+    def base_refusal(cls, base: nn.Module) -> str | None:
+        """Why this layer type cannot adapt `base` although its type is registered (e.g. an attention module with
+        separate q/k/v weights), or None when it can.
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> LoRALinear.base_refusal(nn.Linear(4, 2)) is None
+            True
+        """
+        return None
+
     @classmethod
     def features(cls, base: nn.Module) -> tuple[int, int]:
         """`(in_features, out_features)` of a base module of this type.
@@ -412,7 +435,7 @@ class LoRALayer(nn.Module):
         """
         if self._forward_variant is not None:
             return AdapterPath.DORA
-        if not self._fusable or not x.is_floating_point():
+        if not self._fusable or not x.is_floating_point() or x.is_nested:  # nested: nn.TransformerEncoder's padding
             return AdapterPath.MODULES
         drop = self.lora_dropout
         if (not isinstance(self.lora_A, nn.Linear) or not isinstance(self.lora_B, nn.Linear)  # FSDP1 units

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from lightning_lora.errors import LoRAError
+from lightning_lora.layers.attention import LoRAMultiheadAttention
 from lightning_lora.layers.base import LoRALayer
 from lightning_lora.layers.conv import LoRAConv1d, LoRAConv2d, LoRAConv3d
 from lightning_lora.layers.embedding import LoRAEmbedding
@@ -96,9 +97,10 @@ def refusal_reason(module: nn.Module, parent: nn.Module | None = None) -> str | 
     if registered is not None and registered is not type(module) and type(module).forward is not registered.forward:
         return (f"{type(module).__name__} overrides {registered.__name__}.forward, so what it computes is unknown; "
                 "register an adapter class for it with lightning_lora.layers.register_adapter_type")
-    if adapter_class_for(module) is None:
+    cls = adapter_class_for(module)
+    if cls is None:
         return f"its type is not one of the supported types ({supported_types()})"
-    return None
+    return cls.base_refusal(module)
 
 
 def supported_types() -> str:
@@ -116,7 +118,7 @@ def supported_types() -> str:
 
 
 def unsupported_target_error(name: str, module: nn.Module, targets: Any, hint: str,
-                             parent: nn.Module | None = None) -> LoRAError:
+                             parent: nn.Module | None = None, fix: str | None = None) -> LoRAError:
     """The `LoRAError` for a matched module that cannot take an adapter, saying why.
 
     Example:
@@ -124,8 +126,8 @@ def unsupported_target_error(name: str, module: nn.Module, targets: Any, hint: s
         "target_modules=['act'] matched 'act' of type ReLU, which can"
     """
     reason = refusal_reason(module, parent) or "unknown"
-    fix = (f"Name the Linear layers inside it instead, e.g. {hint}." if hint else
-           "Exclude it (exclude_modules) or name other modules.")
+    fix = fix or (f"Name the Linear layers inside it instead, e.g. {hint}." if hint else
+                  "Exclude it (exclude_modules) or name other modules.")
     return LoRAError(f"target_modules={targets!r} matched {name!r} of type {type(module).__name__}, which cannot "
                      f"take a LoRA adapter ({reason}); supported types: {supported_types()}. {fix}")
 
@@ -139,6 +141,7 @@ register_adapter_type(nn.Embedding, LoRAEmbedding)
 register_adapter_type(nn.Conv1d, LoRAConv1d)
 register_adapter_type(nn.Conv2d, LoRAConv2d)
 register_adapter_type(nn.Conv3d, LoRAConv3d)
+register_adapter_type(nn.MultiheadAttention, LoRAMultiheadAttention)
 
 
 __all__ = ["ADAPTER_TYPES", "WEIGHT_READING_PARENTS", "adapter_class_for", "refusal_reason", "register_adapter_type",

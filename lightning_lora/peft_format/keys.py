@@ -131,11 +131,14 @@ class _LayerInfo:
 
 
 def _layer_infos(network: nn.Module) -> dict[str, _LayerInfo]:
-    infos = {}
+    """The adapter layers PEFT's config names (an adapter layer inside another one, the `out_proj` of an adapted
+    `nn.MultiheadAttention`, is its parent's: the parent's `peft_tensor_names` name its tensors)."""
+    infos: dict[str, _LayerInfo] = {}
     for name, layer in lora_layers(network):
         name = _without_wrappers(name)
-        peft_path = layer.peft_module_path(name)
-        infos[name] = _LayerInfo(type(layer), layer.r, layer.lora_alpha, peft_path if peft_path != name else None)
+        if not any(name.startswith(outer + ".") for outer in infos):
+            peft_path = layer.peft_module_path(name)
+            infos[name] = _LayerInfo(type(layer), layer.r, layer.lora_alpha, peft_path if peft_path != name else None)
     return infos
 
 
@@ -153,6 +156,10 @@ def _to_peft_key(key: str, layers: dict[str, _LayerInfo]) -> str:
         name = key[: -len(ours) - 1]
         if key.endswith("." + ours) and name in layers:  # the layer type names A and B in PEFT's files
             return f"{PEFT_PREFIX}{layers[name].peft_path or name}.{layers[name].layer_cls.peft_tensor_names()[ours]}"
+    for name, info in layers.items():  # a tensor of an adapter layer's child (a MultiheadAttention's out_proj)
+        rest = key[len(name) + 1:] if key.startswith(name + ".") else ""
+        if "." in rest and rest in info.layer_cls.peft_tensor_names():
+            return f"{PEFT_PREFIX}{name}.{info.layer_cls.peft_tensor_names()[rest]}"
     if owner in layers:  # a base parameter of an adapted layer (a trained bias): PEFT's layer wraps it as base_layer
         return f"{PEFT_PREFIX}{owner}.base_layer.{param}"
     return PEFT_PREFIX + key
@@ -167,7 +174,8 @@ def from_peft_key(key: str) -> str:
     """A PEFT adapter key -> our key relative to the network.
 
     Accepts `base_model.model.` or no prefix, `lora_A.weight` or `lora_A.<adapter>.weight`,
-    `lora_embedding_A` (-> `lora_A.weight`), and `<module>.base_layer.<param>` (-> `<module>.<param>`).
+    `lora_embedding_A` (-> `lora_A.weight`), and `<module>.base_layer.<param>` (-> `<module>.<param>`), also
+    nested (`<mha>.base_layer.out_proj.lora_A.weight` -> `<mha>.out_proj.lora_A.weight`).
 
     Example:
         >>> from_peft_key("base_model.model.model.embed_tokens.lora_embedding_A")
@@ -181,9 +189,14 @@ def from_peft_key(key: str) -> str:
         return f"{m.group('owner')}.lora_magnitude_vector"
     for pattern in (_LORA_KEY, _LORA_EMBEDDING_KEY):
         m = pattern.match(key)
-        if m:
-            return f"{m.group('owner')}.lora_{m.group('ab')}.weight"
-    return re.sub(r"\.base_layer\.([^.]+)$", r".\1", key)
+        if m:  # an adapter inside a wrapped module (`<mha>.base_layer.out_proj.lora_A`) is the inner module's
+            return f"{_INNER_BASE_LAYER.sub('', m.group('owner'))}.lora_{m.group('ab')}.weight"
+    return _INNER_BASE_LAYER.sub("", key)
+
+
+#: PEFT's `.base_layer` components (its wrapper layers hold the base module there), in the middle of a key or before
+#: its last component
+_INNER_BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
 
 
 def _join(prefix: str, key: str) -> str:

@@ -347,6 +347,12 @@ def _checkpoint_layers(ckpt: AdapterCheckpoint,
                                  "model's architecture (PEFT nests them per module); pass base_model_name_or_path "
                                  "(--base-model) naming a local model directory.")
     layers = {}
+    nested = [n for n in adapted if any(n.startswith(outer + ".") for outer in adapted)]
+    if nested:  # e.g. an nn.MultiheadAttention's out_proj: PEFT keeps it inside its parent's base_layer
+        raise AdapterFormatError(
+            f"The adapted module {nested[0]!r} sits inside another adapted module (an nn.MultiheadAttention's "
+            "out_proj?), which PEFT stores differently; converting it needs the base model's architecture: pass "
+            "base_model_name_or_path (--base-model) naming a local model directory.")
     for name in adapted:
         parts = name.lower().split(".")
         if any(h in p for p in parts for h in _EMBEDDING_HINTS):

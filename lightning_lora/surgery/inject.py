@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import LoRAParameter, LoRAParameterHost, adapter_class_for
+from lightning_lora.layers import LoRAParameter, LoRAParameterHost, adapter_class_for, keep_adapters_running
 from lightning_lora.layers.parameter import adapter_path
 from lightning_lora.matching import is_inside
 from lightning_lora.quantization import (
@@ -106,6 +106,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
                         use_rslora=config.use_rslora, adapter_dtype=dtype, **variant_fields(config), **extra)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
+            parts = name.split(".")  # a fused kernel of an ancestor must not read the adapted weights directly
+            keep_adapters_running(layer, [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))])
         names.extend(_inject_parameter_adapters(model, parameters, config, prefix))  # state.adapted is `names`
         if "bitsandbytes" in sys.modules:  # casts must not reach the codes of bitsandbytes layers without adapters
             guard_quantized_storage(model, skip)
@@ -172,8 +174,7 @@ def _check_variant_targets(model: nn.Module, names: Sequence[str], config: LoRAC
     found = unsupported_targets(classes, **variant_fields(config))
     if found:
         variant, refused = found
-        kinds = {classes[n].peft_layer_type for n in refused}  # type: ignore[union-attr]
-        raise variant.targets_error(refused, *(["conv layer"] if kinds == {"conv"} else []))
+        raise variant.targets_error(refused, [model.get_submodule(n) for n in refused])
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -216,9 +216,13 @@ class AdapterProbe:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.ran = {name: False for name, _ in lora_layers(model)}
+        layers: list[tuple[str, nn.Module]] = []
+        for name, layer in lora_layers(model):  # an adapter inside another (an attention's out_proj) runs with it
+            if not any(name.startswith(outer + ".") for outer, _ in layers):
+                layers.append((name, layer))
+        self.ran = {name: False for name, _ in layers}
         self._handles = [layer.register_forward_pre_hook(lambda *_, name=name: self.ran.__setitem__(name, True))
-                         for name, layer in lora_layers(model)]
+                         for name, layer in layers]
 
     def close(self) -> list[str]:
         """Remove the hooks; returns the paths of the adapter layers that did not run."""

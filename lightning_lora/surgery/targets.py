@@ -19,7 +19,14 @@ from torch import nn
 
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import LoRAError
-from lightning_lora.layers import HFConv1D, LoRALayer, adapter_class_for, refusal_reason, unsupported_target_error
+from lightning_lora.layers import (
+    WEIGHT_READING_PARENTS,
+    HFConv1D,
+    LoRALayer,
+    adapter_class_for,
+    refusal_reason,
+    unsupported_target_error,
+)
 from lightning_lora.matching import is_inside, modules_to_save_matches, name_matches, outermost, suffix_summary
 from lightning_lora.surgery._paths import _join
 from lightning_lora.surgery.state import is_lora_key
@@ -34,6 +41,26 @@ from lightning_lora.surgery.transformers_lookup import (
 
 def _linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (HFConv1D is not None and isinstance(module, HFConv1D))
+
+
+def _all_linear_hit(module: nn.Module, parent: nn.Module) -> bool:
+    """Whether "all-linear" adapts `module`: a Linear-like layer, or a module that reads its Linear children's
+    weights itself (`nn.MultiheadAttention`: adapted as a whole, never its `out_proj` alone)."""
+    if isinstance(module, WEIGHT_READING_PARENTS):
+        return adapter_class_for(module) is not None
+    return _linear_like(module) and not isinstance(parent, WEIGHT_READING_PARENTS)
+
+
+def _refusal_fix(name: str, module: nn.Module, parent: nn.Module) -> str | None:
+    """What to do instead of adapting a refused module: the attention module that reads its weight, when there is
+    one that can be adapted (`out_proj` of an `nn.MultiheadAttention`); exclude a refused attention module."""
+    if isinstance(module, WEIGHT_READING_PARENTS):
+        return "Exclude it (exclude_modules) or name other modules."
+    owner = name.rpartition(".")[0].rpartition(".")[2]
+    if owner and isinstance(parent, WEIGHT_READING_PARENTS) and refusal_reason(parent) is None:
+        return (f"Target the {type(parent).__name__} itself, which adapts both its projections: "
+                f"target_modules=[{owner!r}].")
+    return None
 
 
 def _modules_to_save(model: nn.Module, config: LoRAConfig, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
@@ -81,15 +108,17 @@ def find_target_modules(model: nn.Module, config: LoRAConfig, prefix: str = "",
     chosen: list[str] = []
     for name, module in named:
         full = _join(prefix, name)
-        hit = (_linear_like(module) and name not in heads) if targets == ALL_LINEAR else name_matches(full, targets)
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        hit = (_all_linear_hit(module, parent) and name not in heads) if targets == ALL_LINEAR else \
+            name_matches(full, targets)
         if not hit or name_matches(full, config.exclude_modules) or is_inside(name, saved):
             continue  # modules_to_save are trained fully and saved instead
         if any(name.startswith(c + ".") for c in chosen):
             continue  # inside a module that is already adapted
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         if adapter_class_for(module) is None or refusal_reason(module, parent) is not None:
             inner = [n for n, m in named if n.startswith(name + ".") and _linear_like(m)]
-            raise unsupported_target_error(name, module, targets, suffix_summary(inner, 6), parent)
+            raise unsupported_target_error(name, module, targets, suffix_summary(inner, 6), parent,
+                                           _refusal_fix(name, module, parent))
         chosen.append(name)
     if not chosen and not (config.target_parameters and targets == []):  # target_modules=[]: parameters only
         linear = [n for n, m in named if _linear_like(m)]

@@ -95,11 +95,16 @@ class LoRAVariant:
         """The error for a layer type it does not implement (`base`: the module being adapted, or its class)."""
         return LoRAConfigError(f"{self.option()} cannot adapt {label(base)} ({base}).")
 
-    def targets_error(self, names: list[str], kind: str = "embedding") -> LoRAConfigError:
-        """The error for matched modules (`names`, of the `kind` "embedding" or "conv layer") whose layer type it
-        does not implement (before any injection)."""
-        return LoRAConfigError(f"{self.option()} cannot adapt the {kind}(s) {names[:4]}: lightning-lora implements "
-                               f"{self.title} for Linear and Conv1D layers. Add them to exclude_modules (or leave "
+    def targets_error(self, names: list[str], modules: list[nn.Module] | None = None) -> LoRAConfigError:
+        """The error for matched modules (`names`, the `modules` themselves when known) whose layer type it does not
+        implement (before any injection)."""
+        what = "the embedding(s)"
+        if modules and not all(isinstance(m, nn.Embedding) for m in modules):
+            what = f"the {'/'.join(sorted({label(m) for m in modules}))} module(s)"
+        kinds = {"linear": "Linear and Conv1D", "conv": "Conv1d/2d/3d", "embedding": "Embedding"}
+        implemented = " and ".join(kinds.get(k, k) for k in sorted(self.layer_types, key=list(kinds).index))
+        return LoRAConfigError(f"{self.option()} cannot adapt {what} {names[:4]}: lightning-lora implements "
+                               f"{self.title} for {implemented} layers. Add them to exclude_modules (or leave "
                                "them out of target_modules), or drop the option.")
 
     # ------------------------------------------------------------------ tensors
