@@ -268,7 +268,8 @@ def test_pissa_and_olora_on_convs_are_a_clear_error(init):
 
     model = conv_net(2)
     keys = list(model.state_dict())
-    message = rf"init='{init}' cannot adapt the conv layer\(s\) \['0', '2'\].*exclude_modules"
+    message = (rf"init='{init}' cannot adapt the nn.Conv2d module\(s\) \['0', '2'\]: lightning-lora implements "
+               r"PiSSA/OLoRA for Linear and Conv1D layers.*exclude_modules")
     with pytest.raises(LoRAConfigError, match=message):
         inject_lora(model, LoRAConfig(r=4, target_modules=["0", "2"], init=init))
     assert list(model.state_dict()) == keys
