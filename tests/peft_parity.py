@@ -186,7 +186,7 @@ def check_peft_parity(tmp_path: Path, factory: Factory, run: Run, peft_config: L
 def peft_doubles_out_proj_delta() -> bool:
     """Whether PEFT's `lora.MultiheadAttention.merge` adds the out_proj delta twice (PEFT 0.21: it writes
     `W + dW` into out_proj's base weight, then calls `out_proj.merge()`, which adds `dW` again; its forward
-    merges, so PEFT computes `W + 2 dW`; huggingface/peft#3774)."""
+    merges, so PEFT computes `W + 2 dW`; `test_layers_mha.py::test_peft_out_proj_double_delta_is_known`)."""
     torch.manual_seed(0)
     pm = get_peft_model(nn.Sequential(nn.MultiheadAttention(4, 1)), LoraConfig(r=1, target_modules=["0"]))
     randomize_peft(pm)
@@ -199,8 +199,8 @@ def peft_doubles_out_proj_delta() -> bool:
 
 @contextlib.contextmanager
 def peft_mha_out_proj_fixed() -> Iterator[None]:
-    """Inside the block PEFT's `lora.MultiheadAttention` computes `W + dW` on out_proj, as PEFT means it (the fix of
-    huggingface/peft#3774), where PEFT adds the out_proj delta twice: merge takes one `dW` back out of the value
+    """Inside the block PEFT's `lora.MultiheadAttention` computes `W + dW` on out_proj, as PEFT means it (PEFT 0.21
+    adds the out_proj delta twice, `peft_doubles_out_proj_delta`): merge takes one `dW` back out of the value
     (autograd still reaches out_proj's A and B through PEFT's own `W + dW`), unmerge puts it back (in a new tensor:
     the merged one may be saved for backward) before PEFT subtracts twice. A fixed PEFT is left alone."""
     if not peft_doubles_out_proj_delta():

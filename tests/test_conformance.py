@@ -549,7 +549,8 @@ def _peft_config(row: Row, builder: Builder):
 
 def _peft_semantics(row: Row) -> contextlib.AbstractContextManager:
     """PEFT's `lora.MultiheadAttention` as PEFT means it for rows with attention adapters (PEFT 0.21 adds the
-    out_proj delta twice, huggingface/peft#3774; `peft_parity.peft_mha_out_proj_fixed`), else nothing."""
+    out_proj delta twice: `test_layers_mha.py::test_peft_out_proj_double_delta_is_known`;
+    `peft_parity.peft_mha_out_proj_fixed`), else nothing."""
     if "mha" not in row.layer:
         return contextlib.nullcontext()
     from peft_parity import peft_mha_out_proj_fixed
