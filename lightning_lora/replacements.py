@@ -213,9 +213,9 @@ def undo_replacements(target: Any = None, *, owner: str | None = None) -> int:
     Example:
         >>> class Box: pass
         >>> box = Box()
-        >>> _ = replace_attribute(box, "f", len, owner="demo", missing_hook="none: an example")
-        >>> _ = replace_attribute(box, "g", abs, owner="demo", missing_hook="none: an example")
-        >>> undo_replacements(owner="demo"), hasattr(box, "f"), hasattr(box, "g")
+        >>> _ = replace_attribute(box, "f", len, owner="demo.undo", missing_hook="none: an example")
+        >>> _ = replace_attribute(box, "g", abs, owner="demo.undo", missing_hook="none: an example")
+        >>> undo_replacements(owner="demo.undo"), hasattr(box, "f"), hasattr(box, "g")
         (2, False, False)
     """
     found = replacements(target, owner=owner)
