@@ -21,6 +21,7 @@ LAYERS: list[list[str]] = [
     ["matching", "_io", "_kernels", "profiling"],        # name rules, atomic writes, fused kernels, op counts
     ["config"],                                         # LoRAConfig
     ["variants"],                                       # adapter variants (DoRA, PiSSA/OLoRA) as objects
+    ["combine"],                                        # add_weighted_adapter's math on tensors (torch only)
     ["layers"],                                         # adapter layers and their registry
     ["quantization"],                                   # quantized bases and their adapter layers
     ["surgery"],                                        # every model operation on any nn.Module
