@@ -1003,7 +1003,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "jobs": sorted(set(ran)), **_versions(), "settings": changed})
     report = write(complete=not stopped)
     if settings.get("data_loss") and not args.merge:
-        data_loss(settings, out, name)
+        if stopped:  # the deadline keeps a GPU session in its time: the row would run past it
+            print("data_and_loss.py: skipped (deadline reached)", file=sys.stderr)
+        else:
+            data_loss(settings, out, name)
     plotted = plot(report, out / f"{name}.png")
     print("\n".join(["", f"## {settings['model']} on {device}: summary", "", *summary_table(report), ""]))
     met = [t for t in report["targets"]]

@@ -311,6 +311,7 @@ def test_deadline_writes_what_finished(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "cpu.json").read_text())
     assert report["complete"] is False and report["raw"] == []
+    assert "data_loss" not in report and "data_and_loss.py: skipped (deadline reached)" in proc.stderr
     assert [(e["job"], e["config"], e["error"]) for e in report["errors"]] == [
         (j, c, "skipped: deadline reached") for j, c in PRESET_JOBS]
     md = (tmp_path / "cpu.md").read_text()

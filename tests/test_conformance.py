@@ -39,9 +39,10 @@ Checks (test id `test_conformance[<row>-<check>]`):
   `adapter_dtype=None` they follow the base); quantized storage is untouched (the same NF4 tensors); the
   model then computes in bf16, within bf16 rounding of what it computed before the cast.
 
-Refused combinations are not rows: `test_refused_combinations_stay_errors` holds them. A known gap is an
-expected failure naming itself (`Row.merge_adapter_xfail`): `merge_adapter` on an embedding whose weight is tied
-to the output head changes the head too (`merge_and_unload` unties first).
+Refused combinations are not rows: `test_refused_combinations_stay_errors` holds them. Rows where
+`merge_adapter` is refused say why (`Row.merge_adapter_refused`): on an embedding whose weight is tied to the
+output head, folding the delta in would change the head too (`merge_and_unload` unties first); the check is
+then that it raises and merges nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from lightning_lora import (
     LoRA,
     LoRAConfig,
     LoRAConfigError,
+    LoRAError,
     disable_lora,
     inject_lora,
     load_adapter,
@@ -114,8 +116,7 @@ class Row:
         dtype: the base model's dtype (cast before injection).
         peft_skip: why PEFT cannot express this row (both PEFT checks skip), or None.
         peft_import_skip: why only the import direction is skipped.
-        merge_adapter_xfail: why `merge_adapter` does not compute the adapted function today (a known gap,
-            reported; the check fails once it does, so that the mark is dropped).
+        merge_adapter_refused: why `merge_adapter` refuses this row (checked: a `LoRAError`, nothing merged).
     """
 
     id: str
@@ -125,7 +126,7 @@ class Row:
     dtype: torch.dtype = F32
     peft_skip: str | None = None
     peft_import_skip: str | None = None
-    merge_adapter_xfail: str | None = None
+    merge_adapter_refused: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -147,8 +148,7 @@ C1 = ["c_attn", "c_proj", "c_fc"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 PEFT_OLORA_CONV1D = ("PEFT's OLoRA init fails on Conv1D (a shape error: it ignores fan_in_fan_out), so PEFT "
                      "cannot write this adapter")
-TIED_MERGE = ("merge_adapter folds the embedding's delta into the weight it shares with the tied output head, so "
-              "the head changes too (merge_and_unload unties first)")
+TIED_MERGE = "tied to another module"
 PEFT_RSLORA_PATTERN_CONVERSION = ("PEFT refuses path_initial_model_for_weight_conversion with rank_pattern / "
                                   "alpha_pattern and use_rslora=True, so it writes no adapter we can load")
 PEFT_DORA_CONVERSION = ("PEFT's conversion of a PiSSA/OLoRA adapter (path_initial_model_for_weight_conversion) drops "
@@ -224,7 +224,7 @@ ROWS = [
     Row("gpt2-olora", "gpt2", "conv1d", dict(target_modules=["c_attn", "c_proj"], init="olora"),
         peft_import_skip=PEFT_OLORA_CONV1D),
     Row("gpt2-wte-tied", "gpt2", "embedding+conv1d", dict(target_modules=["wte", "c_attn"]),
-        merge_adapter_xfail=TIED_MERGE),
+        merge_adapter_refused=TIED_MERGE),
     Row("gpt2-bf16", "gpt2", "conv1d", dict(target_modules=C1), dtype=BF16),
     Row("gpt2-dropout-patterns", "gpt2", "conv1d",
         dict(target_modules=C1, dropout=0.1, rank_pattern={"c_fc": 2}, alpha_pattern={"c_attn": 3})),
@@ -237,7 +237,7 @@ ROWS = [
     Row("opt-qv", "opt", "linear", dict(target_modules=QV)),
     Row("opt-all-linear-rslora", "opt", "linear", dict(target_modules="all-linear", use_rslora=True)),
     Row("opt-embed-tokens", "opt", "embedding+linear", dict(target_modules=["embed_tokens", "fc1"]),
-        merge_adapter_xfail=TIED_MERGE),
+        merge_adapter_refused=TIED_MERGE),
     # ---------------------------------------------------------------- plain nn.Sequential
     Row("mlp-linear", "mlp", "linear", dict(target_modules=["fc1", "fc2"])),
     Row("mlp-dora", "mlp", "linear", dict(target_modules=["fc1", "fc2"], use_dora=True)),
@@ -424,14 +424,16 @@ def check_merge(row: Row) -> None:
             _assert_close(out, p.base_out, _tol(STEP0_TOL, row, p.base_out), "disable_lora vs base")
         else:
             assert torch.equal(out, p.base_out)
-    if row.merge_adapter_xfail is None:
+    if row.merge_adapter_refused is None:
         _check_merge_adapter(row, p)
         return
-    try:
-        _check_merge_adapter(row, p)
-    except AssertionError:
-        pytest.xfail(row.merge_adapter_xfail)
-    pytest.fail(f"merge_adapter now works for {row.id}: drop its merge_adapter_xfail")
+    model = copy.deepcopy(p.model)
+    before = _tensors(model)
+    with pytest.raises(LoRAError, match=row.merge_adapter_refused):
+        merge_adapter(model)
+    after = _tensors(model)
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(getattr(m, "merged", False) for m in model.modules())
 
 
 def _assert_unmerged(row: Row, before: dict[str, torch.Tensor], merged: dict[str, torch.Tensor],

@@ -187,6 +187,11 @@ def merge_adapter(model: nn.Module) -> None:
     """Fold the adapters into the base weights but keep them (PEFT's `merge_adapter`); the model then
     computes at the base model's speed. Undo with `unmerge_adapter`.
 
+    Raises:
+        LoRAError: an adapted weight is tied to another module (an input embedding shared with the output head):
+            folding the delta in would change that module too, so the merged model would not compute what the
+            adapted one computes. Nothing is merged then; `merge_and_unload` unties such a weight first.
+
     Example:
         >>> from torch import nn
         >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
@@ -194,8 +199,14 @@ def merge_adapter(model: nn.Module) -> None:
         >>> merge_adapter(m); m.q_proj.merged
         True
     """
+    owners = _parameter_owners(model)
     for name, layer in lora_layers(model):
         layer.check_merge(name)
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and owners.get(id(weight), 0) > 1 and not layer.merged:
+            raise LoRAError(f"merge_adapter cannot fold the adapter of {name!r} into its weight: the weight is tied to "
+                            "another module (the output head shares the input embedding), which would change too. "
+                            "Use merge_and_unload(model) (it unties the weight first), or keep the adapters unmerged.")
     for _, layer in lora_layers(model):
         layer.merge()
 
