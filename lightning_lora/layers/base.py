@@ -16,17 +16,7 @@ and asked for their forward, merge, tensors and repr. A layer type (`layers.line
 answers for itself at class level: `peft_layer_type`, `fan_in_fan_out`, `features`, `adapter_shapes`,
 `delta_from` and `peft_tensor_names`.
 
-Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> from lightning_lora.layers import LoRALinear
-    >>> base = nn.Linear(16, 8)
-    >>> layer = LoRALinear(base, r=4, alpha=8.0)
-    >>> x = torch.randn(2, 16)
-    >>> torch.equal(layer(x), base(x))
-    True
-    >>> sorted(layer.state_dict())
-    ['bias', 'lora_A.weight', 'lora_B.weight', 'weight']
+The package's example (`lightning_lora.layers`) shows a layer computing its base at step 0.
 """
 
 from __future__ import annotations
@@ -123,7 +113,7 @@ class LoRALayer(nn.Module):
     ADAPTER_TENSORS_SUFFIXES: ClassVar[tuple[str, ...]] = tuple(f".{n}" for n in ADAPTER_TENSORS)
     #: the variants of this layer (`resolve_variants`), in `lightning_lora.variants.VARIANTS` order
     variants: tuple[LoRAVariant, ...] = ()
-    #: DoRA's weight norm at merge time (set by the variant; read by `surgery` until it uses `merge_record`)
+    #: DoRA's weight norm at merge time (kept by the DoRA variant; `merge_record` hands it out)
     _dora_merge_norm: torch.Tensor | None = None
     #: whether the constructor takes `model_dtype=` (the floating dtype of the model around the layer):
     #: layers whose stored weight's dtype is not the dtype they compute in (quantized bases) need it
@@ -491,8 +481,6 @@ class LoRALayer(nn.Module):
         for variant in self.variants:
             variant.forget_cache(self)
 
-    #: the name `surgery.forget_dora_norms` calls
-    forget_dora_norm = forget_cached
 
     # ------------------------------------------------------------------ merge
     def weight_norm(self) -> float:

@@ -93,17 +93,20 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
             quantize_base_modules(model, config, names, heads=sorted(output_head_names(model)), saved=saved,
                                   skip=skip, prefix=prefix, originals=quantized)
         model_dtype = floating_dtype(model) if dtype is None else None  # what adapter_dtype=None asks for
+        fields = variant_fields(config)
+        variants = selected_variants(**fields)
         for name in names:
             module = model.get_submodule(name)
             cls = adapter_class_for(module)
             assert cls is not None
             full = _join(prefix, name)
-            for variant in selected_variants(**variant_fields(config)):  # e.g. a weight PiSSA cannot decompose
-                variant.check_target(full, module, config.rank_for(full))
-            cls.check_target(full, module, config.rank_for(full), **variant_fields(config))  # e.g. a grouped conv's r
+            r = config.rank_for(full)
+            for variant in variants:  # e.g. a weight PiSSA cannot decompose
+                variant.check_target(full, module, r)
+            cls.check_target(full, module, r, **fields)  # e.g. a grouped conv's r
             extra = {"model_dtype": model_dtype} if dtype is None and cls.takes_model_dtype else {}
-            layer = cls(module, r=config.rank_for(full), alpha=config.alpha_for(full), dropout=config.dropout,
-                        use_rslora=config.use_rslora, adapter_dtype=dtype, **variant_fields(config), **extra)
+            layer = cls(module, r=r, alpha=config.alpha_for(full), dropout=config.dropout,
+                        use_rslora=config.use_rslora, adapter_dtype=dtype, **fields, **extra)
             _set_submodule(model, name, layer)
             layer.adapter_compute_dtype = config.adapter_compute_dtype
             parts = name.split(".")  # a fused kernel of an ancestor must not read the adapted weights directly
