@@ -543,6 +543,59 @@ def test_dora_weight_norm_transient_and_errors():
         estimate_memory("smollm2-135m", target_modules=["embed_tokens", "q_proj"], use_dora=True)
 
 
+# ------------------------------------------------------------------- several adapters (frozen ones)
+#: TINY with LoRA r=8 on q, v: q 256 -> 256, v 256 -> 64 (2 kv heads of 32); 4 layers; fp32 adapters
+TINY_QV_ADAPTER = 4 * 8 * ((256 + 256) + (256 + 64))
+
+
+def test_frozen_adapters_add_weights_only():
+    from transformers import LlamaConfig
+
+    from lightning_lora.estimate import estimate_memory
+
+    kw = dict(r=8, target_modules=["q_proj", "v_proj"], precision="32-true", batch_size=2, seq_len=128)
+    one = estimate_memory(LlamaConfig(**TINY), **kw)
+    four = estimate_memory(LlamaConfig(**TINY), frozen_adapters=3, **kw)
+    assert one.lora.trainable_params == TINY_QV_ADAPTER == 26_624
+    a, b = one.lora, four.lora
+    assert b.frozen_adapter_params == 3 * TINY_QV_ADAPTER and a.frozen_adapter_params == a.frozen_adapter_weights == 0
+    assert b.frozen_adapter_weights == b.weights - a.weights == 3 * TINY_QV_ADAPTER * 4  # fp32 adapters
+    assert b.total_params == a.total_params + 3 * TINY_QV_ADAPTER and b.trainable_params == a.trainable_params
+    assert (b.gradients, b.optimizer, b.optimizer_step_temp) == (a.gradients, a.optimizer, a.optimizer_step_temp)
+    # they run: FusedLoRA keeps each one's A output (r fp32 columns per token) in the 8 adapted linears
+    assert b.activations - a.activations == 4 * 2 * 3 * 8 * 4 * (2 * 128)
+    assert b.total - a.total == (b.weights - a.weights) + (b.activations - a.activations)
+    assert four.full == one.full  # the full fine-tune carries no adapters
+    assert four.settings["frozen_adapters"] == 3 and one.settings["frozen_adapters"] == 0
+
+
+def test_frozen_adapters_mixed_precision_dora_qlora_and_fsdp():
+    from transformers import LlamaConfig
+
+    from lightning_lora.estimate import estimate_memory
+
+    kw = dict(r=8, target_modules=["q_proj", "v_proj"], batch_size=2, seq_len=128)
+    # autocast: a frozen adapter keeps only its 16-bit A and B copies, where its input needs grad (layers 1-3)
+    a, b = (estimate_memory(LlamaConfig(**TINY), precision="bf16-mixed", frozen_adapters=n, **kw).lora for n in (0, 2))
+    assert b.weights - a.weights == 2 * TINY_QV_ADAPTER * 4
+    assert b.activations - a.activations == 2 * 2 * (3 * TINY_QV_ADAPTER // 4)
+    # DoRA: their magnitudes too (one fp32 per output feature of q and v), frozen; they keep no outputs
+    a, b = (estimate_memory(LlamaConfig(**TINY), precision="32-true", use_dora=True, frozen_adapters=n, **kw).lora
+            for n in (0, 2))
+    mags = 4 * (256 + 64)
+    assert b.frozen_adapter_params == 2 * (TINY_QV_ADAPTER + mags) and b.magnitude_params == a.magnitude_params == mags
+    assert b.weights - a.weights == 2 * (TINY_QV_ADAPTER + mags) * 4 and b.activations == a.activations
+    assert (b.gradients, b.optimizer) == (a.gradients, a.optimizer)
+    # QLoRA: the adapters are never 4-bit; FSDP: each rank holds its dim-0 shard of them
+    q = estimate_memory(LlamaConfig(**TINY), precision="bf16-true", quantize="nf4", frozen_adapters=1, **kw)
+    assert q.qlora.frozen_adapter_weights == q.lora.frozen_adapter_weights == TINY_QV_ADAPTER * 4
+    fsdp = estimate_memory(LlamaConfig(**TINY), frozen_adapters=1, devices=2, strategy="fsdp", **kw)
+    assert fsdp.lora.frozen_adapter_weights == TINY_QV_ADAPTER * 4 // 2  # r = 8, 256 and 64 rows: even
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=rf"frozen_adapters={bad!r} is invalid; expected an integer >= 0"):
+            estimate_memory(LlamaConfig(**TINY), frozen_adapters=bad)
+
+
 # --------------------------------------------------------------------------------- several GPUs
 def test_fsdp_divides_weights_gradients_optimizer_per_gpu():
     from lightning_lora.estimate import estimate_memory
@@ -644,6 +697,26 @@ def test_cli_qlora_dora_and_fsdp(capsys):
                            gradient_checkpointing=True)
     assert data["settings"]["devices"] == 8 and data["lora"]["total_bytes"] == fsdp.lora.total
     assert data["lora"]["communication_bytes"] == fsdp.lora.communication > 0
+
+
+def test_cli_frozen_adapters(capsys):
+    from lightning_lora.cli import main
+    from lightning_lora.estimate import estimate_memory, format_bytes
+
+    assert main(["estimate", "--model", "llama-3-8b", "--frozen-adapters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=8 (q_proj, v_proj) + 2 frozen" in out
+    row = next(line for line in out.splitlines() if "of which 2 frozen adapters" in line)
+    assert format_bytes(2 * 3_407_872 * 4) in row and "6,815,744" in row
+    assert main(["estimate", "--model", "smollm2-135m", "--seq-len", "64", "--frozen-adapters", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    est = estimate_memory("smollm2-135m", seq_len=64, frozen_adapters=1)
+    assert data["settings"]["frozen_adapters"] == 1
+    assert data["lora"]["frozen_adapter_params"] == est.lora.trainable_params
+    assert data["lora"]["frozen_adapter_weights_bytes"] == 4 * est.lora.trainable_params
+    assert main(["estimate", "--model", "llama-3-8b", "--frozen-adapters", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "frozen_adapters=-1 is invalid; expected an integer >= 0" in err
 
 
 def test_cli_unknown_model_exits_2_with_known_names(capsys):

@@ -87,3 +87,20 @@ def test_everyday_workflows_example(tmp_path):
     assert lines[2] == ("3. added tokens: the adapter carries ['model.embed_tokens.weight', 'lm_head.weight']; "
                         "reloaded logits differ by 0.0")
     assert lines[3] == "4. frozen teacher: adapted 4 student layers, 0 teacher layers; the optimizer holds 8 tensors"
+
+
+@pytest.mark.integration
+def test_several_adapters_trains_two_in_one_run_and_serves_both_in_one_batch(tmp_path, smollm2_path):
+    """Two adapters trained together with mixed_batch answer each its own way; saved in PEFT's layout, loaded by
+    name, one generate call serves both and the base; the merged model answers as its adapter did."""
+    proc = run("several_adapters.py", "--output-dir", "out", "--max-steps", "12", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["files"] == ["adapter/en/adapter_config.json", "adapter/en/adapter_model.safetensors",
+                                "adapter/fr/adapter_config.json", "adapter/fr/adapter_model.safetensors"]
+    assert summary["adapters"] == ["en", "fr", "mix"] and summary["active"] == ["fr"]
+    assert summary["answers"]["en"] == "Odalys Penhallow founded it."
+    assert summary["answers"]["fr"] == "Elle a été fondée par Odalys Penhallow."
+    assert "Penhallow" not in summary["answers"]["__base__"]
+    assert summary["merged_answer"] == summary["answers"]["en"]
+    assert summary["losses"][-1] < 0.1 * summary["losses"][0]

@@ -704,7 +704,7 @@ def test_load_lora_state_dict_reports_every_problem_at_once():
 def test_inject_twice_is_an_error():
     model = make_tiny_llama()
     inject_lora(model, LoRAConfig(r=4))
-    with pytest.raises(LoRAError, match="already has LoRA adapters; injecting twice is not supported") as info:
+    with pytest.raises(LoRAError, match=r"already has LoRA adapters \(\['default'\]\), one named 'default'; pass another adapter_name=") as info:
         inject_lora(model, LoRAConfig(r=4, target_modules=["k_proj"]))
     assert "merge_and_unload(model)" in str(info.value)
     assert isinstance(info.value, ValueError)

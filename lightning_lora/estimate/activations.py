@@ -41,6 +41,7 @@ class _Mod:
     weight_bytes: int = 2  # bytes per element of the base weight's dtype
     quant_temp: int = 0  # bytes allocated while its 4-bit weight is dequantised (0: not quantised)
     dora: bool = False
+    frozen: int = 0  # frozen adapters of the same config on this linear, next to the trained one
 
 
 @dataclass
@@ -82,6 +83,13 @@ def _layer_cost(sh: _Shape, pr: _Precision, mods: dict[str, _Mod], in_grad: bool
     DoRA keeps the base and the adapter output per adapted layer; dequantising a 4-bit weight and
     DoRA's weight norm are transients of the layer's forward (recomputed in backward with
     checkpointing) and backward.
+
+    Frozen adapters next to the trained one (`_Mod.frozen`) run too, and keep what a frozen weight keeps:
+    nothing for their own gradient. Without autocast (our fused adapter, `FusedLoRA`) each keeps its small
+    A output (r columns) like the trained one, counted whenever the layer's graph is recorded (an upper
+    bound); under autocast (the `lora_B(lora_A(x))` modules) each keeps only its 16-bit A and B copies when
+    the input needs grad; DoRA's frozen adapters keep no outputs (their magnitude takes no gradient) and
+    compute their weight norm one at a time (the transient stays the largest one).
     """
     c, resid, h, i = pr.compute, pr.resid, sh.hidden, sh.intermediate
     tok = 0
@@ -105,8 +113,8 @@ def _layer_cost(sh: _Shape, pr: _Precision, mods: dict[str, _Mod], in_grad: bool
         for name in names:
             m = mods.get(name, _Mod())
             if pr.mixed:
-                if src_grad:  # the 16-bit weight copies kept for the input's gradient
-                    fixed += 2 * m.weight_numel + (2 * m.adapter_numel if m.r else 0)
+                if src_grad:  # the 16-bit weight copies kept for the input's gradient (frozen adapters' too)
+                    fixed += 2 * m.weight_numel + (2 * m.adapter_numel * (1 + m.frozen) if m.r else 0)
                 elif m.r:  # lora_B's input (A's output) needs grad
                     fixed += 2 * (m.adapter_numel - m.r * dim)
                 if m.full or m.r:
@@ -125,6 +133,8 @@ def _layer_cost(sh: _Shape, pr: _Precision, mods: dict[str, _Mod], in_grad: bool
                     shared = True
                 if m.r:
                     tok += m.adapter_bytes * m.r  # A's output, kept by B
+                if m.r and not m.dora:
+                    tok += m.frozen * m.adapter_bytes * m.r  # each frozen adapter's A output (FusedLoRA keeps it)
             if m.r and m.dora:  # DoRA: the base output and the adapter output, kept for the magnitude's gradient
                 tok += (2 if pr.mixed else c) * m.out_features + (2 if pr.mixed else m.adapter_bytes) * m.out_features
             out_grad = out_grad or m.full or m.r > 0
@@ -149,7 +159,7 @@ def _layer_cost(sh: _Shape, pr: _Precision, mods: dict[str, _Mod], in_grad: bool
     fixed_transient = 0
     for name, m in mods.items():
         if name not in SLOTS and m.r:  # adapted modules of other names: an input copy each (conservative)
-            tok += m.adapter_bytes * (h + m.r)
+            tok += m.adapter_bytes * (h + m.r * (1 + m.frozen))
         if m.quant_temp:  # its forward dequantises while its input is alive (a frozen linear does not save it)
             src = resid if name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") else c
             fixed_transient = max(fixed_transient, m.quant_temp + src * m.in_features * tokens)
@@ -197,6 +207,8 @@ def _timeline(sh: _Shape, pr: _Precision, layer_mods: list[dict[str, _Mod]], hea
     if head.full or head.r:
         head_tok += (2 if pr.mixed else (head.adapter_bytes if head.r else pr.resid)) * sh.hidden
         head_tok += head.adapter_bytes * head.r
+    if head.r and not head.dora and not pr.mixed:
+        head_tok += head.frozen * head.adapter_bytes * head.r  # frozen adapters' A outputs (FusedLoRA)
     if head.r and head.dora:
         head_tok += (2 if pr.mixed else pr.compute) * sh.vocab + (2 if pr.mixed else head.adapter_bytes) * sh.vocab
     if chunked_loss:
@@ -232,8 +244,9 @@ def _timeline(sh: _Shape, pr: _Precision, layer_mods: list[dict[str, _Mod]], hea
 
 
 def _module_maps(model: torch.nn.Module, sh: _Shape, pr: _Precision, full: bool, quantized: dict[int, str],
-                 dora: bool) -> tuple[list[dict[str, _Mod]], _Mod, bool]:
-    """Per layer: projection name -> _Mod; the lm_head's _Mod; whether the embedding output needs grad."""
+                 dora: bool, frozen_adapters: int = 0) -> tuple[list[dict[str, _Mod]], _Mod, bool]:
+    """Per layer: projection name -> _Mod; the lm_head's _Mod; whether the embedding output needs grad.
+    `frozen_adapters`: how many frozen adapters of the same config sit on each adapted linear."""
     layers: list[dict[str, _Mod]] = [{} for _ in range(sh.layers)]
     head = _Mod()
     embed_grad = full
@@ -253,6 +266,7 @@ def _module_maps(model: torch.nn.Module, sh: _Shape, pr: _Precision, full: bool,
             mod.adapter_numel = module.lora_A.weight.numel() + module.lora_B.weight.numel()
             mod.in_features, mod.out_features = type(module).features(module)
             mod.dora = dora
+            mod.frozen = frozen_adapters
         if id(weight) in quantized:
             mod.quant_temp = dequant_transient(quantized[id(weight)], weight.numel(), weight.element_size(),
                                                pr.compute)

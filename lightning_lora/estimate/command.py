@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which linear weights are 4-bit: all-linear (default: all but the output head) or adapted")
     p.add_argument("--use-dora", action="store_true",
                    help="DoRA adapters: a trainable magnitude per output feature, and its activations")
+    p.add_argument("--frozen-adapters", type=int, default=0, metavar="N",
+                   help="N more adapters of the same config carried frozen next to the trained one (several "
+                        "adapters per model; serving K adapters: N = K - 1): their weights count, with no gradients "
+                        "and no optimizer state (default 0)")
     p.add_argument("--devices", type=int, default=1, help="GPUs in the run; numbers are then per GPU (default 1)")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="auto (one device, or DDP over several), ddp, or fsdp (sharded weights, gradients, optimizer)")
@@ -84,7 +88,7 @@ def _run(args: argparse.Namespace) -> None:
                           optimizer_impl=args.optimizer_impl, quantize=args.quantize,
                           quantize_modules=args.quantize_modules, use_dora=args.use_dora, devices=args.devices,
                           strategy=args.strategy, chunked_loss=args.chunked_loss,
-                          target_parameters=args.target_parameters)
+                          target_parameters=args.target_parameters, frozen_adapters=args.frozen_adapters)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
         return

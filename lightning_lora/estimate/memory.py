@@ -25,6 +25,9 @@ The model is built on the `meta` device (`models.build_meta_model`), LoRA is inj
   at once. Backward frees activations while it fills gradients, so the candidates are the loss's
   backward (all activations), the last and the first layer's backward (activations left plus
   gradients so far) and the optimizer step (all gradients plus the step's temporaries).
+* **frozen adapters** (`frozen_adapters=N`, several adapters per model): N more copies of the adapter
+  carried frozen: their weights (LoRA and QLoRA columns), no gradients, no optimizer state, and the small
+  A outputs the fused adapter keeps as they run.
 * **several GPUs** (`sharding.py`): per device. FSDP divides weights, gradients and optimizer state
   into dim-0 shards and adds the all-gathered units in flight; DDP adds its gradient buckets.
 
@@ -57,6 +60,7 @@ from lightning_lora.estimate.parameters import (
     OPTIMIZERS,
     _dora_magnitudes,
     _effective_weights,
+    _frozen_adapters,
     _fsdp_in_flight,
     _grads,
     _inventory,
@@ -65,7 +69,7 @@ from lightning_lora.estimate.parameters import (
     _step_temp,
 )
 from lightning_lora.estimate.quantize import QUANTIZE, QUANTIZE_MODULES, quant_layout
-from lightning_lora.estimate.report import Estimate, MemoryBreakdown
+from lightning_lora.estimate.report import Estimate, MemoryBreakdown, format_bytes
 from lightning_lora.estimate.shapes import PRECISIONS, _Precision, _precision, _Shape, _shape_of
 from lightning_lora.estimate.sharding import Layout, shard_bytes
 from lightning_lora.surgery import count_parameters, inject_lora, parameter_summary
@@ -73,17 +77,19 @@ from lightning_lora.surgery import count_parameters, inject_lora, parameter_summ
 
 def _breakdown(model: torch.nn.Module, sh: _Shape, pr: _Precision, *, is_full: bool, batch_size: int, seq_len: int,
                checkpointing: bool, optimizer: str, optimizer_impl: str, layout: Layout, chunked_loss: bool = False,
-               quantized: dict[int, str] | None = None, dora: bool = False) -> MemoryBreakdown:
+               quantized: dict[int, str] | None = None, dora: bool = False,
+               frozen_adapters: int = 0) -> MemoryBreakdown:
     quantized = quantized or {}
     by_id, buffers = _inventory(model)
     for pid, method in quantized.items():
         p = by_id[pid]
         p.quant = quant_layout(method, p.numel, p.elem)
     magnitudes = _dora_magnitudes(model) if dora else []
-    params = [*by_id.values(), *magnitudes]
+    frozen = _frozen_adapters(model, frozen_adapters, by_id, magnitudes)  # weights only: no gradient, no state
+    params = [*by_id.values(), *magnitudes, *frozen]
     trainable_params = [p for p in params if p.trainable]
     grads = _grads(params, layout)
-    layers, head, embed_grad = _module_maps(model, sh, pr, is_full, quantized, dora)
+    layers, head, embed_grad = _module_maps(model, sh, pr, is_full, quantized, dora, frozen_adapters)
     timeline = _timeline(sh, pr, layers, head, embed_grad, is_full, batch_size, seq_len, checkpointing, grads,
                          chunked_loss)
     effective = 0 if is_full else _effective_weights(model, checkpointing)  # target_parameters: W + delta
@@ -96,19 +102,22 @@ def _breakdown(model: torch.nn.Module, sh: _Shape, pr: _Precision, *, is_full: b
                                                    layout.world_size))
     trainable, total = count_parameters(model)
     magnitude_count = sum(p.numel for p in magnitudes)
+    frozen_count = sum(p.numel for p in frozen)
     communication = 0
     if layout.strategy == "fsdp":
         communication = _fsdp_in_flight(params, sh.layers)
     elif layout.strategy == "ddp":
         communication = grads.total  # the gradient buckets, a second copy of every gradient
     part = MemoryBreakdown(
-        trainable_params=trainable + magnitude_count, total_params=total + magnitude_count,
+        trainable_params=trainable + magnitude_count, total_params=total + magnitude_count + frozen_count,
         weights=sum(p.stored(layout) for p in params) + buffers, gradients=grads.total,
         optimizer=_optimizer_bytes(optimizer, trainable_params, layout), activations=timeline.activations,
         optimizer_step_temp=step_temp, total=0,
         quantized_weights=sum(p.stored(layout) for p in params if p.quant is not None),
         dequant_temp=max([head.quant_temp] + [m.quant_temp for mods in layers for m in mods.values()]),
-        magnitude_params=magnitude_count, communication=communication, effective_weights=effective)
+        magnitude_params=magnitude_count, communication=communication, effective_weights=effective,
+        frozen_adapter_params=frozen_count,
+        frozen_adapter_weights=sum(p.stored(layout) for p in frozen))
     in_step = part.gradients + step_temp
     if layout.strategy == "ddp":
         in_step += communication  # buckets live for the whole run; FSDP's units are resharded by the step
@@ -137,6 +146,7 @@ def estimate_memory(
     strategy: str = "auto",
     chunked_loss: bool = False,
     target_parameters: Sequence[str] | None = None,
+    frozen_adapters: int = 0,
 ) -> Estimate:
     """Parameters and peak training memory of a full fine-tune, LoRA and (with `quantize`) QLoRA.
 
@@ -173,6 +183,12 @@ def estimate_memory(
         target_parameters: parameters adapted directly (`LoRAConfig.target_parameters`, e.g. the expert
             stacks `mlp.experts.gate_up_proj`): r*E*(in + out) adapter parameters per E-expert stack, and the
             `W + delta` copy each forward builds (`MemoryBreakdown.effective_weights`).
+        frozen_adapters: how many more adapters of the same config sit on the model frozen, next to the trained
+            one (several adapters per model: `inject_lora` / `load_adapter` under another `adapter_name`). In
+            the LoRA and QLoRA columns their weights count (`MemoryBreakdown.frozen_adapter_weights`, part of
+            `weights`; DoRA: with their magnitudes), with no gradients and no optimizer state; they run, so the
+            small A outputs our fused adapter keeps count per frozen adapter too (under autocast their 16-bit
+            A and B copies). For serving K adapters at once, `frozen_adapters=K - 1` gives the weights held.
 
     Returns:
         An `Estimate` with each column's `MemoryBreakdown` and the per-module parameter rows.
@@ -196,6 +212,9 @@ def estimate_memory(
     for key, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise LoRAError(f"{key}={value!r} is invalid; expected an integer > 0.")
+    if isinstance(frozen_adapters, bool) or not isinstance(frozen_adapters, int) or frozen_adapters < 0:
+        raise LoRAError(f"frozen_adapters={frozen_adapters!r} is invalid; expected an integer >= 0 (how many more "
+                        "adapters of the same config the model carries frozen next to the trained one).")
     if quantize is not None and quantize not in QUANTIZE:
         raise LoRAError(f"quantize={quantize!r} is not supported; expected one of {', '.join(QUANTIZE)} (or none).")
     if quantize_modules is not None and quantize_modules not in QUANTIZE_MODULES:
@@ -222,7 +241,7 @@ def estimate_memory(
 
     full = _breakdown(model, sh, pr, is_full=True, **common)  # every parameter trains
     inject_lora(model, lora_config)  # on meta; counts are exact
-    lora = _breakdown(model, sh, pr, is_full=False, dora=use_dora, **common)
+    lora = _breakdown(model, sh, pr, is_full=False, dora=use_dora, frozen_adapters=frozen_adapters, **common)
     qlora = None
     notes: list[str] = []
     if quantize is not None:
@@ -230,7 +249,8 @@ def estimate_memory(
         if skipped:
             notes.append(f"{len(skipped)} linear weights are not a multiple of 64 x 256 elements and stay "
                          f"unquantised (torchao's to_nf4 refuses them), e.g. {skipped[0]}.")
-        qlora = _breakdown(model, sh, pr, is_full=False, dora=use_dora, quantized=quantized, **common)
+        qlora = _breakdown(model, sh, pr, is_full=False, dora=use_dora, quantized=quantized,
+                           frozen_adapters=frozen_adapters, **common)
     if layout.strategy == "fsdp":
         notes.append(f"per GPU under FSDP2: weights, gradients and optimizer state in dim-0 shards over "
                      f"{layout.devices} ranks; units = each decoder layer, the input embedding, the output head and "
@@ -244,13 +264,18 @@ def estimate_memory(
         notes.append(f"target_parameters: each adapted parameter is used as W + delta, a copy of the whole tensor "
                      f"(an expert stack) built in every forward and kept for backward: "
                      f"{lora.effective_weights / 2**30:.2f} GiB here, part of activations.")
+    if frozen_adapters:
+        notes.append(f"{frozen_adapters} frozen adapter{'s' if frozen_adapters > 1 else ''} of the same config next "
+                     f"to the trained one: {lora.frozen_adapter_params:,} parameters, "
+                     f"{format_bytes(lora.frozen_adapter_weights)} of weights (in the LoRA"
+                     f"{' and QLoRA columns' if qlora is not None else ' column'}), no gradients, no optimizer state.")
     modules = parameter_summary(model).rows
     settings = {"r": r, "alpha": float(alpha), "target_modules": targets, "precision": precision,
                 "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": bool(gradient_checkpointing),
                 "optimizer": optimizer, "optimizer_impl": optimizer_impl, "adapter_dtype": lora_config.adapter_dtype,
                 "quantize": quantize, "quantize_modules": quantize_modules, "use_dora": bool(use_dora),
                 "chunked_loss": bool(chunked_loss), "target_parameters": lora_config.target_parameters,
-                "devices": layout.devices, "strategy": layout.strategy}
+                "devices": layout.devices, "strategy": layout.strategy, "frozen_adapters": frozen_adapters}
     cfg = {"model_type": getattr(config, "model_type", None), "hidden_size": sh.hidden,
            "intermediate_size": sh.intermediate, "num_hidden_layers": sh.layers, "num_attention_heads": sh.heads,
            "num_key_value_heads": sh.kv_heads, "head_dim": sh.head_dim, "vocab_size": sh.vocab,

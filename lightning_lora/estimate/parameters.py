@@ -2,7 +2,8 @@
 
 `_inventory` lists every parameter of a (meta-device) model once, with its FSDP unit and its place in the
 gradient timeline; `_quantized_weights` picks the linear weights stored in 4 bits (QLoRA) and
-`_dora_magnitudes` adds DoRA's magnitude vectors; `_grads`, `_optimizer_bytes`, `_step_temp` and
+`_dora_magnitudes` adds DoRA's magnitude vectors, `_frozen_adapters` the frozen copies of the adapter carried next
+to the trained one (several adapters per model); `_grads`, `_optimizer_bytes`, `_step_temp` and
 `_fsdp_in_flight` sum what a rank holds (`sharding.Layout`).
 
 Example:
@@ -186,6 +187,32 @@ def _dora_magnitudes(model: torch.nn.Module) -> list[_Param]:
         extra.append(_Param(numel=numel, elem=layer.lora_A.weight.element_size(), trainable=True, rows=out_f,
                             unit=unit, place=place))
     return extra
+
+
+def _frozen_adapters(model: torch.nn.Module, copies: int, by_id: dict[int, _Param],
+                     magnitudes: Sequence[_Param] = ()) -> list[_Param]:
+    """`copies` more adapters of the injected adapter's config, carried frozen (several adapters per model: the
+    trained one plus `copies` loaded or earlier ones): each adapted layer's `lora_A` / `lora_B` (`by_id`: the
+    model's `_inventory`) and DoRA's `magnitudes` once more per copy, in the same dtype, FSDP unit and place, not
+    trainable (no gradient, no optimizer state).
+
+    Example:
+        >>> from lightning_lora import LoRAConfig, inject_lora
+        >>> m = torch.nn.Sequential(); m.add_module("q_proj", torch.nn.Linear(16, 8))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> [(p.numel, p.elem, p.trainable) for p in _frozen_adapters(m, 1, _inventory(m)[0])]  # A 2x16, B 8x2
+        [(32, 4, False), (16, 4, False)]
+    """
+    if copies <= 0:
+        return []
+    one: list[_Param] = []
+    for _, layer in lora_layers(model):
+        for part in ("lora_A", "lora_B"):
+            module = getattr(layer, part, None)
+            if isinstance(module, torch.nn.Module):
+                one += [by_id[id(p)] for p in module.parameters(recurse=False) if id(p) in by_id]
+    one += list(magnitudes)
+    return [_Param(p.numel, p.elem, False, p.rows, p.unit, p.place) for _ in range(copies) for p in one]
 
 
 # ---------------------------------------------------------------------------------- the breakdown

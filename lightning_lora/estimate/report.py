@@ -52,6 +52,9 @@ class MemoryBreakdown:
         effective_weights: `target_parameters` adapters: the `W + delta` copies of the adapted parameters
             (an expert stack each) that the forward builds and keeps for backward, plus the gradient of the
             largest in backward (part of `activations`).
+        frozen_adapter_params: the parameters of the frozen adapters carried next to the trained one
+            (`estimate_memory(frozen_adapters=N)`: N copies of the adapter; part of `total_params`).
+        frozen_adapter_weights: their bytes (part of `weights`); they have no gradients and no optimizer state.
 
     Example:
         >>> b = MemoryBreakdown(10, 10, 40, 40, 80, 100, 0, 220)
@@ -72,6 +75,8 @@ class MemoryBreakdown:
     magnitude_params: int = 0
     communication: int = 0
     effective_weights: int = 0
+    frozen_adapter_params: int = 0
+    frozen_adapter_weights: int = 0
 
     @property
     def sum_of_parts(self) -> int:
@@ -169,9 +174,11 @@ def _column_names(est: Estimate) -> list[str]:
     s = est.settings
     targets = s["target_modules"] if isinstance(s["target_modules"], str) else ", ".join(s["target_modules"])
     kind = "DoRA" if s.get("use_dora") else "LoRA"
-    names = ["full fine-tune", f"{kind} r={s['r']} ({targets})"]
+    frozen = s.get("frozen_adapters", 0)
+    more = f" + {frozen} frozen" if frozen else ""  # adapters of the same config, next to the trained one
+    names = ["full fine-tune", f"{kind} r={s['r']} ({targets}){more}"]
     if est.qlora is not None:
-        names.append(f"Q{kind} ({s['quantize']}, {s['quantize_modules']})")
+        names.append(f"Q{kind} ({s['quantize']}, {s['quantize_modules']}){more}")
     return names
 
 
@@ -208,6 +215,11 @@ def tables(est: Estimate, per_layer: bool = False) -> list[Any]:
     if any(c.quantized_weights for c in cols):
         row("  of which 4-bit (codes + scales)",
             [format_bytes(c.quantized_weights) if c.quantized_weights else "-" for c in cols])
+    frozen = s.get("frozen_adapters", 0)
+    if frozen and any(c.frozen_adapter_params for c in cols):
+        row(f"  of which {frozen} frozen adapter{'s' if frozen > 1 else ''}",
+            [f"{format_bytes(c.frozen_adapter_weights)} ({c.frozen_adapter_params:,} params)"
+             if c.frozen_adapter_params else "-" for c in cols])
     for label, key in (("gradients", "gradients"), ("optimizer state", "optimizer"), ("activations", "activations")):
         row(label, [format_bytes(getattr(c, key)) for c in cols])
     if any(c.dequant_temp for c in cols):

@@ -452,6 +452,10 @@ def refuse_unshardable_layers(module: nn.Module) -> None:
     if found is not None:
         name, layer = found
         raise LoRAError(f"{name} ({layer.base_cls.__name__}): {type(layer).fsdp_refusal}.")
+    several = next((name for name, layer in lora_layers(module) if len(layer.adapter_names()) > 1), None)
+    if several is not None:
+        raise LoRAError(f"{several} holds several adapters ({module.get_submodule(several).adapter_names()}); FSDP "
+                        "shards one adapter per layer: delete_adapter the others, or train on one GPU / with DDP.")
 
 
 __all__ = ["ADAPTER_UNITS", "FSDPOptions", "Unit", "broadcast_adapters", "decoder_layers", "injecting_with",

@@ -97,6 +97,8 @@ class LoRAMultiheadAttention(LoRALayer):
         ((48, 4), 'LoRALinear')
     """
 
+    several_adapters = False  # one adapter per layer: its forward is its own
+
     _base_attrs = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first",
                    "head_dim", "add_zero_attn", "bias_k", "bias_v")
     peft_layer_type: ClassVar[str] = "mha"

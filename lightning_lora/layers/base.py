@@ -39,7 +39,8 @@ from lightning_lora._kernels import (
     mask_source,
 )
 from lightning_lora.errors import LoRAError
-from lightning_lora.variants import LoRAVariant, resolve_variants, variant_tensor_names
+from lightning_lora.layers.slots import SeveralAdapters, set_up_adapter
+from lightning_lora.variants import LoRAVariant, variant_tensor_names
 from lightning_lora.variants.pissa import load_init_adapters
 
 
@@ -89,7 +90,7 @@ class AdapterPath(enum.Enum):
 FUSED_PATHS = frozenset({AdapterPath.DROPOUT, AdapterPath.CAST, AdapterPath.ADDMM})
 
 
-class LoRALayer(nn.Module):
+class LoRALayer(SeveralAdapters, nn.Module):
     """Base class of the adapter layers. Holds the base layer's parameters and A, B.
 
     A layer type (a subclass, registered with `register_adapter_type`) says how the base computes
@@ -135,35 +136,13 @@ class LoRALayer(nn.Module):
         **variant_fields: Any,
     ) -> None:
         super().__init__()
-        variants = resolve_variants(type(self), base, use_dora=use_dora, init=init, **variant_fields)
-        if r <= 0:
-            raise LoRAError(f"r={r} is invalid; expected an integer > 0.")
         self.base_cls = type(base)
         # the very same Parameter/buffer objects: no copy, keys unchanged
         _share_state(base, self, self._base_attrs)
-
-        weight = type(self).base_weight(base)
-        dtype = adapter_dtype if adapter_dtype is not None else weight.dtype
-        #: with an explicit adapter dtype, module-wide dtype casts leave A and B alone (see `_apply`)
-        self.keep_adapter_dtype = adapter_dtype is not None
-        self.r = int(r)
-        self.lora_alpha = float(alpha)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = self.lora_alpha / (math.sqrt(self.r) if use_rslora else self.r)
-        self.lora_A, self.lora_B = self.adapter_modules(in_features, out_features, self.r, weight.device, dtype)
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
+        set_up_adapter(self, self, base, in_features, out_features, r=r, alpha=alpha, dropout=dropout,
+                       use_rslora=use_rslora, init=init, adapter_dtype=adapter_dtype, use_dora=use_dora,
+                       **variant_fields)
         self.lora_enabled = True
-        #: the options as given (recorded: what the layer computes is up to `variants`)
-        self.init = init
-        self.use_dora = bool(use_dora)
-        self.variants = variants
-        self._forward_variant = next((v for v in variants if v.owns_forward), None)
-        self._merge_variant = next((v for v in variants if v.owns_merge), None)
-        if not any(v.sets_adapters for v in variants):
-            self.reset_lora_parameters(init)
-        for variant in sorted(variants, key=lambda v: not v.sets_adapters):  # those that set A, B first
-            variant.init(self, dtype)
         # Take the base layer's mode for the new submodules too (lora_dropout!): an adapter injected
         # into a model in eval mode must not apply dropout.
         self.train(base.training)
@@ -457,6 +436,8 @@ class LoRALayer(nn.Module):
             for variant in self.variants:
                 result = variant.disabled_forward(self, x, result)
             return result
+        if self._active is not None or self._mixed is not None:  # several adapters (`layers.slots`)
+            return self._several_forward(x)
         path = self._fused_path(x)
         if path is AdapterPath.DORA:
             return self._forward_variant.forward(self, x, self.base_forward(x))  # type: ignore[union-attr]
@@ -480,7 +461,8 @@ class LoRALayer(nn.Module):
         through `.data`."""
         for variant in self.variants:
             variant.forget_cache(self)
-
+        for slot in self._slots().values():
+            slot.forget_cached()
 
     # ------------------------------------------------------------------ merge
     def weight_norm(self) -> float:
@@ -546,11 +528,18 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight (delta in float32, written in the weight's dtype)."""
+        """Fold the adapter into the base weight (delta in float32, written in the weight's dtype); with
+        several adapters, each active one in turn (PEFT's `merge` of the active adapters)."""
         if self.merged:
             return
         w = self.weight
-        w.copy_(self.merged_weight(w, self.delta_weight()))
+        if self._active is not None:
+            for name in self._active:
+                slot = self.adapter_slot(name)
+                w.copy_(slot.merged_weight(w, slot.delta_weight()))
+            self._merged_names = self._active
+        else:
+            w.copy_(self.merged_weight(w, self.delta_weight()))
         self.merged = True
 
     @torch.no_grad()
@@ -565,7 +554,13 @@ class LoRALayer(nn.Module):
         if not self.merged:
             return
         w = self.weight
-        w.copy_(self.unmerged_weight(w, self.delta_weight()))
+        if self._merged_names:
+            for name in reversed(self._merged_names):
+                slot = self.adapter_slot(name)
+                w.copy_(slot.unmerged_weight(w, slot.delta_weight()))
+            self._merged_names = ()
+        else:
+            w.copy_(self.unmerged_weight(w, self.delta_weight()))
         self.merged = False
 
     def to_base_module(self) -> nn.Module:

@@ -123,6 +123,8 @@ class LoRAParameter(LoRALayer):
         ((2, 6), (4, 2), 1)
     """
 
+    several_adapters = False  # one adapter per layer: its forward is its own
+
     peft_layer_type: ClassVar[str] = "param"
     fsdp_refusal: ClassVar[str | None] = (
         "target_parameters is not supported under FSDP (ModelParallelStrategy / FSDPStrategy) yet: the adapter builds "

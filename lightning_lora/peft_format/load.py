@@ -45,11 +45,18 @@ from lightning_lora.peft_format.keys import (
     from_peft_key,
 )
 from lightning_lora.surgery import (
+    adapter_names,
+    delete_adapter,
     find_network,
     find_target_modules,
     find_target_parameters,
     inject_and_load,
+    inject_lora,
+    load_lora_state_dict,
     lora_layers,
+    lora_states,
+    set_adapter,
+    solo,
 )
 
 
@@ -263,12 +270,24 @@ def lora_config_from_peft(cfg: dict[str, Any], network: nn.Module | None = None)
 
 
 def _inject_and_load(model: nn.Module, network: nn.Module, prefix: str, config: LoRAConfig,
-                     state: dict[str, torch.Tensor], source: Path, trainable: bool, config_prefix: str = "") -> list[str]:
-    if any(True for _ in lora_layers(network)):
-        raise LoRAError(f"This {type(network).__name__} already has LoRA adapters; load {source} into a fresh base "
-                        "model, or call merge_and_unload(model) or unload(model) first.")
+                     state: dict[str, torch.Tensor], source: Path, trainable: bool, config_prefix: str = "",
+                     adapter_name: str | None = None, hotswap: bool = False) -> list[str]:
+    present = any(True for _ in lora_layers(network))
+    if hotswap:
+        return _hotswap(network, prefix, config, state, source, adapter_name)
+    if present and adapter_name is None:
+        raise LoRAError(f"This {type(network).__name__} already has LoRA adapters ({adapter_names(network)}); pass "
+                        f"adapter_name= to load {source} beside them, or load it into a fresh base model, or call "
+                        "merge_and_unload(model) or unload(model) first.")
     try:
-        names = inject_and_load(network, config, state, prefix=config_prefix, trainable=trainable)
+        if present:
+            names = _add_and_load(network, config, state, config_prefix, adapter_name, trainable)
+        else:
+            names = inject_and_load(network, config, state, prefix=config_prefix, trainable=trainable)
+            if adapter_name is not None:
+                lora_states(network)[0][1].adapter_name = adapter_name
+                for _, layer in lora_layers(network):
+                    layer.adapter_name = adapter_name
     except AdapterFormatError:
         raise
     except LoRAError as err:
@@ -276,8 +295,53 @@ def _inject_and_load(model: nn.Module, network: nn.Module, prefix: str, config: 
     return [_join(prefix, n) for n in names]
 
 
+def _add_and_load(network: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor], config_prefix: str,
+                  adapter_name: str, trainable: bool) -> list[str]:
+    """Add adapter `adapter_name` beside the network's adapters and load it; like PEFT's `load_adapter`, it does
+    not run until `set_adapter` (nor train, unless `trainable`). On any error it is removed again."""
+    record = lora_states(network)[0][1]
+    active, trainable_names = record.active, record.trainable
+    names = inject_lora(network, config, prefix=config_prefix, adapter_name=adapter_name)
+    try:
+        load_lora_state_dict(network, state, adapter_name=adapter_name)
+    except BaseException:
+        delete_adapter(network, adapter_name)
+        record.active, record.trainable = active, trainable_names
+        raise
+    active = active if active is not None else [record.adapter_name]
+    set_adapter(network, active, trainable=(trainable_names if trainable_names is not None else active)
+                + ([adapter_name] if trainable else []))
+    return names
+
+
+def _hotswap(network: nn.Module, prefix: str, config: LoRAConfig, state: dict[str, torch.Tensor], source: Path,
+             adapter_name: str | None) -> list[str]:
+    """Copy the weights of `state` into the existing adapter `adapter_name`, in place (the same tensors: a compiled
+    model keeps its graphs), after checking every key and shape; its scaling becomes the file's."""
+    if adapter_name is None or not lora_states(network) or adapter_name not in adapter_names(network):
+        known = adapter_names(network) if lora_states(network) else []
+        raise LoRAError(f"hotswap=True replaces the weights of an adapter already loaded; adapter_name={adapter_name!r} "
+                        f"is not one (this model has {known}). Load it first without hotswap.")
+    try:
+        with solo(network, adapter_name):
+            load_lora_state_dict(network, state)
+            for name, layer in lora_layers(network):
+                full = _join(config_prefix_of(network), name)
+                layer.lora_alpha = config.alpha_for(full)
+                layer.scaling = layer.lora_alpha / (layer.r ** 0.5 if layer.use_rslora else layer.r)
+            names = [n for n, _ in lora_layers(network)]
+    except LoRAError as err:
+        raise AdapterFormatError(f"{source}: {err} (hotswap needs an adapter of the same shapes)") from None
+    return [_join(prefix, n) for n in names]
+
+
+def config_prefix_of(network: nn.Module) -> str:
+    """The prefix the network's adapters were matched at (`LoRAState.prefix`)."""
+    return lora_states(network)[0][1].prefix
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False,
-                 quantize_base: str | None = None) -> list[str]:
+                 quantize_base: str | None = None, adapter_name: str | None = None, hotswap: bool = False) -> list[str]:
     """Inject adapters into a base model and load their weights from a PEFT directory or a checkpoint.
 
     `path` is either a PEFT LoRA adapter directory (written by `save_adapter` or by PEFT's
@@ -300,6 +364,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
             bitsandbytes 4-bit base; default: as the adapter's own config says (a `.ckpt` of a
             QLoRA run quantizes, a PEFT directory does not). A model quantized with bitsandbytes
             needs nothing: its layers take the adapters as they are.
+        adapter_name: the adapter's name (default "default"). On a model that has adapters, the adapter is
+            added beside them under this name (required then); as PEFT's `load_adapter` it does not run until
+            `set_adapter` and trains only with `trainable=True`. A PEFT multi-adapter directory holds the
+            others in subfolders: `path/<adapter_name>/` is read when it exists.
+        hotswap: copy the file's weights into the existing adapter `adapter_name` in place (same shapes; its
+            scaling becomes the file's): a `torch.compile`d model runs the new adapter without recompiling
+            when the scaling is unchanged. PEFT's `hotswap_adapter`.
 
     Returns:
         The names of the adapted modules, relative to `model`.
@@ -315,8 +386,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         ['model.layers.0.self_attn.q_proj']
     """
     path = Path(path)
+    if adapter_name is not None and (path / adapter_name / ADAPTER_CONFIG_NAME).is_file():
+        path = path / adapter_name  # PEFT's layout: every adapter but "default" in a subfolder of its name
     if path.is_file():
-        return _load_checkpoint_adapter(model, path, trainable, quantize_base)
+        return _load_checkpoint_adapter(model, path, trainable, quantize_base, adapter_name, hotswap)
     if not path.exists():
         raise AdapterFormatError(f"{path} does not exist; expected a PEFT adapter directory ({ADAPTER_CONFIG_NAME} + "
                                  f"{ADAPTER_WEIGHTS_NAME}) or an adapter-only .ckpt file.")
@@ -344,7 +417,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         held = f"holds DoRA magnitude vectors ({magnitudes[0]}, ...)" if magnitudes else "holds no DoRA magnitude vectors"
         raise AdapterFormatError(f"{weights_path} {held} but {path / ADAPTER_CONFIG_NAME} says use_dora="
                                  f"{config.use_dora}; the two files do not belong together. Re-export the adapter.")
-    return _inject_and_load(model, network, prefix, config, state, weights_path, trainable)
+    return _inject_and_load(model, network, prefix, config, state, weights_path, trainable,
+                            adapter_name=adapter_name, hotswap=hotswap)
 
 
 def _parameter_keys_from_peft(state: dict[str, torch.Tensor], network: nn.Module, config: LoRAConfig,
@@ -364,9 +438,10 @@ def _parameter_keys_from_peft(state: dict[str, torch.Tensor], network: nn.Module
     return out
 
 
-def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool, quantize_base: str | None = None) -> list[str]:
+def _load_checkpoint_adapter(model: nn.Module, path: Path, trainable: bool, quantize_base: str | None = None,
+                             adapter_name: str | None = None, hotswap: bool = False) -> list[str]:
     ckpt = read_checkpoint(path)
     prefix, network = find_network(model)
     config = ckpt.config if quantize_base is None else dataclasses.replace(ckpt.config, quantize_base=quantize_base)
     return _inject_and_load(model, network, prefix, config, ckpt.state_dict, path, trainable,
-                            config_prefix=ckpt.model_prefix)
+                            config_prefix=ckpt.model_prefix, adapter_name=adapter_name, hotswap=hotswap)

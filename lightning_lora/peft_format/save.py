@@ -55,6 +55,7 @@ from lightning_lora.peft_format.load import (
 )
 from lightning_lora.surgery import (
     TASK_HEADS,
+    adapter_names,
     compute_trainable_keys,
     embedding_keys,
     find_network,
@@ -64,6 +65,7 @@ from lightning_lora.surgery import (
     lora_layers,
     lora_state_dict,
     lora_states,
+    solo,
 )
 from lightning_lora.variants.pissa import converted_alpha, skip_base_init, to_plain_lora
 
@@ -213,20 +215,25 @@ def _plain_lora_from_base_init(tensors: dict[str, torch.Tensor], layers: dict[st
     return out, new_layers, plain
 
 
-def _write_peft_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
-                    overwrite: bool) -> Path:
+def _write_peft_files(tmp: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], directory: Path) -> None:
+    """Write one adapter's two files into `tmp` and read them back (a write that went wrong never lands)."""
     from safetensors.torch import save_file
 
+    tmp.mkdir(exist_ok=True)
     prepared = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(prepared, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    written, _ = _read_tensors(tmp)
+    if written.keys() != prepared.keys() or not all(_same_bytes(written[k], v) for k, v in prepared.items()) \
+            or read_adapter_config(tmp) != cfg:
+        raise AdapterFormatError(f"{directory}: the adapter read back differs from what was written; nothing "
+                                 "was written. Check the disk (space, permissions) and try again.")
+
+
+def _write_peft_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], cfg: dict[str, Any],
+                    overwrite: bool) -> Path:
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        save_file(prepared, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        # read back what was written before it is renamed into place: a write that went wrong never lands
-        written, _ = _read_tensors(tmp)
-        if written.keys() != prepared.keys() or not all(_same_bytes(written[k], v) for k, v in prepared.items()) \
-                or read_adapter_config(tmp) != cfg:
-            raise AdapterFormatError(f"{directory}: the adapter read back differs from what was written; nothing "
-                                     "was written. Check the disk (space, permissions) and try again.")
+        _write_peft_files(tmp, tensors, cfg, Path(directory))
     return Path(directory)
 
 
@@ -282,12 +289,16 @@ def to_peft(model: nn.Module, config: LoRAConfig | None = None,
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRAConfig | None = None,
-                 base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+                 base_model_name_or_path: str | None = None, overwrite: bool = False,
+                 selected_adapters: list[str] | None = None) -> Path:
     """Write the adapters of `model` as a PEFT LoRA adapter directory.
 
     Writes `adapter_model.safetensors` (metadata `{"format": "pt"}`) and `adapter_config.json`,
     which `peft.PeftModel.from_pretrained(base_model, directory)` loads with no missing or unexpected
     keys. The directory is written atomically (a temporary directory next to it, then a rename).
+    A model with several adapters is written in PEFT's layout (`PeftModel.save_pretrained`): the adapter
+    named "default" at the top, every other one in a subfolder of its name, each with its two files and
+    the keys it would have alone (`peft.PeftModel.load_adapter(f"{directory}/fr", "fr")` reads it).
 
     Args:
         model: the network the adapters were injected into (a transformers model), or any module
@@ -297,13 +308,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
         config: the `LoRAConfig` used for injection; default: the one `inject_lora` stored on `model`.
         base_model_name_or_path: written to the JSON; default `model.name_or_path` (None when empty).
         overwrite: replace an existing non-empty `directory` (atomically).
+        selected_adapters: the adapters to write (default: all of them; PEFT's name).
 
     Returns:
         The output directory.
 
     Raises:
         FileExistsError: `directory` exists and is not empty, and `overwrite` is False.
-        LoRAError: `model` has no adapters.
+        LoRAError: `model` has no adapters; an unknown name in `selected_adapters`; `config` with several.
 
     Example:
         >>> from lightning_lora import LoRAConfig, inject_lora
@@ -311,8 +323,23 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
         >>> save_adapter(model, "out/adapter")                                              # doctest: +SKIP
         PosixPath('out/adapter')
     """
-    tensors, cfg = to_peft(model, config=config, base_model_name_or_path=base_model_name_or_path)
-    return _write_peft_dir(directory, tensors, cfg, overwrite)
+    states = lora_states(model)
+    several = selected_adapters is not None or any(st.others for _, st in states)
+    if not several:
+        tensors, cfg = to_peft(model, config=config, base_model_name_or_path=base_model_name_or_path)
+        return _write_peft_dir(directory, tensors, cfg, overwrite)
+    if config is not None:
+        raise LoRAError("config= describes one adapter; a model with several adapters writes each with its own "
+                        "config (leave config out, or choose one adapter with selected_adapters=[name]).")
+    names = adapter_names(model) if selected_adapters is None else list(selected_adapters)
+    written = []
+    for name in names:
+        with solo(model, name):
+            written.append((name, *to_peft(model, base_model_name_or_path=base_model_name_or_path)))
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        for name, tensors, cfg in written:
+            _write_peft_files(tmp if name == "default" else tmp / name, tensors, cfg, Path(directory))
+    return Path(directory)
 
 
 def _checkpoint_layers(ckpt: AdapterCheckpoint,

@@ -37,6 +37,7 @@ class LoRAQuantizedLinear(LoRALinear):
 
     _fusable = True
     takes_model_dtype = True
+    several_adapters = False  # one adapter on a quantized base (QLoRA)
     dense_dtype: torch.dtype | None
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, *, adapter_dtype: torch.dtype | None = torch.float32,

@@ -16,10 +16,13 @@ One concept per module, each importing only those before it:
   is read from it: adapter layers, trainable and saved keys, `lora_parameters`, `find_network`.
 - `targets`: what an injection touches: target modules, `modules_to_save`, trainable keys,
   `networks_to_skip`.
-- `inject`: `inject_lora`, `unload`.
+- `inject`: `inject_lora` (the first adapter), `unload`.
+- `adapters`: several adapters: `inject_lora(..., adapter_name=)`, `set_adapter`, `delete_adapter`,
+  `mixed_batch`, `solo` (one adapter seen alone).
 - `load`: adapter state dicts: `lora_state_dict`, `load_lora_state_dict`, `inject_and_load`.
 - `merge`: `merge_and_unload`, `unmerge_and_reinject`, `merge_adapter` / `unmerge_adapter`, `disable_lora`.
 - `optimizers`: `restrict_optimizers`.
+- `weighted`: `add_weighted_adapter` (the math in `lightning_lora.combine`).
 - `statistics`: counts, `parameter_summary`, norms, `AdapterProbe`.
 
 Example:
@@ -37,10 +40,19 @@ Example:
 """
 
 from lightning_lora.surgery._paths import _without_wrappers
+from lightning_lora.surgery.adapters import (
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    inject_lora,
+    mixed_batch,
+    set_adapter,
+    solo,
+    trainable_adapters,
+)
 from lightning_lora.surgery.inject import (
     enable_input_grads_for_checkpointing,
     floating_dtype,
-    inject_lora,
     unload,
 )
 from lightning_lora.surgery.load import (
@@ -65,6 +77,7 @@ from lightning_lora.surgery.state import (
     STATE_ATTR,
     LoRAState,
     MergedAdapters,
+    adapter_keys,
     find_network,
     get_lora_config,
     get_lora_state,
@@ -104,6 +117,7 @@ from lightning_lora.surgery.transformers_lookup import (
     task_head_names,
     vocab_rows,
 )
+from lightning_lora.surgery.weighted import add_weighted_adapter
 
 __all__ = [
     "HEAD_NAMES",
@@ -115,10 +129,15 @@ __all__ = [
     "MergedAdapters",
     "ParameterSummary",
     "_without_wrappers",
+    "active_adapters",
+    "add_weighted_adapter",
+    "adapter_keys",
+    "adapter_names",
     "adapter_grad_norm",
     "base_vocab_size",
     "compute_trainable_keys",
     "count_parameters",
+    "delete_adapter",
     "delta_ratio",
     "disable_lora",
     "embedding_keys",
@@ -147,14 +166,18 @@ __all__ = [
     "merge_adapter",
     "merge_and_unload",
     "merged_config",
+    "mixed_batch",
     "networks_to_skip",
     "output_head_names",
     "parameter_summary",
     "restrict_optimizer",
     "restrict_optimizers",
     "saved_keys",
+    "set_adapter",
+    "solo",
     "state_dict_problems",
     "task_head_names",
+    "trainable_adapters",
     "trainable_keys",
     "unload",
     "unmerge_adapter",

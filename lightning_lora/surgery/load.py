@@ -17,15 +17,18 @@ from torch import nn
 
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import LoRAError, listed
+from lightning_lora.surgery.adapters import solo
 from lightning_lora.surgery.inject import inject_lora, unload
 from lightning_lora.surgery.state import is_lora_key, lora_layers, saved_keys
 from lightning_lora.surgery.transformers_lookup import embedding_keys
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """Only what LoRA training changes: `lora_A`/`lora_B` weights, plus trainable biases and the
     state of `modules_to_save` (and the embedding matrices of a resized vocabulary, see
-    `saved_keys`). Keys are the model's own state-dict keys.
+    `saved_keys`). Keys are the model's own state-dict keys. With `adapter_name`, that adapter's
+    tensors under the keys it would have were it the model's only adapter (`...q_proj.lora_A.weight`;
+    `lightning_lora.surgery.solo`).
 
     Example:
         >>> from torch import nn
@@ -34,6 +37,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         >>> sorted(lora_state_dict(m))
         ['q_proj.lora_A.weight', 'q_proj.lora_B.weight']
     """
+    if adapter_name is not None:
+        with solo(model, adapter_name):
+            return lora_state_dict(model)
     full = model.state_dict()
     return {k: full[k] for k in saved_keys(model) if k in full}
 
@@ -66,9 +72,10 @@ def state_dict_problems(expected: dict[str, torch.Tensor], state_dict: dict[str,
     return parts
 
 
-def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
     """Load adapter weights strictly: missing, unexpected and wrongly shaped keys are one error.
-    Values are copied into the existing parameters (cast to their dtype and device).
+    Values are copied into the existing parameters (cast to their dtype and device). With `adapter_name`,
+    into that adapter, `state_dict` keyed as `lora_state_dict(model, adapter_name=)` gives.
 
     Raises:
         LoRAError: listing every missing, unexpected and mis-shaped key.
@@ -81,6 +88,9 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         >>> m.q_proj.lora_B.weight.sum().item()
         8.0
     """
+    if adapter_name is not None:
+        with solo(model, adapter_name):
+            return load_lora_state_dict(model, state_dict)
     expected = lora_state_dict(model)
     problems = state_dict_problems(expected, state_dict, unexpected=True)
     if problems:

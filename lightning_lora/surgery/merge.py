@@ -67,6 +67,10 @@ def merge_and_unload(model: nn.Module, keep: bool = False, dtype: torch.dtype | 
     for name, layer in lora_layers(model):  # before anything is changed (a grouped conv cannot be merged)
         layer.check_merge(name)
     states = lora_states(model)
+    if keep and any(state.others for _, state in states):
+        raise LoRAError("merge_and_unload(keep=True) keeps one adapter to re-inject; this model has several "
+                        f"({[n for _, st in states for n in (st.adapter_name, *st.others)]}); delete_adapter the others, or "
+                        "save them first (save_adapter) and merge without keep.")
     quantized = dequantize_for_merge(model, dtype)
     record = None
     if keep:

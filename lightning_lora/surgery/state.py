@@ -78,6 +78,12 @@ class LoRAState:
     requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
     untied: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
     originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: the adapter's name (`inject_lora(..., adapter_name=)`); the model's other adapters' records, by name, each
+    #: as `inject_lora` made it for that adapter alone; the adapters that run and those that train (None: this one)
+    adapter_name: str = "default"
+    others: dict[str, LoRAState] = field(default_factory=dict, repr=False)
+    active: list[str] | None = None
+    trainable: list[str] | None = None
 
 
 @dataclass
@@ -229,7 +235,46 @@ def trainable_keys(model: nn.Module) -> list[str]:
     states = lora_states(model)
     if not states:
         raise LoRAError("This model has no LoRA adapters; call inject_lora(model, LoRAConfig(...)) first.")
-    return [_join(path, k) for path, state in states for k in state.trainable_keys]
+    return [k for path, state in states
+            for k in (several_trainable_keys(model, path, state) if state.others or state.active is not None
+                      else [_join(path, k) for k in state.trainable_keys])]
+
+
+def adapter_keys(model: nn.Module, adapter_name: str) -> list[str]:
+    """The state-dict keys of adapter `adapter_name`'s tensors in `model` (A, B, the variants' tensors), in
+    state-dict order; its trained biases / `modules_to_save` are not included (see `trainable_keys`).
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_lora import LoRAConfig, inject_lora
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="fr")
+        >>> adapter_keys(m, "fr")
+        ['q_proj.lora_adapters.fr.lora_A.weight', 'q_proj.lora_adapters.fr.lora_B.weight']
+    """
+    keys: list[str] = []
+    for path, layer in lora_layers(model):
+        slot = layer.adapter_slot(adapter_name)
+        if slot is layer:
+            keys += [_join(path, k) for k in layer.state_dict(keep_vars=True)
+                     if is_lora_key(k) and not k.startswith("lora_adapters.")]
+        elif slot is not None:
+            keys += [_join(path, f"lora_adapters.{adapter_name}.{k}") for k in slot.state_dict(keep_vars=True)]
+    return keys
+
+
+def several_trainable_keys(model: nn.Module, path: str, state: LoRAState) -> list[str]:
+    """`trainable_keys` of a record with several adapters: the keys of each trainable adapter (and the first's
+    trained biases / `modules_to_save` when it trains), relative to `model`."""
+    root = model.get_submodule(path) if path else model
+    names = state.trainable if state.trainable is not None else (state.active or [state.adapter_name])
+    keys: list[str] = []
+    for name in names:
+        if name == state.adapter_name:
+            keys += [k for k in state.trainable_keys if not is_lora_key(k)]
+        keys += adapter_keys(root, name)
+    return [_join(path, k) for k in dict.fromkeys(keys)]
 
 
 def saved_keys(model: nn.Module) -> list[str]:
