@@ -39,6 +39,10 @@ Checks (test id `test_conformance[<row>-<check>]`):
   `adapter_dtype=None` they follow the base); quantized storage is untouched (the same NF4 tensors); the
   model then computes in bf16, within bf16 rounding of what it computed before the cast.
 
+Two adapters on one model (issue 23) have their own small matrix, `TWO_ROWS` x `TWO_CHECKS`
+(`test_two_adapters[<row>-<check>]`: PEFT parity of each adapter alone and both active in both directions,
+merge, mixed batches) and `test_two_adapters_refused` for the layer kinds that hold one adapter only.
+
 Refused combinations are not rows: `test_refused_combinations_stay_errors` holds them. Rows where
 `merge_adapter` is refused say why (`Row.merge_adapter_refused`): on an embedding whose weight is tied to the
 output head, folding the delta in would change the head too (`merge_and_unload` unties first); the check is
@@ -66,6 +70,8 @@ from lightning_lora import (
     LoRAConfig,
     LoRAConfigError,
     LoRAError,
+    active_adapters,
+    adapter_names,
     disable_lora,
     inject_lora,
     load_adapter,
@@ -74,7 +80,9 @@ from lightning_lora import (
     lora_state_dict,
     merge_adapter,
     merge_and_unload,
+    mixed_batch,
     save_adapter,
+    set_adapter,
     unload,
     unmerge_adapter,
     unmerge_and_reinject,
@@ -789,3 +797,305 @@ def test_callback_checkpoint_round_trip(row_id, tmp_path):
     pl.Trainer(callbacks=[LoRA(**row.lora_config().to_dict(), merge_on_fit_end=False)], **kwargs).validate(
         restored, dataloaders=restored.loader(), ckpt_path=str(path), verbose=False)
     assert torch.equal(restored.builder.run(restored.net.eval(), x), expected)
+
+
+# ------------------------------------------------------------------------------------------------ two adapters (issue 23)
+# The two-adapter matrix (issue 23): every `TwoRow` injects adapter "default" (`first`) and then adapter "second"
+# (`second`: its own r, alpha, targets, variant) into one model, gives every adapter tensor of both nonzero values,
+# and goes through `TWO_CHECKS`:
+#
+# * `peft_export`: `save_adapter` writes PEFT's multi-adapter layout ("default" at the root, "second" in
+#   `second/`); `PeftModel.from_pretrained` + `load_adapter(..., "second")` computes our outputs with "default"
+#   alone, "second" alone and both active (`set_adapter` on both sides), within `TWO_TOL`.
+# * `peft_import`: PEFT's model with the same two adapters (`get_peft_model` + `add_adapter`, nonzero tensors)
+#   written by `save_pretrained`; our `load_adapter(model, dir)` + `load_adapter(model, dir, adapter_name="second")`
+#   computes PEFT's outputs for each adapter alone and both active.
+# * `merge`: `merge_and_unload` with both active (and with "second" alone) gives the base's keys and computes
+#   what the active adapters computed.
+# * `mixed`: inside `mixed_batch`, rows given "default", "second" and "__base__" compute what the model computes
+#   with that adapter alone (the base) on the same rows.
+#
+# Several DoRA adapters active are PEFT's: each sees the layer's output so far (PEFT's `LoraLayer.forward` passes
+# `result` as DoRA's `base_result`), and `merge` takes each one's weight norm from the unmerged base weight
+# (PEFT's `_unmerged_base_weight`), so PEFT's forward equals its merge: rows `*-dora` / `*-lora-then-dora`.
+#
+# Layer kinds that hold one adapter only (an NF4 base, `target_parameters`, `nn.MultiheadAttention`) are
+# `TWO_REFUSED` cases: adding a second adapter there raises a `LoRAError` naming the layer (or the option),
+# leaves the model as it was, and the same adapter on another layer of the model is accepted.
+
+SECOND = "second"
+#: fp32 / fp64: PEFT's outputs vs ours, merged vs adapted, mixed rows vs alone (relative to the largest output, >= 1)
+TWO_TOL = 1e-5
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class TwoRow:
+    """Two adapters on one model.
+
+    Attributes:
+        id: the test id.
+        model: key of `BUILDERS`.
+        layer: the layer type(s) adapted (documentation).
+        first: `LoRAConfig` keywords of adapter "default" (r=4, alpha=8 unless given).
+        second: `LoRAConfig` keywords of adapter "second" (r=2, alpha=6 unless given).
+        dtype: the base model's dtype (float64: the adapters follow the base, `adapter_dtype=None`).
+    """
+
+    id: str
+    model: str
+    layer: str
+    first: dict[str, Any]
+    second: dict[str, Any]
+    dtype: torch.dtype = F32
+
+    def configs(self) -> dict[str, LoRAConfig]:
+        own = {} if self.dtype is F32 else {"adapter_dtype": None}
+        return {"default": LoRAConfig(**{"r": 4, "alpha": 8, **own, **self.first}),
+                SECOND: LoRAConfig(**{"r": 2, "alpha": 6, **own, **self.second})}
+
+
+CONV = ["c1", "c2"]
+TWO_ROWS = [
+    # ---------------------------------------------------------------- Linear
+    TwoRow("llama-linear", "llama", "linear", dict(target_modules=QV), dict(target_modules=["q_proj", "down_proj"])),
+    TwoRow("llama-rslora", "llama", "linear", dict(target_modules=QV, use_rslora=True),
+           dict(target_modules=QV, r=8, use_rslora=True)),
+    TwoRow("llama-dora", "llama", "linear", dict(target_modules=QV, use_dora=True),
+           dict(target_modules=["q_proj", "o_proj"], use_dora=True)),
+    TwoRow("llama-lora-then-dora", "llama", "linear", dict(target_modules=QV), dict(target_modules=QV, use_dora=True)),
+    TwoRow("mlp-dora-then-lora-f64", "mlp", "linear", dict(target_modules=["fc1", "fc2"], use_dora=True),
+           dict(target_modules=["fc1"]), dtype=F64),
+    # ---------------------------------------------------------------- transformers Conv1D (GPT-2)
+    TwoRow("gpt2-conv1d", "gpt2", "conv1d", dict(target_modules=["c_attn", "c_proj"]),
+           dict(target_modules=["c_attn", "c_fc"], use_rslora=True)),
+    TwoRow("gpt2-dora", "gpt2", "conv1d", dict(target_modules=["c_attn"], use_dora=True),
+           dict(target_modules=["c_attn", "c_fc"], use_dora=True)),
+    # ---------------------------------------------------------------- Embedding
+    TwoRow("emb-embedding", "emb", "embedding+linear", dict(target_modules=["emb", "fc"]),
+           dict(target_modules=["emb"], r=8)),
+    TwoRow("emb-rslora", "emb", "embedding+linear", dict(target_modules=["emb"], use_rslora=True),
+           dict(target_modules=["emb", "fc"], use_rslora=True)),
+    # ---------------------------------------------------------------- Conv1d / Conv2d
+    TwoRow("conv1d", "conv1d", "conv", dict(target_modules=CONV), dict(target_modules=["c1"])),
+    TwoRow("conv1d-dora", "conv1d", "conv", dict(target_modules=CONV, use_dora=True),
+           dict(target_modules=CONV, use_dora=True)),
+    TwoRow("conv2d-rslora", "conv2d", "conv", dict(target_modules=CONV, use_rslora=True),
+           dict(target_modules=["c2"], r=3, use_rslora=True)),
+    TwoRow("conv2d-dora-then-lora", "conv2d", "conv", dict(target_modules=CONV, use_dora=True),
+           dict(target_modules=CONV)),
+]
+TWO_ROW_BY_ID = {row.id: row for row in TWO_ROWS}
+assert len(TWO_ROW_BY_ID) == len(TWO_ROWS)
+#: what `set_adapter` is given in the comparisons (the output of each adapter alone and of both)
+ACTIVE = {"default": ["default"], SECOND: [SECOND], "both": ["default", SECOND]}
+
+
+@dataclass
+class TwoPrepared:
+    """What every check of a `TwoRow` starts from (cached per row: checks work on deep copies)."""
+
+    builder: Builder
+    x: torch.Tensor
+    base_keys: list[str]
+    base_out: torch.Tensor
+    model: nn.Module                            # both adapters, every adapter tensor nonzero, both active
+    outs: dict[str, torch.Tensor]               # per `ACTIVE` key, and "__base__"
+
+
+def _two_base(row: TwoRow, seed: int = 0) -> nn.Module:
+    return BUILDERS[row.model].make(seed).to(row.dtype)
+
+
+def _run_active(builder: Builder, model: nn.Module, x: torch.Tensor, set_active) -> dict[str, torch.Tensor]:
+    outs = {}
+    for key, names in ACTIVE.items():
+        set_active(names)
+        outs[key] = builder.run(model, x)
+    set_active(ACTIVE["both"])
+    return outs
+
+
+@functools.cache
+def two_prepared(row_id: str) -> TwoPrepared:
+    row = TWO_ROW_BY_ID[row_id]
+    builder = BUILDERS[row.model]
+    x = builder.inputs()
+    base = _two_base(row)
+    base_keys, base_out = list(base.state_dict()), builder.run(base, x)
+    model = _two_base(row)
+    for seed, (name, config) in enumerate(row.configs().items()):
+        torch.manual_seed(10 + seed)
+        inject_lora(model, config, adapter_name=name)
+    set_adapter(model, ACTIVE["both"])  # both train: `lora_parameters` holds both adapters' tensors
+    assert len(lora_parameters(model)) == len([k for k in model.state_dict() if ".lora_" in k])
+    _perturb(model)
+    outs = _run_active(builder, model, x, lambda names: set_adapter(model, names))
+    outs["__base__"] = base_out
+    for key, out in outs.items():
+        if key != "__base__":
+            _assert_changed(out, base_out)
+    _assert_changed(outs["default"], outs[SECOND])
+    _assert_changed(outs["both"], outs["default"])
+    _assert_changed(outs["both"], outs[SECOND])
+    return TwoPrepared(builder, x, base_keys, base_out, model, outs)
+
+
+def _two_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    errors = []
+    for key in ACTIVE:
+        tol = TWO_TOL * max(1.0, expected[key].abs().max().item())
+        diff = (got[key].double() - expected[key].double()).abs().max().item()
+        if not diff <= tol:
+            errors.append(f"{key}: max |difference| {diff:.3g} > {tol:.3g}")
+    assert not errors, f"{what}: " + "; ".join(errors)
+
+
+def _peft_two_config(config: LoRAConfig, builder: Builder, model: str):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=config.target_modules, use_rslora=config.use_rslora, use_dora=config.use_dora,
+                      task_type=builder.peft_task_type, fan_in_fan_out=model == "gpt2")
+
+
+def _peft_set(pm, names: list[str]) -> None:
+    pm.base_model.set_adapter(names)
+
+
+def check_two_peft_export(row: TwoRow, tmp_path) -> None:
+    from peft import PeftModel
+
+    p = two_prepared(row.id)
+    save_adapter(p.model, tmp_path / "ours")
+    assert (tmp_path / "ours" / "adapter_config.json").is_file()  # PEFT's layout: "default" at the root ...
+    assert (tmp_path / "ours" / SECOND / "adapter_model.safetensors").is_file()  # ... the other in its folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(_two_base(row), str(tmp_path / "ours")).eval()
+        theirs.load_adapter(str(tmp_path / "ours" / SECOND), adapter_name=SECOND)
+    outs = _run_active(p.builder, theirs, p.x, lambda names: _peft_set(theirs, names))
+    _two_close(outs, p.outs, "PEFT loading our two adapters vs ours")
+
+
+def check_two_peft_import(row: TwoRow, tmp_path) -> None:
+    from peft import get_peft_model
+
+    p = two_prepared(row.id)
+    configs = row.configs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_two_base(row), _peft_two_config(configs["default"], p.builder, row.model))
+        pm.add_adapter(SECOND, _peft_two_config(configs[SECOND], p.builder, row.model))
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():  # every adapter tensor of both adapters (PEFT freezes the inactive one)
+            for name, param in pm.named_parameters():
+                if "lora_" in name:
+                    noise = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+                    param.add_((0.05 * noise * (1 + param.detach().double().abs())).to(param.dtype))
+        pm.eval()
+        expected = _run_active(p.builder, pm, p.x, lambda names: _peft_set(pm, names))
+        pm.save_pretrained(str(tmp_path / "peft"))
+    for key in ACTIVE:
+        _assert_changed(expected[key], p.base_out)
+    ours = _two_base(row)
+    load_adapter(ours, tmp_path / "peft")
+    load_adapter(ours, tmp_path / "peft", adapter_name=SECOND)  # reads peft/second/ (PEFT's layout)
+    assert adapter_names(ours) == ["default", SECOND]
+    outs = _run_active(p.builder, ours, p.x, lambda names: set_adapter(ours, names))
+    _two_close(outs, expected, "our load of PEFT's two adapters vs PEFT")
+
+
+def check_two_merge(row: TwoRow) -> None:
+    p = two_prepared(row.id)
+    got = {}
+    for key in ("both", SECOND):
+        model = copy.deepcopy(p.model)
+        set_adapter(model, ACTIVE[key])
+        merged = merge_and_unload(model)
+        assert list(merged.state_dict()) == p.base_keys
+        got[key] = p.builder.run(merged, p.x)
+    got["default"] = p.outs["default"]
+    _two_close(got, p.outs, "merge_and_unload of the active adapters vs adapted")
+
+
+def check_two_mixed(row: TwoRow) -> None:
+    p = two_prepared(row.id)
+    model = copy.deepcopy(p.model)
+    order = ["default", SECOND, "__base__"]
+    n = len(p.x)
+    x = torch.cat([p.x] * len(order))
+    names = [name for name in order for _ in range(n)]
+    with mixed_batch(model, names):
+        out = p.builder.run(model, x)
+    got = {("both" if k == "__base__" else k): out[i * n:(i + 1) * n] for i, k in enumerate(order)}
+    expected = {**p.outs, "both": p.outs["__base__"]}
+    _two_close(got, expected, "mixed_batch rows vs each adapter alone (both: the base rows)")
+    assert active_adapters(model) == ACTIVE["both"]
+    assert torch.equal(p.builder.run(model, p.x), p.outs["both"])  # after the block: the active adapters again
+
+
+TWO_CHECKS = {"peft_export": check_two_peft_export, "peft_import": check_two_peft_import, "merge": check_two_merge,
+              "mixed": check_two_mixed}
+
+
+@pytest.mark.parametrize("check", list(TWO_CHECKS))
+@pytest.mark.parametrize("row", TWO_ROWS, ids=[row.id for row in TWO_ROWS])
+def test_two_adapters(row: TwoRow, check: str, tmp_path) -> None:
+    if check.startswith("peft"):
+        pytest.importorskip("peft")
+        TWO_CHECKS[check](row, tmp_path)
+    else:
+        TWO_CHECKS[check](row)
+
+
+def test_the_two_adapter_matrix_covers_every_layer_kind_and_variant():
+    assert {row.layer for row in TWO_ROWS} >= {"linear", "conv1d", "embedding+linear", "conv"}
+    assert {row.model for row in TWO_ROWS} >= {"llama", "gpt2", "emb", "conv1d", "conv2d"}
+    both = [{**row.first, **{f"second_{k}": v for k, v in row.second.items()}} for row in TWO_ROWS]
+    assert any(c.get("use_dora") and c.get("second_use_dora") for c in both)  # DoRA + DoRA
+    assert any(c.get("use_dora") and not c.get("second_use_dora") for c in both)  # DoRA + plain, both orders
+    assert any(not c.get("use_dora") and c.get("second_use_dora") for c in both)
+    assert any(c.get("use_rslora") for c in both) and any(c.get("second_use_rslora") for c in both)
+    assert {row.dtype for row in TWO_ROWS} == {F32, F64}
+
+
+# --- layer kinds that hold one adapter only
+TWO_REFUSED = {  # model, first adapter, second adapter, the message, a second adapter the model accepts
+    "nf4-base": ("llama", dict(target_modules=QV, quantize_base="nf4", quantize_base_modules="adapted"),
+                 dict(target_modules=["q_proj"]), r"model\.layers\.0\.self_attn\.q_proj \(\w+\)",
+                 dict(target_modules=["k_proj"])),
+    "nf4-second": ("llama", dict(target_modules=QV), dict(target_modules=["k_proj"], quantize_base="nf4"),
+                   "quantize_base", dict(target_modules=["k_proj"])),
+    "target-parameters": ("qwen3-moe", dict(target_modules=["q_proj"], target_parameters=EXPERTS),
+                          dict(target_modules=["q_proj"], target_parameters=EXPERTS), "target_parameters",
+                          dict(target_modules=["q_proj"])),
+    "mha": ("attn", dict(target_modules=["attn", "head"]), dict(target_modules=["attn"]),
+            r"'attn \(\w+\)'", dict(target_modules=["head"])),
+    "mha-all-linear": ("attn", dict(target_modules=["attn"]), dict(target_modules="all-linear"),
+                       r"'attn \(\w+\)'", dict(target_modules=["head"])),
+}
+
+
+@pytest.mark.parametrize("case", list(TWO_REFUSED))
+def test_two_adapters_refused(case):
+    """A second adapter on a layer that holds one adapter only is a `LoRAError` naming the layer (or the option
+    a second adapter cannot have), and the model is left as it was: the same keys and values, one adapter that
+    computes what it did. A second adapter elsewhere in the same model is accepted."""
+    model_name, first, second, message, accepted = TWO_REFUSED[case]
+    if first.get("quantize_base") or second.get("quantize_base"):
+        pytest.importorskip("torchao", reason="quantize_base='nf4' needs torchao")
+    builder = BUILDERS[model_name]
+    model = builder.make()
+    inject_lora(model, LoRAConfig(r=4, **first))
+    _perturb(model)
+    before, out = _tensors(model), builder.run(model, builder.inputs())
+    with pytest.raises(LoRAError, match=message) as info:
+        inject_lora(model, LoRAConfig(r=2, **second), adapter_name=SECOND)
+    assert SECOND in str(info.value)  # the adapter's name is in the message too
+    assert adapter_names(model) == ["default"]
+    after = _tensors(model)
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert torch.equal(builder.run(model, builder.inputs()), out)
+    assert inject_lora(model, LoRAConfig(r=2, **accepted), adapter_name=SECOND)
+    assert adapter_names(model) == ["default", SECOND]

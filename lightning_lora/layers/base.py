@@ -485,9 +485,11 @@ class LoRALayer(SeveralAdapters, nn.Module):
         """`scaling * B @ A` in float32, in the layout of the base weight (`delta_from` of the layer type)."""
         return type(self).delta_from(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
-    def merged_weight(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, weight: torch.Tensor, delta: torch.Tensor,
+                      unmerged: torch.Tensor | None = None) -> torch.Tensor:
         """The merged weight from the dense base `weight` and `delta`, in `weight`'s dtype: `W + delta`
-        (computed in float32), or the variant's (DoRA rescales it).
+        (computed in float32), or the variant's (DoRA rescales it; `unmerged`: the weight before the layer's
+        other adapters were merged into it).
 
         Example:
             >>> from lightning_lora.layers import LoRALinear
@@ -496,7 +498,7 @@ class LoRALayer(SeveralAdapters, nn.Module):
             [[1.0, 1.0], [1.0, 1.0]]
         """
         if self._merge_variant is not None:
-            return self._merge_variant.merged_weight(self, weight, delta)
+            return self._merge_variant.merged_weight(self, weight, delta, unmerged)
         return (weight.float() + delta.to(weight.device)).to(weight.dtype)
 
     def unmerged_weight(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -534,9 +536,10 @@ class LoRALayer(SeveralAdapters, nn.Module):
             return
         w = self.weight
         if self._active is not None:
+            unmerged = w.detach().clone()  # DoRA takes its norm from the weight before the others (PEFT)
             for name in self._active:
                 slot = self.adapter_slot(name)
-                w.copy_(slot.merged_weight(w, slot.delta_weight()))
+                w.copy_(slot.merged_weight(w, slot.delta_weight(), unmerged))
             self._merged_names = self._active
         else:
             w.copy_(self.merged_weight(w, self.delta_weight()))

@@ -5,10 +5,9 @@ keys one adapter has always had) and every other adapter in an `AdapterSlot` und
 `lora_adapters.<name>` (keys `<path>.lora_adapters.<name>.lora_A.weight`). A slot holds what makes one
 adapter (A, B, dropout, rank, scaling, variants and their tensors) and reads everything else (the base
 weight, the layer type's constants) from its layer, so the layer type's and the variants' own code computes
-and merges a slot as it does the layer's first adapter: `slot_delta(layer, slot, x, base)` is
-`scaling * B A dropout(x)` (or the variant's change of the output: DoRA), the layer's output being the
-base's plus the deltas of its active adapters (PEFT's `LoraLayer.forward` with several active adapters; for
-several DoRA adapters PEFT feeds each the output so far, here each adds its change of the base output).
+and merges a slot as it does the layer's first adapter. The layer's output is the base's with each active
+adapter applied in turn (`slot_output`: plus `scaling * B A dropout(x)`, or DoRA's rescaling of the output so
+far), as PEFT's `LoraLayer.forward` with several active adapters computes it.
 
 Example:
     >>> import torch
@@ -115,10 +114,12 @@ class AdapterSlot(nn.Module):
         """`scaling * B @ A` in float32 in the layout of the base weight (the layer type's `delta_from`)."""
         return type(self._host).delta_from(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
-    def merged_weight(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """`W + delta` in float32 written in `weight`'s dtype, or the variant's (DoRA)."""
+    def merged_weight(self, weight: torch.Tensor, delta: torch.Tensor,
+                      unmerged: torch.Tensor | None = None) -> torch.Tensor:
+        """`W + delta` in float32 written in `weight`'s dtype, or the variant's (DoRA; `unmerged`: the weight before
+        the layer's other adapters were merged, see `LoRAVariant.merged_weight`)."""
         if self._merge_variant is not None:
-            return self._merge_variant.merged_weight(self, weight, delta)
+            return self._merge_variant.merged_weight(self, weight, delta, unmerged)
         return (weight.float() + delta.to(weight.device)).to(weight.dtype)
 
     def unmerged_weight(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -154,14 +155,15 @@ class AdapterSlot(nn.Module):
         return f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, merged={self.merged}{extra}"
 
 
-def slot_delta(layer: nn.Module, slot: nn.Module, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """What adapter `slot` (the layer itself for its first adapter) adds to the base output `base` for input `x`:
-    `scaling * B A dropout(x)` by the layer type's `adapter_forward` (its modules' hooks run), or the change the
-    variant that computes the whole output makes (DoRA: its output minus `base`); in `base`'s dtype."""
+def slot_output(layer: nn.Module, slot: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """The output so far, `result`, with adapter `slot` (the layer itself for its first adapter) applied for input
+    `x`: plus `scaling * B A dropout(x)` by the layer type's `adapter_forward` (its modules' hooks run), or what
+    the variant that computes the whole output makes of it (DoRA rescales `result`, the earlier adapters'
+    changes included, as PEFT's forward with several active adapters does); in `result`'s dtype."""
     variant = slot._forward_variant
     if variant is not None:
-        return variant.forward(slot, x, base) - base
-    return type(layer).adapter_forward(slot, x).to(base.dtype)  # type: ignore[arg-type]
+        return variant.forward(slot, x, result)
+    return result + type(layer).adapter_forward(slot, x).to(result.dtype)  # type: ignore[arg-type]
 
 
 def mixed_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -169,20 +171,25 @@ def mixed_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor, names: 
     each adapter computes on its rows only (`index_select`), and its delta is added back with `index_add`, so the
     gradient of each adapter is the one it gets from its rows alone (PEFT's `_mixed_batch_forward`).
 
+    A batch of `k * len(names)` rows gives each name `k` consecutive rows: `generate` with `num_beams=k` (or
+    `num_return_sequences=k`) expands each prompt so, as PEFT repeats its `adapter_names`.
+
     Raises:
-        LoRAError: the number of names is not the number of rows.
+        LoRAError: the number of rows is not a multiple of the number of names.
     """
-    if x.shape[0] != len(names):
+    if x.shape[0] % len(names):
         raise LoRAError(f"mixed_batch was given {len(names)} adapter names for a batch of {x.shape[0]} rows; "
                         "pass one name per row (\"__base__\" for a row without an adapter).")
+    if x.shape[0] != len(names):
+        names = [n for n in names for _ in range(x.shape[0] // len(names))]
     result = base
     for name in dict.fromkeys(names):
         slot = layer.adapter_slot(name)
         if slot is None:
             continue
         rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-        delta = slot_delta(layer, slot, x.index_select(0, rows), base.index_select(0, rows))
-        result = result.index_add(0, rows, delta)
+        mine = base.index_select(0, rows)
+        result = result.index_add(0, rows, slot_output(layer, slot, x.index_select(0, rows), mine) - mine)
     return result
 
 
@@ -309,9 +316,9 @@ class SeveralAdapters:
             return mixed_forward(self, x, base, self._mixed)
         result = base
         for name in self.active_adapter_names():
-            result = result + slot_delta(self, self.adapter_slot(name), x, base)
+            result = slot_output(self, self.adapter_slot(name), x, result)
         return result
 
 
 __all__ = ["ADAPTER_ATTRS", "ADAPTER_MODULES", "BASE_ROWS", "AdapterSlot", "SeveralAdapters", "mixed_forward",
-           "set_up_adapter", "slot_delta", "swap_adapters"]
+           "set_up_adapter", "slot_output", "swap_adapters"]

@@ -296,8 +296,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
     Writes `adapter_model.safetensors` (metadata `{"format": "pt"}`) and `adapter_config.json`,
     which `peft.PeftModel.from_pretrained(base_model, directory)` loads with no missing or unexpected
     keys. The directory is written atomically (a temporary directory next to it, then a rename).
-    A model with several adapters is written in PEFT's layout (`PeftModel.save_pretrained`): the adapter
-    named "default" at the top, every other one in a subfolder of its name, each with its two files and
+    Named adapters are written in PEFT's layout (`PeftModel.save_pretrained`): the adapter named "default"
+    at the top, every other one (even alone) in a subfolder of its name, each with its two files and
     the keys it would have alone (`peft.PeftModel.load_adapter(f"{directory}/fr", "fr")` reads it).
 
     Args:
@@ -324,7 +324,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoRACon
         PosixPath('out/adapter')
     """
     states = lora_states(model)
-    several = selected_adapters is not None or any(st.others for _, st in states)
+    several = selected_adapters is not None or any(st.others or st.adapter_name != "default" for _, st in states)
     if not several:
         tensors, cfg = to_peft(model, config=config, base_model_name_or_path=base_model_name_or_path)
         return _write_peft_dir(directory, tensors, cfg, overwrite)

@@ -38,6 +38,8 @@ from lightning_lora.surgery.inject import inject_lora as _inject_first
 from lightning_lora.surgery.inject import unload
 from lightning_lora.surgery.state import STATE_ATTR, LoRAState, is_lora_key, lora_layers, lora_states
 
+#: the layer attributes `solo` changes and puts back
+_VIEW_ATTRS = ("adapter_name", "_active", "_mixed")
 #: what a second adapter cannot have (it would change what the first computes or trains)
 _FIRST_ONLY = ("modules_to_save", "quantize_base", "target_parameters")
 
@@ -130,7 +132,7 @@ def solo(model: nn.Module, adapter_name: str | None) -> Iterator[nn.Module]:
     replaced: list[tuple[str, LoRALayer, nn.Module]] = []
     swapped: list[tuple[LoRALayer, nn.Module]] = []
     hidden: list[tuple[LoRALayer, nn.Module]] = []
-    saved: list[tuple[LoRALayer, str | None, tuple[str, ...] | None, list[str] | None]] = []
+    saved: list[tuple[LoRALayer, dict[str, object]]] = []
     try:
         for name, layer in layers:
             slot = layer.adapter_slot(adapter_name) if adapter_name is not None else None
@@ -139,7 +141,7 @@ def solo(model: nn.Module, adapter_name: str | None) -> Iterator[nn.Module]:
                 _set_submodule(root, layer.module_path(name), base)
                 replaced.append((layer.module_path(name), layer, base))
                 continue
-            saved.append((layer, layer.__dict__.get("adapter_name"), layer._active, layer._mixed))
+            saved.append((layer, {k: layer.__dict__[k] for k in _VIEW_ATTRS if k in layer.__dict__}))
             layer.adapter_name, layer._active, layer._mixed = adapter_name, None, None
             if slot is not layer:
                 swap_adapters(layer, slot)
@@ -156,12 +158,10 @@ def solo(model: nn.Module, adapter_name: str | None) -> Iterator[nn.Module]:
             layer._modules["lora_adapters"] = extra
         for layer, slot in reversed(swapped):
             swap_adapters(layer, slot)
-        for layer, name, active, mixed in saved:
-            layer._active, layer._mixed = active, mixed
-            if name is None:
-                layer.__dict__.pop("adapter_name", None)
-            else:
-                layer.adapter_name = name
+        for layer, own in saved:  # exactly the attributes it had (a compiled model's guards see no change)
+            for key in _VIEW_ATTRS:
+                layer.__dict__.pop(key, None)
+            layer.__dict__.update(own)
         for where, layer, _ in replaced:
             _set_submodule(root, where, layer)
         root.__dict__[STATE_ATTR] = state

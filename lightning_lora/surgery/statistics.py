@@ -167,7 +167,8 @@ def weight_norms(model: nn.Module) -> dict[str, float]:
 @torch.no_grad()
 def delta_ratio(model: nn.Module, norms: dict[str, float] | None = None) -> float:
     """Mean over adapted layers of `||scaling B A||_F / ||W||_F`, computed from r x r products
-    (`||B A||_F^2 = sum((B^T B) * (A A^T))`), so no out x in matrix is formed.
+    (`||B A||_F^2 = sum((B^T B) * (A A^T))`), so no out x in matrix is formed. With several adapters, over the
+    adapters that train (else those that run) of each layer.
 
     Args:
         model: a model with adapters.
@@ -182,10 +183,19 @@ def delta_ratio(model: nn.Module, norms: dict[str, float] | None = None) -> floa
     """
     ratios = []
     for name, layer in lora_layers(model):
-        delta = layer.delta_norm()
         w = (norms or {}).get(name) or layer.weight_norm()
-        ratios.append(delta / w if w > 0 else math.inf)
+        for adapter in _measured_adapters(layer):
+            delta = type(layer).delta_norm(adapter)  # type: ignore[arg-type]
+            ratios.append(delta / w if w > 0 else math.inf)
     return sum(ratios) / len(ratios) if ratios else 0.0
+
+
+def _measured_adapters(layer: nn.Module) -> list[nn.Module]:
+    """The adapters of a layer that `delta_ratio` measures: those that train, else those that run (one adapter:
+    the layer itself)."""
+    held = [layer.adapter_slot(n) for n in layer.adapter_names()]
+    return ([a for a in held if a.lora_A.weight.requires_grad]
+            or [a for a in (layer.adapter_slot(n) for n in layer.active_adapter_names()) if a is not None])
 
 
 def adapter_grad_norm(model: nn.Module) -> float:

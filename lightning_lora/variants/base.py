@@ -143,8 +143,10 @@ class LoRAVariant:
         """Drop what it keeps between calls (after an edit of the weights through `.data`)."""
 
     # ------------------------------------------------------------------ merge
-    def merged_weight(self, layer: Any, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The merged weight from the dense base `weight` and `delta` (only called when `owns_merge`)."""
+    def merged_weight(self, layer: Any, weight: torch.Tensor, delta: torch.Tensor,
+                      unmerged: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged weight from the dense base `weight` and `delta` (only called when `owns_merge`); `unmerged`:
+        the weight before the layer's other adapters were merged into `weight` (several adapters), or None."""
         raise NotImplementedError
 
     def unmerged_weight(self, layer: Any, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,7 @@ def output(result: torch.Tensor, base_part: torch.Tensor, adapter: torch.Tensor,
 
 @torch.no_grad()
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
-                  transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  transposed: bool = False, unmerged: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`((m / ||W + delta||) * (W + delta), ||W + delta||)`: the merged weight in `weight`'s dtype and
     layout, and the norm that `unmerged_weight` needs (it cannot be recovered from the merged weight,
     whose row norms are |m|).
@@ -117,6 +117,9 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Te
         delta: `scaling * B A` in float32, in the weight's layout.
         magnitude: m, (out,) or a conv layer's (1, out, 1, ...).
         transposed: `weight` is stored as (in, out).
+        unmerged: the base weight before other adapters were merged into `weight`: the norm is
+            `||unmerged + delta||` and the factor rescales `weight + delta` (PEFT's DoRA among several active
+            adapters, whose forward rescales the output of those before it); None: `weight`.
 
     Example:
         >>> w, n = merged_weight(torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2), torch.tensor([10.0]))
@@ -126,7 +129,11 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Te
     dtype = _wide(weight, delta)
     combined = weight.to(dtype) + delta.to(device=weight.device, dtype=dtype)
     rows = combined.T if transposed else combined
-    norm = torch.linalg.vector_norm(rows, dim=1 if rows.dim() == 2 else tuple(range(1, rows.dim())))
+    ref = rows
+    if unmerged is not None:
+        ref = unmerged.to(dtype) + delta.to(device=weight.device, dtype=dtype)
+        ref = ref.T if transposed else ref
+    norm = torch.linalg.vector_norm(ref, dim=1 if ref.dim() == 2 else tuple(range(1, ref.dim())))
     factor = magnitude.reshape(-1).to(device=weight.device, dtype=dtype) / norm
     new = (rows * factor.view(-1, *(1,) * (rows.dim() - 1)))
     return (new.T if transposed else new).to(weight.dtype), norm
@@ -243,8 +250,10 @@ class DoRA(LoRAVariant):
         layer._dora_norm_cache = None
 
     # ------------------------------------------------------------------ merge
-    def merged_weight(self, layer: Any, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        new, layer._dora_merge_norm = merged_weight(weight, delta, layer.lora_magnitude_vector, layer.fan_in_fan_out)
+    def merged_weight(self, layer: Any, weight: torch.Tensor, delta: torch.Tensor,
+                      unmerged: torch.Tensor | None = None) -> torch.Tensor:
+        new, layer._dora_merge_norm = merged_weight(weight, delta, layer.lora_magnitude_vector, layer.fan_in_fan_out,
+                                                    unmerged)
         return new
 
     def unmerged_weight(self, layer: Any, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
