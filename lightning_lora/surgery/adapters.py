@@ -11,6 +11,7 @@ default the active ones; an adapter added by `inject_lora` is trainable alone, t
 Example:
     >>> from torch import nn
     >>> from lightning_lora import LoRAConfig
+    >>> from lightning_lora.surgery import trainable_keys
     >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4)); m.add_module("v_proj", nn.Linear(4, 4))
     >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
     >>> inject_lora(m, LoRAConfig(r=1, target_modules=["q_proj", "v_proj"]), adapter_name="fr")
