@@ -18,6 +18,11 @@ It maps Lightning's hooks (order in DESIGN.md) to `surgery` and `checkpoint` fun
    later `validate/test/predict(ckpt_path=...)` or `fit` undoes it), the merged model (`merged_dir`) and its
    verified llama.cpp / Ollama GGUF (`merged_gguf`, `gguf_outtype`).
 
+With `adapter_name` on a module that already carries adapters (loaded in its `__init__` or `configure_model`,
+e.g. with `load_adapter`), step 1 adds a new adapter beside them (`inject_lora(..., adapter_name=)`): it runs
+with the active ones and is the only one that trains; the optimizers, the checkpoints and `adapter_dir` hold it
+alone; the merge at fit end merges every active adapter (undone as for one adapter).
+
 Under `ModelParallelStrategy` (FSDP2) and `FSDPStrategy` (FSDP1) `lightning_lora.strategies` (over the
 torch-only `lightning_lora.fsdp`) does the sharded parts: inject after `configure_model` then shard (FSDP2)
 or give the strategy an auto-wrap policy with adapter units (FSDP1); adapter-only state dicts on the
@@ -34,6 +39,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +52,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_lora.checkpoint import check_adapter_keys, check_checkpoint_config
+from lightning_lora._io import atomic_directory
+from lightning_lora.checkpoint import (
+    adapter_config,
+    check_adapter_keys,
+    check_checkpoint_adapters,
+    check_checkpoint_config,
+    trained_adapter,
+)
 from lightning_lora.config import LoRAConfig, with_config_fields
 from lightning_lora.errors import LoRAConfigError, LoRAError
 from lightning_lora.fsdp import (
@@ -69,8 +84,13 @@ from lightning_lora.strategies import (
     strategy_kind,
 )
 from lightning_lora.surgery import (
+    STATE_ATTR,
     AdapterProbe,
+    MergedAdapters,
+    active_adapters,
     adapter_grad_norm,
+    adapter_keys,
+    adapter_names,
     delta_ratio,
     enable_input_grads_for_checkpointing,
     forget_merged,
@@ -80,17 +100,48 @@ from lightning_lora.surgery import (
     is_lora_key,
     is_merged,
     lora_layers,
+    lora_states,
     merge_and_unload,
-    merged_config,
     networks_to_skip,
     parameter_summary,
     restrict_optimizers,
+    set_adapter,
     unmerge_and_reinject,
     weight_norms,
 )
 
 #: `gguf_outtype` values (`gguf_export.OUTTYPES`; repeated here so the callback imports no gguf code)
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+#: the adapters a `LoRA(adapter_name=...)` callback added to a module (a later fit or evaluation, with this
+#: callback or another with the same name and config, uses them again instead of refusing the name)
+_ADDED: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _merged_config(module: torch.nn.Module, name: str | None) -> LoRAConfig | None:
+    """The config of the merged adapter `name` (None: the first) that `merge_and_unload(keep=True)` kept on
+    `module`, or None."""
+    record = module.__dict__.get(STATE_ATTR)
+    if not isinstance(record, MergedAdapters):
+        return None
+    for _, state in record.states:
+        if name in (None, state.adapter_name):
+            return state.config
+        if name in state.others:
+            return state.others[name].config
+    return None
+
+
+def _save_adapter_alone(module: torch.nn.Module, directory: str, name: str) -> None:
+    """Write adapter `name` of `module` alone in PEFT format, its two files directly in `directory` (atomically;
+    `save_adapter` puts an adapter named other than "default" in a subfolder of its name, PEFT's layout of a
+    directory of several adapters)."""
+    with atomic_directory(directory, overwrite=True) as tmp:
+        staged = save_adapter(module, tmp / ".staged", selected_adapters=[name])
+        for file in list((staged / name if name != "default" else staged).iterdir()):
+            if file.is_file():
+                file.rename(tmp / file.name)
+        shutil.rmtree(staged)
 
 
 def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Callable[[], None],
@@ -152,6 +203,15 @@ class LoRA(Callback):
         fsdp: options for sharding under `ModelParallelStrategy` (`lightning_lora.fsdp.FSDPOptions`
             as a dict, e.g. `{"adapter_units": "separate", "reshard_after_forward": True}`; False: your
             `configure_model` calls `lightning_lora.fsdp.shard_lora_model` itself).
+        adapter_name: train a new adapter of this name beside the adapters the module already carries (loaded
+            in its `__init__` or `configure_model`, e.g. `load_adapter(self.model, path)`): they keep running
+            but stay frozen, out of the optimizer and out of the checkpoints (which hold the new adapter alone,
+            its config and name, and the names of the others: the module's code loads them again on resume);
+            `adapter_dir` gets the new adapter alone (its files directly in the directory; load it beside the
+            others with `load_adapter(model, adapter_dir, adapter_name=...)`); the merge at fit end merges every
+            active adapter, the frozen ones and the new one. A name the module already has is refused. On a
+            module without adapters it is the name of the one adapter. Default None: one adapter ("default"), or
+            the module's own adapters when they have this callback's config.
 
     In a LightningCLI YAML::
 
@@ -169,7 +229,8 @@ class LoRA(Callback):
     def __init__(self, *, merge_on_fit_end: bool = True, adapter_dir: str | None = None,
                  merged_dir: str | None = None, merged_gguf: str | None = None, gguf_outtype: str = "f16",
                  log_every_n_steps: int = 50, networks: list[str] | None = None,
-                 fsdp: dict[str, Any] | bool | None = None, **config: Any) -> None:
+                 fsdp: dict[str, Any] | bool | None = None, adapter_name: str | None = None,
+                 **config: Any) -> None:
         super().__init__()
         if isinstance(config.get("target_modules"), tuple):
             config["target_modules"] = list(config["target_modules"])
@@ -190,6 +251,11 @@ class LoRA(Callback):
         if merged_gguf is not None:  # a missing gguf package fails here, not after training
             require_gguf()
         self.log_every_n_steps = log_every_n_steps
+        if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name.strip()
+                                         or "." in adapter_name or adapter_name == "__base__"):
+            raise LoRAConfigError(f"adapter_name={adapter_name!r} is invalid; expected a non-empty name without dots "
+                                  "(it becomes part of state-dict keys), e.g. adapter_name='new'.")
+        self.adapter_name = adapter_name
         self.networks = [networks] if isinstance(networks, str) else (list(networks) if networks else None)
         self.fsdp = FSDPOptions.coerce(fsdp)
         self._sharded = False
@@ -213,22 +279,61 @@ class LoRA(Callback):
     # ------------------------------------------------------------------ injection
     def _inject(self, pl_module: pl.LightningModule) -> None:
         if is_merged(pl_module):  # merged at the end of an earlier fit
-            if merged_config(pl_module) == self.config:
+            merged = _merged_config(pl_module, self.adapter_name)
+            if merged in (self.config, dataclasses.replace(self.config, task_heads=False)):
                 unmerge_and_reinject(pl_module)
             else:  # another config: the merged model is the new base
                 forget_merged(pl_module)
-        if has_lora(pl_module):
+        name = self.adapter_name
+        if name is not None and lora_states(pl_module):
+            self._add_named(pl_module, name)
+        elif has_lora(pl_module):
             existing = get_lora_config(pl_module)
             if existing != self.config:
                 raise LoRAError("The module already has LoRA adapters with another config:\n  " +
                                 "\n  ".join(self.config.describe_differences(existing)) +
                                 "\nUse one LoRA callback, or drop apply_lora() from the module.")
         else:
-            inject_lora(pl_module, self.config, skip=networks_to_skip(pl_module, self.networks))
-        self.adapted_modules = [name for name, _ in lora_layers(pl_module)]
+            inject_lora(pl_module, self.config, skip=networks_to_skip(pl_module, self.networks),
+                        adapter_name=name or "default")
+            if name is not None:
+                _ADDED.setdefault(pl_module, set()).add(name)
+        self.adapted_modules = [path for path, layer in lora_layers(pl_module)
+                                if name is None or layer.adapter_slot(name) is not None]
         if self.merge_on_fit_end:  # refused now rather than after training (a grouped conv cannot be merged)
             for name, layer in lora_layers(pl_module):
                 layer.check_merge(name)
+
+    def _add_named(self, pl_module: pl.LightningModule, name: str) -> None:
+        """`adapter_name` on a module with adapters: add adapter `name` beside them (it alone trains), or, in a
+        later fit or evaluation, train again the one a `LoRA(adapter_name=name)` added (same config)."""
+        names = adapter_names(pl_module)
+        if name not in names:
+            path = lora_states(pl_module)[0][0]
+            if self.networks and not any(path == n or path.startswith(n + ".") for n in self.networks):
+                raise LoRAError(f"LoRA(adapter_name={name!r}, networks={self.networks}): the adapters {names} are in "
+                                f"{path!r}, outside those networks; a new adapter is added to the network that holds "
+                                "them.")
+            skip = [s[len(path) + 1:] if path else s for s in networks_to_skip(pl_module, self.networks)
+                    if not path or s.startswith(path + ".")]
+            inject_lora(pl_module, self.config, skip=skip, adapter_name=name)
+            _ADDED.setdefault(pl_module, set()).add(name)
+            return
+        params = dict(pl_module.named_parameters())
+        trains = any(params[k].requires_grad for k in adapter_keys(pl_module, name) if k in params)
+        if name not in _ADDED.get(pl_module, set()) and not trains:
+            raise LoRAError(f"LoRA(adapter_name={name!r}): the module already has an adapter named {name!r} (its "
+                            f"adapters: {names}; {name!r} is frozen, loaded by the module's own code); pass another "
+                            "adapter_name= for the adapter to train, e.g. adapter_name='new'.")
+        first = lora_states(pl_module)[0][1].adapter_name == name
+        expected = self.config if first else dataclasses.replace(self.config, task_heads=False)
+        existing = adapter_config(pl_module, name)
+        if existing != expected:
+            raise LoRAError(f"The module's adapter {name!r} has another config than this LoRA callback's:\n  " +
+                            "\n  ".join(expected.describe_differences(existing)) +
+                            "\nUse the same settings, or another adapter_name= to train a new adapter.")
+        active = active_adapters(pl_module)
+        set_adapter(pl_module, active if name in active else [*active, name], trainable=[name])
 
     def _injecting(self) -> Any:
         """Context of the module's `configure_model` under FSDP: `shard_lora_model(self)` there injects with this
@@ -237,6 +342,10 @@ class LoRA(Callback):
 
     def _inject_and_shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kind: str) -> None:
         """Right after `configure_model` under an FSDP strategy (`lightning_lora.strategies.inject_and_shard`)."""
+        if self.adapter_name is not None and lora_states(pl_module):
+            raise LoRAError(f"LoRA(adapter_name={self.adapter_name!r}) under FSDP: adding an adapter beside the "
+                            f"module's adapters {adapter_names(pl_module)} is not supported with a sharded model yet; "
+                            "train it with DDP or on one device.")
         self._before_wrap = inject_and_shard(trainer.strategy, pl_module, kind, lambda: self._inject(pl_module),
                                              self.fsdp)
         self._sharded = True
@@ -246,13 +355,14 @@ class LoRA(Callback):
         """`load_state_dict` pre-hook of the module: undo a merge, then check what is about to load."""
         if prefix:
             return
+        loading = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
         if is_merged(module) and not has_lora(module):
             unmerge_and_reinject(module)
         if not has_lora(module):
             return
-        loading = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
         if loading:  # Lightning is restoring a checkpoint
-            check_checkpoint_config(loading, get_lora_config(module), training=trainer.state.fn == TrainerFn.FITTING)
+            check_checkpoint_adapters(loading, module)
+            check_checkpoint_config(loading, trained_adapter(module)[1], training=trainer.state.fn == TrainerFn.FITTING)
             check_adapter_keys(module, state_dict)
         elif any(is_lora_key(k) for k in state_dict):  # an adapter state dict loaded by hand
             check_adapter_keys(module, state_dict, "The state dict")
@@ -373,12 +483,18 @@ class LoRA(Callback):
                                "DIR --format gguf")
             return
         if self.adapter_dir is not None and trainer.is_global_zero:
-            save_adapter(pl_module, self.adapter_dir, overwrite=True)
-            rank_zero_info(f"LoRA: adapter written to {self.adapter_dir} (PEFT format)")
+            if self.adapter_name is None:
+                save_adapter(pl_module, self.adapter_dir, overwrite=True)
+            else:
+                _save_adapter_alone(pl_module, self.adapter_dir, self.adapter_name)
+            rank_zero_info(f"LoRA: adapter{f' {self.adapter_name!r}' if self.adapter_name else ''} written to "
+                           f"{self.adapter_dir} (PEFT format)")
         if not self.merge_on_fit_end:
             return
+        several = any(state.others for _, state in lora_states(pl_module))
+        merged = f" {active_adapters(pl_module)}" if several else ""
         merge_and_unload(pl_module, keep=True)
-        rank_zero_info(f"LoRA: adapters merged into the base model ({len(self.adapted_modules)} modules)")
+        rank_zero_info(f"LoRA: adapters{merged} merged into the base model ({len(self.adapted_modules)} modules)")
         if self.merged_dir is not None and trainer.is_global_zero:
             save_pretrained(pl_module, self.merged_dir)
             rank_zero_info(f"LoRA: merged model written to {self.merged_dir}")

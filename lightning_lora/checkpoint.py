@@ -10,7 +10,11 @@ Lightning's own entries (optimizer states, loops, callbacks, ...):
   checkpoints included;
 * `checkpoint["lightning_lora"]` (`CHECKPOINT_KEY`): `{"version": 1, "config": LoRAConfig.to_dict(),
   "model_prefix": "model", "base_model_name_or_path": ..., "task_type": "CAUSAL_LM"}`;
-  `model_prefix` is the path of the transformers model inside the LightningModule.
+  `model_prefix` is the path of the transformers model inside the LightningModule. On a model with several
+  adapters (`inject_lora(..., adapter_name=)`, `LoRA(adapter_name=)`) only the trained adapter's keys are
+  saved, `config` is that adapter's, and the section adds `"adapter_name"` (the trained adapter) and
+  `"frozen_adapters"` (the model's other adapters, which the module's own code loads again); so does a
+  single adapter with a name other than "default".
 
 The callback, the mixin and `lightning-lora export` are clients of these functions; nothing here
 imports Lightning (checkpoints are plain dicts).
@@ -31,7 +35,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +46,11 @@ from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import AdapterFormatError, LoRAError, first_line, listed
 from lightning_lora.surgery import (
     find_network,
-    get_lora_config,
+    get_lora_state,
     infer_task_type,
     is_lora_key,
     lora_state_dict,
+    lora_states,
     saved_keys,
     state_dict_problems,
     vocab_mismatch,
@@ -57,9 +62,66 @@ CHECKPOINT_KEY = "lightning_lora"
 CHECKPOINT_VERSION = 1
 
 
+def adapter_config(module: nn.Module, adapter_name: str) -> LoRAConfig:
+    """The `LoRAConfig` adapter `adapter_name` of `module` was injected with (as recorded: an adapter added
+    beside others has `task_heads=False`).
+
+    Raises:
+        LoRAError: the module has no adapters, or none with that name.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_lora import inject_lora
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> _ = inject_lora(m, LoRAConfig(r=1, target_modules=["q_proj"]), adapter_name="new")
+        >>> adapter_config(m, "default").r, adapter_config(m, "new").r
+        (2, 1)
+    """
+    state = get_lora_state(module)
+    if adapter_name == state.adapter_name:
+        return state.config
+    if adapter_name not in state.others:
+        raise LoRAError(f"this model has no adapter named {adapter_name!r}; its adapters: "
+                        f"{[state.adapter_name, *state.others]}.")
+    return state.others[adapter_name].config
+
+
+def trained_adapter(module: nn.Module) -> tuple[str | None, LoRAConfig, list[str]]:
+    """`(name, config, frozen)` of what LoRA training changes in `module`: the name and `LoRAConfig` of the
+    adapter that trains and the names of the model's other adapters (frozen). One adapter: its name, its
+    config, `[]`. Several trainable adapters (`set_adapter(model, [a, b])`): `(None, the first's config,
+    the others)`.
+
+    Raises:
+        LoRAError: the module has no adapters.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_lora import inject_lora
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> _ = inject_lora(m, LoRAConfig(r=1, target_modules=["q_proj"]), adapter_name="new")
+        >>> name, config, frozen = trained_adapter(m); name, config.r, frozen
+        ('new', 1, ['default'])
+    """
+    states = lora_states(module)
+    state = get_lora_state(module)
+    if len(states) > 1 or (not state.others and state.active is None and state.trainable is None):
+        return state.adapter_name, state.config, []
+    names = [state.adapter_name, *state.others]
+    trained = state.trainable if state.trainable is not None else (state.active or [state.adapter_name])
+    frozen = [n for n in names if n not in trained]
+    if len(trained) != 1:
+        return None, state.config, frozen
+    return trained[0], adapter_config(module, trained[0]), frozen
+
+
 def checkpoint_section(module: nn.Module, config: LoRAConfig | None = None) -> dict[str, Any]:
-    """The `checkpoint["lightning_lora"]` section for `module`: version, config, where the network
-    sits (`model_prefix`), its origin (`base_model_name_or_path`) and PEFT `task_type`.
+    """The `checkpoint["lightning_lora"]` section for `module`: version, config (of the trained adapter:
+    `trained_adapter`), where the network sits (`model_prefix`), its origin (`base_model_name_or_path`) and
+    PEFT `task_type`; on a model with several adapters (or one not named "default") also `adapter_name` and
+    `frozen_adapters`.
 
     Example:
         >>> from torch import nn
@@ -67,11 +129,48 @@ def checkpoint_section(module: nn.Module, config: LoRAConfig | None = None) -> d
         >>> sorted(checkpoint_section(m, LoRAConfig(target_modules=["q_proj"])))
         ['base_model_name_or_path', 'config', 'model_prefix', 'task_type', 'version']
     """
-    config = config if config is not None else get_lora_config(module)
+    adapter, trained, frozen = trained_adapter(module) if lora_states(module) else ("default", None, [])
+    config = config if config is not None else trained
+    if config is None:
+        raise LoRAError("This model has no LoRA adapters; call inject_lora(model, LoRAConfig(...)) first.")
     prefix, network = find_network(module)
     name = getattr(network, "name_or_path", None) or None
-    return {"version": CHECKPOINT_VERSION, "config": config.to_dict(), "model_prefix": prefix,
-            "base_model_name_or_path": name, "task_type": infer_task_type(network)}
+    section = {"version": CHECKPOINT_VERSION, "config": config.to_dict(), "model_prefix": prefix,
+               "base_model_name_or_path": name, "task_type": infer_task_type(network)}
+    if frozen or adapter != "default":
+        section.update(adapter_name=adapter, frozen_adapters=frozen)
+    return section
+
+
+def check_checkpoint_adapters(checkpoint: dict[str, Any], module: nn.Module, source: str = "the checkpoint") -> None:
+    """Raise a `LoRAError` when the checkpoint's adapter was trained beside adapters that `module` lacks (its
+    `frozen_adapters`), or under another name than the adapter `module` trains. Checkpoints without these
+    entries (one adapter named "default") are checked by their config and keys only.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_lora import inject_lora
+        >>> m = nn.Sequential(); m.add_module("q_proj", nn.Linear(4, 4))
+        >>> _ = inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]))
+        >>> check_checkpoint_adapters({"lightning_lora": {"adapter_name": "new", "frozen_adapters": ["fr"]}}, m)
+        Traceback (most recent call last):
+        lightning_lora.errors.LoRAError: the checkpoint holds adapter 'new', trained beside ['fr'], which this model does not have (its adapters: ['default']); load them in the module's __init__ or configure_model (e.g. load_adapter(self.model, PATH, adapter_name=...)) before the checkpoint is restored.
+    """
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(meta, dict) or "adapter_name" not in meta:
+        return
+    saved, frozen = meta.get("adapter_name"), list(meta.get("frozen_adapters") or [])
+    state = get_lora_state(module)
+    names = [state.adapter_name, *state.others]
+    missing = [n for n in frozen if n not in names]
+    if missing:
+        raise LoRAError(f"{source} holds adapter {saved!r}, trained beside {missing}, which this model does not have "
+                        f"(its adapters: {names}); load them in the module's __init__ or configure_model (e.g. "
+                        "load_adapter(self.model, PATH, adapter_name=...)) before the checkpoint is restored.")
+    trained = trained_adapter(module)[0]
+    if frozen and saved is not None and trained is not None and saved != trained:  # alone, a name is a label only
+        raise LoRAError(f"{source} holds adapter {saved!r}, but this model trains adapter {trained!r} (its adapters: "
+                        f"{names}); use the same adapter_name as the run that wrote it.")
 
 
 #: how deep `module_copies` looks: the checkpoint's entries, `callbacks`, one callback's state
@@ -234,8 +333,9 @@ class AdapterCheckpoint:
     """The content of an adapter-only checkpoint file.
 
     Attributes:
-        config: the `LoRAConfig` of the run.
-        state_dict: adapter tensors keyed relative to the network (the `model_prefix` removed).
+        config: the `LoRAConfig` of the run (of its trained adapter).
+        state_dict: adapter tensors keyed relative to the network (the `model_prefix` removed), and as if the
+            trained adapter were the network's only one (`...lora_adapters.<name>.` made `...`).
         model_prefix: dotted path of the network inside the LightningModule (`""`: the module itself).
         base_model_name_or_path: the base model recorded by the run, or None.
         task_type: PEFT task type recorded by the run, or None.
@@ -246,6 +346,9 @@ class AdapterCheckpoint:
     model_prefix: str
     base_model_name_or_path: str | None
     task_type: str | None
+    #: the trained adapter's name and the adapters it was trained beside (not in the file), when recorded
+    adapter_name: str | None = None
+    frozen_adapters: list[str] = field(default_factory=list)
 
 
 def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
@@ -291,6 +394,9 @@ def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
             outside.append(key)
             continue
         state[key[len(prefix) + 1:] if prefix else key] = value
+    adapter, frozen = meta.get("adapter_name"), meta.get("frozen_adapters") or []
+    if isinstance(adapter, str) and adapter:  # keyed as if it were the only adapter (`surgery.solo`)
+        state = {k.replace(f".lora_adapters.{adapter}.", "."): v for k, v in state.items()}
     if outside:
         raise AdapterFormatError(f"{path}: state_dict keys ({len(outside)}) {listed(outside)} are outside the model at {prefix!r}; "
                                  "expected only adapter keys of that model.")
@@ -298,7 +404,9 @@ def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
         raise AdapterFormatError(f"{path} holds no LoRA adapter weights (no '*.lora_A.weight' keys).")
     base, task = meta.get("base_model_name_or_path"), meta.get("task_type")
     return AdapterCheckpoint(config, state, prefix, base if isinstance(base, str) and base else None,
-                             task if isinstance(task, str) and task else None)
+                             task if isinstance(task, str) and task else None,
+                             adapter if isinstance(adapter, str) and adapter else None,
+                             [n for n in frozen if isinstance(n, str)] if isinstance(frozen, list) else [])
 
 
 #: the file of a distributed (sharded) Lightning checkpoint directory that holds everything but tensors
@@ -353,6 +461,7 @@ def read_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-__all__ = ["AdapterCheckpoint", "CHECKPOINT_KEY", "CHECKPOINT_VERSION", "TRAINING_ONLY_FIELDS", "check_adapter_keys",
-           "check_checkpoint_config", "checkpoint_config", "checkpoint_section", "is_sharded_checkpoint",
-           "make_adapter_only", "module_copies", "read_checkpoint", "read_sharded_checkpoint", "restore_base_keys"]
+__all__ = ["AdapterCheckpoint", "CHECKPOINT_KEY", "CHECKPOINT_VERSION", "TRAINING_ONLY_FIELDS", "adapter_config",
+           "check_adapter_keys", "check_checkpoint_adapters", "check_checkpoint_config", "checkpoint_config",
+           "checkpoint_section", "is_sharded_checkpoint", "make_adapter_only", "module_copies", "read_checkpoint", "read_sharded_checkpoint", "restore_base_keys",
+           "trained_adapter"]

@@ -12,7 +12,9 @@ Example:
 
 `load_from_checkpoint` of an adapter-only checkpoint (from the `LoRA` callback or from a module
 that used `apply_lora`) builds the module with its constructor (so the base weights come from
-there), re-injects the adapters from the config stored in the checkpoint, and loads them strictly.
+there), re-injects the adapters from the config stored in the checkpoint, and loads them strictly. A
+checkpoint of an adapter trained beside frozen ones (`LoRA(adapter_name=...)`) loads the same way when the
+constructor loads the frozen adapters: the trained one is added beside them under its name.
 """
 
 from __future__ import annotations
@@ -27,22 +29,25 @@ from torch.nn.modules.module import _IncompatibleKeys
 from lightning_lora.checkpoint import (
     CHECKPOINT_KEY,
     check_adapter_keys,
+    check_checkpoint_adapters,
     check_checkpoint_config,
     checkpoint_config,
     make_adapter_only,
     restore_base_keys,
+    trained_adapter,
 )
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import LoRAError, listed
 from lightning_lora.peft_format import load_adapter, save_adapter
 from lightning_lora.surgery import (
-    get_lora_config,
+    adapter_names,
     has_lora,
     inject_lora,
     is_lora_key,
     is_merged,
     lora_parameters,
     lora_state_dict,
+    lora_states,
     merge_and_unload,
     merged_config,
     unmerge_and_reinject,
@@ -100,18 +105,24 @@ class LoRAMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the module ready for an adapter-only checkpoint: undo a merge, or inject from the
         checkpoint's config when there are no adapters yet; then check the config and the keys."""
-        if isinstance(checkpoint.get(CHECKPOINT_KEY), dict):
+        section = checkpoint.get(CHECKPOINT_KEY)
+        if isinstance(section, dict):
             config = checkpoint_config(checkpoint)
+            name = section.get("adapter_name") if isinstance(section.get("adapter_name"), str) else None
             if is_merged(self) and not has_lora(self) and merged_config(self) == config:  # type: ignore[arg-type]
                 unmerge_and_reinject(self)  # type: ignore[arg-type]
             if has_lora(self):  # type: ignore[arg-type]
+                if name is not None and lora_states(self) and name not in adapter_names(self):  # type: ignore[arg-type]
+                    inject_lora(self, config, adapter_name=name)  # type: ignore[arg-type]  # beside the frozen ones
                 trainer = getattr(self, "_trainer", None)  # no Trainer: load_from_checkpoint, to evaluate
                 fitting = trainer is not None and trainer.state.fn == "fit"
-                check_checkpoint_config(checkpoint, get_lora_config(self), training=fitting)  # type: ignore[arg-type]
+                check_checkpoint_adapters(checkpoint, self)  # type: ignore[arg-type]
+                check_checkpoint_config(checkpoint, trained_adapter(self)[1], training=fitting)  # type: ignore[arg-type]
                 if fitting:  # copies of the module stored by averaging callbacks, which load them strictly
                     restore_base_keys(checkpoint, self)  # type: ignore[arg-type]
             else:
-                inject_lora(self, config)  # type: ignore[arg-type]
+                inject_lora(self, config, adapter_name=name or "default")  # type: ignore[arg-type]
+                check_checkpoint_adapters(checkpoint, self)  # type: ignore[arg-type]
             check_adapter_keys(self, checkpoint["state_dict"])  # type: ignore[arg-type]
         parent = getattr(super(), "on_load_checkpoint", None)
         if parent is not None:

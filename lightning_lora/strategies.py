@@ -121,7 +121,7 @@ def adapter_only_saving(strategy: Strategy) -> list[Replacement]:
     def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         module = strategy.lightning_module
         if module is not None and has_lora(module):
-            make_adapter_only(checkpoint, module, get_lora_config(module))
+            make_adapter_only(checkpoint, module)  # the trained adapter's config
         original_save(checkpoint, filepath, storage_options=storage_options)
 
     made = [replace_attribute(strategy, "save_checkpoint", save_checkpoint, owner=OWNER, missing_hook=(

@@ -40,7 +40,9 @@ from lightning_lora import (
     save_adapter,
     set_adapter,
     unmerge_adapter,
+    unmerge_and_reinject,
 )
+from lightning_lora.surgery import adapter_keys
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -583,3 +585,26 @@ def test_merge_adapter_and_unmerge_with_two_dora_adapters_round_trip():
     unmerge_adapter(model)
     close(logits(model), before, atol=1e-5)
     assert (model.model.layers[0].self_attn.q_proj.weight - weight).abs().max() < 1e-6
+
+
+def test_merge_and_unload_keep_then_unmerge_and_reinject_with_two_adapters():
+    """A kept merge of several adapters is undone whole: the same names, keys, active and trainable adapters, and
+    outputs within rounding (DoRA's norms at merge time kept per adapter)."""
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True))
+    inject_lora(model, LoRAConfig(r=2, alpha=6, target_modules=["q_proj", "k_proj"]), adapter_name="fr")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    set_adapter(model, ["fr", "default"], trainable=["fr"])
+    before, keys = logits(model), sorted(model.state_dict())
+    merged = logits(merge_and_unload(model, keep=True))
+    close(merged, before, atol=1e-5)
+    unmerge_and_reinject(model)
+    assert adapter_names(model) == ["default", "fr"] and active_adapters(model) == ["fr", "default"]
+    assert sorted(model.state_dict()) == keys
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n in adapter_keys(model, "fr")]
+    close(logits(model), before, atol=1e-5)

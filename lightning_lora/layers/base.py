@@ -521,12 +521,19 @@ class LoRALayer(SeveralAdapters, nn.Module):
             >>> layer.merge(); sorted(layer.merge_record())
             ['dora_norm']
         """
-        return {k: t for variant in self.variants for k, t in variant.merge_record(self).items()}
+        record = {k: t for variant in self.variants for k, t in variant.merge_record(self).items()}
+        for name, slot in self._slots().items():  # several adapters: each one's, under its slot's prefix
+            record.update({f"lora_adapters.{name}.{k}": t for v in slot.variants for k, t in v.merge_record(slot).items()})
+        return record
 
     def load_merge_record(self, record: dict[str, torch.Tensor]) -> None:
         """Take back what `merge_record` returned (the layer holds merged weights)."""
         for variant in self.variants:
-            variant.load_merge_record(self, record)
+            variant.load_merge_record(self, {k: t for k, t in record.items() if not k.startswith("lora_adapters.")})
+        for name, slot in self._slots().items():
+            prefix = f"lora_adapters.{name}."
+            for variant in slot.variants:
+                variant.load_merge_record(slot, {k[len(prefix):]: t for k, t in record.items() if k.startswith(prefix)})
 
     @torch.no_grad()
     def merge(self) -> None:

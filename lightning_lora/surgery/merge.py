@@ -26,6 +26,8 @@ from lightning_lora.errors import LoRAError
 from lightning_lora.layers import LoRALayer
 from lightning_lora.quantization import dequantize_for_merge, restore_modules
 from lightning_lora.surgery._paths import _join, _set_submodule
+from lightning_lora.surgery.adapters import _apply_flags
+from lightning_lora.surgery.adapters import inject_lora as inject_named
 from lightning_lora.surgery.inject import _parameter_owners, _untie_word_embeddings_flag, inject_lora
 from lightning_lora.surgery.load import lora_state_dict
 from lightning_lora.surgery.state import STATE_ATTR, MergedAdapters, is_lora_key, lora_layers, lora_states
@@ -67,14 +69,12 @@ def merge_and_unload(model: nn.Module, keep: bool = False, dtype: torch.dtype | 
     for name, layer in lora_layers(model):  # before anything is changed (a grouped conv cannot be merged)
         layer.check_merge(name)
     states = lora_states(model)
-    if keep and any(state.others for _, state in states):
-        raise LoRAError("merge_and_unload(keep=True) keeps one adapter to re-inject; this model has several "
-                        f"({[n for _, st in states for n in (st.adapter_name, *st.others)]}); delete_adapter the others, or "
-                        "save them first (save_adapter) and merge without keep.")
     quantized = dequantize_for_merge(model, dtype)
     record = None
     if keep:
-        adapters = {k: v.detach().to("cpu", copy=True) for k, v in lora_state_dict(model).items() if is_lora_key(k)}
+        several = any(state.others for _, state in states)  # every adapter's tensors, by the model's keys
+        held = model.state_dict() if several else lora_state_dict(model)
+        adapters = {k: v.detach().to("cpu", copy=True) for k, v in held.items() if is_lora_key(k)}
         record = MergedAdapters(states, adapters, quantized)
     owners = _parameter_owners(model)
     untied = False
@@ -132,6 +132,14 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
         new_state = root.__dict__[STATE_ATTR]
         # what the model was before injection, not the merged model: flags, ties and modules_to_save's originals
         new_state.requires_grad, new_state.untied, new_state.originals = state.requires_grad, state.untied, state.originals
+        new_state.adapter_name = state.adapter_name  # the adapters keep their names, order, roles
+        for _, layer in lora_layers(root):
+            layer.adapter_name = state.adapter_name
+        for name, other in state.others.items():
+            inject_named(root, other.config, prefix=other.prefix, skip=other.skipped, adapter_name=name)
+        if state.others or state.active is not None:
+            new_state.active, new_state.trainable = state.active, state.trainable
+            _apply_flags(root, new_state)
     with torch.no_grad():
         params = dict(model.state_dict(keep_vars=True))
         for key, value in record.adapters.items():
@@ -139,6 +147,7 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
     for name, layer in lora_layers(model):
         if name not in record.quantized:
             layer.merged = True
+            layer._merged_names = tuple(layer._active) if layer._active is not None else ()
             layer.load_merge_record(record.merge_records.get(name, {}))
             layer.unmerge()
     if model.__dict__.get(STATE_ATTR) is record:  # not replaced by the LoRAState of a re-injection at the root
