@@ -10,6 +10,7 @@ gradients of a mixed training batch, `add_weighted_adapter`, delete, merge, disa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -42,7 +43,7 @@ from lightning_lora import (
     unmerge_adapter,
     unmerge_and_reinject,
 )
-from lightning_lora.surgery import adapter_keys
+from lightning_lora.surgery import adapter_keys, lora_layers
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -608,3 +609,113 @@ def test_merge_and_unload_keep_then_unmerge_and_reinject_with_two_adapters():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         n for n in adapter_keys(model, "fr")]
     close(logits(model), before, atol=1e-5)
+
+
+def _two_linear_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential()
+    m.add_module("q_proj", torch.nn.Linear(4, 4))
+    m.add_module("v_proj", torch.nn.Linear(4, 4))
+    inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="fr")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return m
+
+
+def test_merge_and_unmerge_where_no_active_adapter_is_held_leave_the_weight():
+    """v_proj holds only "default"; with "fr" active it merges nothing, and unmerging subtracts nothing."""
+    m = _two_linear_model()
+    w0 = m.v_proj.weight.detach().clone()
+    set_adapter(m, "fr")
+    merge_adapter(m)
+    assert torch.equal(m.v_proj.weight, w0)
+    unmerge_adapter(m)
+    assert torch.equal(m.v_proj.weight, w0)
+
+
+def test_one_adapter_layers_follow_set_adapter_and_refuse_mixed_rows():
+    torch.manual_seed(0)
+    m = torch.nn.Module()
+    m.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    m.lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 3, 8)
+    base = m.attn(x, x, x)[0].detach()
+    inject_lora(m, LoRAConfig(r=2, target_modules=["attn", "lin"]))
+    inject_lora(m, LoRAConfig(r=2, target_modules=["lin"]), adapter_name="fr")
+    with torch.no_grad():
+        m.attn.lora_B.weight.fill_(1.0)
+    assert not torch.allclose(m.attn(x, x, x)[0], base)
+    set_adapter(m, "fr")  # attn holds "default" only: it runs its base
+    torch.testing.assert_close(m.attn(x, x, x)[0], base)
+    with pytest.raises(LoRAError, match=r"mixed_batch cannot give rows different adapters in attn "
+                                        r"\(LoRAMultiheadAttention\)"), mixed_batch(m, ["default", "fr"]):
+        pass
+
+
+def test_deleting_the_only_active_adapter_activates_the_first_as_peft():
+    m = _two_linear_model()
+    set_adapter(m, "fr")
+    with pytest.warns(UserWarning, match="'fr' was the only active adapter; 'default' is active now"):
+        delete_adapter(m, "fr")
+    assert active_adapters(m) == ["default"] and m.q_proj.lora_A.weight.requires_grad
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "__base__", 3])
+def test_invalid_adapter_names_are_refused_before_anything_changes(name):
+    m = _two_linear_model()
+    keys = sorted(m.state_dict())
+    with pytest.raises(LoRAError, match=r"adapter_name=.* is invalid; expected a non-empty name without dots"):
+        inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_name=name)
+    with pytest.raises(LoRAError, match="is invalid"):
+        add_weighted_adapter(m, ["default", "fr"], [1.0, 1.0], name, combination_type="cat")
+    assert sorted(m.state_dict()) == keys and adapter_names(m) == ["default", "fr"]
+
+
+def test_merged_models_refuse_set_adapter_new_adapters_and_hotswap(tmp_path):
+    m = _two_linear_model()
+    save_adapter(m, tmp_path / "a")
+    merge_adapter(m)
+    with pytest.raises(LoRAError, match=r"cannot set the active adapters to \['fr'\] while \['default', 'fr'\] are "
+                                        r"merged into the base; unmerge_adapter\(model\) first"):
+        set_adapter(m, "fr")
+    with pytest.raises(LoRAError, match="cannot add adapter 'de' while adapters are merged"):
+        inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="de")
+    with pytest.raises(LoRAError, match="hotswap of adapter 'fr' while adapters are merged"):
+        load_adapter(m, tmp_path / "a", adapter_name="fr", hotswap=True)
+
+
+def test_hotswap_takes_the_files_alpha_and_save_writes_it(tmp_path):
+    m = _two_linear_model()
+    other = _two_linear_model()
+    with torch.no_grad():
+        other.q_proj.lora_adapters.fr.lora_B.weight.mul_(3.0)
+    delete_adapter(other, "default")  # "fr" alone: saved at tmp/b/fr
+    other.lora_state.config = dataclasses.replace(other.lora_state.config, alpha=32.0)
+    for _, layer in lora_layers(other):
+        layer.lora_alpha, layer.scaling = 32.0, 16.0
+    save_adapter(other, tmp_path / "b")
+    load_adapter(m, tmp_path / "b", adapter_name="fr", hotswap=True)
+    assert m.q_proj.lora_adapters.fr.scaling == 16.0
+    save_adapter(m, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "fr" / "adapter_config.json").read_text())["lora_alpha"] == 32.0
+
+
+def test_a_second_adapter_beside_target_parameters_is_refused():
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 8, 6))
+
+        def forward(self, x):
+            return torch.bmm(x, self.w.transpose(1, 2))
+
+    m = torch.nn.Module()
+    m.experts, m.q_proj = Experts(), torch.nn.Linear(6, 6)
+    inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.w"]))
+    with pytest.raises(LoRAError, match=r"adapter 'fr' cannot be added: the model's adapters include "
+                                        r"target_parameters adapters \(experts.lora.w, ...\)"):
+        inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="fr")
+    assert type(m.experts).__name__ == "LoRAParameterHost" and adapter_names(m) == ["default"]

@@ -169,7 +169,7 @@ class LoRAMultiheadAttention(LoRALayer):
     def _effective(self, weight: torch.Tensor, layer: LoRALayer) -> torch.Tensor:
         """`W + scaling * B @ A` (PEFT's order: the product in the adapters' dtype, then scaled, then added in the
         weight's dtype), or `W` itself for a merged or disabled adapter."""
-        if layer.merged or not layer.lora_enabled:
+        if layer.merged or not layer.lora_enabled or layer._active == ():  # `()`: set_adapter chose others
             return weight
         delta = (layer.lora_B.weight @ layer.lora_A.weight) * layer.scaling
         return weight + delta.to(weight.dtype)

@@ -564,11 +564,11 @@ class LoRALayer(SeveralAdapters, nn.Module):
         if not self.merged:
             return
         w = self.weight
-        if self._merged_names:
+        if self._merged_names is not None:
             for name in reversed(self._merged_names):
                 slot = self.adapter_slot(name)
                 w.copy_(slot.unmerged_weight(w, slot.delta_weight()))
-            self._merged_names = ()
+            self._merged_names = None
         else:
             w.copy_(self.unmerged_weight(w, self.delta_weight()))
         self.merged = False

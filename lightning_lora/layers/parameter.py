@@ -201,7 +201,7 @@ class LoRAParameter(LoRALayer):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """The weight the host's forward uses: `weight + scaling * delta` (the factors in the weight's dtype, one
         `addmm` / `baddbmm`), or `weight` itself when merged or disabled."""
-        if self.merged or not self.lora_enabled:
+        if self.merged or not self.lora_enabled or self._active == ():  # `()`: set_adapter chose others
             return weight
         lhs, rhs = self._factors(weight.dtype)
         if weight.dim() == 2:

@@ -198,7 +198,7 @@ def swap_adapters(layer: nn.Module, slot: nn.Module) -> None:
     for attr in ADAPTER_MODULES:
         layer._modules[attr], slot._modules[attr] = slot._modules[attr], layer._modules[attr]
     missing = object()
-    for attr in (*ADAPTER_ATTRS, "keep_adapter_dtype", "merged"):
+    for attr in (*ADAPTER_ATTRS, "keep_adapter_dtype"):  # not `merged`: it says what the weight holds
         a, b = layer.__dict__.pop(attr, missing), slot.__dict__.pop(attr, missing)
         if b is not missing:
             setattr(layer, attr, b)
@@ -223,8 +223,9 @@ class SeveralAdapters:
     _active: tuple[str, ...] | None = None
     #: the adapter of each row inside `mixed_batch` (None outside)
     _mixed: list[str] | None = None
-    #: the adapters merged into the base weight with several adapters, in merge order
-    _merged_names: tuple[str, ...] = ()
+    #: the adapters merged into the base weight with several adapters, in merge order (None: the first alone, or
+    #: nothing merged; `()`: a merge while none of the layer's adapters was active)
+    _merged_names: tuple[str, ...] | None = None
     #: whether this layer type can hold several adapters (quantized bases and parameter adapters cannot yet)
     several_adapters: ClassVar[bool] = True
 

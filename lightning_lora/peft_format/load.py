@@ -46,6 +46,7 @@ from lightning_lora.peft_format.keys import (
 )
 from lightning_lora.surgery import (
     adapter_names,
+    check_adapter_name,
     delete_adapter,
     find_network,
     find_target_modules,
@@ -322,22 +323,28 @@ def _hotswap(network: nn.Module, prefix: str, config: LoRAConfig, state: dict[st
         known = adapter_names(network) if lora_states(network) else []
         raise LoRAError(f"hotswap=True replaces the weights of an adapter already loaded; adapter_name={adapter_name!r} "
                         f"is not one (this model has {known}). Load it first without hotswap.")
+    if any(layer.merged for _, layer in lora_layers(network)):
+        raise LoRAError(f"hotswap of adapter {adapter_name!r} while adapters are merged into the base would leave the "
+                        "old delta in the weights; unmerge_adapter(model) first.")
+    record = lora_states(network)[0][1]
+    held = record if adapter_name == record.adapter_name else record.others[adapter_name]
+    if config.use_rslora != held.config.use_rslora:
+        raise AdapterFormatError(f"{source}: use_rslora={config.use_rslora}, adapter {adapter_name!r} has "
+                                 f"use_rslora={held.config.use_rslora}; hotswap needs the same scaling rule.")
     try:
         with solo(network, adapter_name):
             load_lora_state_dict(network, state)
             for name, layer in lora_layers(network):
-                full = _join(config_prefix_of(network), name)
+                full = _join(held.prefix, name)
                 layer.lora_alpha = config.alpha_for(full)
                 layer.scaling = layer.lora_alpha / (layer.r ** 0.5 if layer.use_rslora else layer.r)
             names = [n for n, _ in lora_layers(network)]
     except LoRAError as err:
         raise AdapterFormatError(f"{source}: {err} (hotswap needs an adapter of the same shapes)") from None
+    held.config = dataclasses.replace(held.config, alpha=config.alpha, alpha_pattern=dict(config.alpha_pattern))
     return [_join(prefix, n) for n in names]
 
 
-def config_prefix_of(network: nn.Module) -> str:
-    """The prefix the network's adapters were matched at (`LoRAState.prefix`)."""
-    return lora_states(network)[0][1].prefix
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = False,
@@ -386,6 +393,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
         ['model.layers.0.self_attn.q_proj']
     """
     path = Path(path)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     if adapter_name is not None and (path / adapter_name / ADAPTER_CONFIG_NAME).is_file():
         path = path / adapter_name  # PEFT's layout: every adapter but "default" in a subfolder of its name
     if path.is_file():

@@ -43,6 +43,7 @@ from lightning_lora.surgery._paths import _without_wrappers
 from lightning_lora.surgery.adapters import (
     active_adapters,
     adapter_names,
+    check_adapter_name,
     delete_adapter,
     inject_lora,
     mixed_batch,
@@ -135,6 +136,7 @@ __all__ = [
     "adapter_names",
     "adapter_grad_norm",
     "base_vocab_size",
+    "check_adapter_name",
     "compute_trainable_keys",
     "count_parameters",
     "delete_adapter",

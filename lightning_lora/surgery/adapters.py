@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
 
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import LoRAError
-from lightning_lora.layers import LoRALayer
+from lightning_lora.layers import LoRALayer, LoRALinear
 from lightning_lora.layers.slots import ADAPTER_MODULES, BASE_ROWS, AdapterSlot, swap_adapters
 from lightning_lora.surgery._paths import _join, _set_submodule
 from lightning_lora.surgery.inject import inject_lora as _inject_first
@@ -43,6 +44,27 @@ from lightning_lora.surgery.state import STATE_ATTR, LoRAState, is_lora_key, lor
 _VIEW_ATTRS = ("adapter_name", "_active", "_mixed")
 #: what a second adapter cannot have (it would change what the first computes or trains)
 _FIRST_ONLY = ("modules_to_save", "quantize_base", "target_parameters")
+
+
+def check_adapter_name(name: object) -> str:
+    """`name` if it can name an adapter: a non-empty string without dots (it becomes part of state-dict keys and a
+    subfolder) that is not `"__base__"` (`mixed_batch`'s name for rows without an adapter).
+
+    Raises:
+        LoRAError: naming the value and what is expected.
+
+    Example:
+        >>> check_adapter_name("fr")
+        'fr'
+    """
+    if not isinstance(name, str) or not name.strip() or "." in name or "/" in name or name == BASE_ROWS:
+        raise LoRAError(f"adapter_name={name!r} is invalid; expected a non-empty name without dots or slashes, other "
+                        f"than {BASE_ROWS!r} (it becomes part of state-dict keys and a folder name), e.g. 'fr'.")
+    return name
+
+
+def _merged(model: nn.Module) -> bool:
+    return any(layer.merged for _, layer in lora_layers(model))
 
 
 def _record(model: nn.Module) -> tuple[str, LoRAState]:
@@ -193,6 +215,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
         ['q_proj']
         ['en', 'fr']
     """
+    check_adapter_name(adapter_name)
     states = lora_states(model)
     if not states:
         names = _inject_first(model, config, prefix=prefix, skip=skip)
@@ -217,6 +240,18 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, *, prefix: s
                         f"{', '.join(refused)} (that changes the base the other adapters run on); give those to the "
                         "first adapter, or inject this one into a fresh model.")
     root = model.get_submodule(path) if path else model
+    if _merged(root):
+        raise LoRAError(f"cannot add adapter {adapter_name!r} while adapters are merged into the base; "
+                        "unmerge_adapter(model) first.")
+    hosts = [n for n, layer in lora_layers(root) if layer.module_path(n) != n]
+    if hosts:
+        raise LoRAError(f"adapter {adapter_name!r} cannot be added: the model's adapters include target_parameters "
+                        f"adapters ({hosts[0]}, ...), which hold one adapter per model; unload(model) first.")
+    outside = [s for s in skip if path and not s.startswith(path + ".")]
+    if outside:
+        raise LoRAError(f"skip={outside} lies outside {path!r}, the network that holds the adapters; the new adapter "
+                        "is added to that network.")
+    skip = [s[len(path) + 1:] for s in skip] if path else list(skip)
     inner_prefix = _join(prefix, path)
     layers = {n: layer for n, layer in lora_layers(root)}
     with solo(model, None):
@@ -270,6 +305,9 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str], *, trainabl
     """
     names = _check_names(model, [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
     path, state = _record(model)
+    if _merged(model):
+        raise LoRAError(f"cannot set the active adapters to {names} while {active_adapters(model)} are merged into "
+                        "the base; unmerge_adapter(model) first.")
     state.active = list(dict.fromkeys(names))
     state.trainable = None if trainable is None else list(dict.fromkeys(_check_names(model, list(trainable))))
     _apply_flags(model.get_submodule(path) if path else model, state)
@@ -308,12 +346,17 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         del state.others[first]
         state.config, state.adapted, state.adapter_name = other.config, other.adapted, first
         state.trainable_keys = list(other.trainable_keys)
+        state.prefix, state.skipped, state.embedding_keys = other.prefix, other.skipped, other.embedding_keys
     else:
         del state.others[adapter_name]
     for attr in ("active", "trainable"):
         names = getattr(state, attr)
         if names is not None:
             setattr(state, attr, [n for n in names if n != adapter_name])
+    if state.active == []:  # PEFT: the first remaining adapter becomes active, with a warning
+        state.active, state.trainable = [state.adapter_name], None
+        warnings.warn(f"delete_adapter: {adapter_name!r} was the only active adapter; {state.adapter_name!r} is "
+                      "active now (PEFT's rule). Call set_adapter(model, ...) to choose another.", stacklevel=2)
     _apply_flags(root, state)
 
 
@@ -341,6 +384,11 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
     if any(layer.merged for layer in layers):
         raise LoRAError("mixed_batch runs each adapter on its rows, which merged weights cannot; "
                         "unmerge_adapter(model) first.")
+    whole = [n for n, layer in lora_layers(model) if not layer.several_adapters and not isinstance(layer, LoRALinear)]
+    if whole and len(set(names)) > 1:
+        raise LoRAError(f"mixed_batch cannot give rows different adapters in {whole[0]} "
+                        f"({type(model.get_submodule(whole[0])).__name__}), which computes one effective weight for "
+                        "the whole batch; run one adapter per batch there (set_adapter).")
     for layer in layers:
         layer._mixed = names
     try:
@@ -350,5 +398,5 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
             layer._mixed = None
 
 
-__all__ = ["active_adapters", "adapter_names", "delete_adapter", "inject_lora", "mixed_batch", "set_adapter", "solo",
+__all__ = ["active_adapters", "adapter_names", "check_adapter_name", "delete_adapter", "inject_lora", "mixed_batch", "set_adapter", "solo",
            "trainable_adapters"]

@@ -147,7 +147,7 @@ def unmerge_and_reinject(model: nn.Module) -> list[str]:
     for name, layer in lora_layers(model):
         if name not in record.quantized:
             layer.merged = True
-            layer._merged_names = tuple(layer._active) if layer._active is not None else ()
+            layer._merged_names = tuple(layer._active) if layer._active is not None else None
             layer.load_merge_record(record.merge_records.get(name, {}))
             layer.unmerge()
     if model.__dict__.get(STATE_ATTR) is record:  # not replaced by the LoRAState of a re-injection at the root

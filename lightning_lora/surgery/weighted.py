@@ -25,7 +25,14 @@ from lightning_lora.combine import check_combination, combine_layer
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import LoRAError
 from lightning_lora.surgery._paths import _join
-from lightning_lora.surgery.adapters import _apply_flags, _check_names, _record, delete_adapter, inject_lora
+from lightning_lora.surgery.adapters import (
+    _apply_flags,
+    _check_names,
+    _record,
+    check_adapter_name,
+    delete_adapter,
+    inject_lora,
+)
 from lightning_lora.surgery.state import LoRAState, lora_layers
 
 
@@ -53,6 +60,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         LoRAError: unknown names, a taken name, DoRA adapters, or what `combine.check_combination` refuses
             (weights that do not match, unequal ranks for `linear`/`ties`/`dare_*`, a missing density, ...).
     """
+    check_adapter_name(adapter_name)
     _check_names(model, list(adapters))
     path, state = _record(model)
     if adapter_name in [state.adapter_name, *state.others]:
