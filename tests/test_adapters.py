@@ -304,7 +304,7 @@ def test_mixed_batch_rows_equal_single_adapters_and_peft():
     for i, name in enumerate(MIXED):
         assert torch.equal(ours[i], alone[name][i]), (i, name)
     beams = {**gen_kwargs, "num_beams": 2, "num_return_sequences": 2}  # 8 rows: each name on its 2 beams (PEFT)
-    with torch.no_grad(), mixed_batch(model, MIXED):
+    with torch.no_grad(), mixed_batch(model, MIXED, rows_per_name=2):
         ours = model.generate(IDS, **beams)
     with torch.no_grad():
         theirs = pm.generate(input_ids=IDS, adapter_names=MIXED, **beams)
@@ -719,3 +719,49 @@ def test_a_second_adapter_beside_target_parameters_is_refused():
                                         r"target_parameters adapters \(experts.lora.w, ...\)"):
         inject_lora(m, LoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="fr")
     assert type(m.experts).__name__ == "LoRAParameterHost" and adapter_names(m) == ["default"]
+
+
+def test_mixed_batch_counts_names_strictly():
+    """As PEFT: one name per row (times rows_per_name): a list that only divides the batch is refused."""
+    m = _two_linear_model()
+    for names, rows, per in ((["default", "fr"], 4, 1), (["fr"], 3, 1), (["default", "fr"], 6, 2)):
+        with pytest.raises(LoRAError, match=rf"given {len(names) * per} adapter names \(rows_per_name included\) "
+                                            rf"for a batch of {rows} rows"), mixed_batch(m, names, rows_per_name=per):
+            m(torch.ones(rows, 4))
+    with pytest.raises(LoRAError, match="mixed_batch expects one adapter name per row, got the string 'fr'"):
+        with mixed_batch(m, "fr"):
+            pass
+
+
+def test_load_adapter_names_the_adapters_a_directory_holds(tmp_path):
+    m = _two_linear_model()
+    save_adapter(m, tmp_path / "two")
+    fresh = torch.nn.Sequential()
+    fresh.add_module("q_proj", torch.nn.Linear(4, 4))
+    fresh.add_module("v_proj", torch.nn.Linear(4, 4))
+    load_adapter(fresh, tmp_path / "two")
+    with pytest.raises(LoRAError, match=r"holds several adapters \('default' \(top level\), 'fr'\) and "
+                                        r"adapter_name='frr' is not one of them"):
+        load_adapter(fresh, tmp_path / "two", adapter_name="frr")
+    assert adapter_names(fresh) == ["default"]
+    delete_adapter(m, "default")
+    save_adapter(m, tmp_path / "only-fr")
+    with pytest.raises(LoRAError, match=r"holds several adapters \('fr'\) and no adapter_name is not one of them"):
+        load_adapter(fresh, tmp_path / "only-fr")
+    with pytest.raises(LoRAError, match=r"hotswap=True replaces the weights of an adapter already loaded; "
+                                        r"adapter_name='es' is not one"):
+        load_adapter(fresh, tmp_path / "nowhere", adapter_name="es", hotswap=True)
+
+
+def test_a_peft_adapter_carrying_the_head_loads_as_a_second_adapter(tmp_path):
+    """PEFT writes lm_head.weight into an adapter that targets lm_head; equal to the model's, it is not a change."""
+    pm = get_peft_model(make_tiny_llama(), LoraConfig(r=4, target_modules=["gate_proj", "lm_head"]))
+    randomize_peft(pm, seed=3)
+    pm.save_pretrained(tmp_path / "head", save_embedding_layers=True)
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "head" / "adapter_model.safetensors")
+    model = make_tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj"]))
+    load_adapter(model, tmp_path / "head", adapter_name="b")
+    set_adapter(model, "b")
+    pm.eval()
+    close(logits(model), logits(pm))

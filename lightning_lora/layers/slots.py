@@ -171,17 +171,13 @@ def mixed_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor, names: 
     each adapter computes on its rows only (`index_select`), and its delta is added back with `index_add`, so the
     gradient of each adapter is the one it gets from its rows alone (PEFT's `_mixed_batch_forward`).
 
-    A batch of `k * len(names)` rows gives each name `k` consecutive rows: `generate` with `num_beams=k` (or
-    `num_return_sequences=k`) expands each prompt so, as PEFT repeats its `adapter_names`.
-
     Raises:
-        LoRAError: the number of rows is not a multiple of the number of names.
+        LoRAError: the number of names is not the number of rows.
     """
-    if x.shape[0] % len(names):
-        raise LoRAError(f"mixed_batch was given {len(names)} adapter names for a batch of {x.shape[0]} rows; "
-                        "pass one name per row (\"__base__\" for a row without an adapter).")
     if x.shape[0] != len(names):
-        names = [n for n in names for _ in range(x.shape[0] // len(names))]
+        raise LoRAError(f"mixed_batch was given {len(names)} adapter names (rows_per_name included) for a batch of "
+                        f"{x.shape[0]} rows; pass one name per row (\"__base__\" for a row without an adapter), and "
+                        "for generate rows_per_name=num_beams (or num_return_sequences).")
     result = base
     for name in dict.fromkeys(names):
         slot = layer.adapter_slot(name)

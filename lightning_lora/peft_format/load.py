@@ -53,6 +53,7 @@ from lightning_lora.surgery import (
     find_target_parameters,
     inject_and_load,
     inject_lora,
+    is_lora_key,
     load_lora_state_dict,
     lora_layers,
     lora_states,
@@ -302,6 +303,7 @@ def _add_and_load(network: nn.Module, config: LoRAConfig, state: dict[str, torch
     not run until `set_adapter` (nor train, unless `trainable`). On any error it is removed again."""
     record = lora_states(network)[0][1]
     active, trainable_names = record.active, record.trainable
+    state = _without_base_copies(network, state, adapter_name)
     names = inject_lora(network, config, prefix=config_prefix, adapter_name=adapter_name)
     try:
         load_lora_state_dict(network, state, adapter_name=adapter_name)
@@ -315,14 +317,59 @@ def _add_and_load(network: nn.Module, config: LoRAConfig, state: dict[str, torch
     return names
 
 
-def _hotswap(network: nn.Module, prefix: str, config: LoRAConfig, state: dict[str, torch.Tensor], source: Path,
-             adapter_name: str | None) -> list[str]:
-    """Copy the weights of `state` into the existing adapter `adapter_name`, in place (the same tensors: a compiled
-    model keeps its graphs), after checking every key and shape; its scaling becomes the file's."""
+def _adapter_folder(path: Path, adapter_name: str | None) -> Path:
+    """The folder of adapter `adapter_name` in a PEFT directory: `path/<adapter_name>/` when it exists (PEFT's
+    layout of several adapters), else `path` itself.
+
+    Raises:
+        AdapterFormatError: `path` holds adapters in subfolders and none under this name (or no name was given and
+            `path` holds no adapter at its top): the adapters it holds are named.
+    """
+    if adapter_name is not None and (path / adapter_name / ADAPTER_CONFIG_NAME).is_file():
+        return path / adapter_name
+    subfolders = sorted(p.name for p in path.iterdir() if (p / ADAPTER_CONFIG_NAME).is_file()) if path.is_dir() else []
+    if not subfolders:
+        return path
+    top = (path / ADAPTER_CONFIG_NAME).is_file()
+    if adapter_name in (None, "default") and top:
+        return path
+    held = (["'default' (top level)"] if top else []) + [repr(n) for n in subfolders]
+    wanted = "no adapter_name" if adapter_name is None else f"adapter_name={adapter_name!r}"
+    raise AdapterFormatError(f"{path} holds several adapters ({', '.join(held)}) and {wanted} is not one of them; pass "
+                             f"adapter_name= one of those names (each adapter but 'default' is in a subfolder of its "
+                             "name), or the path of the adapter's own folder.")
+
+
+def _without_base_copies(network: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """`state` without the base tensors an adapter file may carry (PEFT writes `lm_head.weight` / the embeddings with
+    `save_embedding_layers`) when they equal the model's own: a second adapter cannot change the base the others
+    run on.
+
+    Raises:
+        LoRAError: such a tensor differs from the model's (a resized or retrained embedding).
+    """
+    own = network.state_dict()
+    carried = {k: v for k, v in state.items() if not is_lora_key(k) and k in own}
+    differ = [k for k, v in carried.items() if v.shape != own[k].shape or not torch.equal(v.to(own[k].dtype), own[k])]
+    if differ:
+        raise LoRAError(f"adapter {adapter_name!r} carries base tensors that differ from this model's ({differ[0]}, ...): "
+                        "a second adapter cannot change the base the other adapters run on; load it into a fresh "
+                        "base model instead.")
+    return {k: v for k, v in state.items() if k not in carried}
+
+
+def _hotswap_target(network: nn.Module, adapter_name: str | None) -> None:
     if adapter_name is None or not lora_states(network) or adapter_name not in adapter_names(network):
         known = adapter_names(network) if lora_states(network) else []
         raise LoRAError(f"hotswap=True replaces the weights of an adapter already loaded; adapter_name={adapter_name!r} "
                         f"is not one (this model has {known}). Load it first without hotswap.")
+
+
+def _hotswap(network: nn.Module, prefix: str, config: LoRAConfig, state: dict[str, torch.Tensor], source: Path,
+             adapter_name: str | None) -> list[str]:
+    """Copy the weights of `state` into the existing adapter `adapter_name`, in place (the same tensors: a compiled
+    model keeps its graphs), after checking every key and shape; its scaling becomes the file's."""
+    _hotswap_target(network, adapter_name)
     if any(layer.merged for _, layer in lora_layers(network)):
         raise LoRAError(f"hotswap of adapter {adapter_name!r} while adapters are merged into the base would leave the "
                         "old delta in the weights; unmerge_adapter(model) first.")
@@ -395,8 +442,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     path = Path(path)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
-    if adapter_name is not None and (path / adapter_name / ADAPTER_CONFIG_NAME).is_file():
-        path = path / adapter_name  # PEFT's layout: every adapter but "default" in a subfolder of its name
+    if hotswap:  # the name first: a missing adapter is the problem, whatever the path holds
+        _hotswap_target(find_network(model)[1], adapter_name)
+    path = _adapter_folder(path, adapter_name)
     if path.is_file():
         return _load_checkpoint_adapter(model, path, trainable, quantize_base, adapter_name, hotswap)
     if not path.exists():

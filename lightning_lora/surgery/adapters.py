@@ -361,14 +361,22 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], rows_per_name: int = 1) -> Iterator[nn.Module]:
     """Inside the block, row `i` of every batch runs adapter `adapter_names[i]` (`"__base__"`: no adapter) in
     every layer, whichever adapters are active: PEFT's `model(..., adapter_names=[...])`, for forward passes,
     `generate` (rows are the batch dimension) and training (each adapter's gradient is the one its rows alone
     give it; PEFT's mixed batches are inference only).
 
+    Args:
+        model: a model with adapters.
+        adapter_names: one name per row (per prompt for `generate`).
+        rows_per_name: how many consecutive rows each name covers: `generate` expands each prompt to `num_beams`
+            rows (beam search) or `num_return_sequences` rows (sampling); pass that number (PEFT reads it from
+            `generate`'s arguments).
+
     Raises:
-        LoRAError: an unknown name; at the forward, a batch whose size is not `len(adapter_names)`.
+        LoRAError: an unknown name, a string instead of a list; at the forward, a batch whose size is not
+            `rows_per_name * len(adapter_names)`.
 
     Example:
         >>> import torch
@@ -379,7 +387,13 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
         ...     m(torch.ones(2, 4)).shape
         torch.Size([2, 4])
     """
+    if isinstance(adapter_names, str):
+        raise LoRAError(f"mixed_batch expects one adapter name per row, got the string {adapter_names!r}; pass a list, "
+                        f"e.g. mixed_batch(model, [{adapter_names!r}, '__base__']).")
+    if isinstance(rows_per_name, bool) or not isinstance(rows_per_name, int) or rows_per_name < 1:
+        raise LoRAError(f"rows_per_name={rows_per_name!r} is invalid; expected an integer >= 1 (generate's num_beams).")
     names = _check_names(model, list(adapter_names), allow_base=True)
+    names = [n for n in names for _ in range(rows_per_name)]
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged for layer in layers):
         raise LoRAError("mixed_batch runs each adapter on its rows, which merged weights cannot; "
