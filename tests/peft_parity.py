@@ -141,6 +141,58 @@ def check_lifecycle(factory: Factory, run: Run, config: LoRAConfig, can_merge: b
         assert torch.equal(run(unloaded), base_out)
 
 
+def peft_mha_backward_misses_out_proj_delta() -> bool:
+    """Whether PEFT's `lora.MultiheadAttention` backward into in_proj ignores out_proj's delta (PEFT 0.22: its forward
+    merges, runs, then unmerges out_proj with an in-place `.data -=` on the merged weight the attention saved for
+    backward, so the gradient reaching in_proj's A and B is computed with out_proj's base weight; forward outputs are
+    right; `test_layers_mha.py::test_peft_mha_backward_bug_is_known`)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 1, batch_first=True)
+    pm = get_peft_model(nn.Sequential(copy.deepcopy(mha)), LoraConfig(r=1, target_modules=["0"]))
+    randomize_peft(pm)
+    layer = pm.base_model.model[0]
+    x = torch.randn(1, 3, 4)
+    layer(x, x, x)[0].sum().backward()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    out = layer.base_layer.out_proj
+    ref_a = a.detach().clone().requires_grad_()
+    with torch.no_grad():
+        mha.out_proj.weight += out.get_delta_weight("default")
+    in_delta = (b.detach() @ ref_a) * layer.scaling["default"]
+    q = x.transpose(0, 1)
+    y = nn.functional.multi_head_attention_forward(
+        q, q, q, 4, 1, mha.in_proj_weight.detach() + in_delta, mha.in_proj_bias.detach(), None, None, False, 0.0,
+        mha.out_proj.weight.detach(), mha.out_proj.bias.detach(), training=True, need_weights=False)[0]
+    y.sum().backward()
+    return not torch.allclose(a.grad, ref_a.grad, atol=1e-6)
+
+
+@contextlib.contextmanager
+def peft_mha_backward_fixed() -> Iterator[None]:
+    """Inside the block PEFT's `lora.MultiheadAttention` unmerges out_proj on a copy of the merged weight, so the
+    tensor its forward saved for backward keeps out_proj's delta (`peft_mha_backward_misses_out_proj_delta`): its
+    gradients are then those of its own forward. A fixed PEFT is left alone."""
+    if not peft_mha_backward_misses_out_proj_delta():
+        yield
+        return
+    from peft.tuners.lora.layer import MultiheadAttention as PeftMHA
+
+    unmerge = PeftMHA.unmerge
+
+    def fixed_unmerge(self):
+        base = self.get_base_layer().out_proj.get_base_layer()
+        weight = base.weight.detach().clone()
+        del base.weight
+        base.weight = weight
+        unmerge(self)
+
+    PeftMHA.unmerge = fixed_unmerge
+    try:
+        yield
+    finally:
+        PeftMHA.unmerge = unmerge
+
+
 def check_peft_parity(tmp_path: Path, factory: Factory, run: Run, peft_config: LoraConfig, config: LoRAConfig,
                       can_merge: bool = True, lr: float = 0.5) -> None:
     """Same A/B as PEFT (we load PEFT's file): same logits, same gradient step, same merged weights, and PEFT
@@ -183,53 +235,3 @@ def check_peft_parity(tmp_path: Path, factory: Factory, run: Run, peft_config: L
         assert_close_dicts(merged_ours, merged_peft)
 
 
-def peft_doubles_out_proj_delta() -> bool:
-    """Whether PEFT's `lora.MultiheadAttention.merge` adds the out_proj delta twice (PEFT 0.21: it writes
-    `W + dW` into out_proj's base weight, then calls `out_proj.merge()`, which adds `dW` again; its forward
-    merges, so PEFT computes `W + 2 dW`; `test_layers_mha.py::test_peft_out_proj_double_delta_is_known`)."""
-    torch.manual_seed(0)
-    pm = get_peft_model(nn.Sequential(nn.MultiheadAttention(4, 1)), LoraConfig(r=1, target_modules=["0"]))
-    randomize_peft(pm)
-    out = pm.base_model.model[0].base_layer.out_proj
-    before = out.get_base_layer().weight.detach().clone()
-    delta = out.get_delta_weight("default").detach()
-    pm.base_model.model[0].merge()
-    return torch.allclose(out.get_base_layer().weight.detach(), before + 2 * delta, atol=1e-6)
-
-
-@contextlib.contextmanager
-def peft_mha_out_proj_fixed() -> Iterator[None]:
-    """Inside the block PEFT's `lora.MultiheadAttention` computes `W + dW` on out_proj, as PEFT means it (PEFT 0.21
-    adds the out_proj delta twice, `peft_doubles_out_proj_delta`): merge takes one `dW` back out of the value
-    (autograd still reaches out_proj's A and B through PEFT's own `W + dW`), unmerge puts it back (in a new tensor:
-    the merged one may be saved for backward) before PEFT subtracts twice. A fixed PEFT is left alone."""
-    if not peft_doubles_out_proj_delta():
-        yield
-        return
-    from peft.tuners.lora.layer import MultiheadAttention as PeftMHA
-
-    merge, unmerge = PeftMHA.merge, PeftMHA.unmerge
-
-    def out_proj_delta(layer: nn.Module, name: str) -> torch.Tensor:
-        out = layer.get_base_layer().out_proj
-        return out.get_delta_weight(name).detach().to(out.get_base_layer().weight.dtype)
-
-    def fixed_merge(self, *args, **kwargs):
-        before = len(self.merged_adapters)
-        merge(self, *args, **kwargs)
-        for name in self.merged_adapters[before:]:
-            self.get_base_layer().out_proj.get_base_layer().weight.data -= out_proj_delta(self, name)
-
-    def fixed_unmerge(self):
-        for name in self.merged_adapters:
-            base = self.get_base_layer().out_proj.get_base_layer()
-            weight = base.weight.data + out_proj_delta(self, name)
-            del base.weight
-            base.weight = weight
-        unmerge(self)
-
-    PeftMHA.merge, PeftMHA.unmerge = fixed_merge, fixed_unmerge
-    try:
-        yield
-    finally:
-        PeftMHA.merge, PeftMHA.unmerge = merge, unmerge

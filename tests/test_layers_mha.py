@@ -9,6 +9,9 @@ One adapter on the packed in-projection (A: r x E, B: 3E x r, delta added to `in
 from __future__ import annotations
 
 import copy
+import json
+import shutil
+import warnings
 
 import lightning as L
 import pytest
@@ -16,18 +19,28 @@ import torch
 from peft_parity import (
     ATOL,
     LoraConfig,
+    PeftModel,
     adapter_shapes,
     check_lifecycle,
     check_peft_parity,
     check_step0,
-    peft_doubles_out_proj_delta,
-    peft_mha_out_proj_fixed,
+    peft_mha_backward_fixed,
+    peft_mha_backward_misses_out_proj_delta,
     randomize_ours,
 )
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lora import LoRA, LoRAConfig, LoRAError, inject_lora, lora_state_dict, merge_and_unload
+from lightning_lora import (
+    LoRA,
+    LoRAConfig,
+    LoRAError,
+    inject_lora,
+    load_adapter,
+    lora_state_dict,
+    merge_and_unload,
+    save_adapter,
+)
 
 E = 16
 
@@ -72,15 +85,41 @@ MHA_CASES = [dict(), dict(batch_first=False), dict(bias=False), dict(add_bias_kv
 
 @pytest.fixture
 def peft_mha_fixed():
-    """PEFT's `lora.MultiheadAttention` computing `W + dW` on out_proj, as PEFT means it (see
-    `peft_parity.peft_mha_out_proj_fixed`)."""
-    with peft_mha_out_proj_fixed():
+    """PEFT's `lora.MultiheadAttention` with the gradients of its own forward (see
+    `peft_parity.peft_mha_backward_fixed`)."""
+    with peft_mha_backward_fixed():
         yield
 
 
-def test_peft_out_proj_double_delta_is_known():
+def test_peft_mha_backward_bug_is_known():
     """Documents why `peft_mha_fixed` exists; when PEFT is fixed this fails: drop the fixture then."""
-    assert peft_doubles_out_proj_delta()
+    assert peft_mha_backward_misses_out_proj_delta()
+
+
+def test_peft_before_0_22_files_count_the_out_proj_delta_twice(tmp_path):
+    """PEFT < 0.22 applied an attention's out_proj delta twice; PEFT >= 0.22 doubles out_proj's lora_B of such a file
+    (no `peft_version`, or a release before 0.22.0) when it loads it, and so do we: both give the same outputs. Our
+    own files say `peft_version` 0.22.0 (the delta counted once)."""
+    model = attn_net()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["attn"]))
+    randomize_ours(model)
+    save_adapter(model, tmp_path / "new")
+    config = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert config["peft_version"] == "0.22.0"
+    for name, version in (("old", "0.21.2"), ("unversioned", None)):
+        shutil.copytree(tmp_path / "new", tmp_path / name)
+        edited = {k: v for k, v in config.items() if k != "peft_version"} | ({"peft_version": version} if version else {})
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(edited))
+        ours = attn_net()
+        load_adapter(ours, tmp_path / name)
+        torch.testing.assert_close(ours.attn.out_proj.lora_B.weight, 2 * model.attn.out_proj.lora_B.weight)
+        torch.testing.assert_close(ours.attn.lora_B.weight, model.attn.lora_B.weight)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = PeftModel.from_pretrained(attn_net(), str(tmp_path / name)).eval()
+        x = torch.randn(2, 5, E)
+        with torch.no_grad():
+            torch.testing.assert_close(ours.eval()(x), theirs(x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mha", MHA_CASES)

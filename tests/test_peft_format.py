@@ -95,7 +95,7 @@ def test_save_plain_llama_json_metadata_and_keys(tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg == {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "my-org/tiny-llama",
-        "revision": None, "inference_mode": True, "r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
+        "revision": None, "peft_version": "0.22.0", "inference_mode": True, "r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
         "target_modules": ["q_proj", "v_proj"], "exclude_modules": None, "bias": "none", "use_rslora": False,
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
         "init_lora_weights": True, "use_dora": False, "lora_bias": False, "layers_to_transform": None,

@@ -30,7 +30,7 @@ TRANSLATED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", 
 #: bookkeeping, or only read by PEFT when another (checked) option asks for it
 HARMLESS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
             "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config", "ensure_weight_tying",
-            "loftq_config", "eva_config", "corda_config"}
+            "loftq_config", "eva_config", "corda_config", "astra_config"}
 #: refused whenever set, with a value that asks for the feature
 REFUSED = {
     "lora_bias": True,
@@ -49,9 +49,9 @@ REFUSED = {
 #: loading for inference is fine, loading to train is refused
 TRAINING_ONLY = {"velora_config": {"num_groups": 64, "scale": 1.0, "init_type": "batch_average"}}
 #: init_lora_weights values: base-changing inits and variants are refused, init-only values load
-REFUSED_INITS = ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"]
+REFUSED_INITS = ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga", "astra"]
 TRAINING_ONLY_INITS = ["mica"]
-LOADABLE_INITS = [True, False, "gaussian", "eva", "orthogonal"]
+LOADABLE_INITS = [True, False, "gaussian", "eva", "orthogonal", "nora"]
 
 
 def test_every_peft_lora_option_is_classified():
@@ -145,7 +145,8 @@ def test_init_only_values_load_and_equal_peft(peft_dir, tmp_path, init, trainabl
         torch.testing.assert_close(model(IDS).logits, pm(IDS).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("init", ["corda", "loftq", "lora_ga"] + TRAINING_ONLY_INITS + ["eva", "orthogonal", "true"])
+@pytest.mark.parametrize("init", ["corda", "loftq", "lora_ga", "astra"] + TRAINING_ONLY_INITS
+                         + ["eva", "orthogonal", "nora", "true"])
 def test_lora_config_refuses_inits_we_do_not_implement(init):
     with pytest.raises(LoRAError, match=init):
         LoRAConfig(init=init)

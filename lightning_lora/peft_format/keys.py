@@ -40,7 +40,7 @@ _TRANSLATED_KEYS = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modu
 _HARMLESS_KEYS = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
                   "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config",
                   # ignored by PEFT unless init_lora_weights asks for them (checked separately)
-                  "loftq_config", "eva_config", "corda_config"}
+                  "loftq_config", "eva_config", "corda_config", "astra_config"}
 #: features we do not implement, with what they do (any non-default value is an error)
 _UNSUPPORTED_FEATURES = {
     "layer_replication": "layer replication (a deeper model built from repeated base layers)",
@@ -56,14 +56,18 @@ _UNSUPPORTED_FEATURES = {
     "lora_ga_config": "LoRA-GA initialisation (changes the base weights)",
 }
 #: init_lora_weights values whose adapters only work on a modified base model
-_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-_SAFE_INITS = ("gaussian", "eva", "orthogonal", "mica")
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
+_SAFE_INITS = ("gaussian", "eva", "orthogonal", "mica", "nora")
 #: options whose forward is plain LoRA but whose training is not: such an adapter loads for inference, and
 #: `load_adapter(..., trainable=True)` refuses it (training it here would train differently from PEFT)
 _TRAINING_ONLY_FEATURES = {
     "velora_config": "VeLoRA (a memory-saving backward pass of lora_A)",
 }
 _TRAINING_ONLY_INITS = {"mica": "MiCA (lora_B frozen during training)"}
+#: the PEFT release whose file semantics we write (`peft_version` in adapter_config.json): from 0.22.0 on, the
+#: out_proj adapter of an `nn.MultiheadAttention` is applied once (PEFT < 0.22 applied it twice, and PEFT >= 0.22
+#: doubles `lora_B` of such files when it loads them: `mha_out_proj_doubled`)
+PEFT_VERSION_WRITTEN = "0.22.0"
 #: name components that may be an embedding (only used when the base architecture is unknown)
 _EMBEDDING_HINTS = ("emb", "wte", "wpe", "shared")
 
@@ -201,3 +205,26 @@ _INNER_BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
+
+
+def mha_out_proj_doubled(cfg: dict) -> bool:
+    """Whether an adapter file's out_proj adapters of `nn.MultiheadAttention` count twice, as PEFT >= 0.22 decides
+    when it loads one (`LoraModel._remap_adapter_state_dict_for_load`): PEFT < 0.22 applied the out_proj delta
+    twice, so a file without `peft_version` (older than PEFT 0.18), or of a release before 0.22.0 (a dev build from
+    0.21.1 on has the fix), gets its out_proj `lora_B` doubled to keep what it computed.
+
+    Example:
+        >>> mha_out_proj_doubled({"peft_version": "0.21.2"}), mha_out_proj_doubled({"peft_version": "0.22.0"})
+        (True, False)
+        >>> mha_out_proj_doubled({}), mha_out_proj_doubled({"peft_version": "0.21.3.dev0@abc"})
+        (True, False)
+    """
+    version = cfg.get("peft_version")
+    if not isinstance(version, str):
+        return True
+    text = version.partition("@")[0]
+    found = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if found is None:
+        return True
+    release = tuple(int(p or 0) for p in found.groups())
+    return release < (0, 21, 1) or ("dev" not in text and release < (0, 22, 0))

@@ -43,6 +43,7 @@ from lightning_lora.peft_format.keys import (
     _join,
     _peft_all_linear,
     from_peft_key,
+    mha_out_proj_doubled,
 )
 from lightning_lora.surgery import (
     adapter_names,
@@ -340,6 +341,17 @@ def _adapter_folder(path: Path, adapter_name: str | None) -> Path:
                              "name), or the path of the adapter's own folder.")
 
 
+def _attention_out_proj_b(network: nn.Module, key: str) -> bool:
+    """Whether `key` is the `lora_B` of the out_proj of an `nn.MultiheadAttention` of `network`."""
+    suffix = ".out_proj.lora_B.weight"
+    if not key.endswith(suffix):
+        return False
+    try:
+        return isinstance(network.get_submodule(key[: -len(suffix)]), nn.MultiheadAttention)
+    except AttributeError:
+        return False
+
+
 def _without_base_copies(network: nn.Module, state: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
     """`state` without the base tensors an adapter file may carry (PEFT writes `lm_head.weight` / the embeddings with
     `save_embedding_layers`) when they equal the model's own: a second adapter cannot change the base the others
@@ -465,6 +477,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Fa
     if quantize_base is not None:
         config = dataclasses.replace(config, quantize_base=quantize_base)
     state = {from_peft_key(k): v for k, v in tensors.items()}
+    if mha_out_proj_doubled(cfg):  # PEFT < 0.22 applied an attention's out_proj delta twice: PEFT >= 0.22's rule
+        state = {k: 2 * v if _attention_out_proj_b(network, k) else v for k, v in state.items()}
     if len(state) != len(tensors):
         raise AdapterFormatError(f"{weights_path} holds the same tensor under two spellings; re-export the adapter.")
     if config.target_parameters:

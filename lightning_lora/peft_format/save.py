@@ -41,6 +41,7 @@ from lightning_lora.peft_format.keys import (
     _EMBEDDING_HINTS,
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    PEFT_VERSION_WRITTEN,
     _base_module_names,
     _join,
     _json_number,
@@ -151,6 +152,7 @@ def _peft_config_dict(config: LoRAConfig, layers: dict[str, _LayerInfo], tree: l
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
+        "peft_version": PEFT_VERSION_WRITTEN,  # PEFT >= 0.22's semantics (out_proj of an attention counted once)
         "inference_mode": True,
         "r": config.r,
         "lora_alpha": _json_number(config.alpha),
