@@ -39,7 +39,7 @@ from lightning_lora._kernels import (
     mask_source,
 )
 from lightning_lora.errors import LoRAError
-from lightning_lora.layers.slots import SeveralAdapters, set_up_adapter
+from lightning_lora.layers.slots import AdapterMerge, SeveralAdapters, set_up_adapter
 from lightning_lora.variants import LoRAVariant, variant_tensor_names
 from lightning_lora.variants.pissa import load_init_adapters
 
@@ -90,7 +90,7 @@ class AdapterPath(enum.Enum):
 FUSED_PATHS = frozenset({AdapterPath.DROPOUT, AdapterPath.CAST, AdapterPath.ADDMM})
 
 
-class LoRALayer(SeveralAdapters, nn.Module):
+class LoRALayer(SeveralAdapters, AdapterMerge, nn.Module):
     """Base class of the adapter layers. Holds the base layer's parameters and A, B.
 
     A layer type (a subclass, registered with `register_adapter_type`) says how the base computes
@@ -484,28 +484,6 @@ class LoRALayer(SeveralAdapters, nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """`scaling * B @ A` in float32, in the layout of the base weight (`delta_from` of the layer type)."""
         return type(self).delta_from(self.lora_A.weight, self.lora_B.weight, self.scaling)
-
-    def merged_weight(self, weight: torch.Tensor, delta: torch.Tensor,
-                      unmerged: torch.Tensor | None = None) -> torch.Tensor:
-        """The merged weight from the dense base `weight` and `delta`, in `weight`'s dtype: `W + delta`
-        (computed in float32), or the variant's (DoRA rescales it; `unmerged`: the weight before the layer's
-        other adapters were merged into it).
-
-        Example:
-            >>> from lightning_lora.layers import LoRALinear
-            >>> layer = LoRALinear(nn.Linear(2, 2), r=1, alpha=1)
-            >>> layer.merged_weight(torch.zeros(2, 2), torch.ones(2, 2)).tolist()
-            [[1.0, 1.0], [1.0, 1.0]]
-        """
-        if self._merge_variant is not None:
-            return self._merge_variant.merged_weight(self, weight, delta, unmerged)
-        return (weight.float() + delta.to(weight.device)).to(weight.dtype)
-
-    def unmerged_weight(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Undo `merged_weight`: `W - delta` (in float32), or the variant's."""
-        if self._merge_variant is not None:
-            return self._merge_variant.unmerged_weight(self, weight, delta)
-        return (weight.float() - delta.to(weight.device)).to(weight.dtype)
 
     def discard_merge(self) -> None:
         """Forget what the variants recorded at merge time (a merge undone by putting the old weight back)."""

@@ -75,7 +75,37 @@ def set_up_adapter(target: nn.Module, host: nn.Module, base: nn.Module, in_featu
         variant.init(target, dtype)
 
 
-class AdapterSlot(nn.Module):
+class AdapterMerge:
+    """How one adapter is folded into a weight and out again, for a layer's first adapter (`LoRALayer`) and for an
+    `AdapterSlot` alike: `W + delta` in float32 written in the weight's dtype, or the variant's (DoRA rescales it).
+    """
+
+    _merge_variant: Any = None
+
+    def merged_weight(self, weight: torch.Tensor, delta: torch.Tensor,
+                      unmerged: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged weight from the dense base `weight` and `delta`, in `weight`'s dtype: `W + delta`
+        (computed in float32), or the variant's (DoRA rescales it; `unmerged`: the weight before the layer's
+        other adapters were merged into it, see `LoRAVariant.merged_weight`).
+
+        Example:
+            >>> from lightning_lora.layers import LoRALinear
+            >>> layer = LoRALinear(nn.Linear(2, 2), r=1, alpha=1)
+            >>> layer.merged_weight(torch.zeros(2, 2), torch.ones(2, 2)).tolist()
+            [[1.0, 1.0], [1.0, 1.0]]
+        """
+        if self._merge_variant is not None:
+            return self._merge_variant.merged_weight(self, weight, delta, unmerged)
+        return (weight.float() + delta.to(weight.device)).to(weight.dtype)
+
+    def unmerged_weight(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Undo `merged_weight`: `W - delta` (in float32), or the variant's."""
+        if self._merge_variant is not None:
+            return self._merge_variant.unmerged_weight(self, weight, delta)
+        return (weight.float() - delta.to(weight.device)).to(weight.dtype)
+
+
+class AdapterSlot(AdapterMerge, nn.Module):
     """One named adapter of a `LoRALayer` beside its first: `lora_A`, `lora_B`, `lora_dropout`, the variants'
     tensors (DoRA's `lora_magnitude_vector`) and `r`, `lora_alpha`, `scaling`, `variants`. Every other
     attribute (the base weight, `fan_in_fan_out`, the layer's methods) is read from its layer, which is not a
@@ -113,20 +143,6 @@ class AdapterSlot(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """`scaling * B @ A` in float32 in the layout of the base weight (the layer type's `delta_from`)."""
         return type(self._host).delta_from(self.lora_A.weight, self.lora_B.weight, self.scaling)
-
-    def merged_weight(self, weight: torch.Tensor, delta: torch.Tensor,
-                      unmerged: torch.Tensor | None = None) -> torch.Tensor:
-        """`W + delta` in float32 written in `weight`'s dtype, or the variant's (DoRA; `unmerged`: the weight before
-        the layer's other adapters were merged, see `LoRAVariant.merged_weight`)."""
-        if self._merge_variant is not None:
-            return self._merge_variant.merged_weight(self, weight, delta, unmerged)
-        return (weight.float() + delta.to(weight.device)).to(weight.dtype)
-
-    def unmerged_weight(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Undo `merged_weight`."""
-        if self._merge_variant is not None:
-            return self._merge_variant.unmerged_weight(self, weight, delta)
-        return (weight.float() - delta.to(weight.device)).to(weight.dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdapterSlot:
         """Every tensor of a slot is an adapter tensor: with an explicit adapter dtype, casts leave it alone
@@ -166,7 +182,27 @@ def slot_output(layer: nn.Module, slot: nn.Module, x: torch.Tensor, result: torc
     return result + type(layer).adapter_forward(slot, x).to(result.dtype)  # type: ignore[arg-type]
 
 
-def mixed_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor, names: list[str]) -> torch.Tensor:
+class MixedRows:
+    """The adapter of each row inside `mixed_batch`, shared by every layer: the rows of each adapter as an index
+    tensor are built once per device (not once per layer and call)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self._groups: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def groups(self, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """`(name, rows)` for each adapter named, in order of first appearance (`BASE_ROWS` left out)."""
+        if device not in self._groups:
+            self._groups[device] = [
+                (name, torch.tensor([i for i, n in enumerate(self.names) if n == name], device=device))
+                for name in dict.fromkeys(self.names) if name != BASE_ROWS]
+        return self._groups[device]
+
+
+def mixed_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor, names: MixedRows) -> torch.Tensor:
     """`base` plus, on row `i`, the delta of adapter `names[i]` (`BASE_ROWS` or an adapter this layer lacks: none):
     each adapter computes on its rows only (`index_select`), and its delta is added back with `index_add`, so the
     gradient of each adapter is the one it gets from its rows alone (PEFT's `_mixed_batch_forward`).
@@ -179,11 +215,10 @@ def mixed_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor, names: 
                         f"{x.shape[0]} rows; pass one name per row (\"__base__\" for a row without an adapter), and "
                         "for generate rows_per_name=num_beams (or num_return_sequences).")
     result = base
-    for name in dict.fromkeys(names):
+    for name, rows in names.groups(x.device):
         slot = layer.adapter_slot(name)
         if slot is None:
             continue
-        rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
         mine = base.index_select(0, rows)
         result = result.index_add(0, rows, slot_output(layer, slot, x.index_select(0, rows), mine) - mine)
     return result
@@ -218,7 +253,7 @@ class SeveralAdapters:
     #: the adapters that run, when not just the first (None: the first alone, the fused paths apply)
     _active: tuple[str, ...] | None = None
     #: the adapter of each row inside `mixed_batch` (None outside)
-    _mixed: list[str] | None = None
+    _mixed: MixedRows | None = None
     #: the adapters merged into the base weight with several adapters, in merge order (None: the first alone, or
     #: nothing merged; `()`: a merge while none of the layer's adapters was active)
     _merged_names: tuple[str, ...] | None = None
@@ -317,5 +352,5 @@ class SeveralAdapters:
         return result
 
 
-__all__ = ["ADAPTER_ATTRS", "ADAPTER_MODULES", "BASE_ROWS", "AdapterSlot", "SeveralAdapters", "mixed_forward",
+__all__ = ["ADAPTER_ATTRS", "ADAPTER_MODULES", "BASE_ROWS", "AdapterMerge", "AdapterSlot", "MixedRows", "SeveralAdapters", "mixed_forward",
            "set_up_adapter", "slot_output", "swap_adapters"]

@@ -34,7 +34,7 @@ from torch import nn
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import LoRAError
 from lightning_lora.layers import LoRALayer, LoRALinear
-from lightning_lora.layers.slots import ADAPTER_MODULES, BASE_ROWS, AdapterSlot, swap_adapters
+from lightning_lora.layers.slots import ADAPTER_MODULES, BASE_ROWS, AdapterSlot, MixedRows, swap_adapters
 from lightning_lora.surgery._paths import _join, _set_submodule
 from lightning_lora.surgery.inject import inject_lora as _inject_first
 from lightning_lora.surgery.inject import unload
@@ -150,8 +150,9 @@ def solo(model: nn.Module, adapter_name: str | None) -> Iterator[nn.Module]:
     root = model.get_submodule(path) if path else model
     view_state = dataclasses.replace(state, others={}, active=None, trainable=None) \
         if adapter_name in (None, state.adapter_name) else state.others[adapter_name]
-    layers = [(n, layer) for n, layer in lora_layers(root)
-              if not any(n.startswith(o + ".") for o, _ in lora_layers(root) if o != n)]  # outermost only
+    every = list(lora_layers(root))
+    layers = [(n, layer) for n, layer in every
+              if not any(n.startswith(o + ".") for o, _ in every if o != n)]  # outermost only
     replaced: list[tuple[str, LoRALayer, nn.Module]] = []
     swapped: list[tuple[LoRALayer, nn.Module]] = []
     hidden: list[tuple[LoRALayer, nn.Module]] = []
@@ -403,8 +404,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], rows_per_name: i
         raise LoRAError(f"mixed_batch cannot give rows different adapters in {whole[0]} "
                         f"({type(model.get_submodule(whole[0])).__name__}), which computes one effective weight for "
                         "the whole batch; run one adapter per batch there (set_adapter).")
+    rows = MixedRows(names)
     for layer in layers:
-        layer._mixed = names
+        layer._mixed = rows
     try:
         yield model
     finally:
